@@ -1,0 +1,104 @@
+"""Frozen settings built once by cli.py and passed down; one table maps `-o` keys onto them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blobmount.errors import UsageError
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`10G` = 10 GiB, `512M`, `4096`; binary units, optional trailing `B`/`iB`."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (examples: 4096, 512M, 10G)") from None
+    if value < 0:
+        raise UsageError(f"invalid size {text!r}: negative")
+    return int(value * _UNITS[unit])
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    source: str
+    mountpoint: Path
+    foreground: bool = False
+    cache_dir: Path | None = None
+    cache_size: int = 10 << 30
+    verify: str = "lazy"
+    verify_threshold: int = 4 << 20
+    uid: int | None = None
+    gid: int | None = None
+    fuse_options: tuple[str, ...] = field(default_factory=tuple)
+    debug: bool = False
+    attr_timeout_s: float = 86400.0  # contents never change under a mount: let the kernel keep them
+
+
+# `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.
+O_KEYS: dict[str, tuple[str, bool]] = {
+    "cache_dir": ("cache_dir", True),
+    "cache_size": ("cache_size", True),
+    "verify": ("verify", True),
+    "verify_threshold": ("verify_threshold", True),
+    "uid": ("uid", True),
+    "gid": ("gid", True),
+}
+# Passed through to the kernel/libfuse as given.
+FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "fsname", "subtype"})
+# mount(8)'s generic options: accepted and ignored (the mount stays read-only).
+GENERIC_IGNORED = frozenset(
+    {
+        "ro",
+        "rw",
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "_netdev",
+        "nofail",
+        "exec",
+        "noexec",
+        "suid",
+        "nosuid",
+        "dev",
+        "nodev",
+        "async",
+        "sync",
+        "atime",
+        "noatime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+    }
+)
+
+
+def split_o_options(values: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split `-o a=b,c` arguments into our keys (by O_KEYS) and FUSE pass-through options."""
+    ours: dict[str, str] = {}
+    fuse: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, val = item.partition("=")
+            if key in O_KEYS:
+                if not sep:
+                    raise UsageError(f"-o {key} needs a value ({key}=...)")
+                ours[O_KEYS[key][0]] = val
+            elif key in FUSE_PASSTHROUGH:
+                fuse.append(item)
+            elif key in GENERIC_IGNORED or key.startswith(("x-systemd.", "x-", "comment=")):
+                continue
+            else:
+                raise UsageError(f"unknown mount option -o {key}")
+    return ours, fuse

@@ -1,0 +1,130 @@
+"""The exception tree and the ONE errno table.
+
+Every error blobmount raises on purpose is a :class:`BlobmountError`. The FUSE layer turns them into
+errno values through :func:`errno_for` and nowhere else, so a handler never picks an errno inline and
+a test can assert that every class is mapped::
+
+    BlobmountError                      base; `str(exc)` is the one line the user sees
+    ├── InvalidArchive                  index/manifest/entry breaks FORMAT.md (raised by index/,
+    │                                   archive.py, reader.py)  -> EIO for one entry, refusal at open
+    ├── IntegrityError                  bytes do not match their sha256 (reader.py)          -> EIO
+    ├── NotFound                        the index has no such path (index/, fs.py)          -> ENOENT
+    ├── NotADirectory                   a path component is a file (index/, fs.py)          -> ENOTDIR
+    ├── IsADirectory                    a file operation on a directory (fs.py, cli.py)     -> EISDIR
+    ├── ReadOnly                        any write on the read-only mount (fs.py)            -> EROFS
+    ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
+    ├── SourceError                     the bytes could not be obtained (I/O, network)      -> EIO
+    └── UsageError                      bad command line or configuration (cli.py, config.py)
+
+The CLI prints ``str(exc)`` on one line and exits with :func:`exit_code_for`.
+"""
+
+from __future__ import annotations
+
+import errno
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTEGRITY",
+    "EXIT_INVALID",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "BlobmountError",
+    "IntegrityError",
+    "InvalidArchive",
+    "IsADirectory",
+    "LimitExceeded",
+    "NotADirectory",
+    "NotFound",
+    "ReadOnly",
+    "SourceError",
+    "UsageError",
+    "errno_for",
+    "exit_code_for",
+]
+
+
+class BlobmountError(Exception):
+    """Base of every error blobmount raises deliberately; the message is one line for the user."""
+
+
+class InvalidArchive(BlobmountError):
+    """The archive (index, manifest or one entry) violates the format; never served."""
+
+
+class IntegrityError(BlobmountError):
+    """Bytes did not hash to the digest they must have; the message names path and both hashes."""
+
+
+class NotFound(BlobmountError):
+    """The index has no entry and no directory of this name (the only source of ENOENT)."""
+
+
+class NotADirectory(BlobmountError):
+    """A directory operation met a file."""
+
+
+class IsADirectory(BlobmountError):
+    """A file operation met a directory."""
+
+
+class ReadOnly(BlobmountError):
+    """A write was attempted on the read-only filesystem."""
+
+
+class LimitExceeded(BlobmountError):
+    """A configured size or memory limit would be exceeded; the message names the limit."""
+
+
+class SourceError(BlobmountError):
+    """The archive's bytes could not be read from their source (local I/O or network)."""
+
+
+class UsageError(BlobmountError):
+    """The command line or configuration is wrong; exit status 2."""
+
+
+# The one errno table. Order matters only for subclasses (first match wins).
+_ERRNO: tuple[tuple[type[BlobmountError], int], ...] = (
+    (NotFound, errno.ENOENT),
+    (NotADirectory, errno.ENOTDIR),
+    (IsADirectory, errno.EISDIR),
+    (ReadOnly, errno.EROFS),
+    (LimitExceeded, errno.EFBIG),
+    (InvalidArchive, errno.EIO),
+    (IntegrityError, errno.EIO),
+    (SourceError, errno.EIO),
+    (UsageError, errno.EINVAL),
+    (BlobmountError, errno.EIO),
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_INVALID = 4
+EXIT_INTEGRITY = 5
+
+_EXIT: tuple[tuple[type[BaseException], int], ...] = (
+    (UsageError, EXIT_USAGE),
+    (NotFound, EXIT_NOT_FOUND),
+    (InvalidArchive, EXIT_INVALID),
+    (IntegrityError, EXIT_INTEGRITY),
+)
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a FUSE reader sees for `exc`; anything unexpected is EIO (the caller logs it)."""
+    for cls, code in _ERRNO:
+        if isinstance(exc, cls):
+            return code
+    return errno.EIO
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented process exit status for a command that failed with `exc`."""
+    for cls, code in _EXIT:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_ERROR

@@ -1,0 +1,49 @@
+"""Path rules of the archive format (FORMAT.md, "Paths"): one predicate, one message per rule.
+
+Paths are bytes everywhere: the reference stores non-UTF-8 names unchanged and FUSE names are bytes.
+"""
+
+from __future__ import annotations
+
+NAME_MAX_BYTES = 255  # Linux NAME_MAX: the kernel cannot hand a longer name to lookup()
+PATH_MAX_BYTES = 4095  # Linux PATH_MAX minus the NUL: longer paths cannot be opened through a mount
+
+
+def path_problem(path: bytes) -> str | None:
+    """Why `path` is not a valid archive path, or None when it is."""
+    if not path:
+        return "empty path"
+    if len(path) > PATH_MAX_BYTES:
+        return f"path of {len(path)} bytes exceeds {PATH_MAX_BYTES}"
+    if b"\x00" in path:
+        return "path contains a NUL byte"
+    if path.startswith(b"/"):
+        return "absolute path"
+    if path.endswith(b"/"):
+        return "trailing '/'"
+    for part in path.split(b"/"):
+        if not part:
+            return "empty path component ('//')"
+        if part == b"..":
+            return "'..' component escapes the archive root"
+        if part == b".":
+            return "'.' component"
+        if len(part) > NAME_MAX_BYTES:
+            return f"name of {len(part)} bytes exceeds {NAME_MAX_BYTES}"
+    return None
+
+
+def show(path: bytes, limit: int = 120) -> str:
+    """A printable, bounded rendering of a byte path for one-line messages."""
+    text = repr(path)[2:-1] if not _printable_utf8(path) else path.decode()
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"'{text}'"
+
+
+def _printable_utf8(path: bytes) -> bool:
+    try:
+        text = path.decode()
+    except UnicodeDecodeError:
+        return False
+    return text.isprintable()

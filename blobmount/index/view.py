@@ -1,0 +1,486 @@
+"""Read-only view of an index blob: bounds-checked field access, lookup and directory listing.
+
+The index stays one ``bytes`` object. Nothing per entry is built at open: the entries vector is
+copied once into an ``array('I')`` of relative offsets (a memcpy), and every field is read on demand
+with precompiled ``struct`` unpackers, each read preceded by an explicit bounds check. The generated
+accessors in ``_fb/`` are not used on this path: they check no bounds and cost several Python calls
+per field, and lookups here must stay in the tens of microseconds for millions of entries (the
+writer uses them, and the tests cross-check this view against them).
+
+Order (FORMAT.md, "Entry order"): at open one linear pass over the paths decides whether the entries
+are strictly increasing in byte order, in walk order (the reference writer's component-wise order,
+which is byte order with ``/`` ranked below every other byte), or neither. Searches use the order
+found; for "neither" a sorted permutation is built once as an ``array('I')`` and duplicate paths are
+refused at open. Strictly increasing orders cannot hold duplicates, so after open the only
+whole-index property left is file/directory conflicts, which are checked lazily where they matter:
+:meth:`IndexView.entry` refuses a file that is also a directory prefix, and listings skip it.
+
+Per-entry rules (path syntax, required fields, hash length, compression, sizes, offsets within the
+data blob) are checked by :meth:`IndexView.entry` before an entry is used; nothing unchecked is ever
+returned as an :class:`Entry`. Every failure is an :class:`InvalidArchive` with its own message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import struct
+import sys
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+from blobmount.errors import InvalidArchive, NotADirectory, NotFound
+from blobmount.index.paths import path_problem, show
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSION = 1
+HASH_SHA256 = 0
+HASH_SIZE_BYTES = 32
+COMPRESSION_NONE = 0
+COMPRESSION_ZSTD = 1
+MAX_FILE_SIZE_BYTES = (1 << 63) - 1  # st_size is a signed 64-bit value
+_ENTRY_CACHE_SIZE = 4096  # validated entries kept; bounded so memory never grows with the archive
+
+_u8 = struct.Struct("<B").unpack_from
+_i8 = struct.Struct("<b").unpack_from
+_u16 = struct.Struct("<H").unpack_from
+_u32 = struct.Struct("<I").unpack_from
+_i32 = struct.Struct("<i").unpack_from
+_u64 = struct.Struct("<Q").unpack_from
+_i64 = struct.Struct("<q").unpack_from
+
+# Entry vtable slots (FORMAT.md schema)
+_E_PATH, _E_OFFSET, _E_SIZE, _E_ORIG, _E_HASH, _E_MODE, _E_UID, _E_GID, _E_MTIME, _E_COMP = range(10)
+# Index vtable slots
+_I_VERSION, _I_HASHALG, _I_ENTRIES, _I_DATA_SIZE, _I_DATA_HASH = range(5)
+
+
+class Order(Enum):
+    """How the stored entries are ordered; decides how lookups search."""
+
+    BYTES = "bytes"  # strictly increasing raw path bytes (what we write)
+    WALK = "walk"  # strictly increasing component-wise (the reference writer's walk)
+    NEITHER = "neither"  # searched through a sorted permutation built at open
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One validated index entry; built on demand, never stored per entry."""
+
+    number: int  # position in the stored entries vector
+    path: bytes
+    data_offset: int
+    data_size: int
+    original_size: int
+    hash: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    compression: int
+
+    @property
+    def name(self) -> bytes:
+        return self.path.rpartition(b"/")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """One name in a directory listing. `entry` is the entry number of a file, -1 for a directory;
+    `next_pos` is the sorted position where the listing resumes after this child (a stable cookie)."""
+
+    name: bytes
+    entry: int
+    next_pos: int
+
+    @property
+    def is_dir(self) -> bool:
+        return self.entry < 0
+
+
+def _walk_key(path: bytes) -> bytes:
+    return path.replace(b"/", b"\x00")
+
+
+class IndexView:
+    """A validated-on-demand view of one index blob (see the module docstring)."""
+
+    __slots__ = (
+        "_buf",
+        "_entries_cache",
+        "_n",
+        "_offs",
+        "_order",
+        "_perm",
+        "_size",
+        "_vec",
+        "blob_size",
+        "data_hash",
+        "data_size",
+        "hash_algorithm",
+        "version",
+    )
+
+    def __init__(self, buf: bytes, *, blob_size: int | None = None) -> None:
+        """Parse the root table and decide the entry order.
+
+        `blob_size` is the real length of the data blob when the caller knows it; it must then agree
+        with the index's ``data_size`` and bounds every entry. Raises InvalidArchive.
+        """
+        self._buf = bytes(buf)
+        self._size = len(self._buf)
+        self._entries_cache: dict[int, Entry] = {}
+        root = self._root()
+        self.version = self._field_uint(root, _I_VERSION, 4, SUPPORTED_VERSION, "index", "version")
+        if self.version != SUPPORTED_VERSION:
+            raise InvalidArchive(f"index: unsupported version {self.version} (this reader knows 1)")
+        self.hash_algorithm = self._field_uint(root, _I_HASHALG, 1, HASH_SHA256, "index", "hash_algorithm")
+        if self.hash_algorithm != HASH_SHA256:
+            raise InvalidArchive(f"index: unsupported hash_algorithm {self.hash_algorithm} (only SHA256=0)")
+        self.data_size = self._field_uint(root, _I_DATA_SIZE, 8, 0, "index", "data_size")
+        dh = self._vector(root, _I_DATA_HASH, 1, "index", "data_hash", required=False)
+        self.data_hash: bytes | None = None
+        if dh is not None:
+            start, count = dh
+            if count != HASH_SIZE_BYTES:
+                raise InvalidArchive(f"index: data_hash has {count} bytes, expected {HASH_SIZE_BYTES}")
+            self.data_hash = self._buf[start : start + count]
+        if blob_size is not None:
+            if self.data_hash is not None and self.data_size != blob_size:
+                raise InvalidArchive(
+                    f"index: data_size {self.data_size} does not match the data blob's {blob_size} bytes"
+                )
+            self.blob_size = blob_size
+        else:
+            self.blob_size = self.data_size
+        vec = self._vector(root, _I_ENTRIES, 4, "index", "entries", required=True)
+        assert vec is not None  # required=True never returns None
+        self._vec, self._n = vec
+        offs = array("I")
+        offs.frombytes(self._buf[self._vec : self._vec + 4 * self._n])
+        if sys.byteorder != "little":
+            offs.byteswap()
+        self._offs = offs
+        self._perm: array[int] | None = None
+        self._order = self._scan_order()
+
+    # -- raw, bounds-checked reads -------------------------------------------------------------
+
+    def _need(self, pos: int, length: int, what: str) -> None:
+        if pos < 0 or length < 0 or pos + length > self._size:
+            raise InvalidArchive(
+                f"{what}: bytes {pos}..{pos + length} lie outside the {self._size}-byte index"
+            )
+
+    def _root(self) -> int:
+        self._need(0, 4, "index: root offset")
+        root: int = _u32(self._buf, 0)[0]
+        self._table(root, "index: root table")
+        return root
+
+    def _table(self, pos: int, what: str) -> int:
+        """Check the table at `pos` and its vtable; return the vtable position."""
+        self._need(pos, 4, what)
+        vt: int = pos - _i32(self._buf, pos)[0]
+        self._need(vt, 4, f"{what} vtable")
+        vsize, _tsize = struct.unpack_from("<HH", self._buf, vt)
+        if vsize < 4 or vsize % 2:
+            raise InvalidArchive(f"{what}: vtable size {vsize} is malformed")
+        self._need(vt, vsize, f"{what} vtable")
+        return vt
+
+    def _slot(self, table: int, slot: int, width: int, what: str) -> int:
+        """Absolute position of field `slot` of `table`, or 0 when absent; the field's `width` bytes
+        are checked to lie inside the buffer."""
+        vt = table - _i32(self._buf, table)[0]
+        vsize = _u16(self._buf, vt)[0]
+        entry = 4 + 2 * slot
+        if entry + 2 > vsize:
+            return 0
+        fo: int = _u16(self._buf, vt + entry)[0]
+        if fo == 0:
+            return 0
+        self._need(table + fo, width, what)
+        return table + fo
+
+    def _field_uint(self, table: int, slot: int, width: int, default: int, owner: str, name: str) -> int:
+        pos = self._slot(table, slot, width, f"{owner}: {name}")
+        if not pos:
+            return default
+        unpack = {1: _u8, 4: _u32, 8: _u64}[width]
+        value: int = unpack(self._buf, pos)[0]
+        return value
+
+    def _vector(
+        self, table: int, slot: int, elem: int, owner: str, name: str, *, required: bool
+    ) -> tuple[int, int] | None:
+        """(start of elements, count) of a vector field, bounds-checked."""
+        pos = self._slot(table, slot, 4, f"{owner}: {name}")
+        if not pos:
+            if required:
+                raise InvalidArchive(f"{owner}: required field '{name}' is missing")
+            return None
+        vec = pos + _u32(self._buf, pos)[0]
+        self._need(vec, 4, f"{owner}: {name}")
+        count: int = _u32(self._buf, vec)[0]
+        self._need(vec + 4, count * elem, f"{owner}: {name} ({count} elements)")
+        return vec + 4, count
+
+    def _entry_table(self, i: int) -> int:
+        pos = self._vec + 4 * i
+        table = pos + self._offs[i]
+        self._table(table, f"entry {i}")
+        return table
+
+    def path(self, i: int) -> bytes:
+        """Raw stored path of entry `i` (bounds-checked, not yet checked against the path rules)."""
+        buf = self._buf
+        table = self._vec + 4 * i + self._offs[i]
+        # Inline of _table/_slot/_vector for the hot path (lookups, listings, the order scan).
+        if table + 4 > self._size:
+            raise InvalidArchive(f"entry {i}: table at {table} lies outside the {self._size}-byte index")
+        vt = table - _i32(buf, table)[0]
+        if vt < 0 or vt + 6 > self._size:
+            raise InvalidArchive(f"entry {i}: vtable at {vt} lies outside the {self._size}-byte index")
+        vsize = _u16(buf, vt)[0]
+        fo = _u16(buf, vt + 4)[0] if vsize >= 6 else 0
+        if fo == 0:
+            raise InvalidArchive(f"entry {i}: required field 'path' is missing")
+        field = table + fo
+        if field + 4 > self._size:
+            raise InvalidArchive(f"entry {i}: path offset lies outside the {self._size}-byte index")
+        s = field + _u32(buf, field)[0]
+        if s + 4 > self._size:
+            raise InvalidArchive(f"entry {i}: path string lies outside the {self._size}-byte index")
+        end = s + 4 + _u32(buf, s)[0]
+        if end > self._size:
+            raise InvalidArchive(f"entry {i}: path of {end - s - 4} bytes runs past the index end")
+        return buf[s + 4 : end]
+
+    # -- order ---------------------------------------------------------------------------------
+
+    def _scan_order(self) -> Order:
+        n = self._n
+        if n < 2:
+            return Order.BYTES
+        path = self.path
+        by_bytes = by_walk = True
+        prev = path(0)
+        prev_walk = _walk_key(prev)
+        for i in range(1, n):
+            cur = path(i)
+            if by_bytes and not prev < cur:
+                by_bytes = False
+            cur_walk = cur.replace(b"/", b"\x00")
+            if by_walk and not prev_walk < cur_walk:
+                by_walk = False
+                if not by_bytes:
+                    break
+            prev, prev_walk = cur, cur_walk
+        if by_bytes:
+            return Order.BYTES
+        if by_walk:
+            return Order.WALK
+        self._build_permutation()
+        return Order.NEITHER
+
+    def _build_permutation(self) -> None:
+        paths = [self.path(i) for i in range(self._n)]
+        perm = sorted(range(self._n), key=paths.__getitem__)
+        for a, b in itertools.pairwise(perm):
+            if paths[a] == paths[b]:
+                raise InvalidArchive(f"entry {b}: duplicate path {show(paths[b])} (also entry {a})")
+        self._perm = array("I", perm)
+        log.info("index entries are in neither byte nor walk order; sorted %d entries at open", self._n)
+
+    @property
+    def order(self) -> Order:
+        return self._order
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _at(self, pos: int) -> int:
+        """Entry number at sorted position `pos`."""
+        return self._perm[pos] if self._perm is not None else pos
+
+    def _key_at(self, pos: int) -> bytes:
+        p = self.path(self._perm[pos] if self._perm is not None else pos)
+        return p.replace(b"/", b"\x00") if self._order is Order.WALK else p
+
+    def _key(self, path: bytes) -> bytes:
+        return path.replace(b"/", b"\x00") if self._order is Order.WALK else path
+
+    def _lower_bound(self, key: bytes, lo: int = 0, hi: int | None = None) -> int:
+        """First sorted position whose key is >= `key` (already transformed)."""
+        if hi is None:
+            hi = self._n
+        key_at = self._key_at
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if key_at(mid) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _prefix_end(self, prefix_key: bytes, lo: int) -> int:
+        """First sorted position >= `lo` whose key does not start with `prefix_key`."""
+        hi = self._n
+        key_at = self._key_at
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if key_at(mid).startswith(prefix_key):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def find(self, path: bytes) -> int | None:
+        """Entry number of the file stored at `path`, or None. O(log n), no validation."""
+        key = self._key(path)
+        pos = self._lower_bound(key)
+        if pos < self._n and self._key_at(pos) == key:
+            return self._at(pos)
+        return None
+
+    def _dir_start(self, path: bytes) -> int | None:
+        """Sorted position of the first entry under directory `path` (b'' = root), or None."""
+        if not path:
+            return 0
+        prefix = self._key(path + b"/")
+        pos = self._lower_bound(prefix)
+        if pos < self._n and self._key_at(pos).startswith(prefix):
+            return pos
+        return None
+
+    def is_dir(self, path: bytes) -> bool:
+        """True when `path` is an implied directory (the root always is)."""
+        return self._dir_start(path) is not None
+
+    def kind(self, path: bytes) -> int | None:
+        """Entry number (>= 0) for a file, -1 for a directory, None when nothing is there.
+
+        A path that is both a file and a directory prefix is refused (InvalidArchive)."""
+        number = self.find(path)
+        if number is not None:
+            if path and self.is_dir(path):
+                raise InvalidArchive(f"entry {number}: path {show(path)} is both a file and a directory")
+            return number
+        return -1 if self.is_dir(path) else None
+
+    def resolve(self, path: bytes) -> int:
+        """Like :meth:`kind` but raises NotFound instead of returning None."""
+        found = self.kind(path)
+        if found is None:
+            raise NotFound(f"{show(path)}: no such file or directory in the archive")
+        return found
+
+    def children(self, directory: bytes, start_pos: int = 0) -> Iterator[Child]:
+        """The names directly inside `directory` (b'' = root), in index order, from `start_pos`.
+
+        `Child.next_pos` is a sorted position and thus a stable resume cookie across calls. Entries
+        that break the path rules or collide with a directory of the same name are skipped with a
+        warning: they are never served, and the rest of the directory stays listable."""
+        if directory:
+            first = self._dir_start(directory)
+            if first is None:
+                if self.find(directory) is not None:
+                    raise NotADirectory(f"{show(directory)}: not a directory")
+                raise NotFound(f"{show(directory)}: no such directory in the archive")
+            prefix = directory + b"/"
+            end = self._prefix_end(self._key(prefix), first)
+        else:
+            first, prefix, end = 0, b"", self._n
+        pos = max(first, start_pos)
+        plen = len(prefix)
+        while pos < end:
+            number = self._at(pos)
+            path = self.path(number)
+            rest = path[plen:]
+            name, sep, _ = rest.partition(b"/")
+            if sep:
+                sub_prefix = self._key(prefix + name + b"/")
+                nxt = self._prefix_end(sub_prefix, pos + 1)
+                problem = path_problem(path)
+                if problem is not None:
+                    log.warning("entry %d: %s: %s; skipped", number, show(path), problem)
+                else:
+                    yield Child(name, -1, nxt)
+                pos = nxt
+                continue
+            pos += 1
+            problem = path_problem(path)
+            if problem is None and self.is_dir(path):
+                problem = "is both a file and a directory"
+            if problem is not None:
+                log.warning("entry %d: %s: %s; skipped", number, show(path), problem)
+                continue
+            yield Child(name, number, pos)
+
+    # -- entries -------------------------------------------------------------------------------
+
+    def entry(self, i: int) -> Entry:
+        """Entry number `i`, fully validated against the format's rules (InvalidArchive if not)."""
+        cached = self._entries_cache.get(i)
+        if cached is not None:
+            return cached
+        if not 0 <= i < self._n:
+            raise InvalidArchive(f"entry {i}: no such entry (the index has {self._n})")
+        path = self.path(i)
+        problem = path_problem(path)
+        if problem is not None:
+            raise InvalidArchive(f"entry {i}: path {show(path)}: {problem}")
+        table = self._entry_table(i)
+        what = f"entry {i} ({show(path)})"
+        hv = self._vector(table, _E_HASH, 1, what, "hash", required=True)
+        assert hv is not None
+        if hv[1] != HASH_SIZE_BYTES:
+            raise InvalidArchive(f"{what}: hash has {hv[1]} bytes, expected {HASH_SIZE_BYTES}")
+        digest = self._buf[hv[0] : hv[0] + HASH_SIZE_BYTES]
+        offset = self._field_uint(table, _E_OFFSET, 8, 0, what, "data_offset")
+        size = self._field_uint(table, _E_SIZE, 8, 0, what, "data_size")
+        original = self._field_uint(table, _E_ORIG, 8, 0, what, "original_size")
+        mode = self._field_uint(table, _E_MODE, 4, 0, what, "mode")
+        uid = self._field_uint(table, _E_UID, 4, 0, what, "uid")
+        gid = self._field_uint(table, _E_GID, 4, 0, what, "gid")
+        mpos = self._slot(table, _E_MTIME, 8, f"{what}: mtime_ns")
+        mtime = _i64(self._buf, mpos)[0] if mpos else 0
+        cpos = self._slot(table, _E_COMP, 1, f"{what}: compression")
+        comp = _i8(self._buf, cpos)[0] if cpos else COMPRESSION_NONE
+        if comp not in (COMPRESSION_NONE, COMPRESSION_ZSTD):
+            raise InvalidArchive(f"{what}: unknown compression {comp}")
+        if original > MAX_FILE_SIZE_BYTES:
+            raise InvalidArchive(f"{what}: original_size {original} exceeds 2^63-1")
+        if comp == COMPRESSION_NONE and size != original:
+            raise InvalidArchive(
+                f"{what}: uncompressed entry has data_size {size} but original_size {original}"
+            )
+        if comp == COMPRESSION_ZSTD and size == 0 and original != 0:
+            raise InvalidArchive(f"{what}: zstd entry of {original} bytes stores no data")
+        if offset + size > self.blob_size:
+            raise InvalidArchive(
+                f"{what}: data range {offset}+{size} runs past the {self.blob_size}-byte data blob"
+            )
+        if self.is_dir(path):
+            raise InvalidArchive(f"{what}: path is both a file and a directory")
+        entry = Entry(i, path, offset, size, original, digest, mode, uid, gid, mtime, comp)
+        if len(self._entries_cache) >= _ENTRY_CACHE_SIZE:
+            self._entries_cache.clear()
+        self._entries_cache[i] = entry
+        return entry
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry in stored order, each validated (stops at the first invalid one)."""
+        for i in range(self._n):
+            yield self.entry(i)
+
+    def check_all(self) -> None:
+        """Validate the whole index now (used by `inspect`, tests and eager policies)."""
+        for _ in self.entries():
+            pass

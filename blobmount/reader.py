@@ -1,0 +1,333 @@
+"""(entry, offset, size) -> bytes: raw slices, zstd decoding, sha256 verification (DESIGN §5).
+
+Policy, per file:
+- zstd: decoded once into the content store (streaming decoder, output limited to
+  ``original_size``), verified before any byte is served.
+- raw, at most ``verify_threshold`` bytes, or any raw file under ``verify="strict"``: the whole file
+  is hashed on the first read, before a byte is returned.
+- larger raw files under ``verify="lazy"`` (the default): served as read; hashed as the reads arrive
+  in order (out-of-order reads are caught up from the source once everything has been read). On a
+  mismatch the file is read again from its source once; if it still mismatches, it is poisoned for
+  the life of this reader (every read EIO) and ``on_poison`` lets the filesystem drop the pages
+  the kernel already holds. One log line names the path and both hashes.
+
+Concurrency: called only from the trio thread; decoding and hashing of whole files run on worker
+threads, which touch nothing of this object but read through the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import trio
+import zstandard
+
+from blobmount.cache import ContentStore
+from blobmount.errors import IntegrityError, InvalidArchive, SourceError
+from blobmount.index import COMPRESSION_ZSTD, Entry
+from blobmount.index.paths import show
+from blobmount.source import RangeSource, SyncRangeSource
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 1 << 20  # unit of whole-file hashing and decoding: bounded memory, few calls
+DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified before the first byte
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
+
+VerifyPolicy = Literal["lazy", "strict"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderConfig:
+    verify: VerifyPolicy = "lazy"
+    verify_threshold: int = DEFAULT_VERIFY_THRESHOLD_BYTES
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Lazy verification state of one raw file while it has open handles."""
+
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hashed_upto: int = 0
+    covered: list[tuple[int, int]] = field(default_factory=list)  # merged ranges beyond hashed_upto
+    users: int = 0
+
+
+@dataclass(slots=True)
+class Handle:
+    """An open file: the entry and, for zstd, an fd into the content store."""
+
+    entry: Entry
+    content_fd: int | None = None
+
+
+def _mismatch(entry: Entry, actual: bytes) -> IntegrityError:
+    return IntegrityError(
+        f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {actual.hex()}"
+    )
+
+
+class _RangeStream(io.RawIOBase):
+    """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
+
+    def __init__(self, source: RangeSource, start: int, end: int) -> None:
+        self._source = source
+        self._pos = start
+        self._end = end
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self._end - self._pos)
+        if n <= 0:
+            return 0
+        if isinstance(self._source, SyncRangeSource):
+            data = self._source.read_range_sync(self._pos, self._pos + n)
+        else:
+            data = trio.from_thread.run(self._source.read_range, self._pos, self._pos + n)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class Reader:
+    """Serves entry bytes from one archive's data source; see the module docstring."""
+
+    def __init__(
+        self,
+        source: RangeSource,
+        store: ContentStore,
+        config: ReaderConfig | None = None,
+        on_poison: Callable[[Entry], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.config = config or ReaderConfig()
+        self.on_poison = on_poison
+        self._verified: set[int] = set()
+        self._poisoned: set[int] = set()
+        self._progress: dict[int, _Progress] = {}
+
+    def state(self, entry: Entry) -> str:
+        """'verified', 'poisoned' or 'unverified' (exposed as the user.blobmount.verified xattr)."""
+        if entry.number in self._poisoned:
+            return "poisoned"
+        return "verified" if entry.number in self._verified else "unverified"
+
+    # -- handles -------------------------------------------------------------------------------
+
+    async def open(self, entry: Entry) -> Handle:
+        self._check_poison(entry)
+        handle = Handle(entry)
+        if entry.compression == COMPRESSION_ZSTD and entry.original_size:
+            handle.content_fd = await self._open_decoded(entry)
+        elif not self._upfront(entry):
+            progress = self._progress.setdefault(entry.number, _Progress())
+            progress.users += 1
+        return handle
+
+    def close(self, handle: Handle) -> None:
+        entry = handle.entry
+        if handle.content_fd is not None:
+            self.store.release(entry.hash.hex(), handle.content_fd)
+            handle.content_fd = None
+        elif not self._upfront(entry):
+            progress = self._progress.get(entry.number)
+            if progress is not None:
+                progress.users -= 1
+                if progress.users <= 0:
+                    del self._progress[entry.number]
+
+    def _upfront(self, entry: Entry) -> bool:
+        """Whether this raw file is verified whole before its first byte is served."""
+        return self.config.verify == "strict" or entry.original_size <= self.config.verify_threshold
+
+    def _check_poison(self, entry: Entry) -> None:
+        if entry.number in self._poisoned:
+            raise IntegrityError(f"{show(entry.path)}: failed verification earlier; not served")
+
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        entry = handle.entry
+        self._check_poison(entry)
+        end = min(offset + size, entry.original_size)
+        if offset >= end:
+            return b""
+        if handle.content_fd is not None:
+            fd = handle.content_fd
+            if end - offset <= BLOCK_BYTES:
+                return os.pread(fd, end - offset, offset)
+            return await trio.to_thread.run_sync(os.pread, fd, end - offset, offset)
+        if entry.original_size == 0:
+            return b""
+        if entry.number not in self._verified and self._upfront(entry):
+            await self._verify_whole(entry)
+        data = await self.source.read_range(entry.data_offset + offset, entry.data_offset + end)
+        if entry.number not in self._verified:
+            progress = self._progress.get(entry.number)
+            if progress is not None:
+                await self._advance(entry, progress, offset, data)
+        return data
+
+    # -- verification --------------------------------------------------------------------------
+
+    async def _hash_range(self, entry: Entry, start: int, hasher: hashlib._Hash) -> None:
+        pos = start
+        while pos < entry.original_size:
+            end = min(pos + BLOCK_BYTES, entry.original_size)
+            block = await self.source.read_range(entry.data_offset + pos, entry.data_offset + end)
+            hasher.update(block)
+            pos = end
+
+    async def _verify_whole(self, entry: Entry) -> None:
+        hasher = hashlib.sha256()
+        await self._hash_range(entry, 0, hasher)
+        if hasher.digest() != entry.hash:
+            self._poison(entry, hasher.digest())
+        self._verified.add(entry.number)
+
+    async def _advance(self, entry: Entry, progress: _Progress, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if offset <= progress.hashed_upto < end:
+            progress.hasher.update(memoryview(data)[progress.hashed_upto - offset :])
+            progress.hashed_upto = end
+        elif end > progress.hashed_upto:
+            progress.covered = _merge(progress.covered, (offset, end))
+        # Once every byte has been read, bytes that arrived out of order are read again to hash
+        # them in order (rare: kernel read-ahead keeps sequential readers in order).
+        if progress.hashed_upto < entry.original_size and not _covers(
+            progress.covered, progress.hashed_upto, entry.original_size
+        ):
+            return
+        if progress.hashed_upto < entry.original_size:
+            await self._hash_range(entry, progress.hashed_upto, progress.hasher)
+            progress.hashed_upto = entry.original_size
+        digest = progress.hasher.digest()
+        if digest == entry.hash:
+            self._verified.add(entry.number)
+            return
+        # One more read from the source decides between a transient fault and a bad archive.
+        log.warning("%s: sha256 mismatch after reading it all; reading it again", show(entry.path))
+        self._notify_poison(entry)  # pages already served may be wrong: drop them either way
+        retry = hashlib.sha256()
+        await self._hash_range(entry, 0, retry)
+        if retry.digest() != entry.hash:
+            self._poison(entry, retry.digest())
+        self._verified.add(entry.number)
+        log.warning("%s: verified on the second read", show(entry.path))
+
+    def _poison(self, entry: Entry, actual: bytes) -> None:
+        self._poisoned.add(entry.number)
+        err = _mismatch(entry, actual)
+        log.error("%s", err)
+        self._notify_poison(entry)
+        raise err
+
+    def _notify_poison(self, entry: Entry) -> None:
+        if self.on_poison is not None:
+            self.on_poison(entry)
+
+    # -- zstd ----------------------------------------------------------------------------------
+
+    async def _open_decoded(self, entry: Entry) -> int:
+        key = entry.hash.hex()
+        for _attempt in range(2):
+            fd = await self.store.open(key)
+            if fd is not None:
+                return fd
+            try:
+                await self.store.fill(key, entry.original_size, lambda tmp: self._decode(entry, tmp))
+            except (IntegrityError, InvalidArchive) as exc:
+                self._poisoned.add(entry.number)
+                log.error("%s", exc)
+                raise
+            self._verified.add(entry.number)
+        raise SourceError(f"{show(entry.path)}: decoded content vanished from the cache twice")
+
+    def _decode(self, entry: Entry, tmp: Path) -> None:
+        """Worker thread: decode the entry's frame into `tmp`, verifying size and sha256."""
+        stream = _RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
+        dctx = zstandard.ZstdDecompressor()
+        hasher = hashlib.sha256()
+        total = 0
+        try:
+            source = dctx.stream_reader(stream, read_size=BLOCK_BYTES)  # type: ignore[arg-type]
+            with source as reader, open(tmp, "wb") as out:
+                while True:
+                    block = reader.read(BLOCK_BYTES)
+                    if not block:
+                        break
+                    total += len(block)
+                    if total > entry.original_size:
+                        raise IntegrityError(
+                            f"{show(entry.path)}: zstd frame decodes past original_size"
+                            f" {entry.original_size}; refused"
+                        )
+                    hasher.update(block)
+                    out.write(block)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{show(entry.path)}: corrupt zstd frame: {exc}") from exc
+        if total != entry.original_size:
+            raise IntegrityError(
+                f"{show(entry.path)}: zstd frame decodes to {total} bytes, original_size is"
+                f" {entry.original_size}"
+            )
+        if hasher.digest() != entry.hash:
+            raise _mismatch(entry, hasher.digest())
+
+    # -- whole files (cat) ---------------------------------------------------------------------
+
+    async def stream_verified(self, entry: Entry) -> AsyncIterator[bytes]:
+        """Every byte of `entry`, yielded only once the whole file has been verified: nothing of a
+        bad file is ever produced. Memory stays at one block."""
+        if entry.original_size == 0:
+            if entry.hash != EMPTY_SHA256:
+                raise _mismatch(entry, EMPTY_SHA256)
+            return
+        handle = await self.open(entry)
+        try:
+            if handle.content_fd is None:
+                await self._verify_whole(entry)
+            pos = 0
+            check = hashlib.sha256()
+            while pos < entry.original_size:
+                block = await self.read(handle, pos, BLOCK_BYTES)
+                if not block:
+                    raise SourceError(f"{show(entry.path)}: ended early at byte {pos}")
+                check.update(block)
+                pos += len(block)
+                yield block
+            if check.digest() != entry.hash:  # the source changed between the two passes
+                raise _mismatch(entry, check.digest())
+        finally:
+            self.close(handle)
+
+
+def _merge(ranges: list[tuple[int, int]], new: tuple[int, int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    start, end = new
+    placed = False
+    for a, b in ranges:
+        if b < start:
+            out.append((a, b))
+        elif a > end:
+            if not placed:
+                out.append((start, end))
+                placed = True
+            out.append((a, b))
+        else:
+            start, end = min(a, start), max(b, end)
+    if not placed:
+        out.append((start, end))
+    return out
+
+
+def _covers(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    return any(a <= start and b >= end for a, b in ranges)
