@@ -12,6 +12,7 @@ a test can assert that every class is mapped::
     ├── NotADirectory                   a path component is a file (index/, fs.py)          -> ENOTDIR
     ├── IsADirectory                    a file operation on a directory (fs.py, cli.py)     -> EISDIR
     ├── ReadOnly                        any write on the read-only mount (fs.py)            -> EROFS
+    ├── NoAttribute                     an xattr the file does not have (fs.py)             -> ENODATA
     ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
     ├── SourceError                     the bytes could not be obtained (I/O, network)      -> EIO
     └── UsageError                      bad command line or configuration (cli.py, config.py)
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidArchive",
     "IsADirectory",
     "LimitExceeded",
+    "NoAttribute",
     "NotADirectory",
     "NotFound",
     "ReadOnly",
@@ -73,6 +75,10 @@ class ReadOnly(BlobmountError):
     """A write was attempted on the read-only filesystem."""
 
 
+class NoAttribute(BlobmountError):
+    """The extended attribute does not exist on this file or directory."""
+
+
 class LimitExceeded(BlobmountError):
     """A configured size or memory limit would be exceeded; the message names the limit."""
 
@@ -91,6 +97,7 @@ _ERRNO: tuple[tuple[type[BlobmountError], int], ...] = (
     (NotADirectory, errno.ENOTDIR),
     (IsADirectory, errno.EISDIR),
     (ReadOnly, errno.EROFS),
+    (NoAttribute, errno.ENODATA),
     (LimitExceeded, errno.EFBIG),
     (InvalidArchive, errno.EIO),
     (IntegrityError, errno.EIO),

@@ -1,0 +1,347 @@
+"""The pyfuse3 Operations class: thin handlers over the index view and the reader.
+
+Inodes (no per-entry objects): the root is 1; file inodes are ``FILE_INO_BASE + entry number``, so
+they need no table; directory inodes are allocated on first use above the last file inode and kept
+for the life of the mount (so ``forget`` has nothing to free and st_ino is stable and unique).
+
+Every handler runs inside :func:`_fuse_errors`: a :class:`BlobmountError` becomes its errno from the
+one table in errors.py; anything else is logged with its traceback and becomes EIO. Only FUSEError
+leaves a handler, so one bad request never takes the mount down. trio.Cancelled is never caught.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from blobmount.errors import (
+    BlobmountError,
+    InvalidArchive,
+    IsADirectory,
+    NoAttribute,
+    NotADirectory,
+    NotFound,
+    ReadOnly,
+    errno_for,
+)
+from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
+from blobmount.index.paths import show
+from blobmount.reader import Handle, Reader
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = pyfuse3.ROOT_INODE
+FILE_INO_BASE = ROOT_INO + 1
+BLOCK_SIZE_BYTES = 4096  # statfs unit
+IO_BLOCK_BYTES = 128 << 10  # st_blksize: matches the kernel's FUSE read size, so cp/cat ask for it
+DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (FORMAT.md)
+XATTR_PREFIX = b"user.blobmount."
+XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Translate every exception of a handler at the FUSE boundary (the only place that does)."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except BlobmountError as exc:
+            code = errno_for(exc)
+            if code == errno.EIO:
+                log.error("%s", exc)
+            else:
+                log.debug("%s: %s", func.__name__, exc)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s; answered EIO", func.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class BlobFS(pyfuse3.Operations):
+    """A read-only filesystem over one archive."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        view: IndexView,
+        reader: Reader,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        timeout_s: float = 86400.0,
+    ) -> None:
+        super().__init__()
+        self.view = view
+        self.reader = reader
+        self.uid = uid
+        self.gid = gid
+        self.timeout_s = timeout_s
+        self._next_dir_ino = FILE_INO_BASE + len(view)
+        self._dir_ino: dict[bytes, int] = {b"": ROOT_INO}
+        self._dir_path: dict[int, bytes] = {ROOT_INO: b""}
+        self._nlink: dict[int, int] = {}
+        self._handles: dict[int, Handle] = {}
+        self._dir_handles: dict[int, int] = {}
+        self._next_fh = 1
+        self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
+        reader.on_poison = self._poisoned
+
+    # -- inode model ---------------------------------------------------------------------------
+
+    def _dir_inode(self, path: bytes) -> int:
+        ino = self._dir_ino.get(path)
+        if ino is None:
+            ino = self._next_dir_ino
+            self._next_dir_ino += 1
+            self._dir_ino[path] = ino
+            self._dir_path[ino] = path
+        return ino
+
+    def _inode_for(self, kind: int, path: bytes) -> int:
+        return FILE_INO_BASE + kind if kind >= 0 else self._dir_inode(path)
+
+    def _entry_of(self, ino: int) -> Entry | None:
+        number = ino - FILE_INO_BASE
+        if 0 <= number < len(self.view):
+            return self.view.entry(number)
+        return None
+
+    def _dir_of(self, ino: int) -> bytes:
+        path = self._dir_path.get(ino)
+        if path is None:
+            if self._entry_of(ino) is not None:
+                raise NotADirectory(f"inode {ino}: not a directory")
+            raise NotFound(f"inode {ino}: unknown")
+        return path
+
+    def _nlink_of(self, ino: int, path: bytes) -> int:
+        """2 + subdirectories, computed once per directory (find(1) relies on it)."""
+        count = self._nlink.get(ino)
+        if count is None:
+            count = 2 + sum(1 for c in self.view.children(path) if c.is_dir)
+            self._nlink[ino] = count
+        return count
+
+    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.generation = 0
+        attr.entry_timeout = self.timeout_s
+        attr.attr_timeout = self.timeout_s
+        attr.st_rdev = 0
+        attr.st_blksize = IO_BLOCK_BYTES
+        entry = self._entry_of(ino)
+        if entry is not None:
+            attr.st_mode = stat.S_IFREG | (entry.mode & 0o777)
+            attr.st_nlink = 1
+            attr.st_uid = entry.uid if self.uid is None else self.uid
+            attr.st_gid = entry.gid if self.gid is None else self.gid
+            attr.st_size = entry.original_size
+            attr.st_blocks = (entry.original_size + 511) // 512
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
+            return attr
+        path = self._dir_of(ino)
+        attr.st_mode = DIR_MODE
+        attr.st_nlink = self._nlink_of(ino, path)
+        attr.st_uid = 0 if self.uid is None else self.uid
+        attr.st_gid = 0 if self.gid is None else self.gid
+        attr.st_size = 0
+        attr.st_blocks = 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = 0  # directories carry no times
+        return attr
+
+    def _child_path(self, parent: bytes, name: bytes) -> bytes:
+        return parent + b"/" + name if parent else name
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._dir_of(parent_inode)
+        if name == b".":
+            return self._attrs(parent_inode)
+        if name == b"..":
+            return self._attrs(self._dir_inode(parent.rpartition(b"/")[0]))
+        if b"/" in name or not name:
+            raise NotFound(f"{show(name)}: no such name")
+        path = self._child_path(parent, name)
+        kind = self.view.kind(path)
+        if kind is None:
+            raise NotFound(f"{show(path)}: no such file or directory")
+        ino = self._inode_for(kind, path)
+        return self._attrs(ino)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Nothing to free: file inodes are computed and directory inodes live for the mount."""
+
+    @_fuse_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if mode & os.W_OK:
+            raise ReadOnly("read-only file system")
+        attr = self._attrs(inode)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(attr.st_mode & 0o111) or stat.S_ISDIR(attr.st_mode)
+        if ctx.uid == attr.st_uid:
+            bits = (attr.st_mode >> 6) & 7
+        elif ctx.gid == attr.st_gid:
+            bits = (attr.st_mode >> 3) & 7
+        else:
+            bits = attr.st_mode & 7
+        return (mode & bits) == mode
+
+    # -- directories ---------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._dir_of(inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = inode
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # ids: 1 = after ".", 2 = after "..", 3 + p = resume the listing at sorted position p
+        ino = self._dir_handles[fh]
+        path = self._dir_of(ino)
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", self._attrs(ino), 1):
+                return
+            start_id = 1
+        if start_id < 2:
+            parent = self._dir_inode(path.rpartition(b"/")[0]) if path else ROOT_INO
+            if not pyfuse3.readdir_reply(token, b"..", self._attrs(parent), 2):
+                return
+            start_id = 2
+        for child in self.view.children(path, start_id - 3 if start_id >= 3 else 0):
+            child_path = self._child_path(path, child.name)
+            try:
+                attr = self._attrs(self._inode_for(child.entry, child_path))
+            except InvalidArchive as exc:  # listed, but unusable: skip it, keep the rest listable
+                log.warning("%s", exc)
+                continue
+            if not pyfuse3.readdir_reply(token, child.name, attr, 3 + child.next_pos):
+                return
+
+    @_fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT | os.O_APPEND):
+            raise ReadOnly("read-only file system")
+        entry = self._entry_of(inode)
+        if entry is None:
+            self._dir_of(inode)
+            raise IsADirectory(f"inode {inode}: is a directory")
+        handle = await self.reader.open(entry)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        # Immutable content: let the kernel keep pages across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.reader.read(self._handles[fh], off, size)
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self.reader.close(handle)
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = BLOCK_SIZE_BYTES
+        st.f_frsize = BLOCK_SIZE_BYTES
+        st.f_blocks = (self.view.blob_size + BLOCK_SIZE_BYTES - 1) // BLOCK_SIZE_BYTES
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.view)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if self._entry_of(inode) is None:
+            self._dir_of(inode)
+            return []
+        return [XATTR_PREFIX + name for name in XATTRS]
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        entry = self._entry_of(inode)
+        if entry is None:
+            self._dir_of(inode)
+            raise NoAttribute(f"inode {inode}: no attribute {show(name)}")
+        key = name[len(XATTR_PREFIX) :] if name.startswith(XATTR_PREFIX) else None
+        if key == b"sha256":
+            return entry.hash.hex().encode()
+        if key == b"compression":
+            return b"zstd" if entry.compression == COMPRESSION_ZSTD else b"none"
+        if key == b"stored_size":
+            return str(entry.data_size).encode()
+        if key == b"verified":
+            return self.reader.state(entry).encode()
+        raise NoAttribute(f"{show(entry.path)}: no attribute {show(name)}")
+
+    # -- integrity -----------------------------------------------------------------------------
+
+    def _poisoned(self, entry: Entry) -> None:
+        """Reader callback: pages of this file already in the kernel may be wrong; drop them.
+
+        Called inside a read handler, so the invalidation is queued for :meth:`invalidator`
+        (invalidating an inode from its own read request would deadlock on its page locks)."""
+        try:
+            self._invalidate_send.send_nowait(FILE_INO_BASE + entry.number)
+        except trio.WouldBlock:
+            log.warning("%s: invalidation queue full; cached pages may linger", show(entry.path))
+
+    async def invalidator(self) -> None:
+        """Long-lived task (started by mount.py in its nursery): drop poisoned files' pages."""
+        async for ino in self._invalidate_recv:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: the kernel no longer knows the inode
+                    log.warning("invalidate inode %d: %s", ino, exc)
+
+    # -- writes: all refused -------------------------------------------------------------------
+
+    async def _erofs(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno_for(ReadOnly()))
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
+    write = create = setxattr = removexattr = _erofs
