@@ -24,6 +24,7 @@ import trio
 
 from blobmount.errors import (
     BlobmountError,
+    IntegrityError,
     InvalidArchive,
     IsADirectory,
     NoAttribute,
@@ -59,6 +60,9 @@ def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except IntegrityError as exc:  # the reader logged it once, when it found the mismatch
+            log.debug("%s: %s", func.__name__, exc)
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
         except BlobmountError as exc:
             code = errno_for(exc)
             if code == errno.EIO:

@@ -58,6 +58,7 @@ class _Progress:
     hashed_upto: int = 0
     covered: list[tuple[int, int]] = field(default_factory=list)  # merged ranges beyond hashed_upto
     users: int = 0
+    finishing: bool = False  # one task owns the final catch-up; the hasher is frozen for others
 
 
 @dataclass(slots=True)
@@ -115,6 +116,7 @@ class Reader:
         self._verified: set[int] = set()
         self._poisoned: set[int] = set()
         self._progress: dict[int, _Progress] = {}
+        self._verifying: dict[int, trio.Event] = {}
 
     def state(self, entry: Entry) -> str:
         """'verified', 'poisoned' or 'unverified' (exposed as the user.blobmount.verified xattr)."""
@@ -187,13 +189,31 @@ class Reader:
             pos = end
 
     async def _verify_whole(self, entry: Entry) -> None:
-        hasher = hashlib.sha256()
-        await self._hash_range(entry, 0, hasher)
-        if hasher.digest() != entry.hash:
+        """Hash the whole file before serving it; single-flight per entry. A mismatch is read once
+        more (a transient fault must not poison a file) before the file is poisoned."""
+        while (pending := self._verifying.get(entry.number)) is not None:
+            await pending.wait()
+            self._check_poison(entry)
+            if entry.number in self._verified:
+                return
+        done = self._verifying[entry.number] = trio.Event()
+        try:
+            for attempt in range(2):
+                hasher = hashlib.sha256()
+                await self._hash_range(entry, 0, hasher)
+                if hasher.digest() == entry.hash:
+                    self._verified.add(entry.number)
+                    return
+                if attempt == 0:
+                    log.warning("%s: sha256 mismatch; reading it again", show(entry.path))
             self._poison(entry, hasher.digest())
-        self._verified.add(entry.number)
+        finally:
+            del self._verifying[entry.number]
+            done.set()
 
     async def _advance(self, entry: Entry, progress: _Progress, offset: int, data: bytes) -> None:
+        if progress.finishing:
+            return
         end = offset + len(data)
         if offset <= progress.hashed_upto < end:
             progress.hasher.update(memoryview(data)[progress.hashed_upto - offset :])
@@ -206,8 +226,15 @@ class Reader:
             progress.covered, progress.hashed_upto, entry.original_size
         ):
             return
+        progress.finishing = True
         if progress.hashed_upto < entry.original_size:
-            await self._hash_range(entry, progress.hashed_upto, progress.hasher)
+            try:
+                await self._hash_range(entry, progress.hashed_upto, progress.hasher)
+            except BaseException:
+                # the hasher may hold part of the catch-up: start over, hashing all at the end
+                progress.hasher, progress.hashed_upto = hashlib.sha256(), 0
+                progress.covered, progress.finishing = [(0, entry.original_size)], False
+                raise
             progress.hashed_upto = entry.original_size
         digest = progress.hasher.digest()
         if digest == entry.hash:
