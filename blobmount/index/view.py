@@ -359,6 +359,23 @@ class IndexView:
             return pos
         return None
 
+    def _is_dir_after(self, path: bytes, pos: int) -> bool:
+        """Whether file `path`, stored at sorted position `pos`, is also a directory prefix.
+
+        Entries under ``path/`` sort after `path`; in walk order they follow it directly, in byte
+        order only names continuing `path` with a byte below ``/`` can sit between. So one look at
+        the next position settles almost every case; the rest fall back to a binary search."""
+        if pos + 1 >= self._n:
+            return False
+        key = self._key(path)
+        nxt = self._key_at(pos + 1)
+        if not nxt.startswith(key):
+            return False
+        sep = 0 if self._order is Order.WALK else 0x2F
+        if len(nxt) > len(key) and nxt[len(key)] == sep:
+            return True
+        return self.is_dir(path)
+
     def is_dir(self, path: bytes) -> bool:
         """True when `path` is an implied directory (the root always is)."""
         return self._dir_start(path) is not None
@@ -367,9 +384,11 @@ class IndexView:
         """Entry number (>= 0) for a file, -1 for a directory, None when nothing is there.
 
         A path that is both a file and a directory prefix is refused (InvalidArchive)."""
-        number = self.find(path)
+        key = self._key(path)
+        pos = self._lower_bound(key)
+        number = self._at(pos) if pos < self._n and self._key_at(pos) == key else None
         if number is not None:
-            if path and self.is_dir(path):
+            if self._is_dir_after(path, pos):
                 raise InvalidArchive(f"entry {number}: path {show(path)} is both a file and a directory")
             return number
         return -1 if self.is_dir(path) else None
@@ -416,7 +435,7 @@ class IndexView:
                 continue
             pos += 1
             problem = path_problem(path)
-            if problem is None and self.is_dir(path):
+            if problem is None and self._is_dir_after(path, pos - 1):
                 problem = "is both a file and a directory"
             if problem is not None:
                 log.warning("entry %d: %s: %s; skipped", number, show(path), problem)
@@ -467,7 +486,8 @@ class IndexView:
             raise InvalidArchive(
                 f"{what}: data range {offset}+{size} runs past the {self.blob_size}-byte data blob"
             )
-        if self.is_dir(path):
+        conflict = self._is_dir_after(path, i) if self._perm is None else self.is_dir(path)
+        if conflict:
             raise InvalidArchive(f"{what}: path is both a file and a directory")
         entry = Entry(i, path, offset, size, original, digest, mode, uid, gid, mtime, comp)
         if len(self._entries_cache) >= _ENTRY_CACHE_SIZE:
