@@ -1,0 +1,163 @@
+"""Operations handlers called directly (no kernel): errno expectations, inode model, xattrs, and the
+rule that only FUSEError ever leaves a handler."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyfuse3
+import pytest
+import trio
+
+from blobmount import errors
+from blobmount.cache import ContentStore
+from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
+from blobmount.index import IndexView
+from blobmount.reader import Reader
+from blobmount.source import open_directory
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "go-reference"
+T = TypeVar("T")
+
+
+def run(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    return trio.run(fn, *args)
+
+
+def make_fs(tmp_path: Path, fixture: str = "basic") -> BlobFS:
+    archive = open_directory(FIXTURES / fixture)
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    reader = Reader(archive.data, ContentStore(tmp_path / "cache"))
+    return BlobFS(view, reader)
+
+
+CTX = pyfuse3.RequestContext()
+
+
+def fuse_errno(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        run(fn, *args)
+    return info.value.errno
+
+
+def test_every_error_class_is_mapped_to_its_errno() -> None:
+    expected = {
+        errors.NotFound: errno.ENOENT,
+        errors.NotADirectory: errno.ENOTDIR,
+        errors.IsADirectory: errno.EISDIR,
+        errors.ReadOnly: errno.EROFS,
+        errors.NoAttribute: errno.ENODATA,
+        errors.LimitExceeded: errno.EFBIG,
+        errors.InvalidArchive: errno.EIO,
+        errors.IntegrityError: errno.EIO,
+        errors.SourceError: errno.EIO,
+        errors.UsageError: errno.EINVAL,
+    }
+    classes = {
+        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.BlobmountError)
+    }
+    assert classes - {errors.BlobmountError} == set(expected), "a new error class needs a row here"
+    for cls, code in expected.items():
+        assert errors.errno_for(cls("x")) == code, cls
+    assert errors.errno_for(RuntimeError("boom")) == errno.EIO
+
+
+def test_lookup_getattr_and_inode_model(tmp_path: Path) -> None:
+    fs = make_fs(tmp_path)
+    a = run(fs.lookup, ROOT_INO, b"a", CTX)
+    assert stat.S_ISDIR(a.st_mode)
+    assert a.st_mode & 0o777 == 0o755
+    assert a.st_ino >= FILE_INO_BASE + len(fs.view)  # directories live above the file inodes
+    assert run(fs.lookup, ROOT_INO, b"a", CTX).st_ino == a.st_ino  # stable
+    x = run(fs.lookup, a.st_ino, b"x.json", CTX)
+    entry = fs.view.entry(fs.view.find(b"a/x.json") or 0)
+    assert x.st_ino == FILE_INO_BASE + entry.number
+    assert x.st_size == entry.original_size
+    assert x.st_mtime_ns == entry.mtime_ns
+    assert (x.st_uid, x.st_gid) == (entry.uid, entry.gid)
+    assert x.st_blocks == (entry.original_size + 511) // 512
+    assert run(fs.lookup, a.st_ino, b"..", CTX).st_ino == ROOT_INO
+    assert run(fs.lookup, a.st_ino, b".", CTX).st_ino == a.st_ino
+    assert run(fs.getattr, ROOT_INO, CTX).st_nlink == 2 + sum(1 for c in fs.view.children(b"") if c.is_dir)
+    assert fuse_errno(fs.lookup, ROOT_INO, b"nope", CTX) == errno.ENOENT
+    assert fuse_errno(fs.lookup, x.st_ino, b"child", CTX) == errno.ENOTDIR
+    assert fuse_errno(fs.getattr, 10**9, CTX) == errno.ENOENT
+
+
+def test_owner_overrides(tmp_path: Path) -> None:
+    archive = open_directory(FIXTURES / "basic")
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), uid=4242, gid=4343)
+    attr = run(fs.lookup, ROOT_INO, b"top.md", CTX)
+    assert (attr.st_uid, attr.st_gid) == (4242, 4343)
+    assert (run(fs.getattr, ROOT_INO, CTX).st_uid, run(fs.getattr, ROOT_INO, CTX).st_gid) == (4242, 4343)
+
+
+def test_open_read_release_and_xattrs(tmp_path: Path) -> None:
+    fs = make_fs(tmp_path, "mixed")
+    number = next(i for i in range(len(fs.view)) if fs.view.entry(i).compression == 1)
+    entry = fs.view.entry(number)
+    ino = FILE_INO_BASE + number
+
+    async def body() -> bytes:
+        info = await fs.open(ino, os.O_RDONLY, CTX)
+        assert info.keep_cache
+        chunks = []
+        off = 0
+        while block := await fs.read(info.fh, off, 65536):
+            chunks.append(block)
+            off += len(block)
+        await fs.release(info.fh)
+        return b"".join(chunks)
+
+    data = run(body)
+    assert hashlib.sha256(data).digest() == entry.hash
+    assert run(fs.getxattr, ino, b"user.blobmount.sha256", CTX) == entry.hash.hex().encode()
+    assert run(fs.getxattr, ino, b"user.blobmount.compression", CTX) == b"zstd"
+    assert run(fs.getxattr, ino, b"user.blobmount.stored_size", CTX) == str(entry.data_size).encode()
+    assert run(fs.getxattr, ino, b"user.blobmount.verified", CTX) == b"verified"
+    assert set(run(fs.listxattr, ino, CTX)) >= {b"user.blobmount.sha256", b"user.blobmount.verified"}
+    assert fuse_errno(fs.getxattr, ino, b"user.other", CTX) == errno.ENODATA
+    assert fuse_errno(fs.getxattr, ROOT_INO, b"user.blobmount.sha256", CTX) == errno.ENODATA
+    st = run(fs.statfs, CTX)
+    assert st.f_files == len(fs.view)
+    assert st.f_blocks * st.f_frsize >= fs.view.blob_size
+
+
+def test_writes_and_write_opens_are_erofs(tmp_path: Path) -> None:
+    fs = make_fs(tmp_path)
+    ino = FILE_INO_BASE
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND):
+        assert fuse_errno(fs.open, ino, flags, CTX) == errno.EROFS
+    assert fuse_errno(fs.mkdir, ROOT_INO, b"d", 0o755, CTX) == errno.EROFS
+    assert fuse_errno(fs.unlink, ROOT_INO, b"top.md", CTX) == errno.EROFS
+    assert fuse_errno(fs.write, 1, 0, b"x") == errno.EROFS
+    assert fuse_errno(fs.setxattr, ino, b"user.x", b"1", CTX) == errno.EROFS
+    assert fuse_errno(fs.access, ino, os.W_OK, CTX) == errno.EROFS
+    assert run(fs.access, ino, os.R_OK, CTX)
+    assert fuse_errno(fs.open, ROOT_INO, os.O_RDONLY, CTX) == errno.EISDIR
+
+
+def test_unexpected_exception_is_eio_and_the_fs_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fs = make_fs(tmp_path)
+
+    class BrokenView(IndexView):
+        def kind(self, path: bytes) -> int | None:
+            if path == b"top.md":
+                raise RuntimeError("simulated bug")
+            return super().kind(path)
+
+    archive = open_directory(FIXTURES / "basic")
+    fs.view = BrokenView(archive.index_bytes, blob_size=archive.data.size)
+    assert fuse_errno(fs.lookup, ROOT_INO, b"top.md", CTX) == errno.EIO
+    assert "simulated bug" in caplog.text
+    assert "Traceback" in caplog.text
+    assert run(fs.lookup, ROOT_INO, b"small.txt", CTX).st_size > 0
