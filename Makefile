@@ -38,7 +38,7 @@ umount:
 	fusermount3 -u $(MNT)
 
 test: venv
-	$(BIN)/ruff check blobmount tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
