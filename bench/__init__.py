@@ -1,0 +1,1 @@
+"""Benchmarks: each prints figures next to a peer or physical limit measured in the same run."""
