@@ -175,9 +175,7 @@ def _blocks(f: BinaryIO, buf: bytearray) -> Iterator[memoryview]:
         yield view[:n]
 
 
-def create_archive(
-    src: str | Path, out_dir: str | Path, options: CreateOptions | None = None
-) -> CreateResult:
+def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions | None = None) -> CreateResult:
     """Write `out_dir`/index.blob and `out_dir`/data.blob from the regular files under `src`."""
     opts = options or CreateOptions()
     if opts.compression not in ("zstd", "none"):
@@ -194,9 +192,7 @@ def create_archive(
     )
     progress = _Progress(total, show_progress)
     compressor = (
-        zstandard.ZstdCompressor(level=opts.level, write_checksum=True)
-        if (opts.compression == "zstd")
-        else None
+        zstandard.ZstdCompressor(level=opts.level, write_checksum=True) if (opts.compression == "zstd") else None
     )
     data_tmp = out / f".{DATA_NAME}.tmp"
     index_tmp = out / f".{INDEX_NAME}.tmp"

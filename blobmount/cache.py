@@ -60,9 +60,7 @@ def prepare_cache_dir(path: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"cache dir {path}: not a directory")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UsageError(
-            f"cache dir {path}: group- or world-writable (mode {st.st_mode & 0o777:o}); refusing"
-        )
+        raise UsageError(f"cache dir {path}: group- or world-writable (mode {st.st_mode & 0o777:o}); refusing")
     return path
 
 

@@ -1,6 +1,7 @@
 """argv -> frozen config -> subcommand; logging set-up; one-line errors and documented exit codes.
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid archive, 5 verification failed.
+Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid archive, 5 verification failed,
+6 authentication refused.
 """
 
 from __future__ import annotations
@@ -14,15 +15,22 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from blobmount import __version__
 from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, UsageError, exit_code_for
+from blobmount.registry.client import RegistryOptions
+
+if TYPE_CHECKING:
+    from blobmount.index import IndexView
+    from blobmount.reference import Reference
+    from blobmount.source import Archive
 
 log = logging.getLogger("blobmount")
 
-SUBCOMMANDS = ("mount", "create", "ls", "cat")
+SUBCOMMANDS = ("mount", "create", "ls", "cat", "push", "inspect")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -30,7 +38,61 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="blobmount: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
+def _registry_parent() -> argparse.ArgumentParser:
+    r = argparse.ArgumentParser(add_help=False)
+    g = r.add_argument_group("registry")
+    g.add_argument(
+        "--plain-http",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="talk to this registry over plain HTTP (repeatable)",
+    )
+    g.add_argument(
+        "--insecure",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="do not verify this registry's TLS certificate (repeatable)",
+    )
+    g.add_argument("--ca-file", type=Path, help="extra CA bundle for TLS")
+    g.add_argument("--username", help="registry user (password from --password-stdin or --password-file)")
+    g.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    g.add_argument("--password-file", type=Path, help="read the password from a file (systemd LoadCredential=)")
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds one operation may take across retries")
+    g.add_argument("--max-connections", type=int, default=8, help="concurrent connections to the registry")
+    return r
+
+
+def registry_options(args: argparse.Namespace) -> RegistryOptions:
+    """Registry settings from flags; secrets only from stdin or a file, never argv or BLOBMOUNT_*."""
+    from blobmount.registry.auth import Credentials, read_password_file
+
+    creds = None
+    if args.username:
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        elif args.password_file:
+            password = read_password_file(args.password_file)
+        else:
+            raise UsageError("--username needs --password-stdin or --password-file")
+        creds = Credentials(args.username, password)
+    elif args.password_stdin or args.password_file:
+        raise UsageError("--password-stdin/--password-file need --username")
+    if args.timeout <= 0 or args.max_connections <= 0:
+        raise UsageError("--timeout and --max-connections must be positive")
+    return RegistryOptions(
+        plain_http=tuple(args.plain_http),
+        insecure=tuple(args.insecure),
+        ca_file=args.ca_file,
+        credentials=creds,
+        timeout_s=args.timeout,
+        max_connections=args.max_connections,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
+    reg = _registry_parent()
     p = argparse.ArgumentParser(
         prog="blobmount",
         description="Mount a blob archive read-only; only the bytes read are fetched.",
@@ -41,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT")
+    m = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT", parents=[reg])
     m.add_argument("source")
     m.add_argument("mountpoint")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -82,14 +144,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
-    ls = sub.add_parser("ls", help="list a directory of an archive")
+    ls = sub.add_parser("ls", help="list a directory of an archive", parents=[reg])
     ls.add_argument("archive")
     ls.add_argument("path", nargs="?", default="")
     ls.add_argument("-l", dest="long", action="store_true", help="long listing")
 
-    cat = sub.add_parser("cat", help="write a file of an archive to stdout (sha256-verified)")
+    cat = sub.add_parser("cat", help="write a file of an archive to stdout (sha256-verified)", parents=[reg])
     cat.add_argument("archive")
     cat.add_argument("path")
+
+    push = sub.add_parser("push", help="create an archive from SRC_DIR and push it to REF", parents=[reg])
+    push.add_argument("src", help="source directory (or, with --archive, an archive directory)")
+    push.add_argument("ref")
+    push.add_argument("--archive", action="store_true", help="SRC is index.blob + data.blob: push as is")
+    push.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    push.add_argument("--level", type=int, default=3)
+    push.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
+    push.add_argument("--created", help="RFC 3339 creation time (default: $SOURCE_DATE_EPOCH, else now)")
+
+    ins = sub.add_parser("inspect", help="show what an archive is: digests, sizes, entries", parents=[reg])
+    ins.add_argument("archive")
+    ins.add_argument("--json", action="store_true")
     return p
 
 
@@ -112,9 +187,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from blobmount.archive import CreateOptions, create_archive
 
     started = time.monotonic()
-    result = create_archive(
-        args.src_dir, args.out_dir, CreateOptions(args.compression, args.level, args.progress)
-    )
+    result = create_archive(args.src_dir, args.out_dir, CreateOptions(args.compression, args.level, args.progress))
     took = time.monotonic() - started
     print(
         f"{result.entries} files, data {result.data_size} bytes sha256:{result.data_sha256}, "
@@ -125,23 +198,20 @@ def cmd_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_view(spec: str):  # type: ignore[no-untyped-def]
+def _open_view(args: argparse.Namespace) -> tuple[Archive, IndexView]:
     from blobmount.index import IndexView
-    from blobmount.source import open_local
+    from blobmount.sources import open_archive
 
-    archive = open_local(spec)
+    archive = open_archive(args.archive, registry_options(args))
     return archive, IndexView(archive.index_bytes, blob_size=archive.data.size)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    archive, view = _open_view(args.archive)
+    archive, view = _open_view(args)
     path = _arch_path(args.path)
     found = view.resolve(path)
     out = sys.stdout.buffer
-    if found >= 0:
-        rows = [(view.entry(found).name, found)]
-    else:
-        rows = [(c.name, c.entry) for c in view.children(path)]
+    rows = [(view.entry(found).name, found)] if found >= 0 else [(c.name, c.entry) for c in view.children(path)]
     for name, number in rows:
         if not args.long:
             out.write(name + b"\n")
@@ -162,7 +232,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
     from blobmount.cache import ContentStore
     from blobmount.reader import Reader
 
-    archive, view = _open_view(args.archive)
+    archive, view = _open_view(args)
     path = _arch_path(args.path)
     number = view.resolve(path)
     if number < 0:
@@ -181,6 +251,59 @@ def cmd_cat(args: argparse.Namespace) -> int:
         os.chmod(tmp, 0o700)
         trio.run(run, Path(tmp))
     archive.data.close()
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from blobmount.archive import CreateOptions, create_archive
+    from blobmount.reference import Reference
+
+    ref = Reference.parse(args.ref)
+    notes: dict[str, str] = {}
+    for item in args.annotation:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--annotation {item!r}: expected KEY=VALUE")
+        notes[key] = value
+    options = registry_options(args)
+    with tempfile.TemporaryDirectory(prefix="blobmount-push-") as tmp:
+        if args.archive:
+            archive_dir = Path(args.src)
+        else:
+            archive_dir = Path(tmp)
+            create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level))
+        digest = trio.run(_push, archive_dir, ref, options, args.created, notes)
+    print(f"{ref.registry}/{ref.repository}@{digest}")
+    return EXIT_OK
+
+
+async def _push(
+    archive_dir: Path, ref: Reference, options: RegistryOptions, created: str | None, notes: dict[str, str]
+) -> str:
+    from blobmount.registry.push import push_archive
+
+    return str(await push_archive(archive_dir, ref, options, created=created, annotations=notes))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    archive, view = _open_view(args)
+    info = {
+        "source": archive.name,
+        "index_digest": archive.index_digest,
+        "index_size": len(archive.index_bytes),
+        "data_size": view.blob_size,
+        "data_digest": f"sha256:{view.data_hash.hex()}" if view.data_hash else None,
+        "entries": len(view),
+        "order": view.order.value,
+    }
+    archive.data.close()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:13} {value}")
     return EXIT_OK
 
 
@@ -211,6 +334,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         gid=gid,
         fuse_options=tuple(fuse_opts),
         debug=args.debug,
+        registry=registry_options(args),
     )
     return run_mount(config)
 
@@ -226,7 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
-    handlers = {"create": cmd_create, "ls": cmd_ls, "cat": cmd_cat, "mount": cmd_mount}
+    handlers = {
+        "create": cmd_create,
+        "ls": cmd_ls,
+        "cat": cmd_cat,
+        "mount": cmd_mount,
+        "push": cmd_push,
+        "inspect": cmd_inspect,
+    }
     try:
         code: int = handlers[args.command](args)
         return code

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blobmount.errors import UsageError
+from blobmount.registry.client import RegistryOptions
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -38,6 +39,7 @@ class MountConfig:
     fuse_options: tuple[str, ...] = field(default_factory=tuple)
     debug: bool = False
     attr_timeout_s: float = 86400.0  # contents never change under a mount: let the kernel keep them
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
 
 
 # `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.

@@ -15,6 +15,8 @@ a test can assert that every class is mapped::
     ├── NoAttribute                     an xattr the file does not have (fs.py)             -> ENODATA
     ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
     ├── SourceError                     the bytes could not be obtained (I/O, network)      -> EIO
+    │   ├── TransientError              worth retrying: reset, timeout, 429, 5xx (registry/) -> EIO
+    │   └── AuthError                   the registry refused our credentials (registry/)     -> EACCES
     └── UsageError                      bad command line or configuration (cli.py, config.py)
 
 The CLI prints ``str(exc)`` on one line and exits with :func:`exit_code_for`.
@@ -25,12 +27,14 @@ from __future__ import annotations
 import errno
 
 __all__ = [
+    "EXIT_AUTH",
     "EXIT_ERROR",
     "EXIT_INTEGRITY",
     "EXIT_INVALID",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_USAGE",
+    "AuthError",
     "BlobmountError",
     "IntegrityError",
     "InvalidArchive",
@@ -41,6 +45,7 @@ __all__ = [
     "NotFound",
     "ReadOnly",
     "SourceError",
+    "TransientError",
     "UsageError",
     "errno_for",
     "exit_code_for",
@@ -87,6 +92,14 @@ class SourceError(BlobmountError):
     """The archive's bytes could not be read from their source (local I/O or network)."""
 
 
+class TransientError(SourceError):
+    """A failure that may clear by itself (connection reset, timeout, 429, 5xx); retried first."""
+
+
+class AuthError(SourceError):
+    """The registry refused the credentials (or anonymous access); exit status 6."""
+
+
 class UsageError(BlobmountError):
     """The command line or configuration is wrong; exit status 2."""
 
@@ -101,6 +114,7 @@ _ERRNO: tuple[tuple[type[BlobmountError], int], ...] = (
     (LimitExceeded, errno.EFBIG),
     (InvalidArchive, errno.EIO),
     (IntegrityError, errno.EIO),
+    (AuthError, errno.EACCES),
     (SourceError, errno.EIO),
     (UsageError, errno.EINVAL),
     (BlobmountError, errno.EIO),
@@ -112,12 +126,14 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_INVALID = 4
 EXIT_INTEGRITY = 5
+EXIT_AUTH = 6
 
 _EXIT: tuple[tuple[type[BaseException], int], ...] = (
     (UsageError, EXIT_USAGE),
     (NotFound, EXIT_NOT_FOUND),
     (InvalidArchive, EXIT_INVALID),
     (IntegrityError, EXIT_INTEGRITY),
+    (AuthError, EXIT_AUTH),
 )
 
 

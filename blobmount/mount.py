@@ -30,7 +30,8 @@ from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, U
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
-from blobmount.source import LocalArchive, open_local
+from blobmount.source import Archive
+from blobmount.sources import open_archive
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ READY_TIMEOUT_S = 30.0  # the first stat of a fresh mount is answered in millise
 @dataclass(slots=True)
 class Prepared:
     config: MountConfig
-    archive: LocalArchive
+    archive: Archive
     view: IndexView
     store: ContentStore
 
@@ -63,9 +64,7 @@ def check_mountpoint(path: Path) -> None:
     if os.path.ismount(path):
         raise UsageError(f"mountpoint {path}: something is already mounted there")
     if not os.path.exists("/dev/fuse"):
-        raise UsageError(
-            "/dev/fuse does not exist: load the fuse module or pass --device /dev/fuse to the container"
-        )
+        raise UsageError("/dev/fuse does not exist: load the fuse module or pass --device /dev/fuse to the container")
 
 
 def _lazy_unmount(path: Path) -> None:
@@ -78,9 +77,10 @@ def _lazy_unmount(path: Path) -> None:
 
 def prepare(config: MountConfig) -> Prepared:
     check_mountpoint(config.mountpoint)
-    archive = open_local(config.source)
+    cache_dir = config.cache_dir or default_cache_dir()
+    store = ContentStore(cache_dir, config.cache_size)
+    archive = open_archive(config.source, config.registry, cache_dir=cache_dir, cache_size=config.cache_size)
     view = IndexView(archive.index_bytes, blob_size=archive.data.size)
-    store = ContentStore(config.cache_dir or default_cache_dir(), config.cache_size)
     log.info(
         "%s: %d entries, %d-byte data blob, order %s",
         archive.name,

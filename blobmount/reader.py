@@ -70,9 +70,7 @@ class Handle:
 
 
 def _mismatch(entry: Entry, actual: bytes) -> IntegrityError:
-    return IntegrityError(
-        f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {actual.hex()}"
-    )
+    return IntegrityError(f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {actual.hex()}")
 
 
 class _RangeStream(io.RawIOBase):
@@ -294,8 +292,7 @@ class Reader:
                     total += len(block)
                     if total > entry.original_size:
                         raise IntegrityError(
-                            f"{show(entry.path)}: zstd frame decodes past original_size"
-                            f" {entry.original_size}; refused"
+                            f"{show(entry.path)}: zstd frame decodes past original_size {entry.original_size}; refused"
                         )
                     hasher.update(block)
                     out.write(block)
@@ -303,8 +300,7 @@ class Reader:
             raise IntegrityError(f"{show(entry.path)}: corrupt zstd frame: {exc}") from exc
         if total != entry.original_size:
             raise IntegrityError(
-                f"{show(entry.path)}: zstd frame decodes to {total} bytes, original_size is"
-                f" {entry.original_size}"
+                f"{show(entry.path)}: zstd frame decodes to {total} bytes, original_size is {entry.original_size}"
             )
         if hasher.digest() != entry.hash:
             raise _mismatch(entry, hasher.digest())

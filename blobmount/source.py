@@ -37,6 +37,8 @@ class RangeSource(Protocol):
 
     async def read_range(self, start: int, end: int) -> bytes: ...
 
+    def close(self) -> None: ...
+
 
 @runtime_checkable
 class SyncRangeSource(RangeSource, Protocol):
@@ -92,13 +94,17 @@ _INLINE_READ_BYTES = 16 << 10
 
 
 @dataclass(frozen=True, slots=True)
-class LocalArchive:
-    """An opened local archive: the index bytes and the data blob's source."""
+class Archive:
+    """An opened archive: the index bytes (already checked against their digest where one is
+    known) and the data blob's source."""
 
     name: str
     index_bytes: bytes
-    data: LocalFileSource
+    data: RangeSource
     index_digest: str  # "sha256:<hex>"
+
+
+LocalArchive = Archive
 
 
 def _read_file(path: Path, limit: int, what: str) -> bytes:
@@ -114,13 +120,13 @@ def _read_file(path: Path, limit: int, what: str) -> bytes:
         raise SourceError(f"{path}: cannot read {what}: {exc.strerror}") from exc
 
 
-def open_directory(path: Path) -> LocalArchive:
+def open_directory(path: Path) -> Archive:
     """A directory holding index.blob + data.blob."""
     if not path.is_dir():
         raise SourceError(f"{path}: not a directory holding index.blob and data.blob")
     index = _read_file(path / "index.blob", MAX_INDEX_BYTES, "index blob")
     data = LocalFileSource(path / "data.blob")
-    return LocalArchive(str(path), index, data, "sha256:" + hashlib.sha256(index).hexdigest())
+    return Archive(str(path), index, data, "sha256:" + hashlib.sha256(index).hexdigest())
 
 
 def _oci_blob_path(layout: Path, digest: str) -> Path:
@@ -172,7 +178,7 @@ def parse_manifest(body: bytes, what: str) -> tuple[tuple[str, int], tuple[str, 
     return (index_digest, index_size), (data_digest, data_size)
 
 
-def open_oci_layout(spec: str) -> LocalArchive:
+def open_oci_layout(spec: str) -> Archive:
     """`PATH[:TAG]` of an OCI image layout directory (the skopeo/oras naming)."""
     path_text, tag = spec, None
     if not Path(spec).is_dir() and ":" in spec:
@@ -209,7 +215,7 @@ def open_oci_layout(spec: str) -> LocalArchive:
     if data.size != dsize:
         data.close()
         raise InvalidArchive(f"oci:{layout}: data blob has {data.size} bytes, manifest says {dsize}")
-    return LocalArchive(f"oci:{spec}", index, data, idigest)
+    return Archive(f"oci:{spec}", index, data, idigest)
 
 
 def _read_verified(layout: Path, digest: str, size: int, what: str) -> bytes:
@@ -223,7 +229,7 @@ def _read_verified(layout: Path, digest: str, size: int, what: str) -> bytes:
     return body
 
 
-def open_local(spec: str) -> LocalArchive:
+def open_local(spec: str) -> Archive:
     """Open a local SOURCE (DESIGN §8): `oci:PATH[:TAG]`, `dir:PATH`, or a path starting with `/`,
     `./` or `../`. Anything else is a registry reference, which this function refuses."""
     if spec.startswith("oci:"):

@@ -171,9 +171,7 @@ class IndexView:
 
     def _need(self, pos: int, length: int, what: str) -> None:
         if pos < 0 or length < 0 or pos + length > self._size:
-            raise InvalidArchive(
-                f"{what}: bytes {pos}..{pos + length} lie outside the {self._size}-byte index"
-            )
+            raise InvalidArchive(f"{what}: bytes {pos}..{pos + length} lie outside the {self._size}-byte index")
 
     def _root(self) -> int:
         self._need(0, 4, "index: root offset")
@@ -477,15 +475,11 @@ class IndexView:
         if original > MAX_FILE_SIZE_BYTES:
             raise InvalidArchive(f"{what}: original_size {original} exceeds 2^63-1")
         if comp == COMPRESSION_NONE and size != original:
-            raise InvalidArchive(
-                f"{what}: uncompressed entry has data_size {size} but original_size {original}"
-            )
+            raise InvalidArchive(f"{what}: uncompressed entry has data_size {size} but original_size {original}")
         if comp == COMPRESSION_ZSTD and size == 0 and original != 0:
             raise InvalidArchive(f"{what}: zstd entry of {original} bytes stores no data")
         if offset + size > self.blob_size:
-            raise InvalidArchive(
-                f"{what}: data range {offset}+{size} runs past the {self.blob_size}-byte data blob"
-            )
+            raise InvalidArchive(f"{what}: data range {offset}+{size} runs past the {self.blob_size}-byte data blob")
         conflict = self._is_dir_after(path, i) if self._perm is None else self.is_dir(path)
         if conflict:
             raise InvalidArchive(f"{what}: path is both a file and a directory")

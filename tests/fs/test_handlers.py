@@ -57,11 +57,11 @@ def test_every_error_class_is_mapped_to_its_errno() -> None:
         errors.InvalidArchive: errno.EIO,
         errors.IntegrityError: errno.EIO,
         errors.SourceError: errno.EIO,
+        errors.TransientError: errno.EIO,
+        errors.AuthError: errno.EACCES,
         errors.UsageError: errno.EINVAL,
     }
-    classes = {
-        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.BlobmountError)
-    }
+    classes = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.BlobmountError)}
     assert classes - {errors.BlobmountError} == set(expected), "a new error class needs a row here"
     for cls, code in expected.items():
         assert errors.errno_for(cls("x")) == code, cls
@@ -144,9 +144,7 @@ def test_writes_and_write_opens_are_erofs(tmp_path: Path) -> None:
     assert fuse_errno(fs.open, ROOT_INO, os.O_RDONLY, CTX) == errno.EISDIR
 
 
-def test_unexpected_exception_is_eio_and_the_fs_keeps_serving(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_unexpected_exception_is_eio_and_the_fs_keeps_serving(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fs = make_fs(tmp_path)
 
     class BrokenView(IndexView):

@@ -1,0 +1,583 @@
+"""The OCI distribution client: the only module that speaks HTTP (and imports httpx).
+
+Every httpx exception is translated here, in :meth:`RegistryClient._send`, into the errors.py tree
+with its cause chained; :func:`is_transient` is the one predicate that drives retries (exponential
+backoff with jitter, ``Retry-After`` honoured, all inside the caller's total ``timeout_s``).
+
+Auth: anonymous first; a 401 with a ``Bearer`` challenge fetches a token from the realm (with basic
+credentials when we have them) and retries; a ``Basic`` challenge sends the credentials. Tokens are
+refreshed when they expire or when a request answers 401, under one lock, so concurrent reads in
+flight wait for the same refresh instead of failing. The Authorization header goes only to the
+registry host: a redirect to storage elsewhere is followed without it.
+
+Blob reads: ranges are sent with ``Accept-Encoding: identity`` (a compressing proxy must not shift
+offsets); a 307/302 to storage is followed and the storage URL is reused for later ranges of the same
+blob until it fails or ages out; a ``200`` answering a range request is detected and reported
+(:class:`RangeNotSupported`), never misread; bodies longer or shorter than asked are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import httpx
+import trio
+
+from blobmount import __version__
+from blobmount.errors import (
+    AuthError,
+    BlobmountError,
+    InvalidArchive,
+    NotFound,
+    SourceError,
+    TransientError,
+)
+from blobmount.reference import Digest, Reference, host_matches
+from blobmount.registry.auth import Challenge, Credentials, find_credentials, parse_www_authenticate
+
+log = logging.getLogger(__name__)
+
+MANIFEST_ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+)
+DEFAULT_TIMEOUT_S = 30.0  # total time of one operation across retries (DESIGN §8 --timeout)
+CONNECT_TIMEOUT_S = 10.0
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 5.0
+MAX_ATTEMPTS = 6  # with backoff capped at 5 s this stays inside a 30 s budget
+STORAGE_URL_TTL_S = 300.0  # presigned storage URLs commonly live 10-20 minutes: re-resolve before
+TOKEN_MARGIN_S = 10.0  # refresh a bearer token this long before it expires
+DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default when expires_in is absent
+MAX_REDIRECTS = 5
+USER_AGENT = f"blobmount/{__version__}"
+
+
+class RangeNotSupported(SourceError):
+    """The server answered a range request with the whole body (200)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryOptions:
+    plain_http: tuple[str, ...] = ()  # HOST[:PORT] talked to over plain HTTP
+    insecure: tuple[str, ...] = ()  # HOST[:PORT] whose TLS certificate is not verified
+    ca_file: Path | None = None
+    credentials: Credentials | None = None  # explicit --username/--password-*; else the files
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_connections: int = 8
+    mirrors: tuple[str, ...] = ()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying `exc` may succeed (the one predicate the retry loops use)."""
+    return isinstance(exc, TransientError)
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, min(float(value), BACKOFF_MAX_S * 4))
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+class _RetryLater(TransientError):
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(slots=True)
+class _Token:
+    header: str
+    expires_at: float  # trio.current_time() clock
+
+
+@dataclass(slots=True)
+class _StorageUrl:
+    url: str
+    expires_at: float
+
+
+@dataclass(slots=True)
+class Stats:
+    requests: int = 0
+    bytes_fetched: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str) -> None:
+        self.requests += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+
+
+class RegistryClient:
+    """One repository on one registry. Create and use it inside a running trio loop."""
+
+    def __init__(self, ref: Reference, options: RegistryOptions | None = None, *, push: bool = False) -> None:
+        self.ref = ref
+        self.options = options or RegistryOptions()
+        host = ref.api_host
+        plain = ref.plain_http_default or any(host_matches(h, host) for h in self.options.plain_http)
+        self.base = f"{'http' if plain else 'https'}://{host}"
+        self.host = host
+        self.scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
+        self.stats = Stats()
+        verify: ssl.SSLContext | bool = True
+        if any(host_matches(h, host) for h in self.options.insecure):
+            verify = False
+        elif self.options.ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(self.options.ca_file))
+        self._http = httpx.AsyncClient(
+            verify=verify,
+            timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=self.options.max_connections),
+            follow_redirects=False,
+            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
+            headers={"User-Agent": USER_AGENT},
+        )
+        # a separate client for storage hosts: no proxy-auth leakage, TLS always verified
+        self._storage = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=self.options.max_connections),
+            follow_redirects=False,
+            trust_env=True,
+            headers={"User-Agent": USER_AGENT},
+        )
+        self._creds = self.options.credentials
+        self._creds_loaded = self._creds is not None
+        self._token: _Token | None = None
+        self._challenge: Challenge | None = None
+        self._basic = False
+        self._auth_lock = trio.Lock()
+        self._storage_urls: dict[str, _StorageUrl] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._storage.aclose()
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    def _credentials(self) -> Credentials | None:
+        if not self._creds_loaded:
+            self._creds = find_credentials(self.ref.registry)
+            self._creds_loaded = True
+        return self._creds
+
+    def _auth_header(self) -> str | None:
+        if self._token is not None:
+            if trio.current_time() < self._token.expires_at - TOKEN_MARGIN_S:
+                return self._token.header
+            return None
+        if self._basic:
+            creds = self._credentials()
+            return creds.basic_header() if creds else None
+        return None
+
+    async def _authenticate(self, response: httpx.Response, used: str | None) -> None:
+        """React to a 401: fetch or refresh a token, or switch to basic auth. Single-flight."""
+        async with self._auth_lock:
+            if self._auth_header() != used and self._auth_header() is not None:
+                return  # another task refreshed while we waited
+            challenges = parse_www_authenticate(response.headers.get("www-authenticate", ""))
+            bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+            if bearer is not None:
+                await self._fetch_token(bearer)
+                return
+            if any(c.scheme == "basic" for c in challenges):
+                if self._credentials() is None:
+                    raise AuthError(f"{self.host}: authentication required and no credentials found")
+                if self._basic:
+                    raise AuthError(f"{self.host}: credentials refused (basic auth)")
+                self._basic = True
+                return
+            raise AuthError(f"{self.host}: 401 without a usable WWW-Authenticate challenge")
+
+    async def _fetch_token(self, challenge: Challenge) -> None:
+        realm = challenge.params.get("realm")
+        if not realm or urlsplit(realm).scheme not in ("http", "https"):
+            raise AuthError(f"{self.host}: bearer challenge without a usable realm")
+        query = {"scope": self.scope}
+        if challenge.params.get("service"):
+            query["service"] = challenge.params["service"]
+        creds = self._credentials()
+        headers = {}
+        if creds is not None and creds.username and creds.password:
+            headers["Authorization"] = creds.basic_header()
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        self.stats.count("token")
+        try:
+            response = await self._storage.get(url, headers=headers)
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{self.host}: token endpoint unreachable: {type(exc).__name__}") from exc
+        if response.status_code in (401, 403):
+            raise AuthError(f"{self.host}: token endpoint refused the credentials ({response.status_code})")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _RetryLater(f"{self.host}: token endpoint answered {response.status_code}", _retry_after_s(response))
+        if response.status_code != 200:
+            raise AuthError(f"{self.host}: token endpoint answered {response.status_code}")
+        try:
+            doc = response.json()
+        except ValueError as exc:
+            raise AuthError(f"{self.host}: token endpoint answered something that is not JSON") from exc
+        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"{self.host}: token endpoint answered no token")
+        lifetime = doc.get("expires_in")
+        seconds = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else DEFAULT_TOKEN_LIFETIME_S
+        self._token = _Token(f"Bearer {token}", trio.current_time() + seconds)
+        self._challenge = challenge
+        log.debug("%s: bearer token for %s, valid %.0f s", self.host, self.scope, seconds)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: Any = None,
+        kind: str,
+        to_registry: bool = True,
+    ) -> httpx.Response:
+        """One HTTP exchange with the body streamed; errors translated, nothing retried here."""
+        client = self._http if to_registry else self._storage
+        request = client.build_request(method, url, headers=dict(headers or {}), content=content)
+        self.stats.count(kind)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"{urlsplit(url).netloc}: timed out ({type(exc).__name__})") from exc
+        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
+            raise TransientError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise SourceError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        if status == 429 or status in (500, 502, 503, 504):
+            await response.aclose()
+            raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response))
+        return response
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: Any = None,
+        kind: str,
+    ) -> httpx.Response:
+        """A registry request with auth (one retry per 401) and transient retries, streamed."""
+        url = path if path.startswith(("http://", "https://")) else self.base + path
+        attempt = 0
+        auth_retries = 0
+        while True:
+            attempt += 1
+            used = self._auth_header()
+            if used is None and (self._token is not None or self._basic):
+                used = await self._refresh_expired()
+            hdrs = dict(headers or {})
+            if used:
+                hdrs["Authorization"] = used
+            try:
+                response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
+                if response.status_code == 401 and auth_retries < 2:
+                    auth_retries += 1
+                    await response.aclose()
+                    await self._authenticate(response, used)
+                    continue
+                if response.status_code == 401:
+                    await response.aclose()
+                    raise AuthError(f"{self.host}: {method} {_short(url)}: credentials refused (401)")
+                if response.status_code == 403:
+                    await response.aclose()
+                    raise AuthError(f"{self.host}: {method} {_short(url)}: access denied (403)")
+                return response
+            except BlobmountError as exc:
+                replayable = content is None or isinstance(content, bytes)
+                if not is_transient(exc) or attempt >= MAX_ATTEMPTS or not replayable:
+                    raise
+                await self._backoff(attempt, exc)
+
+    async def _refresh_expired(self) -> str | None:
+        """The token aged out: fetch a new one with the last challenge before sending, so reads in
+        flight wait for one refresh instead of each collecting a 401."""
+        async with self._auth_lock:
+            header = self._auth_header()
+            if header is None and self._challenge is not None:
+                await self._fetch_token(self._challenge)
+                header = self._auth_header()
+            return header
+
+    async def _backoff(self, attempt: int, exc: BlobmountError) -> None:
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * (2 ** (attempt - 1)))
+        delay *= 0.5 + random.random()  # jitter: a fleet must not retry in lockstep
+        if isinstance(exc, _RetryLater) and exc.retry_after_s is not None:
+            delay = max(delay, exc.retry_after_s)
+        level = logging.DEBUG if attempt < 3 else logging.WARNING
+        log.log(level, "%s; retry %d in %.2f s", exc, attempt, delay)
+        await trio.sleep(delay)
+
+    # -- manifests -----------------------------------------------------------------------------
+
+    async def resolve(self) -> Digest:
+        """The manifest digest the reference names: the digest if given, else HEAD (then GET)."""
+        if self.ref.digest is not None:
+            return self.ref.digest
+        tag = self.ref.ref_for_manifest
+        path = f"/v2/{self.ref.repository}/manifests/{tag}"
+        response = await self._request("HEAD", path, headers={"Accept": MANIFEST_ACCEPT}, kind="manifest-head")
+        await response.aclose()
+        if response.status_code == 404:
+            raise NotFound(f"{self.ref}: no such tag or repository")
+        header = response.headers.get("docker-content-digest")
+        if response.status_code == 200 and header:
+            return Digest.parse(header)
+        # HEAD refused or without a digest: GET and hash the body ourselves
+        body, _ = await self._get_manifest_body(tag)
+        return Digest.of(body)
+
+    async def _get_manifest_body(self, ref: str, limit: int = 4 << 20) -> tuple[bytes, str]:
+        path = f"/v2/{self.ref.repository}/manifests/{ref}"
+        response = await self._request("GET", path, headers={"Accept": MANIFEST_ACCEPT}, kind="manifest")
+        try:
+            if response.status_code == 404:
+                raise NotFound(f"{self.ref}: manifest {ref} not found")
+            if response.status_code != 200:
+                raise SourceError(f"{self.ref}: GET manifest answered {response.status_code}")
+            body = await _read_limited(response, limit, f"{self.ref}: manifest")
+            return body, response.headers.get("content-type", "")
+        finally:
+            await response.aclose()
+
+    async def get_manifest(self, digest: Digest) -> bytes:
+        """The manifest with this digest, checked: sha256(body) must equal the digest."""
+        body, _ = await self._get_manifest_body(str(digest))
+        actual = Digest.of(body)
+        if actual != digest:
+            raise InvalidArchive(f"{self.ref}: manifest body hashes to {actual}, not {digest}")
+        return body
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    async def _blob_response(self, digest: Digest, headers: dict[str, str], kind: str) -> httpx.Response:
+        """GET a blob, following redirects to storage (without our Authorization header) and
+        reusing a known storage URL."""
+        key = str(digest)
+        cached = self._storage_urls.get(key)
+        if cached is not None and trio.current_time() < cached.expires_at:
+            try:
+                response = await self._send("GET", cached.url, headers=headers, kind=kind, to_registry=False)
+                if response.status_code in (200, 206, 416):
+                    return response
+                await response.aclose()
+                log.debug("%s: storage URL answered %d; re-resolving", self.host, response.status_code)
+            except TransientError:
+                log.debug("%s: storage URL failed; re-resolving", self.host)
+            self._storage_urls.pop(key, None)
+        path = f"/v2/{self.ref.repository}/blobs/{digest}"
+        response = await self._request("GET", path, headers=headers, kind=kind)
+        url = self.base + path
+        for _ in range(MAX_REDIRECTS):
+            if response.status_code not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("location")
+            await response.aclose()
+            if not location:
+                raise SourceError(f"{self.host}: redirect without a Location")
+            url = urljoin(url, location)
+            same_host = urlsplit(url).netloc == urlsplit(self.base).netloc
+            if same_host:
+                response = await self._request("GET", url, headers=headers, kind=kind)
+            else:
+                response = await self._send("GET", url, headers=headers, kind=kind, to_registry=False)
+                if response.status_code in (200, 206):
+                    self._storage_urls[key] = _StorageUrl(url, trio.current_time() + STORAGE_URL_TTL_S)
+        await response.aclose()
+        raise SourceError(f"{self.host}: more than {MAX_REDIRECTS} redirects for blob {digest}")
+
+    async def read_range(self, digest: Digest, start: int, end: int, blob_size: int) -> bytes:
+        """Bytes [start, end) of a blob via one range request (retried when transient)."""
+        if start >= end:
+            return b""
+        want = end - start
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return await self._read_range_once(digest, start, end, blob_size, want)
+            except TransientError as exc:
+                if attempt >= MAX_ATTEMPTS:
+                    raise
+                await self._backoff(attempt, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read_range_once(self, digest: Digest, start: int, end: int, blob_size: int, want: int) -> bytes:
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        response = await self._blob_response(digest, headers, "range")
+        try:
+            status = response.status_code
+            if status == 206:
+                check_content_range(response.headers.get("content-range", ""), start, end, blob_size)
+                body = await _read_exact(response, want, f"{self.host}: blob {digest} range {start}-{end}")
+                self.stats.bytes_fetched += len(body)
+                return body
+            if status == 200:
+                if start == 0 and end == blob_size:
+                    body = await _read_exact(response, want, f"{self.host}: blob {digest}")
+                    self.stats.bytes_fetched += len(body)
+                    return body
+                raise RangeNotSupported(f"{self.host}: answered a range request with the whole blob (200)")
+            if status == 404:
+                raise SourceError(f"{self.host}: blob {digest} not found")
+            if status == 416:
+                raise SourceError(f"{self.host}: range {start}-{end} outside blob {digest}")
+            raise SourceError(f"{self.host}: range GET answered {status}")
+        finally:
+            await response.aclose()
+
+    async def get_blob(self, digest: Digest, size: int, limit: int) -> bytes:
+        """A whole small blob (the index), verified against its digest and size."""
+        if size > limit:
+            raise InvalidArchive(f"{self.ref}: blob {digest} of {size} bytes exceeds the {limit}-byte limit")
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                response = await self._blob_response(digest, {"Accept-Encoding": "identity"}, "blob")
+                try:
+                    if response.status_code == 404:
+                        raise SourceError(f"{self.ref}: blob {digest} not found")
+                    if response.status_code != 200:
+                        raise SourceError(f"{self.ref}: GET blob {digest} answered {response.status_code}")
+                    body = await _read_exact(response, size, f"{self.ref}: blob {digest}")
+                finally:
+                    await response.aclose()
+                break
+            except TransientError as exc:
+                if attempt >= MAX_ATTEMPTS:
+                    raise
+                await self._backoff(attempt, exc)
+        self.stats.bytes_fetched += len(body)
+        if Digest.of(body) != digest:
+            raise InvalidArchive(f"{self.ref}: blob body hashes to {Digest.of(body)}, not {digest}")
+        return body
+
+    async def stream_blob(self, digest: Digest, size: int) -> AsyncIterator[bytes]:
+        """The whole blob, streamed, sha256-checked at the end (raises after the last block)."""
+        response = await self._blob_response(digest, {"Accept-Encoding": "identity"}, "blob")
+        hasher = hashlib.sha256()
+        total = 0
+        try:
+            if response.status_code != 200:
+                raise SourceError(f"{self.ref}: GET blob {digest} answered {response.status_code}")
+            async for block in response.aiter_raw(1 << 20):
+                total += len(block)
+                if total > size:
+                    raise InvalidArchive(f"{self.ref}: blob {digest} is longer than its {size} bytes")
+                hasher.update(block)
+                yield block
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{self.host}: blob stream broke: {type(exc).__name__}") from exc
+        finally:
+            await response.aclose()
+        self.stats.bytes_fetched += total
+        if total != size or hasher.hexdigest() != digest.hex:
+            raise InvalidArchive(f"{self.ref}: blob {digest} did not verify ({total} bytes)")
+
+    # -- push ----------------------------------------------------------------------------------
+
+    async def blob_exists(self, digest: Digest) -> bool:
+        response = await self._request("HEAD", f"/v2/{self.ref.repository}/blobs/{digest}", kind="blob-head")
+        await response.aclose()
+        return response.status_code == 200
+
+    async def upload_blob(self, digest: Digest, size: int, chunks: AsyncIterator[bytes] | bytes) -> None:
+        """Monolithic upload: POST for a session, then PUT ?digest= with the body streamed."""
+        response = await self._request("POST", f"/v2/{self.ref.repository}/blobs/uploads/", kind="upload")
+        await response.aclose()
+        if response.status_code not in (201, 202):
+            raise SourceError(f"{self.ref}: starting an upload answered {response.status_code}")
+        location = response.headers.get("location")
+        if not location:
+            raise SourceError(f"{self.ref}: upload session without a Location")
+        url = urljoin(self.base + "/", location)
+        url += ("&" if "?" in url else "?") + urlencode({"digest": str(digest)})
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        response = await self._request("PUT", url, headers=headers, content=chunks, kind="upload")
+        await response.aclose()
+        if response.status_code != 201:
+            raise SourceError(f"{self.ref}: finishing the upload of {digest} answered {response.status_code}")
+
+    async def put_manifest(self, tag: str, body: bytes, media_type: str) -> Digest:
+        response = await self._request(
+            "PUT",
+            f"/v2/{self.ref.repository}/manifests/{tag}",
+            headers={"Content-Type": media_type},
+            content=body,
+            kind="manifest-put",
+        )
+        text = (await _read_limited(response, 1 << 16, "manifest PUT answer")).decode(errors="replace")
+        await response.aclose()
+        if response.status_code != 201:
+            raise SourceError(f"{self.ref}: PUT manifest answered {response.status_code}: {text[:200]}")
+        return Digest.of(body)
+
+
+def check_content_range(value: str, start: int, end: int, blob_size: int) -> None:
+    """A 206's ``Content-Range`` must name exactly the bytes asked for (``bytes a-b/total``)."""
+    unit, _, spec = value.strip().partition(" ")
+    rng, _, total = spec.partition("/")
+    first, _, last = rng.partition("-")
+    try:
+        a, b = int(first), int(last)
+        t = None if total == "*" else int(total)
+    except ValueError:
+        raise SourceError(f"malformed Content-Range {value[:80]!r}") from None
+    if unit.lower() != "bytes" or a != start or b != end - 1 or (t is not None and t != blob_size):
+        raise TransientError(f"Content-Range {value[:80]!r} does not match the requested bytes {start}-{end - 1}")
+
+
+async def _read_exact(response: httpx.Response, want: int, what: str) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    try:
+        async for block in response.aiter_raw():
+            got += len(block)
+            if got > want:
+                raise TransientError(f"{what}: body longer than the {want} bytes asked for")
+            parts.append(block)
+    except httpx.HTTPError as exc:
+        raise TransientError(f"{what}: body broke off after {got} bytes ({type(exc).__name__})") from exc
+    if got != want:
+        raise TransientError(f"{what}: body of {got} bytes, expected {want}")
+    return b"".join(parts)
+
+
+async def _read_limited(response: httpx.Response, limit: int, what: str) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    try:
+        async for block in response.aiter_raw():
+            got += len(block)
+            if got > limit:
+                raise InvalidArchive(f"{what}: larger than {limit} bytes")
+            parts.append(block)
+    except httpx.HTTPError as exc:
+        raise TransientError(f"{what}: body broke off ({type(exc).__name__})") from exc
+    return b"".join(parts)
+
+
+def _short(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path[:120]
