@@ -33,6 +33,19 @@ def path_problem(path: bytes) -> str | None:
     return None
 
 
+def name_problem(name: bytes) -> str | None:
+    """Why one path component cannot be a directory entry's name, or None."""
+    if not name:
+        return "empty path component ('//')"
+    if name in (b".", b".."):
+        return f"'{name.decode()}' component"
+    if b"\x00" in name:
+        return "path contains a NUL byte"
+    if len(name) > NAME_MAX_BYTES:
+        return f"name of {len(name)} bytes exceeds {NAME_MAX_BYTES}"
+    return None
+
+
 def show(path: bytes, limit: int = 120) -> str:
     """A printable, bounded rendering of a byte path for one-line messages."""
     text = repr(path)[2:-1] if not _printable_utf8(path) else path.decode()

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from blobmount.errors import InvalidArchive, NotADirectory, NotFound
-from blobmount.index.paths import path_problem, show
+from blobmount.index.paths import name_problem, path_problem, show
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class IndexView:
             if sep:
                 sub_prefix = self._key(prefix + name + b"/")
                 nxt = self._prefix_end(sub_prefix, pos + 1)
-                problem = path_problem(path)
+                problem = name_problem(name)  # deeper faults are found when that directory is listed
                 if problem is not None:
                     log.warning("entry %d: %s: %s; skipped", number, show(path), problem)
                 else:

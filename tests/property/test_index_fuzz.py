@@ -1,0 +1,119 @@
+"""Mutated fixture indexes (bit flips, truncations, splices of offsets) either fail with the one
+clear error or read consistently: lookup finds the entry, its parent lists it, its bytes verify or
+fail cleanly. No other exception, no hang (an alarm per example guards against loops)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobmount.cache import ContentStore
+from blobmount.errors import IntegrityError, InvalidArchive, LimitExceeded, SourceError
+from blobmount.index import Entry, IndexView
+from blobmount.reader import Reader
+from blobmount.source import LocalFileSource
+from tests.helpers import FIXTURES
+
+EXAMPLES = int(os.environ.get("BLOBMOUNT_FUZZ_EXAMPLES", "2000"))
+HANG_GUARD_S = 10
+SOURCES = {name: (FIXTURES / name / "index.blob").read_bytes() for name in ("basic", "unicode")}
+CLEAN = (InvalidArchive, IntegrityError, LimitExceeded, SourceError)
+
+
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def hang_guard() -> Iterator[None]:
+    def fire(signum: int, frame: FrameType | None) -> None:
+        raise Hang(f"example ran longer than {HANG_GUARD_S} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(HANG_GUARD_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> tuple[str, bytes]:
+    name = draw(st.sampled_from(sorted(SOURCES)))
+    buf = bytearray(SOURCES[name])
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "truncate", "splice", "u32"]))
+        if not buf:
+            break
+        pos = draw(st.integers(0, len(buf) - 1))
+        if kind == "flip":
+            buf[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del buf[pos:]
+        elif kind == "splice":
+            src = draw(st.integers(0, len(buf) - 1))
+            length = draw(st.integers(1, 16))
+            buf[pos : pos + length] = buf[src : src + length]
+        elif pos + 4 <= len(buf):
+            struct.pack_into("<I", buf, pos, draw(st.sampled_from([0, 1, 4, 0x7FFFFFFF, 0xFFFFFFFF, len(buf)])))
+    return name, bytes(buf)
+
+
+def check_consistent(view: IndexView, reader: Reader) -> None:
+    for i in range(len(view)):
+        try:
+            entry = view.entry(i)
+        except InvalidArchive:
+            continue
+        found = view.find(entry.path)
+        assert found is not None
+        assert view.entry(found).path == entry.path
+        parent, _, name = entry.path.rpartition(b"/")
+        assert name in {c.name for c in view.children(parent)}
+
+        async def read(e: Entry) -> bytes:
+            return b"".join([b async for b in reader.stream_verified(e)])
+
+        try:
+            data = trio.run(read, entry)
+        except CLEAN:
+            continue
+        assert hashlib.sha256(data).digest() == entry.hash
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(case=mutated())
+def test_mutated_indexes_fail_cleanly_or_read_consistently(
+    case: tuple[str, bytes], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    name, buf = case
+    data = LocalFileSource(FIXTURES / name / "data.blob")
+    try:
+        with hang_guard():
+            try:
+                view = IndexView(buf, blob_size=data.size)
+            except InvalidArchive as exc:
+                message = str(exc)
+                assert message
+                assert "\n" not in message
+                return
+            store = ContentStore(tmp_path_factory.getbasetemp() / "fuzz-cache", max_bytes=1 << 30)
+            check_consistent(view, Reader(data, store))
+    finally:
+        data.close()

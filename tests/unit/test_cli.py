@@ -1,0 +1,101 @@
+"""The no-FUSE commands: create, ls, cat (verified, nothing of a bad file printed), sources."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from blobmount.cli import main
+from blobmount.index import IndexView
+from tests.helpers import FIXTURES, make_oci_layout, tree_files
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("blobmount ")
+
+
+@pytest.mark.parametrize("form", ["dir:{}", "{}", "oci:{oci}", "oci:{oci}:v1"])
+def test_ls_and_cat_every_source_form(form: str, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    oci = make_oci_layout(FIXTURES / "basic", tmp_path / "layout")
+    source = form.format(str(FIXTURES / "basic"), oci=oci)
+    assert main(["ls", source]) == 0
+    names = capsysbinary.readouterr().out.split(b"\n")[:-1]
+    assert b"top.md" in names
+    assert b"a" in names
+    assert main(["ls", source, "a", "-l"]) == 0
+    out = capsysbinary.readouterr().out
+    assert b"x.json" in out
+    assert b"b/" in out
+    files = tree_files("basic")
+    for path in (b"a/x.json", b"small.txt", b"empty.txt", b"top.md"):
+        assert main(["cat", source, os.fsdecode(path)]) == 0
+        assert capsysbinary.readouterr().out == files[path].data
+
+
+def test_errors_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    basic = str(FIXTURES / "basic")
+    assert main(["ls", basic, "nope"]) == 3
+    assert "nope" in capsys.readouterr().err
+    assert main(["cat", basic, "a"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["ls", "team/Assets:v3"]) == 2  # parsed as a registry reference, refused offline
+    assert "lowercase" in capsys.readouterr().err
+    assert main(["ls", "./does-not-exist"]) == 1
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "index.blob").write_bytes(os.urandom(64))
+    (bad / "data.blob").write_bytes(b"")
+    assert main(["ls", str(bad)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("blobmount: ")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", [b"a/x.json", b"small.txt"])
+def test_cat_of_a_tampered_file_prints_nothing(
+    path: bytes, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    arc = tmp_path / "arc"
+    shutil.copytree(FIXTURES / "basic", arc)
+    view = IndexView((arc / "index.blob").read_bytes())
+    entry = view.entry(view.resolve(path))
+    data = bytearray((arc / "data.blob").read_bytes())
+    data[entry.data_offset + entry.data_size // 2] ^= 0x20
+    (arc / "data.blob").chmod(0o644)
+    (arc / "data.blob").write_bytes(data)
+    assert main(["cat", str(arc), os.fsdecode(path)]) in (4, 5)
+    captured = capsysbinary.readouterr()
+    assert captured.out == b""
+    err = captured.err.decode()
+    assert err.count("\n") == 1
+    if entry.compression == 0:
+        assert entry.hash.hex() in err
+        actual = hashlib.sha256(bytes(data[entry.data_offset : entry.data_offset + entry.data_size])).hexdigest()
+        assert actual in err
+
+
+def test_create_skips_symlinks_and_fifos_and_keeps_byte_names(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "real.txt").write_bytes(b"real\n" * 400)
+    os.symlink("/etc/passwd", src / "link")
+    os.mkfifo(src / "fifo")
+    odd = os.path.join(os.fsencode(src), b"caf\xe9.txt")
+    with open(odd, "wb") as f:
+        f.write(b"latin-1 name\n")
+    assert main(["create", str(src), str(tmp_path / "out")]) == 0
+    assert "symlink skipped" in caplog.text
+    assert "special file skipped" in caplog.text
+    capsysbinary.readouterr()
+    assert main(["ls", str(tmp_path / "out")]) == 0
+    assert sorted(capsysbinary.readouterr().out.split(b"\n")[:-1]) == [b"caf\xe9.txt", b"real.txt"]
+    assert main(["cat", str(tmp_path / "out"), os.fsdecode(b"caf\xe9.txt")]) == 0
+    assert capsysbinary.readouterr().out == b"latin-1 name\n"

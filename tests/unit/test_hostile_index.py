@@ -1,0 +1,209 @@
+"""A corpus of hostile indexes: each is refused with InvalidArchive and its own message, either at
+open or before the entry is used; nothing else (IndexError, struct.error, ...) ever escapes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import flatbuffers
+import pytest
+
+from blobmount.errors import InvalidArchive, NotFound
+from blobmount.index import EntryRecord, IndexView, build_index
+from blobmount.index._fb import index_generated as fb
+from tests.helpers import FIXTURES
+
+H = hashlib.sha256(b"x").digest()
+
+
+def rec(path: bytes, offset: int = 0, size: int = 1, original: int | None = None, comp: int = 0) -> EntryRecord:
+    return EntryRecord(path, offset, size, size if original is None else original, H, 0o644, 0, 0, 0, comp)
+
+
+def index_of(*records: EntryRecord, data_size: int = 100) -> bytes:
+    return build_index(list(records), data_size, hashlib.sha256(b"d").digest())
+
+
+def raw_index(
+    *,
+    version: int | None = None,
+    hash_algorithm: int | None = None,
+    path: bytes | None = b"a",
+    digest: bytes | None = H,
+    compression: int = 0,
+    with_entries: bool = True,
+) -> bytes:
+    """One-entry index built field by field, so required fields can be left out."""
+    b = flatbuffers.Builder(256)
+    offs = []
+    if with_entries:
+        p = b.CreateString(path) if path is not None else None
+        h = b.CreateByteVector(digest) if digest is not None else None
+        fb.EntryStart(b)
+        if p is not None:
+            fb.EntryAddPath(b, p)
+        fb.EntryAddDataSize(b, 1)
+        fb.EntryAddOriginalSize(b, 1)
+        if h is not None:
+            fb.EntryAddHash(b, h)
+        b.PrependInt8Slot(9, compression, 0)
+        offs.append(fb.EntryEnd(b))
+        fb.IndexStartEntriesVector(b, len(offs))
+        for o in reversed(offs):
+            b.PrependUOffsetTRelative(o)
+        vec = b.EndVector()
+    fb.IndexStart(b)
+    if version is not None:
+        b.PrependUint32Slot(0, version, 1)
+    if hash_algorithm is not None:
+        b.PrependInt8Slot(1, hash_algorithm, 0)
+    if with_entries:
+        fb.IndexAddEntries(b, vec)
+    fb.IndexAddDataSize(b, 100)
+    b.Finish(fb.IndexEnd(b))
+    return bytes(b.Output())
+
+
+def patch_u32(buf: bytes, pos: int, value: int) -> bytes:
+    out = bytearray(buf)
+    struct.pack_into("<I", out, pos, value)
+    return bytes(out)
+
+
+def entries_vector_pos(buf: bytes) -> int:
+    """Position of the entries vector's length field in a reference-built index."""
+    root = struct.unpack_from("<I", buf, 0)[0]
+    vt = root - struct.unpack_from("<i", buf, root)[0]
+    field = root + struct.unpack_from("<H", buf, vt + 8)[0]
+    pos: int = field + struct.unpack_from("<I", buf, field)[0]
+    return pos
+
+
+BASIC = (FIXTURES / "basic" / "index.blob").read_bytes()
+
+# (name, index bytes, phrase the one-line message must contain); refused at open
+AT_OPEN: list[tuple[str, Callable[[], bytes], str]] = [
+    ("empty buffer", lambda: b"", "outside the 0-byte index"),
+    ("root offset past the end", lambda: struct.pack("<I", 1000) + bytes(8), "root table"),
+    ("vtable before the buffer", lambda: struct.pack("<Ii", 4, 1 << 20) + bytes(8), "vtable"),
+    (
+        "vtable size odd",
+        lambda: patch_u32(raw_index(), 0, 4)[:4] + struct.pack("<i", -4) + struct.pack("<HH", 5, 4),
+        "vtable size",
+    ),
+    ("version 2", lambda: raw_index(version=2), "unsupported version 2"),
+    ("hash algorithm 1", lambda: raw_index(hash_algorithm=1), "unsupported hash_algorithm 1"),
+    ("entries missing", lambda: raw_index(with_entries=False), "required field 'entries' is missing"),
+    ("entries length huge", lambda: patch_u32(BASIC, entries_vector_pos(BASIC), 0x3FFFFFFF), "entries"),
+    ("entry offset outside", lambda: patch_u32(BASIC, entries_vector_pos(BASIC) + 4, 0x7FFFFFF0), "entry 0"),
+    ("duplicate paths", lambda: index_of(rec(b"b"), rec(b"a"), rec(b"b")), "duplicate path 'b'"),
+    ("truncated to half", lambda: BASIC[: len(BASIC) // 2], "outside"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "phrase"), AT_OPEN, ids=[c[0] for c in AT_OPEN])
+def test_refused_at_open(name: str, make: Callable[[], bytes], phrase: str) -> None:
+    with pytest.raises(InvalidArchive) as info:
+        IndexView(make())
+    assert phrase in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# refused when the entry is used (lazily): (name, records, path looked up, phrase)
+PER_ENTRY: list[tuple[str, list[EntryRecord], int, str]] = [
+    ("dot-dot", [rec(b"../x")], 0, "escapes the archive root"),
+    ("absolute", [rec(b"/etc/passwd")], 0, "absolute path"),
+    ("NUL", [rec(b"a\x00b")], 0, "NUL byte"),
+    ("double slash", [rec(b"a//b")], 0, "empty path component"),
+    ("trailing slash", [rec(b"a/")], 0, "trailing '/'"),
+    ("dot component", [rec(b"a/./b")], 0, "'.' component"),
+    ("long name", [rec(b"n" * 256)], 0, "name of 256 bytes exceeds 255"),
+    ("file and dir", [rec(b"a"), rec(b"a/b", offset=1)], 0, "both a file and a directory"),
+    ("file and dir, byte order", [rec(b"a"), rec(b"a-x", 1), rec(b"a/b", 2)], 0, "both a file and a directory"),
+    ("past the data blob", [rec(b"a", offset=99, size=2)], 0, "runs past the 100-byte data blob"),
+    ("offset overflow", [rec(b"a", offset=(1 << 64) - 1, size=1)], 0, "runs past"),
+    ("raw size mismatch", [rec(b"a", size=5, original=6)], 0, "data_size 5 but original_size 6"),
+    ("original 2^63", [rec(b"a", size=5, original=1 << 63, comp=1)], 0, "exceeds 2^63-1"),
+    ("zstd without data", [rec(b"a", size=0, original=5, comp=1)], 0, "stores no data"),
+]
+
+
+@pytest.mark.parametrize(("name", "records", "number", "phrase"), PER_ENTRY, ids=[c[0] for c in PER_ENTRY])
+def test_refused_before_use(name: str, records: list[EntryRecord], number: int, phrase: str) -> None:
+    view = IndexView(index_of(*records), blob_size=100)
+    with pytest.raises(InvalidArchive) as info:
+        view.entry(number)
+    assert phrase in str(info.value)
+    with pytest.raises(InvalidArchive):
+        view.check_all()
+
+
+@pytest.mark.parametrize(
+    ("make", "phrase"),
+    [
+        (lambda: raw_index(digest=None), "required field 'hash' is missing"),
+        (lambda: raw_index(path=None), "required field 'path' is missing"),
+        (lambda: raw_index(digest=b"short"), "hash has 5 bytes"),
+        (lambda: raw_index(compression=7), "unknown compression 7"),
+    ],
+)
+def test_raw_entry_faults(make: Callable[[], bytes], phrase: str) -> None:
+    view = IndexView(make(), blob_size=100)
+    with pytest.raises(InvalidArchive) as info:
+        view.entry(0)
+    assert phrase in str(info.value)
+
+
+def test_data_size_must_match_the_blob() -> None:
+    with pytest.raises(InvalidArchive, match="does not match the data blob's 50 bytes"):
+        IndexView(index_of(rec(b"a")), blob_size=50)
+
+
+def test_listing_skips_bad_entries_and_keeps_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    view = IndexView(index_of(rec(b"a"), rec(b"a/b", 1), rec(b"a//c", 2), rec(b"ok", 3)), blob_size=100)
+    with caplog.at_level(logging.WARNING):
+        names = {c.name: c.is_dir for c in view.children(b"")}
+    assert names == {b"a": True, b"ok": False}
+    assert [c.name for c in view.children(b"a")] == [b"b"]  # 'a//c' is skipped one level down
+    assert "both a file and a directory" in caplog.text
+    with pytest.raises(InvalidArchive, match="both a file and a directory"):
+        view.kind(b"a")
+    assert view.kind(b"ok") == 3
+    with pytest.raises(NotFound):
+        view.resolve(b"missing")
+
+
+def test_every_truncation_and_random_bytes_end_in_invalid_archive() -> None:
+    for cut in range(len(BASIC)):
+        try:
+            view = IndexView(BASIC[:cut], blob_size=8375)
+            view.check_all()
+        except InvalidArchive:
+            continue
+    rng = random.Random(1)
+    for _ in range(500):
+        blob = rng.randbytes(rng.randrange(0, 300))
+        with contextlib.suppress(InvalidArchive):
+            IndexView(blob, blob_size=100).check_all()
+
+
+def test_neither_order_is_searched_through_a_permutation() -> None:
+    records = [rec(b"b", 0), rec(b"a/x", 1), rec(b"c", 2), rec(b"0", 3)]
+    view = IndexView(index_of(*records), blob_size=100)
+    assert view.order.value == "neither"
+    for i, r in enumerate(records):
+        assert view.find(r.path) == i
+    assert [c.name for c in view.children(b"")] == [b"0", b"a", b"b", b"c"]
+
+
+def test_walk_order_archive_is_fully_searchable(tmp_path: Path) -> None:
+    view = IndexView((FIXTURES / "unicode" / "index.blob").read_bytes(), blob_size=13295)
+    assert view.order.value == "walk"
+    for i in range(len(view)):
+        assert view.find(view.entry(i).path) == i
