@@ -242,9 +242,12 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
     async def run(store_dir: Path) -> None:
         reader = Reader(archive.data, ContentStore(store_dir, max_bytes=1 << 62))
-        async for block in reader.stream_verified(entry):
-            out.write(block)
-        out.flush()
+        try:
+            async for block in reader.stream_verified(entry):
+                out.write(block)
+            out.flush()
+        finally:
+            await archive.data.aclose()
 
     # Decoded zstd content is spooled to a private temp dir: verified before the first byte leaves.
     with tempfile.TemporaryDirectory(prefix="blobmount-cat-") as tmp:

@@ -105,12 +105,16 @@ def fuse_options(config: MountConfig, source_name: str) -> set[str]:
 
 async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
     """Run the FUSE loop until unmounted or signalled."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fs.invalidator)
-        nursery.start_soon(_signals, nursery.cancel_scope)
-        nursery.start_soon(_report_ready, prep.config.mountpoint, ready_fd)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.invalidator)
+            nursery.start_soon(_signals, nursery.cancel_scope)
+            nursery.start_soon(_report_ready, prep.config.mountpoint, ready_fd)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await prep.archive.data.aclose()
 
 
 async def _signals(scope: trio.CancelScope) -> None:

@@ -39,6 +39,9 @@ class RangeSource(Protocol):
 
     def close(self) -> None: ...
 
+    async def aclose(self) -> None:
+        """Release what needs the event loop (network clients); `close` does the rest."""
+
 
 @runtime_checkable
 class SyncRangeSource(RangeSource, Protocol):
@@ -88,6 +91,9 @@ class LocalFileSource:
 
     def close(self) -> None:
         os.close(self._fd)
+
+    async def aclose(self) -> None:
+        """Nothing needs the event loop here; the fd is closed by :meth:`close`."""
 
 
 _INLINE_READ_BYTES = 16 << 10

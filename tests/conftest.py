@@ -3,10 +3,21 @@ off-limits, and a test that reaches out is a bug (it would also hang or flake)."
 
 from __future__ import annotations
 
+import functools
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
+
+from blobmount.reference import Reference
+from blobmount.registry.client import RegistryOptions
+from blobmount.registry.push import push_archive
+from tests.helpers import FIXTURE_NAMES, FIXTURES
+from tests.servers import Registry, start_registry
+
+REFERENCE_CREATED = "2024-01-02T03:04:05Z"  # the annotation the fixtures' oci-manifest.json carries
 
 _LOCAL = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 _real_getaddrinfo = socket.getaddrinfo
@@ -22,3 +33,28 @@ def _guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
 @pytest.fixture(autouse=True)
 def _no_remote_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """An anonymous docker-registry for the whole session."""
+    reg = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def pushed(registry: Registry) -> dict[str, str]:
+    """Every go-reference fixture pushed as is (its own blobs, the reference's manifest shape):
+    name -> tag reference on the session registry."""
+    refs: dict[str, str] = {}
+    for name in FIXTURE_NAMES:
+        ref = Reference.parse(f"{registry.host}/fixtures/{name}:v1")
+        digest = trio.run(
+            functools.partial(push_archive, FIXTURES / name, ref, RegistryOptions(), created=REFERENCE_CREATED)
+        )
+        refs[name] = str(ref)
+        refs[name + "@"] = f"{registry.host}/fixtures/{name}@{digest}"
+    return refs

@@ -1,0 +1,211 @@
+"""Against a real docker-registry: push, resolve, pull, and the registry behaviours we must survive."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from blobmount.cli import main
+from blobmount.errors import AuthError, LimitExceeded
+from blobmount.reference import Digest, Reference
+from blobmount.registry.auth import Credentials
+from blobmount.registry.client import RegistryClient, RegistryOptions
+from blobmount.registry.source import RegistryBlobSource, open_registry
+from blobmount.source import Archive
+from tests.helpers import FIXTURE_NAMES, FIXTURES, tree_files
+from tests.servers import QuirkProxy, Registry, start_registry
+
+
+def test_push_is_byte_identical_to_the_reference_manifest(registry: Registry, pushed: dict[str, str]) -> None:
+    for name in FIXTURE_NAMES:
+        manifest = (FIXTURES / name / "oci-manifest.json").read_bytes()
+        assert pushed[name + "@"].endswith("@sha256:" + hashlib.sha256(manifest).hexdigest()), name
+
+
+@pytest.mark.parametrize("key", ["basic", "basic@", "unicode", "mixed"])
+def test_cat_by_reference(key: str, pushed: dict[str, str], capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    name = key.rstrip("@")
+    for path, f in list(tree_files(name).items())[:25]:
+        assert main(["cat", pushed[key], os.fsdecode(path)]) == 0
+        assert capsysbinary.readouterr().out == f.data
+
+
+def test_inspect_by_reference(pushed: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", pushed["mixed"], "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entries"] == 300
+    assert info["data_size"] == (FIXTURES / "mixed" / "data.blob").stat().st_size
+
+
+def test_unknown_tag_and_bad_reference(registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", f"{registry.host}/fixtures/basic:nope"]) == 3
+    assert "nope" in capsys.readouterr().err
+    assert main(["ls", f"{registry.host}/Fixtures/basic"]) == 2
+
+
+def test_push_tree_then_read_back(
+    registry: Registry, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "big.bin").write_bytes(os.urandom(3 << 20))
+    (src / "small.txt").write_text("hello\n")
+    ref = f"{registry.host}/pushed/tree:v1"
+    assert main(["push", str(src), ref]) == 0
+    digest_line = capsysbinary.readouterr().out.decode().strip()
+    assert "@sha256:" in digest_line
+    assert main(["cat", ref, "d/big.bin"]) == 0
+    assert capsysbinary.readouterr().out == (src / "d" / "big.bin").read_bytes()
+    # a second push of the same tree uploads no blob again and yields the same digest
+    os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
+    try:
+        assert main(["push", str(src), ref]) == 0
+        first = capsysbinary.readouterr().out
+        assert main(["push", str(src), ref]) == 0
+        assert capsysbinary.readouterr().out == first
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
+
+
+def test_range_reads_fetch_only_what_is_asked(pushed: dict[str, str]) -> None:
+    async def run() -> tuple[bytes, int, int]:
+        archive = await open_registry(pushed["mixed"], RegistryOptions())
+        source = archive.data
+        assert isinstance(source, RegistryBlobSource)
+        data = await source.read_range(1000, 1000 + 4096)
+        stats = source.client.stats
+        await source.aclose()
+        return data, stats.requests, stats.bytes_fetched
+
+    data, requests, fetched = trio.run(run)
+    assert data == (FIXTURES / "mixed" / "data.blob").read_bytes()[1000:5096]
+    assert requests == 1
+    assert fetched == 4096
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[Registry]:
+    reg = start_registry(tmp_path / "authreg", user="alice", password="s3cret pass")
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+def test_basic_auth(
+    auth_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = Reference.parse(f"{auth_registry.host}/sec/basic:v1")
+    with pytest.raises(AuthError):
+        trio.run(_push, ref, RegistryOptions())
+    creds = Credentials("alice", "s3cret pass")
+    trio.run(_push, ref, RegistryOptions(credentials=creds))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no stray ~/.docker/config.json
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert main(["ls", str(ref)]) == 6
+    err = capsys.readouterr().err
+    assert "s3cret" not in err
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret pass\n")
+    assert main(["ls", str(ref), "--username", "alice", "--password-file", str(pw)]) == 0
+    assert "top.md" in capsys.readouterr().out
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    auth = {"auths": {auth_registry.host: {"auth": "YWxpY2U6czNjcmV0IHBhc3M="}}}  # alice:s3cret pass
+    (docker / "config.json").write_text(json.dumps(auth))
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    assert main(["ls", str(ref)]) == 0
+    assert "top.md" in capsys.readouterr().out
+
+
+async def _push(ref: Reference, options: RegistryOptions) -> Digest:
+    from blobmount.registry.push import push_archive
+
+    return await push_archive(FIXTURES / "basic", ref, options, created="2024-01-02T03:04:05Z")
+
+
+@pytest.fixture
+def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
+    p = QuirkProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def _read_through(proxy: QuirkProxy, name: str, start: int, end: int, **kw: object) -> tuple[bytes, RegistryClient]:
+    async def run() -> tuple[bytes, RegistryClient]:
+        archive = await open_registry(f"{proxy.host}/fixtures/{name}:v1", RegistryOptions(**kw))  # type: ignore[arg-type]
+        source = archive.data
+        assert isinstance(source, RegistryBlobSource)
+        data = await source.read_range(start, end)
+        data += await source.read_range(end, end + 100)
+        await source.aclose()
+        return data, source.client if source._client else RegistryClient(Reference.parse("127.0.0.1/x"))
+
+    return trio.run(run)
+
+
+def test_bearer_token_challenge(proxy: QuirkProxy) -> None:
+    proxy.state.bearer = True
+    data, _ = _read_through(proxy, "mixed", 10, 5000)
+    assert data == (FIXTURES / "mixed" / "data.blob").read_bytes()[10:5100]
+    assert proxy.state.tokens_issued >= 1
+    scopes = [p for m, p, h in proxy.state.seen if p.startswith("/token")]
+    assert all("scope=repository%3Afixtures%2Fmixed%3Apull" in p for p in scopes)
+
+
+def test_redirect_to_storage_without_credentials_and_reused(proxy: QuirkProxy) -> None:
+    proxy.state.bearer = True
+    proxy.state.redirect_blobs = True
+    data, _ = _read_through(proxy, "mixed", 0, 70000)
+    assert data == (FIXTURES / "mixed" / "data.blob").read_bytes()[:70100]
+    storage = [h for m, p, h in proxy.state.seen if p.startswith("/storage")]
+    assert storage
+    assert all("authorization" not in h for h in storage)
+
+
+def test_429_with_retry_after_then_success(proxy: QuirkProxy) -> None:
+    proxy.state.retry_after = "0"
+    proxy.state.fail_next = [429, 503]
+    data, _ = _read_through(proxy, "basic", 0, 100)
+    assert data == (FIXTURES / "basic" / "data.blob").read_bytes()[:200]
+
+
+def test_200_for_ranges_falls_back_to_a_verified_whole_blob(
+    proxy: QuirkProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy.state.ignore_ranges = True
+    spec = f"{proxy.host}/fixtures/mixed:v1"
+    for sub in ("c1", "c2"):
+        (tmp_path / sub).mkdir(mode=0o700)
+    with pytest.raises(LimitExceeded, match="ignores range requests"):
+        trio.run(_open, spec, tmp_path / "c1", 1 << 20)
+    with caplog.at_level(logging.WARNING):
+        archive = trio.run(_open, spec, tmp_path / "c2", 1 << 30)
+    assert "downloading the whole" in caplog.text
+    blob = (FIXTURES / "mixed" / "data.blob").read_bytes()
+    assert trio.run(archive.data.read_range, 5, 500) == blob[5:500]
+
+
+async def _open(spec: str, cache: Path, size: int) -> Archive:
+    return await open_registry(spec, RegistryOptions(), cache_dir=cache, cache_size=size)
+
+
+def test_empty_archive_sends_no_range_request(proxy: QuirkProxy) -> None:
+    trio.run(_open, f"{proxy.host}/fixtures/empty:v1", Path("/nonexistent-never-used"), 0) if False else None
+
+    async def run() -> None:
+        await open_registry(f"{proxy.host}/fixtures/empty:v1", RegistryOptions())
+
+    trio.run(run)
+    assert not [h for m, p, h in proxy.state.seen if "range" in h]
