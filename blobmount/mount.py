@@ -47,22 +47,27 @@ class Prepared:
 
 
 def check_mountpoint(path: Path) -> None:
-    """Refuse a missing or live mountpoint; lazily unmount a stale one (ENOTCONN after a crash)."""
+    """Refuse a missing or live mountpoint; lazily unmount a stale one (ENOTCONN after a crash).
+
+    A dead FUSE mount can still answer ``stat`` from attributes the kernel cached, so liveness is
+    probed with ``statvfs``, which always reaches the daemon."""
     try:
-        st = os.stat(path)
+        os.stat(path)
+        stale = False
+        if os.path.ismount(path):
+            os.statvfs(path)
+            raise UsageError(f"mountpoint {path}: something is already mounted there")
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            log.warning("%s: stale FUSE mount (its daemon died); unmounting it lazily", path)
-            _lazy_unmount(path)
-            st = os.stat(path)
-        elif exc.errno == errno.ENOENT:
-            raise UsageError(f"mountpoint {path}: does not exist") from exc
-        else:
+        if exc.errno != errno.ENOTCONN:
+            if exc.errno == errno.ENOENT:
+                raise UsageError(f"mountpoint {path}: does not exist") from exc
             raise UsageError(f"mountpoint {path}: {exc.strerror}") from exc
-    if not os.path.isdir(path) or not (st.st_mode & 0o040000):
+        stale = True
+    if stale:
+        log.warning("%s: stale FUSE mount (its daemon died); unmounting it lazily", path)
+        _lazy_unmount(path)
+    if not os.path.isdir(path):
         raise UsageError(f"mountpoint {path}: not a directory")
-    if os.path.ismount(path):
-        raise UsageError(f"mountpoint {path}: something is already mounted there")
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse does not exist: load the fuse module or pass --device /dev/fuse to the container")
 

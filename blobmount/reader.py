@@ -297,7 +297,9 @@ class Reader:
                     hasher.update(block)
                     out.write(block)
         except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{show(entry.path)}: corrupt zstd frame: {exc}") from exc
+            raise IntegrityError(
+                f"{show(entry.path)}: corrupt zstd frame (expected sha256 {entry.hash.hex()}): {exc}"
+            ) from exc
         if total != entry.original_size:
             raise IntegrityError(
                 f"{show(entry.path)}: zstd frame decodes to {total} bytes, original_size is {entry.original_size}"

@@ -82,7 +82,7 @@ def start_registry(root: Path, *, user: str | None = None, password: str | None 
         (root / "htpasswd").write_text(f"{user}:{bcrypt_hash(password)}\n")
         config["auth"] = {"htpasswd": {"realm": "blobmount-test", "path": str(root / "htpasswd")}}
     (root / "config.yml").write_text(json.dumps(config))  # YAML is a superset of JSON
-    log = open(root / "registry.log", "wb")  # noqa: SIM115 - the child owns it for its life
+    log = open(root / "registry.log", "wb")
     proc = subprocess.Popen([REGISTRY_BIN, "serve", str(root / "config.yml")], stdout=log, stderr=log)
     log.close()
     reg = Registry(root, port, proc, user, password)
