@@ -3,17 +3,19 @@
 Contents are streamed in fixed-size blocks, so memory grows with the number of files (one small
 record each), never with their size. Output is written to temporary names in OUT_DIR and renamed
 into place only when complete, so a failed or interrupted create never leaves a half archive that
-looks whole.
+looks whole. There is no fsync (tar and mksquashfs do none either): a power cut can leave a torn
+data blob, but every file and the blob itself carry sha256s, so it is refused, never served.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import itertools
 import logging
 import os
 import stat
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.blob"
 DATA_NAME = "data.blob"
-BLOCK_BYTES = 1 << 20  # read/hash/write granularity: large enough to amortize syscalls and GIL hops
+BLOCK_BYTES = 1 << 20
+READ_BUFFERS = 3  # one being read, one being hashed, one spare: hashers lag at most one block
 SKIP_BELOW_BYTES = 1024  # the reference CLI's DefaultSkipCompression(1024): tiny files stay raw
 DEFAULT_LEVEL = 3  # zstd's own default: the reference's speed/ratio trade-off is close to it
 # The reference CLI's default list: formats that are already compressed (name only, never content).
@@ -38,9 +41,7 @@ SKIP_EXTENSIONS = frozenset(
     b" .opus .pdf .png .rar .tgz .wav .webm .webp .woff .woff2 .xz .zip .zst".split()
 )
 _PROGRESS_MIN_BYTES = 64 << 20
-_THREAD_HASH_MIN_BYTES = (
-    256 << 10
-)  # below this, hashing inline beats starting a thread  # below this a progress bar is only noise
+_THREAD_HASH_MIN_BYTES = 256 << 10  # below this, hashing inline beats a thread hop
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,37 +111,55 @@ def walk_tree(root: bytes) -> tuple[list[_Source], int]:
     return found, skipped
 
 
-class _BlobWriter:
-    """Appends to the data blob and hashes it; the whole-blob sha256 runs on a helper thread so it
-    overlaps with reading and per-file hashing (hashlib releases the GIL on large updates)."""
+class _Hasher:
+    """sha256 fed in order from the reading thread, computed on a worker thread of its own.
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
+    Two of these (one per file, one for the whole data blob) run on two cores while the main
+    thread only reads and writes: hashlib releases the GIL on large updates, so create keeps up
+    with tar instead of paying for two hashes in series. Small blocks are hashed inline (a thread
+    hop costs more than they do)."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._pool = pool
         self._hash = hashlib.sha256()
+        self._pending: concurrent.futures.Future[None] | None = None
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Hash `data`; the caller must leave it untouched until its next update() returns (the
+        readers rotate over READ_BUFFERS buffers, so no block is ever copied)."""
+        self._wait()
+        if len(data) < _THREAD_HASH_MIN_BYTES:
+            self._hash.update(data)
+            return
+        self._pending = self._pool.submit(self._hash.update, data)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def digest(self) -> bytes:
+        self._wait()
+        return self._hash.digest()
+
+
+class _BlobWriter:
+    """Appends to the data blob and hashes it (see :class:`_Hasher`)."""
+
+    def __init__(self, out: BinaryIO, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._out = out
+        self._hash = _Hasher(pool)
         self.size = 0
-        self._pending: threading.Thread | None = None
 
     def write(self, data: bytes | memoryview) -> None:
         if not data:
             return
         self._out.write(data)
         self.size += len(data)
-        self._join()
-        if len(data) < _THREAD_HASH_MIN_BYTES:  # a thread costs more than hashing a small block
-            self._hash.update(data)
-            return
-        block = bytes(data)  # the caller reuses its buffer
-        self._pending = threading.Thread(target=self._hash.update, args=(block,), daemon=True)
-        self._pending.start()
-
-    def _join(self) -> None:
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
+        self._hash.update(data)
 
     def hexdigest(self) -> str:
-        self._join()
-        return self._hash.hexdigest()
+        return self._hash.digest().hex()
 
 
 class _Progress:
@@ -166,13 +185,15 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _blocks(f: BinaryIO, buf: bytearray) -> Iterator[memoryview]:
-    view = memoryview(buf)
-    while True:
+def _blocks(f: BinaryIO, bufs: list[bytearray]) -> Iterator[memoryview]:
+    """Blocks of `f`, read into the buffers in turn: a block stays intact while the hashers, at
+    most one block behind, still read it."""
+    for i in itertools.count():
+        buf = bufs[i % len(bufs)]
         n = f.readinto(buf)  # type: ignore[attr-defined]
         if not n:
             return
-        yield view[:n]
+        yield memoryview(buf)[:n]
 
 
 def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions | None = None) -> CreateResult:
@@ -197,24 +218,24 @@ def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions 
     data_tmp = out / f".{DATA_NAME}.tmp"
     index_tmp = out / f".{INDEX_NAME}.tmp"
     records: list[EntryRecord] = []
-    buf = bytearray(BLOCK_BYTES)
+    bufs = [bytearray(BLOCK_BYTES) for _ in range(READ_BUFFERS)]
+    blob_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blob-sha256")
+    file_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="file-sha256")
     try:
         with open(data_tmp, "wb") as data_file:
-            blob = _BlobWriter(data_file)
+            blob = _BlobWriter(data_file, blob_pool)
             for src_file in files:
-                records.append(_store(root, src_file, blob, compressor, buf, progress.advance))
+                records.append(_store(root, src_file, blob, _Hasher(file_pool), compressor, bufs, progress.advance))
             data_hash = blob.hexdigest()
-            data_file.flush()
-            os.fsync(data_file.fileno())
         progress.close()
         index = build_index(records, blob.size, bytes.fromhex(data_hash))
         with open(index_tmp, "wb") as index_file:
             index_file.write(index)
-            index_file.flush()
-            os.fsync(index_file.fileno())
         os.replace(data_tmp, out / DATA_NAME)
         os.replace(index_tmp, out / INDEX_NAME)
     finally:
+        blob_pool.shutdown()
+        file_pool.shutdown()
         for tmp in (data_tmp, index_tmp):
             tmp.unlink(missing_ok=True)
     return CreateResult(
@@ -231,13 +252,13 @@ def _store(
     root: bytes,
     src: _Source,
     blob: _BlobWriter,
+    digest: _Hasher,
     compressor: zstandard.ZstdCompressor | None,
-    buf: bytearray,
+    bufs: list[bytearray],
     advance: Callable[[int], None],
 ) -> EntryRecord:
     full = os.path.join(root, src.rel)
     offset = blob.size
-    digest = hashlib.sha256()
     original = 0
     try:
         fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
@@ -252,7 +273,7 @@ def _store(
         zstd = compressor is not None and wants_compression(src.rel, st.st_size)
         if zstd and compressor is not None:
             chunker = compressor.chunker(size=st.st_size, chunk_size=BLOCK_BYTES)
-            for block in _blocks(f, buf):
+            for block in _blocks(f, bufs):
                 digest.update(block)
                 original += len(block)
                 advance(len(block))
@@ -262,7 +283,7 @@ def _store(
                 for out in chunker.finish():  # type: ignore[no-untyped-call]
                     blob.write(out)
         else:
-            for block in _blocks(f, buf):
+            for block in _blocks(f, bufs):
                 digest.update(block)
                 original += len(block)
                 advance(len(block))

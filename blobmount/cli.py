@@ -17,15 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import trio
-
 from blobmount import __version__
 from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, UsageError, exit_code_for
-from blobmount.registry.client import RegistryOptions
 
 if TYPE_CHECKING:
     from blobmount.index import IndexView
     from blobmount.reference import Reference
+    from blobmount.registry.client import RegistryOptions
     from blobmount.source import Archive
 
 log = logging.getLogger("blobmount")
@@ -67,6 +65,7 @@ def _registry_parent() -> argparse.ArgumentParser:
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
     """Registry settings from flags; secrets only from stdin or a file, never argv or BLOBMOUNT_*."""
     from blobmount.registry.auth import Credentials, read_password_file
+    from blobmount.registry.client import RegistryOptions
 
     creds = None
     if args.username:
@@ -249,6 +248,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
         finally:
             await archive.data.aclose()
 
+    import trio
+
     # Decoded zstd content is spooled to a private temp dir: verified before the first byte leaves.
     with tempfile.TemporaryDirectory(prefix="blobmount-cat-") as tmp:
         os.chmod(tmp, 0o700)
@@ -275,6 +276,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         else:
             archive_dir = Path(tmp)
             create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level))
+        import trio
+
         digest = trio.run(_push, archive_dir, ref, options, args.created, notes)
     print(f"{ref.registry}/{ref.repository}@{digest}")
     return EXIT_OK
