@@ -5,15 +5,17 @@ Layout: ``CACHE_DIR/content/<hh>/<sha256 hex>``: the decoded bytes followed by a
 before a byte of the file is served, without rehashing sha256 (xxh3 runs at memory speed).
 
 Concurrency contract:
-- Files appear only by ``rename`` of a fully written and fsynced ``*.tmp`` in the same directory, so
-  no process ever opens a half-written file; ``*.tmp`` older than a day are purged at start (another
+- Files appear only by ``rename`` of a fully written ``*.tmp`` in the same directory, so no process
+  ever opens a half-written file. There is no fsync: after a power cut a renamed file may be torn,
+  and its trailer check turns that into a miss (an fsync per decoded file doubled the time to read
+  a tree of small zstd files); ``*.tmp`` older than a day are purged at start (another
   process may be writing younger ones).
 - Within one process, :meth:`ContentStore.fill` is single-flight per key: the first caller decodes,
   later callers wait on a ``trio.Event`` and then open the finished file. Across processes two
   daemons may decode the same file at once; the second rename replaces an identical file (harmless).
 - Files are opened by :meth:`ContentStore.open`, which pins the key; eviction skips pinned keys and
   an unlinked-but-open file stays readable, so eviction never takes bytes from a reader.
-- Work on the file system (write, fsync, hash) runs in worker threads; the store's bookkeeping
+- Work on the file system (write, hash) runs in worker threads; the store's bookkeeping
   (``_sizes``, ``_pins``, ``_inflight``) is touched only from the trio thread.
 """
 
@@ -149,8 +151,6 @@ class ContentStore:
                 while block := f.read(1 << 20):
                     h.update(block)
                 f.write(_TRAILER.pack(h.intdigest(), _MAGIC))
-                f.flush()
-                os.fsync(f.fileno())
             os.rename(tmp, final)
         except OSError as exc:
             raise SourceError(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc

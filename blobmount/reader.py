@@ -21,10 +21,11 @@ import hashlib
 import io
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import trio
 import zstandard
@@ -38,6 +39,9 @@ from blobmount.source import RangeSource, SyncRangeSource
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 1 << 20  # unit of whole-file hashing and decoding: bounded memory, few calls
+SMALL_DECODE_BYTES = 1 << 20  # zstd files up to this size are decoded into memory, not the store:
+# writing and renaming a store file costs more than decoding such a file again
+MEMORY_BUDGET_BYTES = 64 << 20  # decoded small files kept in memory (LRU), per mount
 DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified before the first byte
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
@@ -67,6 +71,7 @@ class Handle:
 
     entry: Entry
     content_fd: int | None = None
+    content: bytes | None = None  # a small zstd file, decoded and verified in memory
 
 
 def _mismatch(entry: Entry, actual: bytes) -> IntegrityError:
@@ -115,6 +120,8 @@ class Reader:
         self._poisoned: set[int] = set()
         self._progress: dict[int, _Progress] = {}
         self._verifying: dict[int, trio.Event] = {}
+        self._decoded: OrderedDict[bytes, bytes] = OrderedDict()  # sha256 -> content (LRU)
+        self._decoded_bytes = 0
 
     def state(self, entry: Entry) -> str:
         """'verified', 'poisoned' or 'unverified' (exposed as the user.blobmount.verified xattr)."""
@@ -127,7 +134,9 @@ class Reader:
     async def open(self, entry: Entry) -> Handle:
         self._check_poison(entry)
         handle = Handle(entry)
-        if entry.compression == COMPRESSION_ZSTD and entry.original_size:
+        if entry.compression == COMPRESSION_ZSTD and 0 < entry.original_size <= SMALL_DECODE_BYTES:
+            handle.content = await self._decode_small(entry)
+        elif entry.compression == COMPRESSION_ZSTD and entry.original_size:
             handle.content_fd = await self._open_decoded(entry)
         elif not self._upfront(entry):
             progress = self._progress.setdefault(entry.number, _Progress())
@@ -139,7 +148,7 @@ class Reader:
         if handle.content_fd is not None:
             self.store.release(entry.hash.hex(), handle.content_fd)
             handle.content_fd = None
-        elif not self._upfront(entry):
+        elif handle.content is None and not self._upfront(entry):
             progress = self._progress.get(entry.number)
             if progress is not None:
                 progress.users -= 1
@@ -160,6 +169,8 @@ class Reader:
         end = min(offset + size, entry.original_size)
         if offset >= end:
             return b""
+        if handle.content is not None:
+            return handle.content[offset:end]
         if handle.content_fd is not None:
             fd = handle.content_fd
             if end - offset <= BLOCK_BYTES:
@@ -276,15 +287,42 @@ class Reader:
             self._verified.add(entry.number)
         raise SourceError(f"{show(entry.path)}: decoded content vanished from the cache twice")
 
+    async def _decode_small(self, entry: Entry) -> bytes:
+        """A small zstd file decoded and verified in memory, kept in a bounded LRU by sha256."""
+        cached = self._decoded.get(entry.hash)
+        if cached is not None:
+            self._decoded.move_to_end(entry.hash)
+            return cached
+        sink = io.BytesIO()
+        try:
+            await trio.to_thread.run_sync(self._decode_to, entry, sink)
+        except (IntegrityError, InvalidArchive) as exc:
+            self._poisoned.add(entry.number)
+            log.error("%s", exc)
+            raise
+        data = sink.getvalue()
+        self._verified.add(entry.number)
+        self._decoded[entry.hash] = data
+        self._decoded_bytes += len(data)
+        while self._decoded_bytes > MEMORY_BUDGET_BYTES and self._decoded:
+            _, old = self._decoded.popitem(last=False)
+            self._decoded_bytes -= len(old)
+        return data
+
     def _decode(self, entry: Entry, tmp: Path) -> None:
-        """Worker thread: decode the entry's frame into `tmp`, verifying size and sha256."""
+        """Worker thread: decode the entry's frame into the file `tmp`."""
+        with open(tmp, "wb") as out:
+            self._decode_to(entry, out)
+
+    def _decode_to(self, entry: Entry, out: BinaryIO) -> None:
+        """Worker thread: decode the entry's frame into `out`, verifying size and sha256."""
         stream = _RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
         dctx = zstandard.ZstdDecompressor()
         hasher = hashlib.sha256()
         total = 0
         try:
             source = dctx.stream_reader(stream, read_size=BLOCK_BYTES)  # type: ignore[arg-type]
-            with source as reader, open(tmp, "wb") as out:
+            with source as reader:
                 while True:
                     block = reader.read(BLOCK_BYTES)
                     if not block:
@@ -318,7 +356,7 @@ class Reader:
             return
         handle = await self.open(entry)
         try:
-            if handle.content_fd is None:
+            if handle.content_fd is None and handle.content is None:
                 await self._verify_whole(entry)
             pos = 0
             check = hashlib.sha256()
