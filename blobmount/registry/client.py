@@ -18,14 +18,15 @@ blob until it fails or ages out; a ``200`` answering a range request is detected
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
@@ -127,7 +128,15 @@ class Stats:
 class RegistryClient:
     """One repository on one registry. Create and use it inside a running trio loop."""
 
-    def __init__(self, ref: Reference, options: RegistryOptions | None = None, *, push: bool = False) -> None:
+    def __init__(
+        self,
+        ref: Reference,
+        options: RegistryOptions | None = None,
+        *,
+        push: bool = False,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport` is the test seam (httpx.MockTransport for fault paths); None means the network."""
         self.ref = ref
         self.options = options or RegistryOptions()
         host = ref.api_host
@@ -148,6 +157,7 @@ class RegistryClient:
             follow_redirects=False,
             trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
             headers={"User-Agent": USER_AGENT},
+            transport=transport,
         )
         # a separate client for storage hosts: no proxy-auth leakage, TLS always verified
         self._storage = httpx.AsyncClient(
@@ -156,6 +166,7 @@ class RegistryClient:
             follow_redirects=False,
             trust_env=True,
             headers={"User-Agent": USER_AGENT},
+            transport=transport,
         )
         self._creds = self.options.credentials
         self._creds_loaded = self._creds is not None
@@ -481,12 +492,13 @@ class RegistryClient:
         try:
             if response.status_code != 200:
                 raise SourceError(f"{self.ref}: GET blob {digest} answered {response.status_code}")
-            async for block in response.aiter_raw(1 << 20):
-                total += len(block)
-                if total > size:
-                    raise InvalidArchive(f"{self.ref}: blob {digest} is longer than its {size} bytes")
-                hasher.update(block)
-                yield block
+            async with _body(response, 1 << 20) as blocks:
+                async for block in blocks:
+                    total += len(block)
+                    if total > size:
+                        raise InvalidArchive(f"{self.ref}: blob {digest} is longer than its {size} bytes")
+                    hasher.update(block)
+                    yield block
         except httpx.HTTPError as exc:
             raise TransientError(f"{self.host}: blob stream broke: {type(exc).__name__}") from exc
         finally:
@@ -552,11 +564,12 @@ async def _read_exact(response: httpx.Response, want: int, what: str) -> bytes:
     parts: list[bytes] = []
     got = 0
     try:
-        async for block in response.aiter_raw():
-            got += len(block)
-            if got > want:
-                raise TransientError(f"{what}: body longer than the {want} bytes asked for")
-            parts.append(block)
+        async with _body(response) as blocks:
+            async for block in blocks:
+                got += len(block)
+                if got > want:
+                    raise TransientError(f"{what}: body longer than the {want} bytes asked for")
+                parts.append(block)
     except httpx.HTTPError as exc:
         raise TransientError(f"{what}: body broke off after {got} bytes ({type(exc).__name__})") from exc
     if got != want:
@@ -568,14 +581,20 @@ async def _read_limited(response: httpx.Response, limit: int, what: str) -> byte
     parts: list[bytes] = []
     got = 0
     try:
-        async for block in response.aiter_raw():
-            got += len(block)
-            if got > limit:
-                raise InvalidArchive(f"{what}: larger than {limit} bytes")
-            parts.append(block)
+        async with _body(response) as blocks:
+            async for block in blocks:
+                got += len(block)
+                if got > limit:
+                    raise InvalidArchive(f"{what}: larger than {limit} bytes")
+                parts.append(block)
     except httpx.HTTPError as exc:
         raise TransientError(f"{what}: body broke off ({type(exc).__name__})") from exc
     return b"".join(parts)
+
+
+def _body(response: httpx.Response, chunk: int | None = None) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
+    """The response body, closed even when the reader stops early (no generator left to the GC)."""
+    return contextlib.aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes(chunk)))
 
 
 def _short(url: str) -> str:

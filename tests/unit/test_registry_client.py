@@ -1,0 +1,180 @@
+"""Fault paths of the registry client through httpx.MockTransport, on trio's autojump clock so that
+backoff and token lifetimes take no wall time. (The real-registry tests are in tests/registry.)"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from blobmount.errors import AuthError, SourceError, TransientError
+from blobmount.reference import Digest, Reference
+from blobmount.registry.auth import parse_www_authenticate
+from blobmount.registry.client import RegistryClient, RegistryOptions, check_content_range
+
+BLOB = bytes(range(256)) * 64
+DIGEST = Digest.of(BLOB)
+REF = Reference.parse("registry.test:5000/team/assets:v3")
+
+
+def ranged(request: httpx.Request) -> httpx.Response:
+    first, last = (int(x) for x in request.headers["range"].removeprefix("bytes=").split("-"))
+    headers = {"Content-Range": f"bytes {first}-{last}/{len(BLOB)}"}
+    return httpx.Response(206, headers=headers, content=BLOB[first : last + 1])
+
+
+def run_with_clock(fn: object) -> tuple[object, float]:
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main() -> tuple[object, float]:
+        start = trio.current_time()
+        result = await fn()  # type: ignore[operator]
+        return result, trio.current_time() - start
+
+    return trio.run(main, clock=clock)
+
+
+def client(handler: object, **options: object) -> RegistryClient:
+    return RegistryClient(REF, RegistryOptions(**options), transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+
+
+def test_retry_after_is_honoured_then_the_read_succeeds() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"Retry-After": "7"})
+        if len(calls) == 2:
+            return httpx.Response(503)
+        return ranged(request)
+
+    async def go() -> bytes:
+        c = client(handler)
+        try:
+            return await c.read_range(DIGEST, 10, 20, len(BLOB))
+        finally:
+            await c.aclose()
+
+    data, elapsed = run_with_clock(go)
+    assert data == BLOB[10:20]
+    assert len(calls) == 3
+    assert elapsed >= 7.0  # waited as told, on the virtual clock
+    assert all(r.headers["accept-encoding"] == "identity" for r in calls)
+
+
+def test_transient_failures_end_in_an_error_after_bounded_retries() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.ConnectError("refused")
+
+    async def go() -> bytes:
+        c = client(handler)
+        try:
+            return await c.read_range(DIGEST, 0, 10, len(BLOB))
+        finally:
+            await c.aclose()
+
+    with pytest.raises(TransientError):
+        run_with_clock(go)
+    assert 2 <= len(calls) <= 40
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body"),
+    [
+        (206, {"Content-Range": "bytes 0-9/16384"}, BLOB[:10]),  # wrong range for 10-19
+        (206, {"Content-Range": "bytes 10-19/16384"}, BLOB[10:25]),  # body longer than asked
+        (206, {"Content-Range": "bytes 10-19/16384"}, BLOB[10:15]),  # truncated body
+        (206, {"Content-Range": "garbage"}, BLOB[10:20]),
+    ],
+)
+def test_wrong_answers_are_never_returned_as_data(status: int, headers: dict[str, str], body: bytes) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers=headers, content=body)
+
+    async def go() -> bytes:
+        c = client(handler)
+        try:
+            return await c.read_range(DIGEST, 10, 20, len(BLOB))
+        finally:
+            await c.aclose()
+
+    with pytest.raises(SourceError):
+        run_with_clock(go)
+
+
+def test_bearer_token_is_refreshed_before_it_expires_without_a_401() -> None:
+    tokens: list[str] = []
+    unauthorized = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            tokens.append(f"t{len(tokens)}")
+            return httpx.Response(200, content=json.dumps({"token": tokens[-1], "expires_in": 60}))
+        if request.headers.get("authorization") != f"Bearer {tokens[-1] if tokens else ''}":
+            unauthorized.append(request)
+            challenge = 'Bearer realm="https://registry.test:5000/token",service="svc"'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        return ranged(request)
+
+    async def go() -> list[bytes]:
+        c = client(handler)
+        try:
+            out = [await c.read_range(DIGEST, 0, 5, len(BLOB))]
+            await trio.sleep(120)  # past the token's 60 s
+            out.append(await c.read_range(DIGEST, 5, 10, len(BLOB)))
+            return out
+        finally:
+            await c.aclose()
+
+    result, _ = run_with_clock(go)
+    assert result == [BLOB[:5], BLOB[5:10]]
+    assert len(tokens) == 2
+    assert len(unauthorized) == 1  # only the very first, anonymous request
+
+
+def test_refused_credentials_are_an_auth_error_without_the_secret() -> None:
+    from blobmount.registry.auth import Credentials
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+
+    async def go() -> bytes:
+        c = client(handler, credentials=Credentials("u", "hunter2"))
+        try:
+            return await c.read_range(DIGEST, 0, 5, len(BLOB))
+        finally:
+            await c.aclose()
+
+    with pytest.raises(AuthError) as info:
+        run_with_clock(go)
+    assert "hunter2" not in str(info.value)
+    assert "hunter2" not in repr(Credentials("u", "hunter2"))
+
+
+def test_content_range_checks() -> None:
+    check_content_range("bytes 10-19/100", 10, 20, 100)
+    check_content_range("bytes 10-19/*", 10, 20, 100)
+    for bad in ("bytes 10-18/100", "bytes 10-19/99", "items 10-19/100", "bytes x-y/100", ""):
+        with pytest.raises(SourceError):
+            check_content_range(bad, 10, 20, 100)
+
+
+def test_www_authenticate_parsing() -> None:
+    (c,) = parse_www_authenticate(
+        'Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push"'
+    )
+    assert c.scheme == "bearer"
+    assert c.params == {
+        "realm": "https://auth.example/token",
+        "service": "registry.example",
+        "scope": "repository:a/b:pull,push",
+    }
+    two = parse_www_authenticate('Basic realm="x", Bearer realm="y"')
+    assert [c.scheme for c in two] == ["basic", "bearer"]
