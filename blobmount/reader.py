@@ -136,6 +136,8 @@ class Reader:
         handle = Handle(entry)
         if entry.compression == COMPRESSION_ZSTD and 0 < entry.original_size <= SMALL_DECODE_BYTES:
             handle.content = await self._decode_small(entry)
+        elif entry.compression != COMPRESSION_ZSTD and 0 < entry.original_size <= SMALL_DECODE_BYTES:
+            handle.content = await self._load_small_raw(entry)
         elif entry.compression == COMPRESSION_ZSTD and entry.original_size:
             handle.content_fd = await self._open_decoded(entry)
         elif not self._upfront(entry):
@@ -287,11 +289,24 @@ class Reader:
             self._verified.add(entry.number)
         raise SourceError(f"{show(entry.path)}: decoded content vanished from the cache twice")
 
+    def _memory_get(self, digest: bytes) -> bytes | None:
+        data = self._decoded.get(digest)
+        if data is not None:
+            self._decoded.move_to_end(digest)
+        return data
+
+    def _memory_put(self, digest: bytes, data: bytes) -> None:
+        self._decoded[digest] = data
+        self._decoded_bytes += len(data)
+        while self._decoded_bytes > MEMORY_BUDGET_BYTES and self._decoded:
+            _, old = self._decoded.popitem(last=False)
+            self._decoded_bytes -= len(old)
+
     async def _decode_small(self, entry: Entry) -> bytes:
         """A small zstd file decoded and verified in memory, kept in a bounded LRU by sha256."""
-        cached = self._decoded.get(entry.hash)
+        cached = self._memory_get(entry.hash)
         if cached is not None:
-            self._decoded.move_to_end(entry.hash)
+            self._verified.add(entry.number)
             return cached
         sink = io.BytesIO()
         try:
@@ -302,12 +317,28 @@ class Reader:
             raise
         data = sink.getvalue()
         self._verified.add(entry.number)
-        self._decoded[entry.hash] = data
-        self._decoded_bytes += len(data)
-        while self._decoded_bytes > MEMORY_BUDGET_BYTES and self._decoded:
-            _, old = self._decoded.popitem(last=False)
-            self._decoded_bytes -= len(old)
+        self._memory_put(entry.hash, data)
         return data
+
+    async def _load_small_raw(self, entry: Entry) -> bytes:
+        """A small raw file fetched whole once, verified, and served from memory: one request for
+        a remote source instead of a verification pass plus the reads, no repeated preads locally.
+        A mismatch is read once more before the file is poisoned (a fault must not poison it)."""
+        cached = self._memory_get(entry.hash)
+        if cached is not None:
+            self._verified.add(entry.number)
+            return cached
+        for attempt in range(2):
+            data = await self.source.read_range(entry.data_offset, entry.data_offset + entry.original_size)
+            actual = hashlib.sha256(data).digest()
+            if actual == entry.hash:
+                self._verified.add(entry.number)
+                self._memory_put(entry.hash, data)
+                return data
+            if attempt == 0:
+                log.warning("%s: sha256 mismatch; reading it again", show(entry.path))
+        self._poison(entry, actual)
+        raise AssertionError("unreachable: _poison raises")  # pragma: no cover
 
     def _decode(self, entry: Entry, tmp: Path) -> None:
         """Worker thread: decode the entry's frame into the file `tmp`."""
