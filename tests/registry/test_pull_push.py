@@ -209,3 +209,51 @@ def test_empty_archive_sends_no_range_request(proxy: QuirkProxy) -> None:
 
     trio.run(run)
     assert not [h for m, p, h in proxy.state.seen if "range" in h]
+
+
+def test_credential_helper_and_auth_json(
+    auth_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = Reference.parse(f"{auth_registry.host}/sec/helper:v1")
+    trio.run(_push, ref, RegistryOptions(credentials=Credentials("alice", "s3cret pass")))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-fake"
+    seen = tmp_path / "helper-saw"
+    helper.write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = get ] || exit 1\ncat > {seen}\n'
+        'printf \'{"ServerURL":"x","Username":"alice","Secret":"s3cret pass"}\'\n'
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"credHelpers": {auth_registry.host: "fake"}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    assert main(["ls", str(ref)]) == 0
+    assert "top.md" in capsys.readouterr().out
+    assert seen.read_text() == auth_registry.host
+    # containers' auth.json is looked up first when $REGISTRY_AUTH_FILE names it
+    monkeypatch.delenv("DOCKER_CONFIG")
+    authfile = tmp_path / "auth.json"
+    authfile.write_text(json.dumps({"auths": {auth_registry.host: {"auth": "YWxpY2U6czNjcmV0IHBhc3M="}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(authfile))
+    assert main(["ls", str(ref)]) == 0
+    assert "top.md" in capsys.readouterr().out
+
+
+def test_password_stdin(
+    auth_registry: Registry, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    ref = Reference.parse(f"{auth_registry.host}/sec/stdin:v1")
+    trio.run(_push, ref, RegistryOptions(credentials=Credentials("alice", "s3cret pass")))
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret pass\n"))
+    assert main(["ls", str(ref), "--username", "alice", "--password-stdin"]) == 0
+    assert "top.md" in capsys.readouterr().out
+    assert main(["ls", str(ref), "--password-stdin"]) == 2  # a password without a user is a usage error

@@ -178,3 +178,24 @@ def test_www_authenticate_parsing() -> None:
     }
     two = parse_www_authenticate('Basic realm="x", Bearer realm="y"')
     assert [c.scheme for c in two] == ["basic", "bearer"]
+
+
+def test_plain_http_and_insecure_are_per_host() -> None:
+    from blobmount.reference import host_matches
+
+    assert host_matches("mirror.test", "mirror.test:5000")
+    assert host_matches("mirror.test:5000", "mirror.test:5000")
+    assert not host_matches("mirror.test:5001", "mirror.test:5000")
+    assert not host_matches("other.test", "mirror.test")
+    c = RegistryClient(REF, RegistryOptions(plain_http=("registry.test",)))
+    assert c.base == "http://registry.test:5000"
+    c2 = RegistryClient(REF, RegistryOptions(plain_http=("elsewhere.test",)))
+    assert c2.base == "https://registry.test:5000"
+    local = RegistryClient(Reference.parse("127.0.0.1:5000/a/b"))
+    assert local.base.startswith("http://")
+
+    async def close() -> None:
+        for x in (c, c2, local):
+            await x.aclose()
+
+    trio.run(close)
