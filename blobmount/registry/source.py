@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from blobmount.errors import LimitExceeded, SourceError
+from blobmount.errors import LimitExceeded, SourceError, TransientError
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
 from blobmount.source import MAX_INDEX_BYTES, Archive, LocalFileSource, RangeSource, parse_manifest
@@ -48,9 +48,13 @@ class RegistryBlobSource:
         return self._client
 
     async def read_range(self, start: int, end: int) -> bytes:
+        """Bytes [start, end); the whole call, retries included, is bounded by ``--timeout`` so that
+        no FUSE request waits forever (it becomes EIO, and a later read tries afresh)."""
         if not 0 <= start <= end <= self._size:
             raise SourceError(f"{self.ref}: range {start}..{end} outside the {self._size}-byte data blob")
-        return await self.client.read_range(self.digest, start, end, self._size)
+        with trio.move_on_after(self.options.timeout_s):
+            return await self.client.read_range(self.digest, start, end, self._size)
+        raise TransientError(f"{self.ref}: no answer within --timeout {self.options.timeout_s:g} s")
 
     def close(self) -> None:
         """Sockets go with the process; the async client is closed by :meth:`aclose` when possible."""

@@ -199,3 +199,23 @@ def test_plain_http_and_insecure_are_per_host() -> None:
             await x.aclose()
 
     trio.run(close)
+
+
+def test_a_stalled_read_ends_within_the_timeout() -> None:
+    """A server that never answers costs one --timeout, not forever (autojump clock: no wall time)."""
+    from blobmount.registry.source import RegistryBlobSource
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(10_000)
+        raise AssertionError("unreachable")
+
+    async def go() -> bytes:
+        source = RegistryBlobSource(REF, RegistryOptions(timeout_s=2.0), DIGEST, len(BLOB))
+        source._client = RegistryClient(REF, source.options, transport=httpx.MockTransport(handler))
+        try:
+            return await source.read_range(0, 10)
+        finally:
+            await source.aclose()
+
+    with pytest.raises(TransientError, match="--timeout 2 s"):
+        run_with_clock(go)
