@@ -59,6 +59,18 @@ def _registry_parent() -> argparse.ArgumentParser:
     g.add_argument("--password-file", type=Path, help="read the password from a file (systemd LoadCredential=)")
     g.add_argument("--timeout", type=float, default=30.0, help="seconds one operation may take across retries")
     g.add_argument("--max-connections", type=int, default=8, help="concurrent connections to the registry")
+    g.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="a mirror (pull-through cache) tried before the registry (repeatable, in order)",
+    )
+    g.add_argument(
+        "--hosts-dir",
+        type=Path,
+        help="containerd-style REGISTRY/hosts.toml mirror configs (default /etc/blobmount/certs.d)",
+    )
     return r
 
 
@@ -87,6 +99,8 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
         credentials=creds,
         timeout_s=args.timeout,
         max_connections=args.max_connections,
+        mirrors=tuple(args.mirror),
+        hosts_dir=args.hosts_dir,
     )
 
 

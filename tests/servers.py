@@ -67,17 +67,22 @@ class Registry:
                 self.proc.wait(10)
 
 
-def start_registry(root: Path, *, user: str | None = None, password: str | None = None) -> Registry:
+def start_registry(
+    root: Path, *, user: str | None = None, password: str | None = None, proxy_of: str | None = None
+) -> Registry:
+    """`proxy_of` HOST:PORT makes it a pull-through cache of that registry (its access log on)."""
     if not os.path.exists(REGISTRY_BIN):
         pytest.fail(f"{REGISTRY_BIN} is missing: apt-get install docker-registry (make test does)")
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {
         "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "log": {"level": "error", "accesslog": {"disabled": proxy_of is None}},
         "storage": {"filesystem": {"rootdirectory": str(root / "data")}, "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}"},
     }
+    if proxy_of is not None:
+        config["proxy"] = {"remoteurl": f"http://{proxy_of}"}
     if user is not None and password is not None:
         (root / "htpasswd").write_text(f"{user}:{bcrypt_hash(password)}\n")
         config["auth"] = {"htpasswd": {"realm": "blobmount-test", "path": str(root / "htpasswd")}}

@@ -72,6 +72,17 @@ class RangeNotSupported(SourceError):
 
 
 @dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A mirror of a registry (from --mirror or hosts.toml): where to send the same requests."""
+
+    host: str  # host[:port]
+    plain_http: bool | None = None  # None: loopback plain, else HTTPS (and --plain-http)
+    insecure: bool = False  # skip TLS verification for this host only
+    ca_file: Path | None = None
+    resolve: bool = True  # may answer tag lookups (containerd's "resolve" capability)
+
+
+@dataclass(frozen=True, slots=True)
 class RegistryOptions:
     plain_http: tuple[str, ...] = ()  # HOST[:PORT] talked to over plain HTTP
     insecure: tuple[str, ...] = ()  # HOST[:PORT] whose TLS certificate is not verified
@@ -79,7 +90,8 @@ class RegistryOptions:
     credentials: Credentials | None = None  # explicit --username/--password-*; else the files
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_connections: int = 8
-    mirrors: tuple[str, ...] = ()
+    mirrors: tuple[str, ...] = ()  # --mirror HOST[:PORT], tried in order before the origin
+    hosts_dir: Path | None = None  # containerd-style HOST/hosts.toml (default /etc/blobmount/certs.d)
 
 
 @functools.cache
@@ -149,21 +161,29 @@ class RegistryClient:
         *,
         push: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
+        endpoint: Endpoint | None = None,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        """`transport` is the test seam (httpx.MockTransport for fault paths); None means the network."""
+        """`endpoint` names a mirror to talk to instead of the reference's registry (same
+        repository path); `transport` is the test seam (httpx.MockTransport); None: the network."""
         self.ref = ref
         self.options = options or RegistryOptions()
-        host = ref.api_host
-        plain = ref.plain_http_default or any(host_matches(h, host) for h in self.options.plain_http)
+        self.max_attempts = max_attempts  # mirrors get 1: the next endpoint is the retry
+        host = endpoint.host if endpoint else ref.api_host
+        loopback = Reference(host, ref.repository, None, None).plain_http_default
+        plain = loopback or any(host_matches(h, host) for h in self.options.plain_http)
+        if endpoint is not None and endpoint.plain_http is not None:
+            plain = endpoint.plain_http
         self.base = f"{'http' if plain else 'https'}://{host}"
         self.host = host
         self.scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         self.stats = Stats()
         verify: ssl.SSLContext | bool = tls_context(None)
-        if any(host_matches(h, host) for h in self.options.insecure):
+        ca_file = endpoint.ca_file if endpoint and endpoint.ca_file else self.options.ca_file
+        if any(host_matches(h, host) for h in self.options.insecure) or (endpoint and endpoint.insecure):
             verify = False
-        elif self.options.ca_file is not None:
-            verify = tls_context(str(self.options.ca_file))
+        elif ca_file is not None:
+            verify = tls_context(str(ca_file))
         self._http = httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
@@ -335,7 +355,7 @@ class RegistryClient:
                 return response
             except BlobmountError as exc:
                 replayable = content is None or isinstance(content, bytes)
-                if not is_transient(exc) or attempt >= MAX_ATTEMPTS or not replayable:
+                if not is_transient(exc) or attempt >= self.max_attempts or not replayable:
                     raise
                 await self._backoff(attempt, exc)
 
@@ -441,11 +461,11 @@ class RegistryClient:
         if start >= end:
             return b""
         want = end - start
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        for attempt in range(1, self.max_attempts + 1):
             try:
                 return await self._read_range_once(digest, start, end, blob_size, want)
             except TransientError as exc:
-                if attempt >= MAX_ATTEMPTS:
+                if attempt >= self.max_attempts:
                     raise
                 await self._backoff(attempt, exc)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -478,7 +498,7 @@ class RegistryClient:
         """A whole small blob (the index), verified against its digest and size."""
         if size > limit:
             raise InvalidArchive(f"{self.ref}: blob {digest} of {size} bytes exceeds the {limit}-byte limit")
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        for attempt in range(1, self.max_attempts + 1):
             try:
                 response = await self._blob_response(digest, {"Accept-Encoding": "identity"}, "blob")
                 try:
@@ -491,7 +511,7 @@ class RegistryClient:
                     await response.aclose()
                 break
             except TransientError as exc:
-                if attempt >= MAX_ATTEMPTS:
+                if attempt >= self.max_attempts:
                     raise
                 await self._backoff(attempt, exc)
         self.stats.bytes_fetched += len(body)

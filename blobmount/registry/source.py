@@ -19,6 +19,7 @@ import trio
 from blobmount.errors import LimitExceeded, SourceError, TransientError
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
+from blobmount.registry.mirrors import Endpoints
 from blobmount.source import MAX_INDEX_BYTES, Archive, LocalFileSource, RangeSource, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -35,34 +36,40 @@ class RegistryBlobSource:
         self.options = options
         self.digest = digest
         self._size = size
-        self._client: RegistryClient | None = None
+        self._endpoints: Endpoints | None = None
 
     @property
     def size(self) -> int:
         return self._size
 
     @property
+    def endpoints(self) -> Endpoints:
+        if self._endpoints is None:
+            self._endpoints = Endpoints(self.ref, self.options)
+        return self._endpoints
+
+    @property
     def client(self) -> RegistryClient:
-        if self._client is None:
-            self._client = RegistryClient(self.ref, self.options)
-        return self._client
+        """The origin's client (its stats count the requests that reached the origin)."""
+        return self.endpoints.origin
 
     async def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end); the whole call, retries included, is bounded by ``--timeout`` so that
-        no FUSE request waits forever (it becomes EIO, and a later read tries afresh)."""
+        """Bytes [start, end) from the first endpoint that answers (mirrors, then the origin); the
+        whole call, retries included, is bounded by ``--timeout`` so that no FUSE request waits
+        forever (it becomes EIO, and a later read tries afresh)."""
         if not 0 <= start <= end <= self._size:
             raise SourceError(f"{self.ref}: range {start}..{end} outside the {self._size}-byte data blob")
         with trio.move_on_after(self.options.timeout_s):
-            return await self.client.read_range(self.digest, start, end, self._size)
+            return await self.endpoints.first(lambda c: c.read_range(self.digest, start, end, self._size))
         raise TransientError(f"{self.ref}: no answer within --timeout {self.options.timeout_s:g} s")
 
     def close(self) -> None:
-        """Sockets go with the process; the async client is closed by :meth:`aclose` when possible."""
+        """Sockets go with the process; the async clients are closed by :meth:`aclose` when possible."""
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._endpoints is not None:
+            await self._endpoints.aclose()
+            self._endpoints = None
 
 
 async def open_registry(
@@ -70,25 +77,25 @@ async def open_registry(
 ) -> Archive:
     """Resolve, fetch and check manifest and index; return the archive with its data source."""
     ref = Reference.parse(spec)
-    client = RegistryClient(ref, options)
+    endpoints = Endpoints(ref, options)
     try:
-        with trio.fail_after(options.timeout_s * 4):  # the whole open: a few round trips
-            digest = await client.resolve()
-            manifest = await client.get_manifest(digest)
+        with trio.fail_after(options.timeout_s * 4):  # the whole open: a few round trips per endpoint
+            digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
+            manifest = await endpoints.first(lambda c: c.get_manifest(digest))
             (idigest, isize), (ddigest, dsize) = parse_manifest(manifest, str(ref))
-            index = await client.get_blob(Digest.parse(idigest), isize, MAX_INDEX_BYTES)
+            index = await endpoints.first(lambda c: c.get_blob(Digest.parse(idigest), isize, MAX_INDEX_BYTES))
             data_digest = Digest.parse(ddigest)
             log.info("%s: pinned to %s (index %d bytes, data %d bytes)", ref, digest, isize, dsize)
             data: RangeSource = RegistryBlobSource(ref, options, data_digest, dsize)
             if dsize:
                 try:
-                    await client.read_range(data_digest, 0, 1, dsize)
+                    await endpoints.first(lambda c: c.read_range(data_digest, 0, 1, dsize))
                 except RangeNotSupported:
-                    data = await _whole_blob_fallback(client, data_digest, dsize, cache_dir, cache_size)
+                    data = await _whole_blob_fallback(endpoints.origin, data_digest, dsize, cache_dir, cache_size)
     except trio.TooSlowError:
         raise SourceError(f"{ref}: registry did not answer within {options.timeout_s * 4:.0f} s") from None
     finally:
-        await client.aclose()
+        await endpoints.aclose()
     name = f"{ref.registry}/{ref.repository}@{digest}"
     return Archive(name, index, data, idigest)
 

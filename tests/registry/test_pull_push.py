@@ -16,7 +16,7 @@ from blobmount.cli import main
 from blobmount.errors import AuthError, LimitExceeded
 from blobmount.reference import Digest, Reference
 from blobmount.registry.auth import Credentials
-from blobmount.registry.client import RegistryClient, RegistryOptions
+from blobmount.registry.client import RegistryOptions
 from blobmount.registry.source import RegistryBlobSource, open_registry
 from blobmount.source import Archive
 from tests.helpers import FIXTURE_NAMES, FIXTURES, tree_files
@@ -142,22 +142,22 @@ def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
         p.stop()
 
 
-def _read_through(proxy: QuirkProxy, name: str, start: int, end: int, **kw: object) -> tuple[bytes, RegistryClient]:
-    async def run() -> tuple[bytes, RegistryClient]:
+def _read_through(proxy: QuirkProxy, name: str, start: int, end: int, **kw: object) -> bytes:
+    async def run() -> bytes:
         archive = await open_registry(f"{proxy.host}/fixtures/{name}:v1", RegistryOptions(**kw))  # type: ignore[arg-type]
         source = archive.data
         assert isinstance(source, RegistryBlobSource)
         data = await source.read_range(start, end)
         data += await source.read_range(end, end + 100)
         await source.aclose()
-        return data, source.client if source._client else RegistryClient(Reference.parse("127.0.0.1/x"))
+        return data
 
     return trio.run(run)
 
 
 def test_bearer_token_challenge(proxy: QuirkProxy) -> None:
     proxy.state.bearer = True
-    data, _ = _read_through(proxy, "mixed", 10, 5000)
+    data = _read_through(proxy, "mixed", 10, 5000)
     assert data == (FIXTURES / "mixed" / "data.blob").read_bytes()[10:5100]
     assert proxy.state.tokens_issued >= 1
     scopes = [p for m, p, h in proxy.state.seen if p.startswith("/token")]
@@ -167,7 +167,7 @@ def test_bearer_token_challenge(proxy: QuirkProxy) -> None:
 def test_redirect_to_storage_without_credentials_and_reused(proxy: QuirkProxy) -> None:
     proxy.state.bearer = True
     proxy.state.redirect_blobs = True
-    data, _ = _read_through(proxy, "mixed", 0, 70000)
+    data = _read_through(proxy, "mixed", 0, 70000)
     assert data == (FIXTURES / "mixed" / "data.blob").read_bytes()[:70100]
     storage = [h for m, p, h in proxy.state.seen if p.startswith("/storage")]
     assert storage
@@ -177,7 +177,7 @@ def test_redirect_to_storage_without_credentials_and_reused(proxy: QuirkProxy) -
 def test_429_with_retry_after_then_success(proxy: QuirkProxy) -> None:
     proxy.state.retry_after = "0"
     proxy.state.fail_next = [429, 503]
-    data, _ = _read_through(proxy, "basic", 0, 100)
+    data = _read_through(proxy, "basic", 0, 100)
     assert data == (FIXTURES / "basic" / "data.blob").read_bytes()[:200]
 
 
@@ -257,3 +257,68 @@ def test_password_stdin(
     assert main(["ls", str(ref), "--username", "alice", "--password-stdin"]) == 0
     assert "top.md" in capsys.readouterr().out
     assert main(["ls", str(ref), "--password-stdin"]) == 2  # a password without a user is a usage error
+
+
+@pytest.fixture
+def mirror(registry: Registry, tmp_path: Path) -> Iterator[Registry]:
+    """A pull-through cache (docker-registry in proxy mode) in front of the session registry."""
+    reg = start_registry(tmp_path / "mirror", proxy_of=registry.host)
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+def _mirror_hits(mirror: Registry) -> list[str]:
+    log = (mirror.root / "registry.log").read_text(errors="replace")
+    return [line for line in log.splitlines() if '"GET /v2/fixtures/' in line or '"HEAD /v2/fixtures/' in line]
+
+
+def test_reads_go_through_a_mirror_first(
+    registry: Registry, mirror: Registry, pushed: dict[str, str], capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    files = tree_files("mixed")
+    path, f = next(iter(files.items()))
+    assert main(["cat", pushed["mixed"], os.fsdecode(path), "--mirror", mirror.host]) == 0
+    assert capsysbinary.readouterr().out == f.data
+    hits = _mirror_hits(mirror)
+    assert any("/manifests/" in h for h in hits)
+    assert any("/blobs/sha256:" in h for h in hits)
+
+
+def test_a_dead_mirror_falls_back_to_the_next_and_the_origin(
+    registry: Registry,
+    mirror: Registry,
+    pushed: dict[str, str],
+    capsysbinary: pytest.CaptureFixture[bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.servers import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    path, f = next(iter(tree_files("basic").items()))
+    with caplog.at_level(logging.WARNING):
+        assert main(["cat", pushed["basic"], os.fsdecode(path), "--mirror", dead, "--mirror", mirror.host]) == 0
+    assert capsysbinary.readouterr().out == f.data
+    assert f"mirror {dead} failed" in caplog.text
+    assert _mirror_hits(mirror)
+    assert main(["cat", pushed["basic"], os.fsdecode(path), "--mirror", dead, "--timeout", "5"]) == 0
+    assert capsysbinary.readouterr().out == f.data  # origin, after the dead mirror
+
+
+def test_hosts_toml_mirrors(
+    registry: Registry,
+    mirror: Registry,
+    pushed: dict[str, str],
+    tmp_path: Path,
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    conf = tmp_path / "certs.d" / registry.host
+    conf.mkdir(parents=True)
+    (conf / "hosts.toml").write_text(
+        f'server = "http://{registry.host}"\n\n[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    path, f = next(iter(tree_files("unicode").items()))
+    assert main(["cat", pushed["unicode"], os.fsdecode(path), "--hosts-dir", str(tmp_path / "certs.d")]) == 0
+    assert capsysbinary.readouterr().out == f.data
+    assert _mirror_hits(mirror)

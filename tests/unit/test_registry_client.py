@@ -203,6 +203,7 @@ def test_plain_http_and_insecure_are_per_host() -> None:
 
 def test_a_stalled_read_ends_within_the_timeout() -> None:
     """A server that never answers costs one --timeout, not forever (autojump clock: no wall time)."""
+    from blobmount.registry.mirrors import Endpoints
     from blobmount.registry.source import RegistryBlobSource
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -211,7 +212,8 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
 
     async def go() -> bytes:
         source = RegistryBlobSource(REF, RegistryOptions(timeout_s=2.0), DIGEST, len(BLOB))
-        source._client = RegistryClient(REF, source.options, transport=httpx.MockTransport(handler))
+        origin = RegistryClient(REF, source.options, transport=httpx.MockTransport(handler))
+        source._endpoints = Endpoints(REF, source.options, origin=origin)
         try:
             return await source.read_range(0, 10)
         finally:

@@ -1,0 +1,114 @@
+"""Mirrors: which endpoints serve a registry's content, and trying them in order before the origin.
+
+Sources: ``--mirror HOST[:PORT]`` (repeatable, for the reference's registry) and containerd's
+``hosts.toml`` layout, ``HOSTS_DIR/<registry>/hosts.toml`` (default ``/etc/blobmount/certs.d``)::
+
+    [host."http://127.0.0.1:5001"]
+      capabilities = ["pull", "resolve"]
+      skip_verify = false
+      ca = "/etc/ssl/mirror-ca.pem"
+
+Mirrors are never trusted for content: every manifest, index and file is checked against its
+digest, so a mirror can only be slow or wrong, never believed. Any failure of a mirror (down,
+404, auth, a digest mismatch) moves on to the next endpoint, and finally to the origin. A failing
+mirror is skipped for ``MIRROR_BACKOFF_S`` before it is tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import trio
+
+from blobmount.errors import BlobmountError, UsageError
+from blobmount.reference import Reference
+from blobmount.registry.client import Endpoint, RegistryClient, RegistryOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOSTS_DIR = Path("/etc/blobmount/certs.d")
+MIRROR_BACKOFF_S = 30.0  # a mirror that just failed is likely to fail again right away
+T = TypeVar("T")
+
+
+def load_hosts_toml(hosts_dir: Path, registry: str) -> list[Endpoint]:
+    """Mirror endpoints for `registry` from ``hosts_dir/registry/hosts.toml`` (absent: none)."""
+    path = hosts_dir / registry / "hosts.toml"
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    hosts = doc.get("host", {})
+    if not isinstance(hosts, dict):
+        raise UsageError(f"{path}: [host] must be a table of URLs")
+    out = []
+    for url, conf in hosts.items():
+        parts = urlsplit(url if "://" in url else f"https://{url}")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UsageError(f"{path}: host {url!r} is not an http(s) URL")
+        conf = conf if isinstance(conf, dict) else {}
+        caps = conf.get("capabilities", ["pull", "resolve"])
+        if not isinstance(caps, list) or "pull" not in caps:
+            continue
+        ca = conf.get("ca")
+        out.append(
+            Endpoint(
+                host=parts.netloc,
+                plain_http=parts.scheme == "http",
+                insecure=bool(conf.get("skip_verify", False)),
+                ca_file=Path(ca) if isinstance(ca, str) else None,
+                resolve="resolve" in caps,
+            )
+        )
+    return out
+
+
+def endpoints_for(ref: Reference, options: RegistryOptions) -> list[Endpoint]:
+    """Mirrors in the order to try them (flags first, then hosts.toml); the origin is not listed."""
+    flags = [Endpoint(host) for host in options.mirrors]
+    return flags + load_hosts_toml(options.hosts_dir or DEFAULT_HOSTS_DIR, ref.registry)
+
+
+class Endpoints:
+    """Clients for the mirrors and the origin, and the rule for trying them."""
+
+    def __init__(self, ref: Reference, options: RegistryOptions, *, origin: RegistryClient | None = None) -> None:
+        """`origin` replaces the origin's client (the test seam for injected transports)."""
+        self.ref = ref
+        self.mirrors = endpoints_for(ref, options)
+        self.clients = [RegistryClient(ref, options, endpoint=e, max_attempts=1) for e in self.mirrors]
+        self.clients.append(origin or RegistryClient(ref, options))
+        self._down_until = [0.0] * len(self.clients)
+
+    @property
+    def origin(self) -> RegistryClient:
+        return self.clients[-1]
+
+    async def first(self, op: Callable[[RegistryClient], Awaitable[T]], *, resolve: bool = False) -> T:
+        """`op` on the first endpoint that succeeds: mirrors in order, then the origin."""
+        last = len(self.clients) - 1
+        for i, client in enumerate(self.clients):
+            if i < last:
+                if resolve and not self.mirrors[i].resolve:
+                    continue
+                if trio.current_time() < self._down_until[i]:
+                    continue
+            try:
+                return await op(client)
+            except BlobmountError as exc:
+                if i == last:
+                    raise
+                self._down_until[i] = trio.current_time() + MIRROR_BACKOFF_S
+                log.warning("mirror %s failed (%s); trying the next endpoint", client.host, exc)
+        raise AssertionError("unreachable: the origin is always tried")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
