@@ -274,27 +274,38 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from blobmount.archive import CreateOptions, create_archive
-    from blobmount.reference import Reference
 
-    ref = Reference.parse(args.ref)
     notes: dict[str, str] = {}
     for item in args.annotation:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--annotation {item!r}: expected KEY=VALUE")
         notes[key] = value
-    options = registry_options(args)
     with tempfile.TemporaryDirectory(prefix="blobmount-push-") as tmp:
         if args.archive:
             archive_dir = Path(args.src)
         else:
             archive_dir = Path(tmp)
             create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level))
+        if args.ref.startswith("oci:"):
+            print(f"{args.ref}@{_push_oci(archive_dir, args.ref[4:], args.created, notes)}")
+            return EXIT_OK
         import trio
 
-        digest = trio.run(_push, archive_dir, ref, options, args.created, notes)
+        from blobmount.reference import Reference
+
+        ref = Reference.parse(args.ref)
+        digest = trio.run(_push, archive_dir, ref, registry_options(args), args.created, notes)
     print(f"{ref.registry}/{ref.repository}@{digest}")
     return EXIT_OK
+
+
+def _push_oci(archive_dir: Path, spec: str, created: str | None, notes: dict[str, str]) -> str:
+    from blobmount.manifest import CREATED_ANNOTATION, archive_manifest, created_timestamp
+    from blobmount.source import write_oci_layout
+
+    annotations = {CREATED_ANNOTATION: created_timestamp(created), **notes}
+    return write_oci_layout(archive_dir, spec, archive_manifest(archive_dir, annotations))
 
 
 async def _push(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -18,13 +19,7 @@ from typing import Protocol, runtime_checkable
 import trio
 
 from blobmount.errors import InvalidArchive, SourceError, UsageError
-
-INDEX_MEDIA_TYPE = "application/vnd.meigma.blob.index.v1+flatbuffers"
-DATA_MEDIA_TYPE = "application/vnd.meigma.blob.data.v1"
-ARTIFACT_TYPE = "application/vnd.meigma.blob.v1"
-MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
-MAX_INDEX_BYTES = 1 << 30  # ~10M entries of ~100 bytes; far above the reference's 8 MiB refusal
-MAX_MANIFEST_BYTES = 4 << 20  # the distribution spec's suggested manifest limit
+from blobmount.manifest import MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, descriptor, parse_manifest
 
 
 @runtime_checkable
@@ -144,48 +139,6 @@ def _oci_blob_path(layout: Path, digest: str) -> Path:
     return layout / "blobs" / "sha256" / hexpart
 
 
-def _descriptor(obj: object, what: str) -> tuple[str, str, int]:
-    if not isinstance(obj, dict):
-        raise InvalidArchive(f"{what}: descriptor is not an object")
-    media, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
-    if not isinstance(media, str) or not isinstance(digest, str) or not isinstance(size, int) or size < 0:
-        raise InvalidArchive(f"{what}: descriptor lacks mediaType, digest or a valid size")
-    return media, digest, size
-
-
-def parse_manifest(body: bytes, what: str) -> tuple[tuple[str, int], tuple[str, int]]:
-    """Check a blob-archive manifest (FORMAT.md); return ((index digest, size), (data digest, size))."""
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArchive(f"{what}: manifest is not JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise InvalidArchive(f"{what}: manifest is not a JSON object")
-    media = doc.get("mediaType")
-    if media == "application/vnd.oci.image.index.v1+json" or "manifests" in doc:
-        raise InvalidArchive(f"{what}: names an image index, not a blob archive")
-    if media != MANIFEST_MEDIA_TYPE or doc.get("schemaVersion") != 2:
-        raise InvalidArchive(f"{what}: not an OCI image manifest (mediaType {str(media)[:80]!r})")
-    if doc.get("artifactType") != ARTIFACT_TYPE:
-        raise InvalidArchive(
-            f"{what}: artifactType {str(doc.get('artifactType'))[:80]!r} is not {ARTIFACT_TYPE!r}"
-            " (a container image or another artifact)"
-        )
-    layers = doc.get("layers")
-    if not isinstance(layers, list) or len(layers) != 2:
-        count = len(layers) if isinstance(layers, list) else "no"
-        raise InvalidArchive(f"{what}: expected exactly 2 layers (index, data), found {count}")
-    index_media, index_digest, index_size = _descriptor(layers[0], f"{what}: layer 0")
-    data_media, data_digest, data_size = _descriptor(layers[1], f"{what}: layer 1")
-    if index_media != INDEX_MEDIA_TYPE:
-        raise InvalidArchive(f"{what}: layer 0 has media type {index_media[:80]!r}, not {INDEX_MEDIA_TYPE!r}")
-    if data_media != DATA_MEDIA_TYPE:
-        raise InvalidArchive(f"{what}: layer 1 has media type {data_media[:80]!r}, not {DATA_MEDIA_TYPE!r}")
-    if index_size > MAX_INDEX_BYTES:
-        raise InvalidArchive(f"{what}: index blob of {index_size} bytes exceeds {MAX_INDEX_BYTES}")
-    return (index_digest, index_size), (data_digest, data_size)
-
-
 def open_oci_layout(spec: str) -> Archive:
     """`PATH[:TAG]` of an OCI image layout directory (the skopeo/oras naming)."""
     path_text, tag = spec, None
@@ -213,7 +166,7 @@ def open_oci_layout(spec: str) -> Archive:
                 break
         if chosen is None:
             raise SourceError(f"oci:{layout}: no manifest tagged {tag!r}")
-    _media, mdigest, msize = _descriptor(chosen, f"oci:{layout}: manifest descriptor")
+    _media, mdigest, msize = descriptor(chosen, f"oci:{layout}: manifest descriptor")
     if msize > MAX_MANIFEST_BYTES:
         raise InvalidArchive(f"oci:{layout}: manifest of {msize} bytes exceeds {MAX_MANIFEST_BYTES}")
     body = _read_verified(layout, mdigest, msize, "manifest")
@@ -224,6 +177,64 @@ def open_oci_layout(spec: str) -> Archive:
         data.close()
         raise InvalidArchive(f"oci:{layout}: data blob has {data.size} bytes, manifest says {dsize}")
     return Archive(f"oci:{spec}", index, data, idigest)
+
+
+def write_oci_layout(archive_dir: Path, spec: str, manifest: bytes) -> str:
+    """Store an archive as `oci:PATH:TAG` (blobs by digest, the tag in index.json, replacing an
+    older manifest of that tag); return the manifest digest. index.json is replaced atomically."""
+    path_text, sep, tag = spec.rpartition(":")
+    if not sep or not tag or "/" in tag:
+        raise UsageError(f"oci:{spec}: name the tag as oci:PATH:TAG")
+    layout = Path(path_text)
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+    def put(data: bytes | None, src: Path | None) -> str:
+        if src is not None:
+            hasher = hashlib.sha256()
+            with open(src, "rb") as f:
+                while block := f.read(1 << 20):
+                    hasher.update(block)
+            digest = hasher.hexdigest()
+            if not (blobs / digest).exists():
+                tmp = blobs / f".{digest}.tmp"
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, blobs / digest)
+        else:
+            assert data is not None
+            digest = hashlib.sha256(data).hexdigest()
+            (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    put(b"{}", None)
+    put(None, archive_dir / "index.blob")
+    put(None, archive_dir / "data.blob")
+    mdigest = put(manifest, None)
+    try:
+        doc = json.loads((layout / "index.json").read_text())
+    except FileNotFoundError:
+        doc = {"schemaVersion": 2, "manifests": []}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidArchive(f"{layout}/index.json: unreadable ({exc})") from exc
+    keep = [
+        m
+        for m in doc.get("manifests", [])
+        if not (isinstance(m, dict) and m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    ]
+    keep.append(
+        {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": mdigest,
+            "size": len(manifest),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }
+    )
+    doc["manifests"] = keep
+    tmp = layout / ".index.json.tmp"
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, layout / "index.json")
+    return mdigest
 
 
 def _read_verified(layout: Path, digest: str, size: int, what: str) -> bytes:

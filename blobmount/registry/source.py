@@ -17,10 +17,11 @@ from pathlib import Path
 import trio
 
 from blobmount.errors import LimitExceeded, SourceError, TransientError
+from blobmount.manifest import MAX_INDEX_BYTES, parse_manifest
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.source import MAX_INDEX_BYTES, Archive, LocalFileSource, RangeSource, parse_manifest
+from blobmount.source import Archive, LocalFileSource, RangeSource
 
 log = logging.getLogger(__name__)
 

@@ -62,9 +62,8 @@ def source_for(request: pytest.FixtureRequest, tmp_path: Path) -> SourceFor:
 
 
 def _manifest_for(archive: Path) -> bytes:
+    from blobmount.manifest import DATA_MEDIA_TYPE, INDEX_MEDIA_TYPE, Descriptor, build_manifest
     from blobmount.reference import Digest
-    from blobmount.registry.push import Descriptor, build_manifest
-    from blobmount.source import DATA_MEDIA_TYPE, INDEX_MEDIA_TYPE
 
     index, data = (archive / "index.blob").read_bytes(), (archive / "data.blob").read_bytes()
     return build_manifest(

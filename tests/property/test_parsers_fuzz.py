@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blobmount.errors import InvalidArchive, SourceError, UsageError
+from blobmount.manifest import parse_manifest
 from blobmount.reference import Reference
 from blobmount.registry.auth import parse_www_authenticate
 from blobmount.registry.client import check_content_range
-from blobmount.source import parse_manifest
 
 EXAMPLES = int(os.environ.get("BLOBMOUNT_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True)

@@ -99,3 +99,21 @@ def test_create_skips_symlinks_and_fifos_and_keeps_byte_names(
     assert sorted(capsysbinary.readouterr().out.split(b"\n")[:-1]) == [b"caf\xe9.txt", b"real.txt"]
     assert main(["cat", str(tmp_path / "out"), os.fsdecode(b"caf\xe9.txt")]) == 0
     assert capsysbinary.readouterr().out == b"latin-1 name\n"
+
+
+def test_push_to_an_oci_layout_then_read_it(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    layout = tmp_path / "layout"
+    src = FIXTURES / "basic"
+    created = ["--created", "2024-01-02T03:04:05Z"]
+    assert main(["push", "--archive", str(src), f"oci:{layout}:v1", *created]) == 0
+    out = capsysbinary.readouterr().out.decode()
+    manifest = (src / "oci-manifest.json").read_bytes()
+    assert out.strip().endswith("@sha256:" + hashlib.sha256(manifest).hexdigest())  # the reference's bytes
+    assert main(["push", "--archive", str(FIXTURES / "unicode"), f"oci:{layout}:v2", *created]) == 0
+    capsysbinary.readouterr()
+    for tag, name in (("v1", "basic"), ("v2", "unicode")):
+        assert main(["ls", f"oci:{layout}:{tag}"]) == 0
+        listed = capsysbinary.readouterr().out
+        assert (b"top.md" in listed) == (name == "basic")
+    assert main(["cat", f"oci:{layout}:v1", "top.md"]) == 0
+    assert capsysbinary.readouterr().out == tree_files("basic")[b"top.md"].data

@@ -1,0 +1,127 @@
+"""The blob-archive manifest (FORMAT.md): its media types, building it in the reference's exact
+bytes, and checking one we are handed. No I/O here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from blobmount.errors import InvalidArchive, UsageError
+from blobmount.reference import Digest
+
+INDEX_MEDIA_TYPE = "application/vnd.meigma.blob.index.v1+flatbuffers"
+DATA_MEDIA_TYPE = "application/vnd.meigma.blob.data.v1"
+ARTIFACT_TYPE = "application/vnd.meigma.blob.v1"
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+EMPTY_CONFIG = b"{}"
+EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
+CREATED_ANNOTATION = "org.opencontainers.image.created"
+MAX_INDEX_BYTES = 1 << 30  # ~10M entries of ~100 bytes; far above the reference's 8 MiB refusal
+MAX_MANIFEST_BYTES = 4 << 20  # the distribution spec's suggested manifest limit
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    media_type: str
+    digest: Digest
+    size: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"mediaType": self.media_type, "digest": str(self.digest), "size": self.size}
+
+
+def created_timestamp(explicit: str | None = None) -> str:
+    """RFC 3339 in UTC: --created, else $SOURCE_DATE_EPOCH (reproducible pushes), else now."""
+    if explicit:
+        return explicit
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            when = datetime.fromtimestamp(int(epoch), tz=UTC)
+        except ValueError:
+            raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not an integer") from None
+    else:
+        when = datetime.now(tz=UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_manifest(index: Descriptor, data: Descriptor, annotations: dict[str, str]) -> bytes:
+    """The manifest bytes exactly as the reference writes them (key order, compact separators)."""
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "artifactType": ARTIFACT_TYPE,
+        "config": Descriptor(EMPTY_MEDIA_TYPE, Digest.of(EMPTY_CONFIG), len(EMPTY_CONFIG)).as_json(),
+        "layers": [index.as_json(), data.as_json()],
+        "annotations": annotations,
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def file_digest(path: Path) -> tuple[Digest, int]:
+    """sha256 digest and size of a file, read in 1 MiB blocks."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            hasher.update(block)
+            size += len(block)
+    return Digest.parse("sha256:" + hasher.hexdigest()), size
+
+
+def archive_descriptors(archive_dir: Path) -> tuple[Descriptor, Descriptor]:
+    """Descriptors of the index and data blobs of the archive in `archive_dir`."""
+    index = Descriptor(INDEX_MEDIA_TYPE, *file_digest(archive_dir / "index.blob"))
+    data = Descriptor(DATA_MEDIA_TYPE, *file_digest(archive_dir / "data.blob"))
+    return index, data
+
+
+def archive_manifest(archive_dir: Path, annotations: dict[str, str]) -> bytes:
+    """The manifest of the archive in `archive_dir` (index.blob + data.blob)."""
+    return build_manifest(*archive_descriptors(archive_dir), annotations)
+
+
+def descriptor(obj: object, what: str) -> tuple[str, str, int]:
+    if not isinstance(obj, dict):
+        raise InvalidArchive(f"{what}: descriptor is not an object")
+    media, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
+    if not isinstance(media, str) or not isinstance(digest, str) or not isinstance(size, int) or size < 0:
+        raise InvalidArchive(f"{what}: descriptor lacks mediaType, digest or a valid size")
+    return media, digest, size
+
+
+def parse_manifest(body: bytes, what: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    """Check a blob-archive manifest (FORMAT.md); return ((index digest, size), (data digest, size))."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArchive(f"{what}: manifest is not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise InvalidArchive(f"{what}: manifest is not a JSON object")
+    media = doc.get("mediaType")
+    if media == "application/vnd.oci.image.index.v1+json" or "manifests" in doc:
+        raise InvalidArchive(f"{what}: names an image index, not a blob archive")
+    if media != MANIFEST_MEDIA_TYPE or doc.get("schemaVersion") != 2:
+        raise InvalidArchive(f"{what}: not an OCI image manifest (mediaType {str(media)[:80]!r})")
+    if doc.get("artifactType") != ARTIFACT_TYPE:
+        raise InvalidArchive(
+            f"{what}: artifactType {str(doc.get('artifactType'))[:80]!r} is not {ARTIFACT_TYPE!r}"
+            " (a container image or another artifact)"
+        )
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or len(layers) != 2:
+        count = len(layers) if isinstance(layers, list) else "no"
+        raise InvalidArchive(f"{what}: expected exactly 2 layers (index, data), found {count}")
+    index_media, index_digest, index_size = descriptor(layers[0], f"{what}: layer 0")
+    data_media, data_digest, data_size = descriptor(layers[1], f"{what}: layer 1")
+    if index_media != INDEX_MEDIA_TYPE:
+        raise InvalidArchive(f"{what}: layer 0 has media type {index_media[:80]!r}, not {INDEX_MEDIA_TYPE!r}")
+    if data_media != DATA_MEDIA_TYPE:
+        raise InvalidArchive(f"{what}: layer 1 has media type {data_media[:80]!r}, not {DATA_MEDIA_TYPE!r}")
+    if index_size > MAX_INDEX_BYTES:
+        raise InvalidArchive(f"{what}: index blob of {index_size} bytes exceeds {MAX_INDEX_BYTES}")
+    return (index_digest, index_size), (data_digest, data_size)
