@@ -596,23 +596,21 @@ def check_content_range(value: str, start: int, end: int, blob_size: int) -> Non
 
 
 async def _read_exact(response: httpx.Response, want: int, what: str) -> bytes:
-    parts: list[bytes] = []
-    got = 0
-    try:
-        async with _body(response) as blocks:
-            async for block in blocks:
-                got += len(block)
-                if got > want:
-                    raise TransientError(f"{what}: body longer than the {want} bytes asked for")
-                parts.append(block)
-    except httpx.HTTPError as exc:
-        raise TransientError(f"{what}: body broke off after {got} bytes ({type(exc).__name__})") from exc
-    if got != want:
-        raise TransientError(f"{what}: body of {got} bytes, expected {want}")
-    return b"".join(parts)
+    """Exactly `want` bytes of body; longer or shorter is a transient error (never data)."""
+    body = await _read_body(
+        response, want, what, TransientError(f"{what}: body longer than the {want} bytes asked for")
+    )
+    if len(body) != want:
+        raise TransientError(f"{what}: body of {len(body)} bytes, expected {want}")
+    return body
 
 
 async def _read_limited(response: httpx.Response, limit: int, what: str) -> bytes:
+    """At most `limit` bytes of body (manifests, error answers)."""
+    return await _read_body(response, limit, what, InvalidArchive(f"{what}: larger than {limit} bytes"))
+
+
+async def _read_body(response: httpx.Response, limit: int, what: str, too_long: BlobmountError) -> bytes:
     parts: list[bytes] = []
     got = 0
     try:
@@ -620,10 +618,10 @@ async def _read_limited(response: httpx.Response, limit: int, what: str) -> byte
             async for block in blocks:
                 got += len(block)
                 if got > limit:
-                    raise InvalidArchive(f"{what}: larger than {limit} bytes")
+                    raise too_long
                 parts.append(block)
     except httpx.HTTPError as exc:
-        raise TransientError(f"{what}: body broke off ({type(exc).__name__})") from exc
+        raise TransientError(f"{what}: body broke off after {got} bytes ({type(exc).__name__})") from exc
     return b"".join(parts)
 
 
