@@ -4,11 +4,11 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc docker-registry
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc docker-registry systemd
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 
-.PHONY: run test deps venv gen lint check-gen bench umount clean
+.PHONY: run test deps venv gen lint check-gen bench umount clean install
 
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -50,3 +50,14 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# System install: a private venv under $(PREFIX)/lib/blobmount, console scripts linked into
+# $(PREFIX)/bin, the mount(8) helper into /sbin, the unit template into /etc/systemd/system.
+PREFIX ?= /usr/local
+install: deps
+	$(PY) -m venv $(PREFIX)/lib/blobmount/venv
+	$(PREFIX)/lib/blobmount/venv/bin/pip install -q .
+	ln -sf $(PREFIX)/lib/blobmount/venv/bin/blobmount $(PREFIX)/bin/blobmount
+	ln -sf $(PREFIX)/lib/blobmount/venv/bin/mount.fuse.blobmount /sbin/mount.fuse.blobmount
+	install -D -m 0644 systemd/blobmount@.service /etc/systemd/system/blobmount@.service
+	install -D -m 0644 systemd/mnt-assets.mount $(PREFIX)/share/doc/blobmount/mnt-assets.mount.example

@@ -401,5 +401,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """`mount.fuse.blobmount SOURCE MOUNTPOINT [-o OPTS] [-n] [-s] [-f] [-v]`, as mount(8) calls it
+    for `mount -t fuse.blobmount` and fstab lines: -o options go through the one -o table (mount's
+    generic ones are ignored there); -n (no mtab), -s (sloppy), -f (fake), -v are mount's own."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    positional: list[str] = []
+    options: list[str] = []
+    fake = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-o" and i + 1 < len(args):
+            options += ["-o", args[i + 1]]
+            i += 2
+            continue
+        if arg.startswith("-o") and len(arg) > 2:
+            options += ["-o", arg[2:]]
+        elif arg == "-f":
+            fake = True
+        elif arg in ("-n", "-s", "-v"):
+            pass
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) != 2:
+        print("usage: mount.fuse.blobmount SOURCE MOUNTPOINT [-o OPTIONS]", file=sys.stderr)
+        return EXIT_USAGE
+    if fake:
+        return EXIT_OK
+    return main(["mount", positional[0], positional[1], *options])
+
+
 if __name__ == "__main__":
     sys.exit(main())

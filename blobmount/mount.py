@@ -29,6 +29,7 @@ from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
+from blobmount.notify import notify, watchdog
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.source import Archive
 from blobmount.sources import open_archive
@@ -84,7 +85,9 @@ def prepare(config: MountConfig) -> Prepared:
     check_mountpoint(config.mountpoint)
     cache_dir = config.cache_dir or default_cache_dir()
     store = ContentStore(cache_dir, config.cache_size)
+    notify(f"STATUS=opening {config.source}")
     archive = open_archive(config.source, config.registry, cache_dir=cache_dir, cache_size=config.cache_size)
+    notify(f"STATUS=checking the index of {archive.name}")
     view = IndexView(archive.index_bytes, blob_size=archive.data.size)
     log.info(
         "%s: %d entries, %d-byte data blob, order %s",
@@ -114,9 +117,11 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fs.invalidator)
             nursery.start_soon(_signals, nursery.cancel_scope)
-            nursery.start_soon(_report_ready, prep.config.mountpoint, ready_fd)
+            nursery.start_soon(_report_ready, prep.config.mountpoint, ready_fd, prep.archive.name)
+            nursery.start_soon(watchdog)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
+            notify("STOPPING=1", "STATUS=unmounted")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await prep.archive.data.aclose()
@@ -126,14 +131,17 @@ async def _signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
+            notify("STOPPING=1", "STATUS=unmounting")
             scope.cancel()
             return
 
 
-async def _report_ready(mountpoint: Path, ready_fd: int | None) -> None:
+async def _report_ready(mountpoint: Path, ready_fd: int | None, name: str) -> None:
+    """READY only once the mount answers a stat through the kernel, not when it was merely set up."""
     with trio.fail_after(READY_TIMEOUT_S):
         await trio.to_thread.run_sync(os.stat, mountpoint)
     log.info("mounted at %s", mountpoint)
+    notify("READY=1", f"STATUS=serving {name} at {mountpoint}")
     if ready_fd is not None:
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)

@@ -1,0 +1,74 @@
+"""mount(8) integration: `mount -t fuse.blobmount SOURCE MNT -o ...` and an fstab line used through
+`mount MNT` (with util-linux's --fstab pointing at a test file, so /etc/fstab is never touched)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fuse.conftest import _is_mounted, require_fuse, unmount
+from tests.helpers import FIXTURES, tree_files
+
+pytestmark = pytest.mark.fuse
+HELPER = Path("/sbin/mount.fuse.blobmount")
+
+
+@pytest.fixture
+def helper_installed() -> Iterator[None]:
+    """The helper where mount(8) looks for it: `make install` puts it there; else link it for the test."""
+    require_fuse()
+    ours = Path(sys.executable).parent / "mount.fuse.blobmount"
+    assert ours.exists(), "the mount.fuse.blobmount console script is not installed (pip install -e .)"
+    created = False
+    if not HELPER.exists():
+        HELPER.symlink_to(ours)
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            HELPER.unlink()
+
+
+def test_mount_t_fuse_blobmount(helper_installed: None, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    opts = f"cache_dir={tmp_path / 'c'},cache_size=1G,allow_other,_netdev,nofail,x-systemd.automount"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    try:
+        out = subprocess.run(
+            ["mount", "-t", "fuse.blobmount", f"dir:{FIXTURES / 'basic'}", str(mnt), "-o", opts],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr
+        assert _is_mounted(mnt)
+        assert (mnt / "top.md").read_bytes() == tree_files("basic")[b"top.md"].data
+        assert "top.md" in os.listdir(mnt)
+    finally:
+        unmount(mnt)
+
+
+def test_fstab_line_through_mount_mnt(helper_installed: None, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fstab = tmp_path / "fstab"
+    source = f"dir:{FIXTURES / 'unicode'}"
+    fstab.write_text(f"{source} {mnt} fuse.blobmount noauto,_netdev,nofail,cache_dir={tmp_path / 'c'} 0 0\n")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    try:
+        out = subprocess.run(["mount", "-T", str(fstab), str(mnt)], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        assert _is_mounted(mnt)
+        assert "a b" in os.listdir(mnt)
+        line = next(ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if ln.split()[4] == str(mnt))
+        assert "fuse.blobmount" in line
+    finally:
+        unmount(mnt)
