@@ -12,22 +12,16 @@ Policy, per file:
   the kernel already holds. One log line names the path and both hashes.
 
 Concurrency: called only from the trio thread; decoding and hashing of whole files run on worker
-threads, which touch nothing of this object but read through the source. Lazy verification hashes
-in-order bytes on a worker thread too, without holding up the read that brought them (sha256 on the
-trio thread cost half of a cold sequential read's time): while ``_Progress.hashing`` is set, that
-thread owns ``_Progress.hasher`` and the trio thread neither reads nor replaces it; bookkeeping
-(``pending``, ``pending_bytes``) stays on the trio thread, updated by a callback queued with
-``run_sync_soon`` when a batch is done.
+threads, which touch nothing of this object but read through the source.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +43,6 @@ SMALL_DECODE_BYTES = 1 << 20  # zstd files up to this size are decoded into memo
 # writing and renaming a store file costs more than decoding such a file again
 MEMORY_BUDGET_BYTES = 64 << 20  # decoded small files kept in memory (LRU), per mount
 DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified before the first byte
-HASH_BACKLOG_BYTES = 4 << 20  # read bytes of one file waiting for its hashing thread; past this a
-# read waits (bounds memory; ~2 ms of sha256, so a sequential reader never notices)
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 VerifyPolicy = Literal["lazy", "strict"]
@@ -71,11 +63,6 @@ class _Progress:
     covered: list[tuple[int, int]] = field(default_factory=list)  # merged ranges beyond hashed_upto
     users: int = 0
     finishing: bool = False  # one task owns the final catch-up; the hasher is frozen for others
-    pending: deque[memoryview] = field(default_factory=deque)  # in order, not yet handed to the thread
-    pending_bytes: int = 0  # queued or being hashed
-    hashing: bool = False  # a worker thread owns `hasher` (see the module docstring)
-    hash_failed: bool = False  # a worker's update raised: rehash everything at the end
-    batch_done: trio.Event = field(default_factory=trio.Event)  # replaced after each batch
 
 
 @dataclass(slots=True)
@@ -240,10 +227,8 @@ class Reader:
             return
         end = offset + len(data)
         if offset <= progress.hashed_upto < end:
-            self._queue_hash(progress, memoryview(data)[progress.hashed_upto - offset :])
+            progress.hasher.update(memoryview(data)[progress.hashed_upto - offset :])
             progress.hashed_upto = end
-            if progress.pending_bytes > HASH_BACKLOG_BYTES:
-                await self._hash_backlog(progress, HASH_BACKLOG_BYTES)
         elif end > progress.hashed_upto:
             progress.covered = _merge(progress.covered, (offset, end))
         # Once every byte has been read, bytes that arrived out of order are read again to hash
@@ -253,13 +238,6 @@ class Reader:
         ):
             return
         progress.finishing = True
-        try:
-            await self._hash_backlog(progress, 0)  # the hasher is ours again from here
-        except BaseException:
-            progress.finishing = False  # a later read finishes (the backlog keeps draining)
-            raise
-        if progress.hash_failed:
-            progress.hasher, progress.hashed_upto, progress.hash_failed = hashlib.sha256(), 0, False
         if progress.hashed_upto < entry.original_size:
             try:
                 await self._hash_range(entry, progress.hashed_upto, progress.hasher)
@@ -282,52 +260,6 @@ class Reader:
             self._poison(entry, retry.digest())
         self._verified.add(entry.number)
         log.warning("%s: verified on the second read", show(entry.path))
-
-    def _queue_hash(self, progress: _Progress, chunk: memoryview) -> None:
-        progress.pending.append(chunk)
-        progress.pending_bytes += len(chunk)
-        if not progress.hashing:
-            self._start_batch(progress)
-
-    def _start_batch(self, progress: _Progress) -> None:
-        """Hand every pending chunk, in order, to one worker thread (trio thread only)."""
-        batch = list(progress.pending)
-        nbytes = sum(map(len, batch))
-        progress.pending.clear()
-        progress.hashing = True
-        hasher = progress.hasher
-        token = trio.lowlevel.current_trio_token()
-        failure: list[Exception] = []
-
-        def work() -> None:  # worker thread: touches the hasher and its batch, nothing else
-            try:
-                for chunk in batch:
-                    hasher.update(chunk)  # releases the GIL: the trio thread keeps serving
-            except Exception as exc:  # (MemoryError) reported to the trio thread, never lost
-                failure.append(exc)
-
-        def deliver(_result: object) -> None:  # worker thread, once `work` has returned
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._batch_done, progress, nbytes, failure[0] if failure else None)
-
-        trio.lowlevel.start_thread_soon(work, deliver)
-
-    def _batch_done(self, progress: _Progress, nbytes: int, failure: Exception | None) -> None:
-        """Trio thread (a run_sync_soon callback): account the batch, start the next one."""
-        progress.hashing = False
-        progress.pending_bytes -= nbytes
-        if failure is not None:
-            log.warning("hashing thread failed (%r); the file is hashed again at its end", failure)
-            progress.hash_failed = True
-        if progress.pending:
-            self._start_batch(progress)
-        done, progress.batch_done = progress.batch_done, trio.Event()
-        done.set()
-
-    async def _hash_backlog(self, progress: _Progress, limit: int) -> None:
-        """Wait until at most `limit` bytes of this file wait for hashing (0: none, thread idle)."""
-        while progress.pending_bytes > limit or (limit == 0 and progress.hashing):
-            await progress.batch_done.wait()
 
     def _poison(self, entry: Entry, actual: bytes) -> None:
         self._poisoned.add(entry.number)
