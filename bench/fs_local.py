@@ -1,25 +1,27 @@
 """blobmount over a local archive against squashfuse over a squashfs image of the same data and
 against the plain files, all measured in the same run (issue 3's figures).
 
-Data, built fresh in a temporary directory on the same disk for every peer:
+Data, built fresh in a temporary directory on one disk for every peer:
 - one file of os.urandom blocks (1 GiB; 64 MiB with --quick): archived with ``--compression none``;
-  squashfs both uncompressed (``-noI -noD -noF -noX``) and ``-comp zstd``;
+  squashfs uncompressed (``-noI -noD -noF -noX``) and ``-comp zstd``;
 - a tree of >= 20,000 real files nobody here wrote (this Python's stdlib, /usr/include,
   /usr/share/doc, /usr/lib/python3, /usr/share/perl, more if short; ~2,000 with --quick), regular
-  files only: archived with the default (zstd) and with none; squashfs with mksquashfs' defaults
-  (gzip), with ``-comp zstd`` and uncompressed.
+  files only: archived with the default (zstd) and with none; squashfs ``-comp zstd``, uncompressed,
+  and (full runs) mksquashfs' default (gzip).
 
-Workloads, each repeated (3 by default; configurations interleaved within a repetition so drift hits
-them alike), reported as min and median:
+Workloads, each repeated (3 by default; the configurations take turns within a repetition, so drift
+and the neighbours' load hit them alike), reported as median and best:
 - sequential read of the big file, cold: a fresh mount with an empty cache directory after
   ``sync; echo 3 > /proc/sys/vm/drop_caches``, so every peer (plain files too) reads from the disk;
-  then a re-read in the same mount (warm: the kernel's page cache);
-- ``find MNT -type f -printf '%s\\n'``, cold (fresh mount, dropped caches), then again warm; its output
+  then a re-read in the same mount (the kernel's page cache). Both FUSE peers are also run with the
+  mount's ``read_ahead_kb`` raised to 1024 (FUSE's own limit is 128 KiB: the daemon cannot ask for
+  more in INIT, only root can raise it afterwards), to show what 1 MiB requests would buy;
+- ``find MNT -type f -printf '%s\\n'``, cold (fresh mount, dropped caches) and again warm; its output
   is summed and checked against the tree;
 - read every file, ``find -print0 | xargs -0 -P8 cat`` (cold, then warm in the same mount) and ``-P1``
   (cold);
-- the daemon's peak RSS (VmHWM), and its read syscalls per MiB during the cold sequential read (one
-  read of /dev/fuse plus one pread per FUSE request: a proxy for the kernel's request size).
+- per daemon: peak RSS (VmHWM), CPU seconds (utime + stime) and read syscalls (/proc/PID/io syscr:
+  one read of /dev/fuse per FUSE request, plus the daemon's own preads) of each workload.
 
     python -m bench.fs_local [--quick] [--reps N] [--json [OUT]]
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -45,11 +48,12 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+REPO = Path(__file__).resolve().parent.parent
 REPS = 3
 BIG_BYTES_FULL = 1 << 30
 BIG_BYTES_QUICK = 64 << 20
@@ -59,16 +63,27 @@ TREE_FILES_QUICK = 2_000
 TREE_EXTRA_SOURCES = ("/usr/include", "/usr/share/doc", "/usr/lib/python3", "/usr/share/perl")
 TREE_FALLBACK_SOURCES = (sysconfig.get_paths()["purelib"], "/usr/share", "/usr/lib")
 URANDOM_BLOCK_BYTES = 8 << 20
-READ_BUF_BYTES = 1 << 20  # application read size for the sequential read (cat uses 128 KiB)
+READ_BUF_BYTES = 1 << 20  # application read size for the sequential read (cat would use 128 KiB)
+BIG_READ_AHEAD_KB = 1024  # the raised read-ahead of the "+ra1M" peers (FUSE's max request is 1 MiB)
 DISK_MARGIN_BYTES = 1 << 30
 MOUNT_TIMEOUT_S = 60.0  # a mount answers in well under a second; a minute means it is broken
 STOP_TIMEOUT_S = 30.0
 RUN_TIMEOUT_S = 1800.0  # one workload run; a hang fails the bench instead of blocking forever
 MKSQUASHFS_NONE = ("-noI", "-noD", "-noF", "-noX")
 MKSQUASHFS_COMMON = ("-noappend", "-quiet", "-no-progress")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SEQ_METRICS = ("seq_cold_s", "seq_warm_s")
 TREE_METRICS = ("find_cold_s", "find_warm_s", "readall_p8_cold_s", "readall_p8_warm_s", "readall_p1_cold_s")
+BIG_ORDER = (
+    "plain",
+    "blobmount-none",
+    "squashfuse-none",
+    "squashfuse-zstd",
+    "blobmount-none+ra1M",
+    "squashfuse-none+ra1M",
+)
+TREE_ORDER = ("plain", "blobmount-zstd", "blobmount-none", "squashfuse-zstd", "squashfuse-none", "squashfuse-gzip")
+TREE_HEADS = ("find cold s", "find warm s", "read P8 cold s", "read P8 warm s", "read P1 cold s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +94,11 @@ class Peer:
     name: str
     kind: str
     image: Path
+    read_ahead_kb: int | None = None  # raise the mount's bdi read-ahead to this after mounting
 
 
 class Bench:
-    """Holds the work directory, the live daemons and the results of one run."""
+    """The work directory, the live daemons and the measurements of one run."""
 
     def __init__(self, work: Path, deadline: float) -> None:
         self.work = work
@@ -91,16 +107,14 @@ class Bench:
         self.logs = work / "logs"
         self.deadline = deadline
         self.live: dict[int, subprocess.Popen[bytes]] = {}
-        self.results: dict[str, dict[str, list[float]]] = {}
+        self.seconds: dict[str, dict[str, list[float]]] = {}
+        self.cpu_s: dict[str, dict[str, list[float]]] = {}
+        self.syscr: dict[str, dict[str, list[float]]] = {}
         self.rss: dict[str, int] = {}
-        self.syscr_per_mib: dict[str, list[float]] = {}
         self.read_ahead_kb: dict[str, int] = {}
         self.mounts = 0
         self.mnt.mkdir()
         self.logs.mkdir()
-
-    def add(self, peer: str, metric: str, value: float) -> None:
-        self.results.setdefault(peer, {}).setdefault(metric, []).append(value)
 
     def remaining_s(self) -> float:
         left = self.deadline - time.monotonic()
@@ -108,9 +122,20 @@ class Bench:
             raise TimeoutError("the benchmark ran past its overall time limit")
         return left
 
+    def measure(self, peer: Peer, metric: str, pid: int | None, run: Callable[[], float]) -> None:
+        """Record `run()`'s seconds and, for a daemon, its CPU time and read syscalls meanwhile."""
+        before = (daemon_cpu_s(pid), proc_number(pid, "io", "syscr")) if pid else (0.0, 0)
+        self.seconds.setdefault(peer.name, {}).setdefault(metric, []).append(run())
+        if pid:
+            self.cpu_s.setdefault(peer.name, {}).setdefault(metric, []).append(daemon_cpu_s(pid) - before[0])
+            calls = proc_number(pid, "io", "syscr") - before[1]
+            self.syscr.setdefault(peer.name, {}).setdefault(metric, []).append(float(calls))
+            key = f"{peer.name}/{'big' if metric.startswith('seq') else 'tree'}"
+            self.rss[key] = max(self.rss.get(key, 0), proc_number(pid, "status", "VmHWM") * 1024)
+
     @contextlib.contextmanager
     def mounted(self, peer: Peer) -> Iterator[tuple[Path, int | None]]:
-        """Yield (root to read, daemon PID or None for plain files); a fresh mount with an empty
+        """Yield (root to read, daemon PID or None for plain files): a fresh mount with an empty
         cache directory each time. Unmounts and stops the daemon on the way out, whatever happened."""
         if peer.kind == "plain":
             yield peer.image, None
@@ -134,10 +159,11 @@ class Bench:
                     tail = log_path.read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"{peer.name}: {shlex.join(cmd)} did not mount:\n{tail}")
                 time.sleep(0.01)
-            os.stat(self.mnt)  # the first request reaches the daemon, not the mount syscall
+            dev = os.stat(self.mnt).st_dev  # the first request: the daemon answers
+            bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+            if peer.read_ahead_kb is not None:
+                bdi.write_text(f"{peer.read_ahead_kb}\n")
             with contextlib.suppress(OSError, ValueError):
-                dev = os.stat(self.mnt).st_dev
-                bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
                 self.read_ahead_kb[peer.name] = int(bdi.read_text())
             yield self.mnt, proc.pid
         finally:
@@ -175,13 +201,17 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def proc_field(pid: int, name: str, key: str) -> int:
-    """A number from /proc/PID/status (kB, returned in bytes) or /proc/PID/io."""
+def proc_number(pid: int, name: str, key: str) -> int:
+    """A number from /proc/PID/status (VmHWM etc., in kB) or /proc/PID/io."""
     for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
         if line.startswith(key + ":"):
-            value = int(line.split()[1])
-            return value * 1024 if name == "status" else value
+            return int(line.split()[1])
     raise RuntimeError(f"/proc/{pid}/{name} has no {key}")
+
+
+def daemon_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15 of stat)
 
 
 def shell(cmd: str, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
@@ -190,9 +220,9 @@ def shell(cmd: str, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def run_quiet(cmd: list[str], timeout_s: float = RUN_TIMEOUT_S) -> float:
+def run_quiet(cmd: list[str]) -> float:
     t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+    done = subprocess.run(cmd, capture_output=True, timeout=RUN_TIMEOUT_S, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{done.stderr.decode(errors='replace')}")
     return time.perf_counter() - t
@@ -200,13 +230,11 @@ def run_quiet(cmd: list[str], timeout_s: float = RUN_TIMEOUT_S) -> float:
 
 def read_file(path: Path, expected: int, timeout_s: float) -> float:
     """Seconds to read `path` start to end with READ_BUF_BYTES reads; checks the length."""
-    buf = bytearray(READ_BUF_BYTES)
-    view = memoryview(buf)
+    view = memoryview(bytearray(READ_BUF_BYTES))
     total = 0
-    limit = expected // READ_BUF_BYTES + 2
     t = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
-        for _ in range(limit):
+        for _ in range(expected // READ_BUF_BYTES + 2):
             n = f.readinto(view)
             if not n:
                 break
@@ -248,7 +276,7 @@ def make_tree(root: Path, min_files: int, max_files: int) -> tuple[int, int]:
                 src_path = os.path.join(dirpath, name)
                 try:
                     st = os.lstat(src_path)
-                    if not stat.S_ISREG(st.st_mode):  # regular files only
+                    if not stat.S_ISREG(st.st_mode):
                         continue
                     dest = dest_root / os.path.relpath(src_path, src)
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -264,36 +292,34 @@ def make_tree(root: Path, min_files: int, max_files: int) -> tuple[int, int]:
     return files, size
 
 
+def first_line(cmd: list[str], word: str) -> str:
+    """The first output line of `cmd` that mentions `word` (version banners go to either stream)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+    except OSError:
+        return "?"
+    lines = (out.stdout + b"\n" + out.stderr).decode(errors="replace").splitlines()
+    return next((line.strip() for line in lines if word in line), "?")
+
+
 def machine() -> tuple[dict[str, object], str]:
     cpu = "?"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
     mem = 0
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-
-    def version(cmd: list[str]) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
-        except OSError:
-            return "?"
-        text = (out.stdout or out.stderr).decode(errors="replace").strip().splitlines()
-        return text[0] if text else "?"
-
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        mem = int(next(ln for ln in lines if ln.startswith("MemTotal:")).split()[1]) * 1024
     info: dict[str, object] = {
         "nproc": os.cpu_count(),
         "memory_bytes": mem,
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "squashfuse": version(["squashfuse", "-V"]),
-        "mksquashfs": version(["mksquashfs", "-version"]),
-        "blobmount": version([sys.executable, "-m", "blobmount.cli", "--version"]),
+        "squashfuse": first_line(["squashfuse", "-V"], "squashfuse"),
+        "mksquashfs": first_line(["mksquashfs", "-version"], "version"),
+        "blobmount": first_line([sys.executable, "-m", "blobmount.cli", "--version"], "blobmount"),
     }
     line = (
         f"machine: {cpu}, nproc {os.cpu_count()}, {mem / 2**30:.1f} GiB RAM, kernel {platform.release()};"
@@ -302,37 +328,48 @@ def machine() -> tuple[dict[str, object], str]:
     return info, line
 
 
+def code_state() -> dict[str, str]:
+    """Which blobmount code the daemons ran: HEAD, the dirty files, a digest of the package."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "blobmount").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+
+    def git(*args: str) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=30, check=False)
+            return done.stdout.decode(errors="replace").strip()
+        return "?"
+
+    return {
+        "head": git("rev-parse", "--short", "HEAD"),
+        "dirty": " ".join(git("status", "--porcelain", "--", "blobmount").split()),
+        "package_sha256": digest.hexdigest()[:16],
+    }
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 # -- workloads -----------------------------------------------------------------------------------
 
 
 def bench_big(b: Bench, peer: Peer, big_bytes: int) -> None:
     with b.mounted(peer) as (root, pid):
         drop_caches()
-        syscr = proc_field(pid, "io", "syscr") if pid else 0
-        b.add(peer.name, "seq_cold_s", read_file(root / "big.bin", big_bytes, b.remaining_s()))
-        if pid:
-            per_mib = (proc_field(pid, "io", "syscr") - syscr) / (big_bytes / 2**20)
-            b.syscr_per_mib.setdefault(peer.name, []).append(per_mib)
-        b.add(peer.name, "seq_warm_s", read_file(root / "big.bin", big_bytes, b.remaining_s()))
-        if pid:
-            b.rss[peer.name + "/big"] = max(b.rss.get(peer.name + "/big", 0), proc_field(pid, "status", "VmHWM"))
+        b.measure(peer, "seq_cold_s", pid, lambda: read_file(root / "big.bin", big_bytes, b.remaining_s()))
+        b.measure(peer, "seq_warm_s", pid, lambda: read_file(root / "big.bin", big_bytes, b.remaining_s()))
 
 
 def bench_tree(b: Bench, peer: Peer, files: int, tree_bytes: int) -> None:
-    def note_rss(pid: int | None) -> None:
-        if pid:
-            key = peer.name + "/tree"
-            b.rss[key] = max(b.rss.get(key, 0), proc_field(pid, "status", "VmHWM"))
-
     def find(root: Path) -> float:
         t = time.perf_counter()
         out = shell(f"find {shlex.quote(str(root))} -type f -printf '%s\\n'", b.remaining_s()).stdout
         elapsed = time.perf_counter() - t
         sizes = [int(s) for s in out.split()]
         if len(sizes) != files or sum(sizes) != tree_bytes:
-            raise RuntimeError(
-                f"{peer.name}: find saw {len(sizes)} files, {sum(sizes)} bytes; expected {files}, {tree_bytes}"
-            )
+            seen = f"{len(sizes)} files, {sum(sizes)} bytes"
+            raise RuntimeError(f"{peer.name}: find saw {seen}; expected {files}, {tree_bytes}")
         return elapsed
 
     def read_all(root: Path, procs: int) -> float:
@@ -343,18 +380,15 @@ def bench_tree(b: Bench, peer: Peer, files: int, tree_bytes: int) -> None:
 
     with b.mounted(peer) as (root, pid):
         drop_caches()
-        b.add(peer.name, "find_cold_s", find(root))
-        b.add(peer.name, "find_warm_s", find(root))
-        note_rss(pid)
+        b.measure(peer, "find_cold_s", pid, lambda: find(root))
+        b.measure(peer, "find_warm_s", pid, lambda: find(root))
     with b.mounted(peer) as (root, pid):
         drop_caches()
-        b.add(peer.name, "readall_p8_cold_s", read_all(root, 8))
-        b.add(peer.name, "readall_p8_warm_s", read_all(root, 8))
-        note_rss(pid)
+        b.measure(peer, "readall_p8_cold_s", pid, lambda: read_all(root, 8))
+        b.measure(peer, "readall_p8_warm_s", pid, lambda: read_all(root, 8))
     with b.mounted(peer) as (root, pid):
         drop_caches()
-        b.add(peer.name, "readall_p1_cold_s", read_all(root, 1))
-        note_rss(pid)
+        b.measure(peer, "readall_p1_cold_s", pid, lambda: read_all(root, 1))
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -364,139 +398,101 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def report(b: Bench, big_bytes: int, files: int, tree_bytes: int, reps: int) -> dict[str, object]:
-    r = b.results
+# fmt: off
+RATIOS: list[tuple[str, str, str, str, float | None, bool]] = [
+    # label; numerator and denominator peers; metric; target; higher is better (MB/s: times inverted)
+    ("seq cold MB/s, blobmount / squashfuse (both uncompressed)",
+     "squashfuse-none", "blobmount-none", "seq_cold_s", 0.8, True),
+    ("seq cold MB/s, blobmount / squashfuse -comp zstd",
+     "squashfuse-zstd", "blobmount-none", "seq_cold_s", None, True),
+    ("seq cold MB/s, blobmount / plain",
+     "plain", "blobmount-none", "seq_cold_s", None, True),
+    ("seq cold MB/s, both read_ahead_kb=1024: blobmount / squashfuse",
+     "squashfuse-none+ra1M", "blobmount-none+ra1M", "seq_cold_s", None, True),
+    ("seq cold MB/s, blobmount read_ahead_kb=1024 / squashfuse default",
+     "squashfuse-none", "blobmount-none+ra1M", "seq_cold_s", None, True),
+    ("re-read MB/s, blobmount / plain",
+     "plain", "blobmount-none", "seq_warm_s", 0.9, True),
+    ("re-read MB/s, squashfuse / plain (the same kernel path)",
+     "plain", "squashfuse-none", "seq_warm_s", None, True),
+    ("find cold time, blobmount-zstd / squashfuse-zstd",
+     "blobmount-zstd", "squashfuse-zstd", "find_cold_s", 1.5, False),
+    ("find cold time, blobmount-none / squashfuse-none",
+     "blobmount-none", "squashfuse-none", "find_cold_s", 1.5, False),
+    ("find cold time, blobmount-zstd / squashfuse-gzip (mksquashfs default)",
+     "blobmount-zstd", "squashfuse-gzip", "find_cold_s", 1.5, False),
+    ("find warm time, blobmount-zstd / squashfuse-zstd",
+     "blobmount-zstd", "squashfuse-zstd", "find_warm_s", None, False),
+    ("read-all P8 cold time, blobmount-zstd / squashfuse-zstd",
+     "blobmount-zstd", "squashfuse-zstd", "readall_p8_cold_s", None, False),
+    ("read-all P1 cold time, blobmount-zstd / squashfuse-zstd",
+     "blobmount-zstd", "squashfuse-zstd", "readall_p1_cold_s", None, False),
+    ("read-all P8 cold time, blobmount-none / squashfuse-none",
+     "blobmount-none", "squashfuse-none", "readall_p8_cold_s", None, False),
+    ("read-all P1 cold time, blobmount-none / squashfuse-none",
+     "blobmount-none", "squashfuse-none", "readall_p1_cold_s", None, False),
+    ("read-all P8 cold time, blobmount-zstd / squashfuse-gzip",
+     "blobmount-zstd", "squashfuse-gzip", "readall_p8_cold_s", None, False),
+    ("read-all P8 warm time, blobmount-zstd / squashfuse-zstd",
+     "blobmount-zstd", "squashfuse-zstd", "readall_p8_warm_s", None, False),
+]
+# fmt: on
 
-    def mbps(peer: str, metric: str, fn: str) -> float:
-        times = r[peer][metric]
-        return big_bytes / (min(times) if fn == "best" else med(times)) / 1e6
+
+def report(b: Bench, big_bytes: int, files: int, tree_bytes: int, reps: int) -> dict[str, object]:
+    s = b.seconds
+    mib = big_bytes / 2**20
+
+    def mbps(times: list[float]) -> str:
+        return f"{big_bytes / med(times) / 1e6:.0f} ({big_bytes / min(times) / 1e6:.0f})"
 
     lines = [
         f"big file: {big_bytes >> 20} MiB of os.urandom; tree: {files} files, {tree_bytes / 2**20:.0f} MiB;"
-        f" {reps} repetitions (median, best in brackets)"
+        f" {reps} repetition(s): median (best)",
+        "",
+        f"{'sequential read':<22} {'cold MB/s':>13} {'re-read MB/s':>15} {'CPU s/GiB':>10} {'rd/MiB':>7}"
+        f" {'re-read rd':>10}",
     ]
-    lines.append("")
-    lines.append(f"{'sequential read':<18} {'cold MB/s':>17} {'re-read MB/s':>19} {'daemon rd/MiB':>14}")
-    for peer in ("plain", "blobmount-none", "squashfuse-none", "squashfuse-zstd"):
-        if peer not in r:
-            continue
-        cold = f"{mbps(peer, 'seq_cold_s', 'median'):.0f} ({mbps(peer, 'seq_cold_s', 'best'):.0f})"
-        warm = f"{mbps(peer, 'seq_warm_s', 'median'):.0f} ({mbps(peer, 'seq_warm_s', 'best'):.0f})"
-        sysc = f"{med(b.syscr_per_mib[peer]):.1f}" if peer in b.syscr_per_mib else "-"
-        lines.append(f"{peer:<18} {cold:>17} {warm:>19} {sysc:>14}")
-    lines.append("")
-    heads = ("find cold s", "find warm s", "read P8 cold s", "read P8 warm s", "read P1 cold s")
-    lines.append(f"{'tree':<18} " + " ".join(f"{h:>15}" for h in heads))
-    for peer in ("plain", "blobmount-zstd", "blobmount-none", "squashfuse-gzip", "squashfuse-zstd", "squashfuse-none"):
-        if peer not in r:
-            continue
-        cells = [f"{med(r[peer][m]):.2f} ({min(r[peer][m]):.2f})" for m in TREE_METRICS]
-        lines.append(f"{peer:<18} " + " ".join(f"{c:>15}" for c in cells))
-    lines.append("")
-
-    def ratio(a: str, bb: str, metric: str) -> float:
-        return med(r[a][metric]) / med(r[bb][metric])
-
-    # (label, value, target, higher is better); throughput ratios are inverted time ratios
-    ratios: list[tuple[str, float, float | None, bool]] = [
-        (
-            "seq cold MB/s blobmount / squashfuse (both uncompressed)",
-            ratio("squashfuse-none", "blobmount-none", "seq_cold_s"),
-            0.8,
-            True,
-        ),
-        (
-            "seq cold MB/s blobmount / squashfuse -comp zstd",
-            ratio("squashfuse-zstd", "blobmount-none", "seq_cold_s"),
-            None,
-            True,
-        ),
-        ("seq cold MB/s blobmount / plain", ratio("plain", "blobmount-none", "seq_cold_s"), None, True),
-        ("re-read MB/s blobmount / plain", ratio("plain", "blobmount-none", "seq_warm_s"), 0.9, True),
-        (
-            "find cold time blobmount-zstd / squashfuse-zstd",
-            ratio("blobmount-zstd", "squashfuse-zstd", "find_cold_s"),
-            1.5,
-            False,
-        ),
-        (
-            "find cold time blobmount-none / squashfuse-none",
-            ratio("blobmount-none", "squashfuse-none", "find_cold_s"),
-            1.5,
-            False,
-        ),
-        (
-            "find warm time blobmount-zstd / squashfuse-zstd",
-            ratio("blobmount-zstd", "squashfuse-zstd", "find_warm_s"),
-            None,
-            False,
-        ),
-        (
-            "read-all P8 cold time blobmount-zstd / squashfuse-zstd",
-            ratio("blobmount-zstd", "squashfuse-zstd", "readall_p8_cold_s"),
-            None,
-            False,
-        ),
-        (
-            "read-all P1 cold time blobmount-zstd / squashfuse-zstd",
-            ratio("blobmount-zstd", "squashfuse-zstd", "readall_p1_cold_s"),
-            None,
-            False,
-        ),
-        (
-            "read-all P8 cold time blobmount-none / squashfuse-none",
-            ratio("blobmount-none", "squashfuse-none", "readall_p8_cold_s"),
-            None,
-            False,
-        ),
-        (
-            "read-all P1 cold time blobmount-none / squashfuse-none",
-            ratio("blobmount-none", "squashfuse-none", "readall_p1_cold_s"),
-            None,
-            False,
-        ),
-        (
-            "read-all P8 warm time blobmount-zstd / plain",
-            ratio("blobmount-zstd", "plain", "readall_p8_warm_s"),
-            None,
-            False,
-        ),
-    ]
-    if "squashfuse-gzip" in r:
-        ratios.append(
-            (
-                "find cold time blobmount-zstd / squashfuse-gzip (mksquashfs default)",
-                ratio("blobmount-zstd", "squashfuse-gzip", "find_cold_s"),
-                None,
-                False,
-            )
+    for peer in (p for p in BIG_ORDER if p in s and "seq_cold_s" in s[p]):
+        ms = s[peer]
+        cpu = b.cpu_s.get(peer, {})
+        calls = b.syscr.get(peer, {})
+        cpu_cell = f"{med(cpu['seq_cold_s']) / mib * 1024:.2f}" if cpu else "-"
+        rd_cell = f"{med(calls['seq_cold_s']) / mib:.1f}" if calls else "-"
+        warm_rd = f"{med(calls['seq_warm_s']):.0f}" if calls else "-"
+        lines.append(
+            f"{peer:<22} {mbps(ms['seq_cold_s']):>13} {mbps(ms['seq_warm_s']):>15} {cpu_cell:>10} {rd_cell:>7}"
+            f" {warm_rd:>10}"
         )
-        ratios.append(
-            (
-                "read-all P8 cold time blobmount-zstd / squashfuse-gzip",
-                ratio("blobmount-zstd", "squashfuse-gzip", "readall_p8_cold_s"),
-                None,
-                False,
-            )
-        )
-    lines.append(f"{'ratio (medians, same run)':<72} {'value':>6}  target")
-    for label, value, target, higher in ratios:
+    lines += ["", f"{'tree: seconds':<22} " + " ".join(f"{h:>15}" for h in TREE_HEADS)]
+    tree_peers = [p for p in TREE_ORDER if p in s and "find_cold_s" in s[p]]
+    for peer in tree_peers:
+        cells = [f"{med(s[peer][m]):.2f} ({min(s[peer][m]):.2f})" for m in TREE_METRICS]
+        lines.append(f"{peer:<22} " + " ".join(f"{c:>15}" for c in cells))
+    lines += ["", f"{'tree: daemon CPU s':<22} " + " ".join(f"{h:>15}" for h in TREE_HEADS)]
+    for peer in tree_peers:
+        if peer in b.cpu_s:
+            lines.append(f"{peer:<22} " + " ".join(f"{med(b.cpu_s[peer][m]):>15.2f}" for m in TREE_METRICS))
+    lines += ["", f"{'ratio (medians, same run)':<72} {'value':>6}  target"]
+    ratios: dict[str, dict[str, object]] = {}
+    for label, num, den, metric, target, higher in RATIOS:
+        if num not in s or den not in s:
+            continue
+        value = med(s[num][metric]) / med(s[den][metric])
         verdict = ""
         if target is not None:
             ok = value >= target if higher else value <= target
             verdict = f"{'>=' if higher else '<='} {target}  {'met' if ok else 'MISSED'}"
         lines.append(f"{label:<72} {value:>6.2f}  {verdict}")
+        ratios[label] = {"value": round(value, 4), "target": target, "higher_is_better": higher}
     lines.append("")
-    rss_cells = [f"{k} {v / 2**20:.1f}" for k, v in sorted(b.rss.items())]
-    lines.append("daemon peak RSS (VmHWM, MiB): " + ", ".join(rss_cells))
-    if b.read_ahead_kb:
-        kbs = sorted(set(b.read_ahead_kb.values()))
-        lines.append(f"FUSE mounts' read_ahead_kb (bdi): {', '.join(map(str, kbs))}")
+    lines.append("daemon peak RSS (VmHWM, MiB): " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(b.rss.items())))
+    kbs = ", ".join(f"{k} {v}" for k, v in sorted(b.read_ahead_kb.items()))
+    lines.append(f"FUSE mounts' read_ahead_kb: {kbs}")
+    lines.append("CPU s/GiB: daemon utime+stime per GiB read cold; rd/MiB: daemon read syscalls per MiB (one")
+    lines.append("per FUSE request plus its preads); re-read rd: daemon read syscalls during the whole re-read")
     print("\n".join(lines))
-    return {
-        "ratios": {label: {"value": v, "target": t, "higher_is_better": h} for label, v, t, h in ratios},
-        "table": lines,
-    }
+    return {"ratios": ratios, "table": lines}
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -506,28 +502,25 @@ def _raise_on_term(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: unmount, clean up
 
 
+def default_json_path() -> Path:
+    return REPO / "bench" / "results" / f"{datetime.date.today().isoformat()}-fs_local.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fs_local", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="64 MiB file, ~2,000 files, no gzip squashfs (< 1 min)")
-    ap.add_argument("--reps", type=int, default=None, help=f"repetitions (default {REPS}; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="64 MiB file, ~2,000 files, no gzip image (< 1 min)")
+    ap.add_argument("--reps", type=int, default=REPS, help=f"repetitions (default {REPS})")
     ap.add_argument(
-        "--json",
-        nargs="?",
-        type=Path,
-        const=Path("default"),
-        default=None,
-        metavar="OUT",
-        help="write results as JSON (default bench/results/<date>-fs_local.json)",
-    )
+        "--json", nargs="?", type=Path, const=default_json_path(), default=None, metavar="OUT",
+        help="write the results as JSON (default OUT: bench/results/<date>-fs_local.json)",
+    )  # fmt: skip
     ap.add_argument(
-        "--work-dir",
-        type=Path,
-        default=Path(os.environ.get("BENCH_DIR", "/var/tmp")),
-        help="where the temporary data goes (same disk for every peer)",
-    )
+        "--work-dir", type=Path, default=Path(os.environ.get("BENCH_DIR", "/var/tmp")),
+        help="where the temporary data goes (one disk for every peer; not a tmpfs)",
+    )  # fmt: skip
     ap.add_argument("--time-limit", type=float, default=3 * 3600.0, help="seconds for the whole run")
     args = ap.parse_args(argv)
-    reps = args.reps if args.reps is not None else (1 if args.quick else REPS)
+    reps: int = args.reps
     if not 1 <= reps <= 20:
         raise SystemExit("--reps: 1..20")
     if os.geteuid() != 0:
@@ -538,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     big_bytes = BIG_BYTES_QUICK if args.quick else BIG_BYTES_FULL
     tree_max = TREE_FILES_QUICK if args.quick else TREE_MAX_FILES_FULL
     tree_min = TREE_FILES_QUICK // 2 if args.quick else TREE_MIN_FILES_FULL
-    # big file x4 (plain, archive, two images); the tree (<= ~1 GiB) x5 in the worst case
-    need = 4 * big_bytes + (512 << 20 if args.quick else 5 << 30) + DISK_MARGIN_BYTES
+    # the big file x4 (plain, archive, two images); the tree (<= ~1 GiB) x6 at worst
+    need = 4 * big_bytes + (512 << 20 if args.quick else 6 << 30) + DISK_MARGIN_BYTES
     free = shutil.disk_usage(args.work_dir).free
     if free < need:
         raise SystemExit(f"need {need / 2**30:.1f} GiB free in {args.work_dir}, have {free / 2**30:.1f} GiB")
@@ -550,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     b = Bench(work, started + args.time_limit)
     try:
         info, info_line = machine()
-        print(info_line, flush=True)
+        code_before = code_state()
+        print(info_line)
+        print(f"blobmount code: {code_before}; load average {loadavg()}", flush=True)
         (work / "big").mkdir()
         make_big(work / "big" / "big.bin", big_bytes)
         files, tree_bytes = make_tree(work / "tree", tree_min, tree_max)
@@ -562,7 +557,6 @@ def main(argv: list[str] | None = None) -> int:
                 [*bm, "--compression", "none", str(work / "tree"), str(work / "a-tree-none")]
             ),
         }
-        squash = ["mksquashfs"]
         for name, src, image, opts in (
             ("squashfuse-none big", "big", "big-none.sqfs", MKSQUASHFS_NONE),
             ("squashfuse-zstd big", "big", "big-zstd.sqfs", ("-comp", "zstd")),
@@ -570,16 +564,19 @@ def main(argv: list[str] | None = None) -> int:
             ("squashfuse-none tree", "tree", "tree-none.sqfs", MKSQUASHFS_NONE),
             *([] if args.quick else [("squashfuse-gzip tree", "tree", "tree-gzip.sqfs", ())]),
         ):
-            build_s[name] = run_quiet([*squash, str(work / src), str(work / image), *MKSQUASHFS_COMMON, *opts])
+            build_s[name] = run_quiet(["mksquashfs", str(work / src), str(work / image), *MKSQUASHFS_COMMON, *opts])
         print(
             f"data: {big_bytes >> 20} MiB file; tree of {files} files, {tree_bytes / 2**20:.0f} MiB;"
-            f" built in {time.monotonic() - started:.0f} s"
+            f" built in {time.monotonic() - started:.0f} s",
+            flush=True,
         )
         big_peers = [
             Peer("plain", "plain", work / "big"),
             Peer("blobmount-none", "blobmount", work / "a-big"),
             Peer("squashfuse-none", "squashfuse", work / "big-none.sqfs"),
             Peer("squashfuse-zstd", "squashfuse", work / "big-zstd.sqfs"),
+            Peer("blobmount-none+ra1M", "blobmount", work / "a-big", BIG_READ_AHEAD_KB),
+            Peer("squashfuse-none+ra1M", "squashfuse", work / "big-none.sqfs", BIG_READ_AHEAD_KB),
         ]
         tree_peers = [
             Peer("plain", "plain", work / "tree"),
@@ -590,36 +587,48 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if not args.quick:
             tree_peers.append(Peer("squashfuse-gzip", "squashfuse", work / "tree-gzip.sqfs"))
+        loads = [loadavg()]
         for rep in range(reps):
             for peer in big_peers:
                 bench_big(b, peer, big_bytes)
             for peer in tree_peers:
                 bench_tree(b, peer, files, tree_bytes)
-            print(f"repetition {rep + 1}/{reps} done at {time.monotonic() - started:.0f} s", flush=True)
+            loads.append(loadavg())
+            print(
+                f"repetition {rep + 1}/{reps} done at {time.monotonic() - started:.0f} s, load {loads[-1]}", flush=True
+            )
         print()
         summary = report(b, big_bytes, files, tree_bytes, reps)
-        print(f"\ntotal {time.monotonic() - started:.0f} s, {b.mounts} mounts")
+        code_after = code_state()
+        print(f"\nload average (1, 5, 15 min) before and after each repetition: {' | '.join(loads)}")
+        if code_after["package_sha256"] != code_before["package_sha256"]:
+            print(f"WARNING: blobmount's code changed during the run ({code_before} -> {code_after})")
+        elif code_after != code_before:
+            print(
+                f"note: HEAD moved during the run ({code_before['head']} -> {code_after['head']}), blobmount/ did not"
+            )
+        print(f"total {time.monotonic() - started:.0f} s, {b.mounts} mounts")
         if args.json is not None:
-            out = args.json
-            if out == Path("default"):
-                day = datetime.date.today().isoformat()
-                out = Path(__file__).resolve().parent / "results" / f"{day}-fs_local.json"
+            out: Path = args.json
             out.parent.mkdir(parents=True, exist_ok=True)
             doc = {
                 "machine": info,
+                "code": {"before": code_before, "after": code_after},
+                "load_average": loads,
                 "quick": args.quick,
                 "reps": reps,
                 "big_bytes": big_bytes,
                 "tree_files": files,
                 "tree_bytes": tree_bytes,
                 "build_s": build_s,
-                "seconds": b.results,
+                "seconds": b.seconds,
+                "daemon_cpu_s": b.cpu_s,
+                "daemon_read_syscalls": b.syscr,
                 "daemon_peak_rss_bytes": b.rss,
-                "daemon_read_syscalls_per_mib": b.syscr_per_mib,
                 "fuse_read_ahead_kb": b.read_ahead_kb,
                 **summary,
             }
-            tmp = out.with_suffix(".json.tmp")
+            tmp = out.with_name(out.name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
             tmp.replace(out)
             print(f"wrote {out}")
