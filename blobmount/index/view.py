@@ -347,12 +347,14 @@ class IndexView:
             return self._at(pos)
         return None
 
-    def _dir_start(self, path: bytes) -> int | None:
-        """Sorted position of the first entry under directory `path` (b'' = root), or None."""
+    def _dir_start(self, path: bytes, lo: int = 0) -> int | None:
+        """Sorted position of the first entry under directory `path` (b'' = root), or None.
+
+        `lo` may be any position known to sort at or before ``path/`` (e.g. where `path` would be)."""
         if not path:
             return 0
         prefix = self._key(path + b"/")
-        pos = self._lower_bound(prefix)
+        pos = self._lower_bound(prefix, lo)
         if pos < self._n and self._key_at(pos).startswith(prefix):
             return pos
         return None
@@ -382,6 +384,8 @@ class IndexView:
         """Entry number (>= 0) for a file, -1 for a directory, None when nothing is there.
 
         A path that is both a file and a directory prefix is refused (InvalidArchive)."""
+        if not path:
+            return -1  # the root
         key = self._key(path)
         pos = self._lower_bound(key)
         number = self._at(pos) if pos < self._n and self._key_at(pos) == key else None
@@ -389,7 +393,17 @@ class IndexView:
             if self._is_dir_after(path, pos):
                 raise InvalidArchive(f"entry {number}: path {show(path)} is both a file and a directory")
             return number
-        return -1 if self.is_dir(path) else None
+        # Not a file. Entries under `path/` sort right where `path` would be (walk order), or after
+        # names continuing `path` with a byte below '/' (byte order): one look settles most cases.
+        if pos >= self._n:
+            return None
+        here = self._key_at(pos)
+        prefix = self._key(path + b"/")
+        if here.startswith(prefix):
+            return -1
+        if self._order is Order.WALK or not here.startswith(key):
+            return None
+        return -1 if self._dir_start(path, pos) is not None else None
 
     def resolve(self, path: bytes) -> int:
         """Like :meth:`kind` but raises NotFound instead of returning None."""

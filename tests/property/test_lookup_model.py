@@ -1,0 +1,45 @@
+"""kind()/find()/children() agree with a brute-force model on random trees, in byte order, walk order
+and neither: names that continue a directory's name with bytes below '/' are generated on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blobmount.index import EntryRecord, IndexView, build_index
+
+H = hashlib.sha256(b"").digest()
+NAMES = [b"a", b"a-b", b"a.b", b"a b", b"a0", b"ab", b"b", b"B", b"\xc3\xa9", b"z"]
+
+
+@st.composite
+def trees(draw: st.DrawFn) -> list[bytes]:
+    paths: set[bytes] = set()
+    for _ in range(draw(st.integers(1, 25))):
+        depth = draw(st.integers(1, 3))
+        paths.add(b"/".join(draw(st.sampled_from(NAMES)) for _ in range(depth)))
+    files = sorted(paths)
+    # drop file/dir conflicts: a path that is also a prefix of another
+    return [p for p in files if not any(q.startswith(p + b"/") for q in files)]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(files=trees(), order=st.sampled_from(["bytes", "walk", "neither"]), seed=st.integers(0, 1000))
+def test_lookups_match_the_model(files: list[bytes], order: str, seed: int) -> None:
+    if order == "walk":
+        files = sorted(files, key=lambda p: p.replace(b"/", b"\x00"))
+    elif order == "neither":
+        random.Random(seed).shuffle(files)
+    view = IndexView(build_index([EntryRecord(p, 0, 0, 0, H, 0o644, 0, 0, 0, 0) for p in files], 0, H), blob_size=0)
+    dirs = {b""} | {p.rsplit(b"/", i)[0] for p in files for i in range(1, p.count(b"/") + 1)}
+    candidates = set(files) | dirs | {p + b"x" for p in files} | {d + b"-" for d in dirs if d} | {b"a/", b"nope"}
+    for path in candidates:
+        want = files.index(path) if path in files else (-1 if path in dirs else None)
+        assert view.kind(path) == want, path
+    for d in dirs:
+        prefix = d + b"/" if d else b""
+        children = {p[len(prefix) :].split(b"/")[0] for p in files if p.startswith(prefix)}
+        assert {c.name for c in view.children(d)} == children, d
