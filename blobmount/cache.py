@@ -7,8 +7,8 @@ before a byte of the file is served, without rehashing sha256 (xxh3 runs at memo
 Concurrency contract:
 - Files appear only by ``rename`` of a fully written ``*.tmp`` in the same directory, so no process
   ever opens a half-written file. There is no fsync: after a power cut a renamed file may be torn,
-  and its trailer check turns that into a miss (an fsync per decoded file doubled the time to read
-  a tree of small zstd files); ``*.tmp`` older than a day are purged at start (another
+  and its trailer check turns that into a miss, so a disk flush per decoded file would buy nothing;
+  ``*.tmp`` older than a day are purged at start (another
   process may be writing younger ones).
 - Within one process, :meth:`ContentStore.fill` is single-flight per key: the first caller decodes,
   later callers wait on a ``trio.Event`` and then open the finished file. Across processes two

@@ -70,9 +70,9 @@ def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
             else:
                 log.debug("%s: %s", func.__name__, exc)
             raise pyfuse3.FUSEError(code) from None
-        except Exception:
+        except Exception as exc:
             log.exception("unexpected error in %s; answered EIO", func.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise pyfuse3.FUSEError(errno_for(exc)) from None  # EIO: not one of ours
 
     return wrapper
 
