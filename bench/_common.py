@@ -101,14 +101,14 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
 
 
-def _raise_on_term(signum: int, frame: FrameType | None) -> None:
+def raise_on_term(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally, which cleans up
 
 
 @contextlib.contextmanager
 def cleanup_on_term() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt for the block, so `finally` clauses remove temporary data."""
-    old = signal.signal(signal.SIGTERM, _raise_on_term)
+    old = signal.signal(signal.SIGTERM, raise_on_term)
     try:
         yield
     finally:

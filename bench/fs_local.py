@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -51,7 +48,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
+
+from bench._common import code_state, default_json_path, loadavg, raise_on_term
+from bench._common import machine as common_machine
 
 REPO = Path(__file__).resolve().parent.parent
 REPS = 3
@@ -303,52 +302,12 @@ def first_line(cmd: list[str], word: str) -> str:
 
 
 def machine() -> tuple[dict[str, object], str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    mem = 0
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        mem = int(next(ln for ln in lines if ln.startswith("MemTotal:")).split()[1]) * 1024
-    info: dict[str, object] = {
-        "nproc": os.cpu_count(),
-        "memory_bytes": mem,
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "squashfuse": first_line(["squashfuse", "-V"], "squashfuse"),
-        "mksquashfs": first_line(["mksquashfs", "-version"], "version"),
-        "blobmount": first_line([sys.executable, "-m", "blobmount.cli", "--version"], "blobmount"),
-    }
-    line = (
-        f"machine: {cpu}, nproc {os.cpu_count()}, {mem / 2**30:.1f} GiB RAM, kernel {platform.release()};"
-        f" {info['squashfuse']}; {info['mksquashfs']}; {info['blobmount']}"
-    )
-    return info, line
-
-
-def code_state() -> dict[str, str]:
-    """Which blobmount code the daemons ran: HEAD, the dirty files, a digest of the package."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "blobmount").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
-
-    def git(*args: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=30, check=False)
-            return done.stdout.decode(errors="replace").strip()
-        return "?"
-
-    return {
-        "head": git("rev-parse", "--short", "HEAD"),
-        "dirty": " ".join(git("status", "--porcelain", "--", "blobmount").split()),
-        "package_sha256": digest.hexdigest()[:16],
-    }
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    """bench._common's machine, plus the peers' versions."""
+    info, line = common_machine()
+    info["squashfuse"] = first_line(["squashfuse", "-V"], "squashfuse")
+    info["mksquashfs"] = first_line(["mksquashfs", "-version"], "version")
+    info["blobmount"] = first_line([sys.executable, "-m", "blobmount.cli", "--version"], "blobmount")
+    return info, f"{line}; {info['squashfuse']}; {info['mksquashfs']}; {info['blobmount']}"
 
 
 # -- workloads -----------------------------------------------------------------------------------
@@ -498,20 +457,12 @@ def report(b: Bench, big_bytes: int, files: int, tree_bytes: int, reps: int) -> 
 # -- main ----------------------------------------------------------------------------------------
 
 
-def _raise_on_term(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: unmount, clean up
-
-
-def default_json_path() -> Path:
-    return REPO / "bench" / "results" / f"{datetime.date.today().isoformat()}-fs_local.json"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fs_local", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="64 MiB file, ~2,000 files, no gzip image (< 1 min)")
     ap.add_argument("--reps", type=int, default=REPS, help=f"repetitions (default {REPS})")
     ap.add_argument(
-        "--json", nargs="?", type=Path, const=default_json_path(), default=None, metavar="OUT",
+        "--json", nargs="?", type=Path, const=default_json_path("fs_local"), default=None, metavar="OUT",
         help="write the results as JSON (default OUT: bench/results/<date>-fs_local.json)",
     )  # fmt: skip
     ap.add_argument(
@@ -537,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if free < need:
         raise SystemExit(f"need {need / 2**30:.1f} GiB free in {args.work_dir}, have {free / 2**30:.1f} GiB")
 
-    old_term = signal.signal(signal.SIGTERM, _raise_on_term)
+    old_term = signal.signal(signal.SIGTERM, raise_on_term)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-fs-local-", dir=args.work_dir))
     b = Bench(work, started + args.time_limit)
