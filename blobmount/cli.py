@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid archive, 5 verificati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import stat
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blobmount")
 
-SUBCOMMANDS = ("mount", "create", "ls", "cat", "push", "inspect")
+SUBCOMMANDS = ("mount", "create", "ls", "cat", "push", "inspect", "prefetch", "cache")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -126,17 +127,29 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: cache_dir=, cache_size=, verify=, uid=, gid=, allow_other, "
-        "default_permissions, fsname=, subtype=; mount(8)'s generic options are ignored",
+        help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, prefetch=, "
+        "allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options are ignored",
     )
-    m.add_argument("--cache-dir", type=Path)
-    m.add_argument("--cache-size", default=None, help="hard limit of the cache directory (default 10G)")
+    cache_args(m)
     m.add_argument(
         "--verify",
-        choices=("lazy", "strict"),
+        choices=VERIFY_POLICIES,
         default=None,
-        help="lazy (default): large raw files are verified once fully read; strict: "
-        "every file is verified before its first byte is served",
+        help="lazy (default): large raw files are verified once fully read; background: also read "
+        "the rest of an opened large file in the background to verify it; strict: every file is "
+        "verified before its first byte is served",
+    )
+    m.add_argument(
+        "--offline",
+        action="store_true",
+        help="never touch the network: serve what the cache holds (a tag resolves as it did last time)",
+    )
+    m.add_argument(
+        "--prefetch",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="once mounted, fetch this file or directory into the cache (repeatable)",
     )
     m.add_argument(
         "--verify-threshold",
@@ -178,7 +191,31 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show what an archive is: digests, sizes, entries", parents=[reg])
     ins.add_argument("archive")
     ins.add_argument("--json", action="store_true")
+
+    pf = sub.add_parser("prefetch", help="fetch files or directories of a remote archive into the cache", parents=[reg])
+    pf.add_argument("archive")
+    pf.add_argument("paths", nargs="*", metavar="PATH", help="files or directories (default: everything)")
+    cache_args(pf)
+    pf.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+    ca = sub.add_parser("cache", help="the cache directory: status, prune")
+    ca_sub = ca.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    cs = ca_sub.add_parser("status", help="what the cache holds")
+    cs.add_argument("--cache-dir", type=Path)
+    cs.add_argument("--json", action="store_true")
+    cp = ca_sub.add_parser("prune", help="evict least recently used files (works on a live cache)")
+    cp.add_argument("--cache-dir", type=Path)
+    cp.add_argument("--size", default="0", help="evict until at most this much remains (default 0: all unused)")
     return p
+
+
+VERIFY_POLICIES = ("lazy", "strict", "background")
+
+
+def cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, help="the cache directory (shared by every process naming it)")
+    p.add_argument("--cache-size", default=None, help="hard limit of the cache directory (default 10G)")
+    p.add_argument("--chunk-size", default=None, help="unit of remote fetches and of the chunk cache (default 1M)")
 
 
 def _normalize_argv(argv: list[str]) -> list[str]:
@@ -254,11 +291,16 @@ def cmd_cat(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
 
     async def run(store_dir: Path) -> None:
+        from blobmount.fetch import ChunkedSource
+
         reader = Reader(archive.data, ContentStore(store_dir, max_bytes=1 << 62))
         try:
-            async for block in reader.stream_verified(entry):
-                out.write(block)
-            out.flush()
+            async with contextlib.AsyncExitStack() as stack:
+                if isinstance(archive.data, ChunkedSource):
+                    await stack.enter_async_context(archive.data.serving())
+                async for block in reader.stream_verified(entry):
+                    out.write(block)
+                out.flush()
         finally:
             await archive.data.aclose()
 
@@ -338,6 +380,106 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _chunk_size(text: str | None) -> int:
+    from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES
+    from blobmount.config import parse_size
+
+    if text is None:
+        return DEFAULT_CHUNK_SIZE_BYTES
+    size = parse_size(text)
+    if not (4 << 10) <= size <= (64 << 20) or size & (size - 1):
+        raise UsageError(f"--chunk-size {text}: a power of two from 4K to 64M")
+    return size
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    from blobmount.cache import default_cache_dir
+
+    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    import trio
+
+    from blobmount.cache import CacheDir
+    from blobmount.config import parse_size
+    from blobmount.fetch import ChunkedSource
+    from blobmount.index import IndexView
+    from blobmount.prefetch import ranges_for
+    from blobmount.sources import RemoteSettings, is_local, open_remote
+
+    if is_local(args.archive):
+        raise UsageError(f"{args.archive}: a local archive needs no prefetch (its bytes are on this machine)")
+    cache = CacheDir(_cache_dir(args), parse_size(args.cache_size or "10G"))
+    settings = RemoteSettings(cache, _chunk_size(args.chunk_size))
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    started = time.monotonic()
+
+    async def run() -> tuple[int, int]:
+        archive = await open_remote(args.archive, registry_options(args), settings)
+        data = archive.data
+        view = IndexView(archive.index_bytes, blob_size=data.size)
+        ranges = ranges_for(view, args.paths or [""])
+        total = sum(b - a for a, b in ranges)
+        last = 0.0
+
+        def progress(done: int, whole: int) -> None:
+            nonlocal last
+            if show and (time.monotonic() - last > 0.2 or done == whole):
+                last = time.monotonic()
+                print(f"\rprefetch: {done >> 20}/{whole >> 20} MiB", end="", file=sys.stderr, flush=True)
+
+        try:
+            if not isinstance(data, ChunkedSource):
+                return 0, total  # the whole blob is local already (a registry without ranges)
+            async with data.serving():
+                fetched = await data.fill(ranges, progress)
+            return fetched, total
+        finally:
+            if show:
+                print(file=sys.stderr)
+            await data.aclose()
+
+    fetched, total = trio.run(run)
+    print(f"{total} bytes in the cache ({fetched} fetched, {time.monotonic() - started:.2f} s)")
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from blobmount.cache import CacheDir
+    from blobmount.config import parse_size
+
+    path = _cache_dir(args)
+    if not path.is_dir():
+        raise UsageError(f"cache dir {path}: does not exist")
+    cache = CacheDir(path, 1 << 62)
+    if args.cache_command == "prune":
+        count, freed = cache.prune(parse_size(args.size))
+        print(f"evicted {count} files, {freed} bytes; {cache.usage().accounted_bytes} bytes remain in {path}")
+        return EXIT_OK
+    files = cache.scan()
+    total = cache.resync()
+    blobs: dict[str, int] = {}
+    content = 0
+    for f in files:
+        rel = f.path.relative_to(path).parts
+        if rel[0] == "chunks" and len(rel) >= 2:
+            blobs[rel[1]] = blobs.get(rel[1], 0) + f.size
+        elif rel[0] == "content":
+            content += f.size
+    info = {"cache_dir": str(path), "bytes": total, "files": len(files), "content_bytes": content, "chunks": blobs}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"{path}: {total} bytes in {len(files)} files")
+    print(f"  decoded contents: {content} bytes")
+    for name, size in sorted(blobs.items(), key=lambda kv: -kv[1]):
+        print(f"  chunks {name}: {size} bytes")
+    return EXIT_OK
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.config import MountConfig, parse_size, split_o_options
     from blobmount.mount import run_mount
@@ -346,8 +488,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or (Path(ours["cache_dir"]) if "cache_dir" in ours else None)
     size_text = args.cache_size or ours.get("cache_size") or "10G"
     verify = args.verify or ours.get("verify") or "lazy"
-    if verify not in ("lazy", "strict"):
-        raise UsageError(f"invalid verify policy {verify!r} (lazy or strict)")
+    if verify not in VERIFY_POLICIES:
+        raise UsageError(f"invalid verify policy {verify!r} ({', '.join(VERIFY_POLICIES)})")
     threshold_text = args.verify_threshold or ours.get("verify_threshold") or "4M"
     uid = args.uid if args.uid is not None else int(ours["uid"]) if "uid" in ours else None
     gid = args.gid if args.gid is not None else int(ours["gid"]) if "gid" in ours else None
@@ -361,6 +503,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_size=parse_size(size_text),
         verify=verify,
         verify_threshold=parse_size(threshold_text),
+        chunk_size=_chunk_size(args.chunk_size or ours.get("chunk_size")),
+        offline=args.offline or "offline" in ours,
+        prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
         uid=uid,
         gid=gid,
         fuse_options=tuple(fuse_opts),
@@ -388,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mount": cmd_mount,
         "push": cmd_push,
         "inspect": cmd_inspect,
+        "prefetch": cmd_prefetch,
+        "cache": cmd_cache,
     }
     try:
         code: int = handlers[args.command](args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES
 from blobmount.errors import UsageError
 from blobmount.registry.client import RegistryOptions
 
@@ -34,6 +35,9 @@ class MountConfig:
     cache_size: int = 10 << 30
     verify: str = "lazy"
     verify_threshold: int = 4 << 20
+    chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES
+    offline: bool = False
+    prefetch: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
     uid: int | None = None
     gid: int | None = None
     fuse_options: tuple[str, ...] = field(default_factory=tuple)
@@ -50,6 +54,9 @@ O_KEYS: dict[str, tuple[str, bool]] = {
     "verify_threshold": ("verify_threshold", True),
     "uid": ("uid", True),
     "gid": ("gid", True),
+    "chunk_size": ("chunk_size", True),
+    "offline": ("offline", False),
+    "prefetch": ("prefetch", True),
 }
 # Passed through to the kernel/libfuse as given.
 FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "fsname", "subtype"})
@@ -94,9 +101,12 @@ def split_o_options(values: list[str]) -> tuple[dict[str, str], list[str]]:
                 continue
             key, sep, val = item.partition("=")
             if key in O_KEYS:
-                if not sep:
+                name, takes_value = O_KEYS[key]
+                if takes_value and not sep:
                     raise UsageError(f"-o {key} needs a value ({key}=...)")
-                ours[O_KEYS[key][0]] = val
+                if not takes_value and sep:
+                    raise UsageError(f"-o {key} takes no value")
+                ours[name] = val if takes_value else "1"
             elif key in FUSE_PASSTHROUGH:
                 fuse.append(item)
             elif key in GENERIC_IGNORED or key.startswith(("x-systemd.", "x-", "comment=")):

@@ -24,19 +24,22 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from blobmount.cache import ContentStore, default_cache_dir
+from blobmount.cache import CacheDir, ContentStore, default_cache_dir
 from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
+from blobmount.fetch import ChunkedSource
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
 from blobmount.notify import notify, watchdog
+from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.source import Archive
-from blobmount.sources import open_archive
+from blobmount.sources import RemoteSettings, open_archive
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0  # the first stat of a fresh mount is answered in milliseconds
+PROGRESS_INTERVAL_S = 0.5  # STATUS= lines while prefetching: enough for systemctl status
 
 
 @dataclass(slots=True)
@@ -45,6 +48,8 @@ class Prepared:
     archive: Archive
     view: IndexView
     store: ContentStore
+    cache: CacheDir
+    prefetch: list[tuple[int, int]]  # data-blob ranges of the --prefetch paths
 
 
 def check_mountpoint(path: Path) -> None:
@@ -83,10 +88,11 @@ def _lazy_unmount(path: Path) -> None:
 
 def prepare(config: MountConfig) -> Prepared:
     check_mountpoint(config.mountpoint)
-    cache_dir = config.cache_dir or default_cache_dir()
-    store = ContentStore(cache_dir, config.cache_size)
+    cache = CacheDir(config.cache_dir or default_cache_dir(), config.cache_size)
+    store = ContentStore(cache)
     notify(f"STATUS=opening {config.source}")
-    archive = open_archive(config.source, config.registry, cache_dir=cache_dir, cache_size=config.cache_size)
+    settings = RemoteSettings(cache, config.chunk_size, config.offline)
+    archive = open_archive(config.source, config.registry, settings)
     notify(f"STATUS=checking the index of {archive.name}")
     view = IndexView(archive.index_bytes, blob_size=archive.data.size)
     log.info(
@@ -96,7 +102,8 @@ def prepare(config: MountConfig) -> Prepared:
         view.blob_size,
         view.order.value,
     )
-    return Prepared(config, archive, view, store)
+    prefetch = ranges_for(view, config.prefetch)  # a typo is a one-line error now, not a log line later
+    return Prepared(config, archive, view, store, cache, prefetch)
 
 
 def fuse_options(config: MountConfig, source_name: str) -> set[str]:
@@ -115,10 +122,15 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
     """Run the FUSE loop until unmounted or signalled."""
     try:
         async with trio.open_nursery() as nursery:
+            data = prep.archive.data
+            if isinstance(data, ChunkedSource):
+                data.attach(nursery)
+            fs.reader.attach(nursery)
             nursery.start_soon(fs.invalidator)
             nursery.start_soon(_signals, nursery.cancel_scope)
-            nursery.start_soon(_report_ready, prep.config.mountpoint, ready_fd, prep.archive.name)
+            nursery.start_soon(_report_ready, prep, ready_fd)
             nursery.start_soon(watchdog)
+            nursery.start_soon(trio.to_thread.run_sync, prep.cache.resync)  # recount, drop dead temp files
             await pyfuse3.main()
             nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
             notify("STOPPING=1", "STATUS=unmounted")
@@ -136,8 +148,10 @@ async def _signals(scope: trio.CancelScope) -> None:
             return
 
 
-async def _report_ready(mountpoint: Path, ready_fd: int | None, name: str) -> None:
-    """READY only once the mount answers a stat through the kernel, not when it was merely set up."""
+async def _report_ready(prep: Prepared, ready_fd: int | None) -> None:
+    """READY only once the mount answers a stat through the kernel, not when it was merely set up;
+    then the --prefetch paths, if any, with STATUS lines."""
+    mountpoint, name = prep.config.mountpoint, prep.archive.name
     with trio.fail_after(READY_TIMEOUT_S):
         await trio.to_thread.run_sync(os.stat, mountpoint)
     log.info("mounted at %s", mountpoint)
@@ -145,6 +159,23 @@ async def _report_ready(mountpoint: Path, ready_fd: int | None, name: str) -> No
     if ready_fd is not None:
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)
+    data = prep.archive.data
+    if prep.prefetch and isinstance(data, ChunkedSource):
+        shown = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal shown
+            if trio.current_time() - shown >= PROGRESS_INTERVAL_S or done == total:
+                shown = trio.current_time()
+                notify(f"STATUS=prefetching: {done >> 20} of {total >> 20} MiB")
+
+        try:
+            fetched = await data.fill(prep.prefetch, progress)
+        except BlobmountError as exc:
+            log.warning("--prefetch stopped: %s", exc)
+        else:
+            log.info("--prefetch: %d bytes fetched", fetched)
+        notify(f"STATUS=serving {name} at {mountpoint}")
 
 
 def _daemon_logging(config: MountConfig) -> None:
@@ -166,7 +197,12 @@ def _daemon_logging(config: MountConfig) -> None:
 
 def serve(prep: Prepared, ready_fd: int | None) -> int:
     config = prep.config
-    reader = Reader(prep.archive.data, prep.store, ReaderConfig(config.verify, config.verify_threshold))  # type: ignore[arg-type]
+    reader = Reader(
+        prep.archive.data,
+        prep.store,
+        ReaderConfig(config.verify, config.verify_threshold),  # type: ignore[arg-type]
+        dir_span=prep.view.data_span,
+    )
     fs = BlobFS(prep.view, reader, uid=config.uid, gid=config.gid, timeout_s=config.attr_timeout_s)
     try:
         pyfuse3.init(fs, str(config.mountpoint), fuse_options(config, prep.archive.name))

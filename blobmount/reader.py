@@ -7,9 +7,13 @@ Policy, per file:
   is hashed on the first read, before a byte is returned.
 - larger raw files under ``verify="lazy"`` (the default): served as read; hashed as the reads arrive
   in order (out-of-order reads are caught up from the source once everything has been read). On a
-  mismatch the file is read again from its source once; if it still mismatches, it is poisoned for
-  the life of this reader (every read EIO) and ``on_poison`` lets the filesystem drop the pages
-  the kernel already holds. One log line names the path and both hashes.
+  mismatch ``on_poison`` lets the filesystem drop the pages the kernel already holds, a remote
+  source forgets the file's chunks, and the file is read again once (from the origin, never a
+  mirror); if it still mismatches, it is poisoned for the life of this reader (every read EIO).
+  One log line names the path and both hashes. ``verify="background"`` also reads the rest of such
+  a file in the background once it is opened, so it is verified without waiting for the reader.
+- a remote source remembers which large files it verified, with the chunks they were read from
+  (fetch.py), so a remount does not hash them again.
 
 Concurrency: called only from the trio thread; decoding and hashing of whole files run on worker
 threads, which touch nothing of this object but read through the source.
@@ -30,11 +34,12 @@ from typing import BinaryIO, Literal
 import trio
 import zstandard
 
-from blobmount.cache import ContentStore
-from blobmount.errors import IntegrityError, InvalidArchive, SourceError
+from blobmount.cache import ContentStore, StoreUnavailable
+from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
+from blobmount.fetch import ChunkedSource
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
-from blobmount.source import RangeSource, SyncRangeSource
+from blobmount.source import RangeSource, ReadHint, SyncRangeSource
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +47,13 @@ BLOCK_BYTES = 1 << 20  # unit of whole-file hashing and decoding: bounded memory
 SMALL_DECODE_BYTES = 1 << 20  # zstd files up to this size are decoded into memory, not the store:
 # writing and renaming a store file costs more than decoding such a file again
 MEMORY_BUDGET_BYTES = 64 << 20  # decoded small files kept in memory (LRU), per mount
+SPILL_DECODE_BYTES = 256 << 20  # a zstd file the content store cannot take (disk full) may be decoded
+# into memory up to this size; larger ones fail with EIO and a log line naming both limits
 DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified before the first byte
+DIR_HINTS = 256  # directories whose small-file reads are followed for prefetch (LRU)
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
-VerifyPolicy = Literal["lazy", "strict"]
+VerifyPolicy = Literal["lazy", "strict", "background"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,7 @@ class Handle:
     content: bytes | None = None  # a small file, verified (and decoded) in memory on first read
     small: bool = False  # original_size <= SMALL_DECODE_BYTES: served from `content`
     loading: trio.Event | None = None  # set while one read loads `content`
+    hint: ReadHint | None = None  # read-ahead state of a large raw file
 
 
 def _mismatch(entry: Entry, actual: bytes) -> IntegrityError:
@@ -87,6 +96,7 @@ class _RangeStream(io.RawIOBase):
         self._source = source
         self._pos = start
         self._end = end
+        self._hint = ReadHint(start, end)
 
     def readable(self) -> bool:
         return True
@@ -98,7 +108,7 @@ class _RangeStream(io.RawIOBase):
         if isinstance(self._source, SyncRangeSource):
             data = self._source.read_range_sync(self._pos, self._pos + n)
         else:
-            data = trio.from_thread.run(self._source.read_range, self._pos, self._pos + n)
+            data = trio.from_thread.run(self._source.read_range, self._pos, self._pos + n, self._hint)
         b[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -113,17 +123,28 @@ class Reader:
         store: ContentStore,
         config: ReaderConfig | None = None,
         on_poison: Callable[[Entry], None] | None = None,
+        dir_span: Callable[[bytes], tuple[int, int] | None] | None = None,
     ) -> None:
+        """`dir_span(path)` gives the data-blob range of a directory's files (contiguous: the
+        blob is in path order), for prefetching small files read one after another."""
         self.source = source
         self.store = store
         self.config = config or ReaderConfig()
         self.on_poison = on_poison
+        self.dir_span = dir_span
+        self.remote = source if isinstance(source, ChunkedSource) else None
+        self._nursery: trio.Nursery | None = None
+        self._dir_hints: OrderedDict[bytes, ReadHint | None] = OrderedDict()
         self._verified: set[int] = set()
         self._poisoned: set[int] = set()
         self._progress: dict[int, _Progress] = {}
         self._verifying: dict[int, trio.Event] = {}
         self._decoded: OrderedDict[bytes, bytes] = OrderedDict()  # sha256 -> content (LRU)
         self._decoded_bytes = 0
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """The long-lived nursery for background verification (``verify="background"``)."""
+        self._nursery = nursery
 
     def state(self, entry: Entry) -> str:
         """'verified', 'poisoned' or 'unverified' (exposed as the user.blobmount.verified xattr)."""
@@ -142,10 +163,35 @@ class Reader:
             # tree 2.7x slower (bench/fs_local.py).
             handle.small = True
         elif entry.compression == COMPRESSION_ZSTD and entry.original_size:
-            handle.content_fd = await self._open_decoded(entry)
-        elif not self._upfront(entry):
-            progress = self._progress.setdefault(entry.number, _Progress())
-            progress.users += 1
+            try:
+                handle.content_fd = await self._open_decoded(entry)
+            except (StoreUnavailable, LimitExceeded) as exc:
+                if entry.original_size > SPILL_DECODE_BYTES:
+                    raise SourceError(
+                        f"{show(entry.path)}: {exc}, and its {entry.original_size} bytes exceed the"
+                        f" {SPILL_DECODE_BYTES}-byte in-memory limit for decoded files; not served"
+                    ) from exc
+                log.warning("%s: %s; decoding it into memory instead", show(entry.path), exc)
+                handle.content = await self._decode_small(entry)
+        elif entry.original_size:
+            start, end = entry.data_offset, entry.data_offset + entry.original_size
+            handle.hint = ReadHint(start, end)
+            if (
+                self.remote is not None
+                and entry.number not in self._verified
+                and await self.remote.was_verified(start, end, entry.hash)
+            ):
+                self._verified.add(entry.number)
+            if not self._upfront(entry):
+                progress = self._progress.setdefault(entry.number, _Progress())
+                progress.users += 1
+                if (
+                    self.config.verify == "background"
+                    and entry.number not in self._verified
+                    and entry.number not in self._verifying
+                    and self._nursery is not None
+                ):
+                    self._nursery.start_soon(self._verify_in_background, entry)
         return handle
 
     def close(self, handle: Handle) -> None:
@@ -153,7 +199,7 @@ class Reader:
         if handle.content_fd is not None:
             self.store.release(entry.hash.hex(), handle.content_fd)
             handle.content_fd = None
-        elif not handle.small and not self._upfront(entry):
+        elif not handle.small and entry.original_size and not self._upfront(entry):
             progress = self._progress.get(entry.number)
             if progress is not None:
                 progress.users -= 1
@@ -181,10 +227,11 @@ class Reader:
                 continue
             loading = handle.loading = trio.Event()
             try:
+                hint = self._dir_hint(entry)
                 if entry.compression == COMPRESSION_ZSTD:
-                    handle.content = await self._decode_small(entry)
+                    handle.content = await self._decode_small(entry, hint)
                 else:
-                    handle.content = await self._load_small_raw(entry)
+                    handle.content = await self._load_small_raw(entry, hint)
             finally:
                 handle.loading = None
                 loading.set()
@@ -199,7 +246,7 @@ class Reader:
             return b""
         if entry.number not in self._verified and self._upfront(entry):
             await self._verify_whole(entry)
-        data = await self.source.read_range(entry.data_offset + offset, entry.data_offset + end)
+        data = await self.source.read_range(entry.data_offset + offset, entry.data_offset + end, handle.hint)
         if entry.number not in self._verified:
             progress = self._progress.get(entry.number)
             if progress is not None:
@@ -210,11 +257,32 @@ class Reader:
 
     async def _hash_range(self, entry: Entry, start: int, hasher: hashlib._Hash) -> None:
         pos = start
+        hint = ReadHint(entry.data_offset, entry.data_offset + entry.original_size)
         while pos < entry.original_size:
             end = min(pos + BLOCK_BYTES, entry.original_size)
-            block = await self.source.read_range(entry.data_offset + pos, entry.data_offset + end)
+            block = await self.source.read_range(entry.data_offset + pos, entry.data_offset + end, hint)
             hasher.update(block)
             pos = end
+
+    async def _forget_remote(self, entry: Entry) -> None:
+        """Before reading a mismatching file again: drop its chunks, refetch from the origin."""
+        if self.remote is not None:
+            await self.remote.purge(entry.data_offset, entry.data_offset + entry.data_size)
+
+    async def _remember(self, entry: Entry) -> None:
+        if self.remote is not None and entry.original_size > SMALL_DECODE_BYTES:
+            await self.remote.remember_verified(entry.data_offset, entry.data_offset + entry.original_size, entry.hash)
+
+    async def _verify_in_background(self, entry: Entry) -> None:
+        """``verify="background"``: the rest of an opened large file is read and hashed now."""
+        try:
+            await self._verify_whole(entry)
+        except IntegrityError:
+            pass  # logged once by _poison; the file is EIO from now on
+        except BlobmountError as exc:
+            log.warning(
+                "%s: background verification stopped: %s (it resumes as the file is read)", show(entry.path), exc
+            )
 
     async def _verify_whole(self, entry: Entry) -> None:
         """Hash the whole file before serving it; single-flight per entry. A mismatch is read once
@@ -231,9 +299,11 @@ class Reader:
                 await self._hash_range(entry, 0, hasher)
                 if hasher.digest() == entry.hash:
                     self._verified.add(entry.number)
+                    await self._remember(entry)
                     return
                 if attempt == 0:
                     log.warning("%s: sha256 mismatch; reading it again", show(entry.path))
+                    await self._forget_remote(entry)
             self._poison(entry, hasher.digest())
         finally:
             del self._verifying[entry.number]
@@ -267,15 +337,18 @@ class Reader:
         digest = progress.hasher.digest()
         if digest == entry.hash:
             self._verified.add(entry.number)
+            await self._remember(entry)
             return
         # One more read from the source decides between a transient fault and a bad archive.
         log.warning("%s: sha256 mismatch after reading it all; reading it again", show(entry.path))
         self._notify_poison(entry)  # pages already served may be wrong: drop them either way
+        await self._forget_remote(entry)
         retry = hashlib.sha256()
         await self._hash_range(entry, 0, retry)
         if retry.digest() != entry.hash:
             self._poison(entry, retry.digest())
         self._verified.add(entry.number)
+        await self._remember(entry)
         log.warning("%s: verified on the second read", show(entry.path))
 
     def _poison(self, entry: Entry, actual: bytes) -> None:
@@ -293,13 +366,17 @@ class Reader:
 
     async def _open_decoded(self, entry: Entry) -> int:
         key = entry.hash.hex()
-        for _attempt in range(2):
+        for attempt in range(3):  # open, fill (once more after a mismatch), open
             fd = await self.store.open(key)
             if fd is not None:
                 return fd
             try:
                 await self.store.fill(key, entry.original_size, lambda tmp: self._decode(entry, tmp))
             except (IntegrityError, InvalidArchive) as exc:
+                if attempt == 0 and self.remote is not None:  # a fault on the way, or the archive?
+                    log.warning("%s; reading it again", exc)
+                    await self._forget_remote(entry)
+                    continue
                 self._poisoned.add(entry.number)
                 log.error("%s", exc)
                 raise
@@ -319,25 +396,52 @@ class Reader:
             _, old = self._decoded.popitem(last=False)
             self._decoded_bytes -= len(old)
 
-    async def _decode_small(self, entry: Entry) -> bytes:
-        """A small zstd file decoded and verified in memory, kept in a bounded LRU by sha256."""
+    def _dir_hint(self, entry: Entry) -> ReadHint | None:
+        """The read-ahead state of the directory a small file sits in (remote sources only): the
+        files of a directory are neighbours in the data blob, and programs read them in a row."""
+        if self.remote is None or self.dir_span is None:
+            return None
+        parent = entry.path.rpartition(b"/")[0]
+        if parent in self._dir_hints:
+            self._dir_hints.move_to_end(parent)
+            return self._dir_hints[parent]
+        span = self.dir_span(parent)
+        hint = ReadHint(span[0], span[1], directory=True) if span is not None else None
+        self._dir_hints[parent] = hint
+        if len(self._dir_hints) > DIR_HINTS:
+            self._dir_hints.popitem(last=False)
+        return hint
+
+    async def _decode_small(self, entry: Entry, hint: ReadHint | None = None) -> bytes:
+        """A small zstd file decoded and verified in memory, kept in a bounded LRU by sha256.
+        A remote file's compressed bytes are fetched first, on this thread: the decoder's thread
+        then never waits for the network."""
         cached = self._memory_get(entry.hash)
         if cached is not None:
             self._verified.add(entry.number)
             return cached
-        sink = io.BytesIO()
-        try:
-            await trio.to_thread.run_sync(self._decode_to, entry, sink)
-        except (IntegrityError, InvalidArchive) as exc:
-            self._poisoned.add(entry.number)
-            log.error("%s", exc)
-            raise
+        for attempt in range(2):
+            sink = io.BytesIO()
+            compressed = None
+            if self.remote is not None and entry.data_size <= SPILL_DECODE_BYTES:
+                compressed = await self.source.read_range(entry.data_offset, entry.data_offset + entry.data_size, hint)
+            try:
+                await trio.to_thread.run_sync(self._decode_to, entry, sink, compressed)
+                break
+            except (IntegrityError, InvalidArchive) as exc:
+                if attempt == 0 and self.remote is not None:  # a fault on the way, or the archive?
+                    log.warning("%s; reading it again", exc)
+                    await self._forget_remote(entry)
+                    continue
+                self._poisoned.add(entry.number)
+                log.error("%s", exc)
+                raise
         data = sink.getvalue()
         self._verified.add(entry.number)
         self._memory_put(entry.hash, data)
         return data
 
-    async def _load_small_raw(self, entry: Entry) -> bytes:
+    async def _load_small_raw(self, entry: Entry, hint: ReadHint | None = None) -> bytes:
         """A small raw file fetched whole once, verified, and served from memory: one request for
         a remote source instead of a verification pass plus the reads, no repeated preads locally.
         A mismatch is read once more before the file is poisoned (a fault must not poison it)."""
@@ -346,7 +450,7 @@ class Reader:
             self._verified.add(entry.number)
             return cached
         for attempt in range(2):
-            data = await self.source.read_range(entry.data_offset, entry.data_offset + entry.original_size)
+            data = await self.source.read_range(entry.data_offset, entry.data_offset + entry.original_size, hint)
             actual = hashlib.sha256(data).digest()
             if actual == entry.hash:
                 self._verified.add(entry.number)
@@ -354,6 +458,7 @@ class Reader:
                 return data
             if attempt == 0:
                 log.warning("%s: sha256 mismatch; reading it again", show(entry.path))
+                await self._forget_remote(entry)
         self._poison(entry, actual)
         raise AssertionError("unreachable: _poison raises")  # pragma: no cover
 
@@ -362,9 +467,14 @@ class Reader:
         with open(tmp, "wb") as out:
             self._decode_to(entry, out)
 
-    def _decode_to(self, entry: Entry, out: BinaryIO) -> None:
-        """Worker thread: decode the entry's frame into `out`, verifying size and sha256."""
-        stream = _RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
+    def _decode_to(self, entry: Entry, out: BinaryIO, compressed: bytes | None = None) -> None:
+        """Worker thread: decode the entry's frame (`compressed`, or read from the source as the
+        decoder goes) into `out`, verifying size and sha256."""
+        stream: io.RawIOBase | io.BytesIO
+        if compressed is not None:
+            stream = io.BytesIO(compressed)
+        else:
+            stream = _RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
         dctx = zstandard.ZstdDecompressor()
         hasher = hashlib.sha256()
         total = 0

@@ -1,9 +1,9 @@
 """Byte sources of the data blob, and opening local archives (a directory, an OCI image layout).
 
-Everything above this module sees a :class:`RangeSource`: ``size`` plus ``read_range(start, end)``.
-Local sources also offer ``read_range_sync`` so code already running on a worker thread (the zstd
-decoder) reads without hopping back to the event loop. Remote sources (registry/) implement the same
-protocol and are wrapped by the chunk cache; this module never imports them.
+Everything above this module sees a :class:`RangeSource`: ``size`` plus ``read_range(start, end,
+hint)``. Local sources also offer ``read_range_sync`` so code already running on a worker thread (the
+zstd decoder) reads without hopping back to the event loop. Remote sources (registry/) are wrapped by
+the chunk cache (fetch.py), which implements the same protocol; this module never imports them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,22 @@ from blobmount.errors import InvalidArchive, SourceError, UsageError
 from blobmount.manifest import MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, descriptor, parse_manifest
 
 
+@dataclass(slots=True)
+class ReadHint:
+    """Where a series of reads may go next, so a remote source can fetch ahead: the bytes of one
+    open file, or the data of one directory's small files (``directory``). The reader creates one
+    per open file or directory; the source keeps its read-ahead state in it. Local sources ignore
+    hints (the kernel's page cache does their read-ahead)."""
+
+    lo: int  # the data-blob range the reads stay within
+    hi: int
+    directory: bool = False
+    pos: int = -1  # end of the last read in order
+    window: int = 0  # current read-ahead window, bytes
+    ahead: int = 0  # how far read-ahead has been requested
+    misses: int = 0  # reads that needed the network (directories prefetch from the second on)
+
+
 @runtime_checkable
 class RangeSource(Protocol):
     """Random access to the data blob. `read_range` returns exactly ``end - start`` bytes or raises
@@ -30,7 +46,7 @@ class RangeSource(Protocol):
     @property
     def size(self) -> int: ...
 
-    async def read_range(self, start: int, end: int) -> bytes: ...
+    async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -77,7 +93,7 @@ class LocalFileSource:
             pos += len(got)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def read_range(self, start: int, end: int) -> bytes:
+    async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
         if end - start <= _INLINE_READ_BYTES:
             # Measured (bench/fs_local.py): a trio.to_thread hop per FUSE read halved cold sequential
             # throughput against squashfuse (0.45x), while an inline pread of up to 1 MiB (the

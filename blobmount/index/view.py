@@ -454,6 +454,30 @@ class IndexView:
                 continue
             yield Child(name, number, pos)
 
+    def data_span(self, directory: bytes) -> tuple[int, int] | None:
+        """The data-blob range holding every file under `directory` (b'' = root), or None.
+
+        The data blob follows the stored entry order, and in byte or walk order a directory's
+        entries are one contiguous run of it: remote sources prefetch that run for small files
+        read one after another. Other orders (and hostile offsets) give None: no prefetch."""
+        if self._perm is not None:
+            return None
+        if directory:
+            first = self._dir_start(directory)
+            if first is None:
+                return None
+            end = self._prefix_end(self._key(directory + b"/"), first)
+        else:
+            first, end = 0, self._n
+        if first >= end:
+            return None
+        try:
+            a, b = self.entry(first), self.entry(end - 1)
+        except InvalidArchive:
+            return None
+        lo, hi = a.data_offset, b.data_offset + b.data_size
+        return (lo, hi) if lo < hi else None
+
     # -- entries -------------------------------------------------------------------------------
 
     def entry(self, i: int) -> Entry:

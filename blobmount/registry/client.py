@@ -460,39 +460,73 @@ class RegistryClient:
         """Bytes [start, end) of a blob via one range request (retried when transient)."""
         if start >= end:
             return b""
-        want = end - start
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return await self._read_range_once(digest, start, end, blob_size, want)
+                async with contextlib.aclosing(self.iter_range(digest, start, end, blob_size)) as blocks:
+                    return b"".join([block async for block in blocks])
             except TransientError as exc:
                 if attempt >= self.max_attempts:
                     raise
                 await self._backoff(attempt, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _read_range_once(self, digest: Digest, start: int, end: int, blob_size: int, want: int) -> bytes:
-        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-        response = await self._blob_response(digest, headers, "range")
+    async def iter_range(
+        self, digest: Digest, start: int, end: int, blob_size: int, block_bytes: int = 1 << 20
+    ) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end) of a blob from one range request, yielded as they arrive.
+
+        Opening the response is retried (429/5xx/resets, 401 refresh, storage redirects); the body
+        is not: a body that breaks, runs longer or ends shorter than asked raises TransientError
+        after the blocks already yielded, so the caller can resume from what it got."""
+        if start >= end:
+            return
+        want = end - start
+        response = await self._open_range(digest, start, end, blob_size)
+        got = 0
+        what = f"{self.host}: blob {digest} range {start}-{end}"
         try:
-            status = response.status_code
-            if status == 206:
-                check_content_range(response.headers.get("content-range", ""), start, end, blob_size)
-                body = await _read_exact(response, want, f"{self.host}: blob {digest} range {start}-{end}")
-                self.stats.bytes_fetched += len(body)
-                return body
-            if status == 200:
-                if start == 0 and end == blob_size:
-                    body = await _read_exact(response, want, f"{self.host}: blob {digest}")
-                    self.stats.bytes_fetched += len(body)
-                    return body
-                raise RangeNotSupported(f"{self.host}: answered a range request with the whole blob (200)")
-            if status == 404:
-                raise SourceError(f"{self.host}: blob {digest} not found")
-            if status == 416:
-                raise SourceError(f"{self.host}: range {start}-{end} outside blob {digest}")
-            raise SourceError(f"{self.host}: range GET answered {status}")
+            async with _body(response, block_bytes) as blocks:
+                async for block in blocks:
+                    got += len(block)
+                    if got > want:
+                        raise TransientError(f"{what}: body longer than the {want} bytes asked for")
+                    self.stats.bytes_fetched += len(block)
+                    yield block
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{what}: body broke off after {got} bytes ({type(exc).__name__})") from exc
         finally:
             await response.aclose()
+        if got != want:
+            raise TransientError(f"{what}: body of {got} bytes, expected {want}")
+
+    async def _open_range(self, digest: Digest, start: int, end: int, blob_size: int) -> httpx.Response:
+        """A 206 (or a 200 for the whole blob) whose headers promise exactly [start, end)."""
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        for attempt in range(1, self.max_attempts + 1):
+            response = await self._blob_response(digest, headers, "range")
+            status = response.status_code
+            try:
+                if status == 206:
+                    check_content_range(response.headers.get("content-range", ""), start, end, blob_size)
+                    return response
+                if status == 200:
+                    if start == 0 and end == blob_size:
+                        return response
+                    raise RangeNotSupported(f"{self.host}: answered a range request with the whole blob (200)")
+                if status == 404:
+                    raise SourceError(f"{self.host}: blob {digest} not found")
+                if status == 416:
+                    raise SourceError(f"{self.host}: range {start}-{end} outside blob {digest}")
+                raise SourceError(f"{self.host}: range GET answered {status}")
+            except TransientError as exc:
+                await response.aclose()
+                if attempt >= self.max_attempts:
+                    raise
+                await self._backoff(attempt, exc)
+            except BaseException:
+                await response.aclose()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def get_blob(self, digest: Digest, size: int, limit: int) -> bytes:
         """A whole small blob (the index), verified against its digest and size."""

@@ -91,12 +91,15 @@ class Endpoints:
     def origin(self) -> RegistryClient:
         return self.clients[-1]
 
-    async def first(self, op: Callable[[RegistryClient], Awaitable[T]], *, resolve: bool = False) -> T:
-        """`op` on the first endpoint that succeeds: mirrors in order, then the origin."""
+    async def first(
+        self, op: Callable[[RegistryClient], Awaitable[T]], *, resolve: bool = False, mirrors: bool = True
+    ) -> T:
+        """`op` on the first endpoint that succeeds: mirrors in order (unless `mirrors` is False:
+        bytes that failed verification are fetched again from the origin only), then the origin."""
         last = len(self.clients) - 1
         for i, client in enumerate(self.clients):
             if i < last:
-                if resolve and not self.mirrors[i].resolve:
+                if not mirrors or (resolve and not self.mirrors[i].resolve):
                     continue
                 if trio.current_time() < self._down_until[i]:
                     continue

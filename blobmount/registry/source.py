@@ -1,34 +1,40 @@
-"""Opening an archive by registry reference, and the data blob as a range source.
+"""Opening an archive by registry reference, and the data blob as a streaming range source.
 
 Pull side (issue: registries): resolve the tag once (HEAD, GET when HEAD is refused), fetch the
-manifest by digest and check ``sha256(body)``, check it is a blob archive (source.parse_manifest),
-fetch the index and check digest and size, then probe the data blob with a one-byte range: a
-registry that answers ranges with the whole body is detected here, at mount time, and the whole blob
-is downloaded (verified against its digest) into the cache when it fits ``--cache-size``; otherwise
-the mount is refused with a clear error. An empty data blob is never requested.
+manifest by digest and check ``sha256(body)``, check it is a blob archive (manifest.parse_manifest),
+fetch the index and check digest and size. Manifests and index blobs are kept in the cache by
+digest (cache/meta.py), so a digest remount needs no request at all and a tag remount one HEAD;
+``--offline`` never touches the network (a tag then resolves to the digest it had last time).
+
+The data blob is probed once with a one-byte range (and the answer remembered in the cache): a
+registry that answers ranges with the whole body is detected here, at mount time, and the whole
+blob is downloaded (verified against its digest) into the cache when it fits ``--cache-size``;
+otherwise the mount is refused with a clear error. An empty data blob is never requested.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import trio
 
-from blobmount.errors import LimitExceeded, SourceError, TransientError
+from blobmount.cache import CacheDir, MetaStore
+from blobmount.errors import BlobmountError, LimitExceeded, SourceError, TransientError
 from blobmount.manifest import MAX_INDEX_BYTES, parse_manifest
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.source import Archive, LocalFileSource, RangeSource
+from blobmount.source import Archive, LocalFileSource, RangeSource, ReadHint
 
 log = logging.getLogger(__name__)
 
 
 class RegistryBlobSource:
-    """The data blob in a registry, read with range requests. The HTTP client is created on first
-    use inside the running trio loop (the mount forks after the index is fetched)."""
+    """The data blob in a registry, read with range requests. The HTTP clients are created on
+    first use inside the running trio loop (the mount forks after the index is fetched)."""
 
     verified_digest = True  # bytes are requested by digest; files are still verified by sha256
 
@@ -54,15 +60,35 @@ class RegistryBlobSource:
         """The origin's client (its stats count the requests that reached the origin)."""
         return self.endpoints.origin
 
-    async def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) from the first endpoint that answers (mirrors, then the origin); the
-        whole call, retries included, is bounded by ``--timeout`` so that no FUSE request waits
-        forever (it becomes EIO, and a later read tries afresh)."""
+    def _check(self, start: int, end: int) -> None:
         if not 0 <= start <= end <= self._size:
             raise SourceError(f"{self.ref}: range {start}..{end} outside the {self._size}-byte data blob")
+
+    async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
+        """Bytes [start, end) from the first endpoint that answers (mirrors, then the origin); the
+        whole call, retries included, is bounded by ``--timeout`` so that no caller waits
+        forever (it becomes EIO, and a later read tries afresh)."""
+        self._check(start, end)
         with trio.move_on_after(self.options.timeout_s):
             return await self.endpoints.first(lambda c: c.read_range(self.digest, start, end, self._size))
         raise TransientError(f"{self.ref}: no answer within --timeout {self.options.timeout_s:g} s")
+
+    async def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end) streamed from one request. The first endpoint whose response opens
+        (mirrors in order, unless `origin_only`, then the origin) serves it; a body that breaks
+        later raises TransientError and the caller resumes from what it received."""
+        self._check(start, end)
+        if start == end:
+            return
+        opened = await self.endpoints.first(
+            lambda c: _opened(c.iter_range(self.digest, start, end, self._size)), mirrors=not origin_only
+        )
+        blocks, first = opened
+        async with aclosing(blocks):
+            if first:
+                yield first
+            async for block in blocks:
+                yield block
 
     def close(self) -> None:
         """Sockets go with the process; the async clients are closed by :meth:`aclose` when possible."""
@@ -73,58 +99,120 @@ class RegistryBlobSource:
             self._endpoints = None
 
 
+async def _opened(blocks: AsyncGenerator[bytes, None]) -> tuple[AsyncGenerator[bytes, None], bytes]:
+    """Start a body: its first block (the response has opened) and the rest still to come."""
+    try:
+        first = await blocks.__anext__()
+    except StopAsyncIteration:
+        return blocks, b""
+    except BaseException:
+        await blocks.aclose()
+        raise
+    return blocks, first
+
+
 async def open_registry(
-    spec: str, options: RegistryOptions, *, cache_dir: Path | None = None, cache_size: int = 0
+    spec: str, options: RegistryOptions, *, cache: CacheDir | None = None, offline: bool = False
 ) -> Archive:
-    """Resolve, fetch and check manifest and index; return the archive with its data source."""
+    """Resolve, fetch and check manifest and index (from the cache when it has them); return the
+    archive with its data source (the raw registry source: the caller puts the chunk cache in front)."""
     ref = Reference.parse(spec)
+    meta = MetaStore(cache) if cache is not None else None
     endpoints = Endpoints(ref, options)
     try:
         with trio.fail_after(options.timeout_s * 4):  # the whole open: a few round trips per endpoint
-            digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
-            manifest = await endpoints.first(lambda c: c.get_manifest(digest))
+            digest = await _resolve(ref, endpoints, meta, offline)
+            manifest = meta.get_blob(digest.hex) if meta is not None else None
+            if manifest is None:
+                _online(offline, ref, "its manifest")
+                manifest = await endpoints.first(lambda c: c.get_manifest(digest))
+                if meta is not None:
+                    meta.put_blob(digest.hex, manifest)
             (idigest, isize), (ddigest, dsize) = parse_manifest(manifest, str(ref))
-            index = await endpoints.first(lambda c: c.get_blob(Digest.parse(idigest), isize, MAX_INDEX_BYTES))
+            index_digest = Digest.parse(idigest)
+            index = meta.get_blob(index_digest.hex, isize) if meta is not None else None
+            if index is None:
+                _online(offline, ref, "its index blob")
+                index = await endpoints.first(lambda c: c.get_blob(index_digest, isize, MAX_INDEX_BYTES))
+                if meta is not None:
+                    meta.put_blob(index_digest.hex, index)
             data_digest = Digest.parse(ddigest)
             log.info("%s: pinned to %s (index %d bytes, data %d bytes)", ref, digest, isize, dsize)
             data: RangeSource = RegistryBlobSource(ref, options, data_digest, dsize)
-            if dsize:
+            flag = f"ranges-ok {ref.registry} {data_digest}"
+            if dsize and not offline and not (meta is not None and meta.has_flag(flag)):
                 try:
                     await endpoints.first(lambda c: c.read_range(data_digest, 0, 1, dsize))
+                    if meta is not None:
+                        meta.set_flag(flag)
                 except RangeNotSupported:
-                    data = await _whole_blob_fallback(endpoints.origin, data_digest, dsize, cache_dir, cache_size)
+                    data = await _whole_blob_fallback(endpoints.origin, data_digest, dsize, cache)
     except trio.TooSlowError:
         raise SourceError(f"{ref}: registry did not answer within {options.timeout_s * 4:.0f} s") from None
     finally:
-        await endpoints.aclose()
+        with trio.CancelScope(shield=True):
+            await endpoints.aclose()
     name = f"{ref.registry}/{ref.repository}@{digest}"
     return Archive(name, index, data, idigest)
 
 
+def _online(offline: bool, ref: Reference, what: str) -> None:
+    if offline:
+        raise SourceError(f"{ref}: --offline, and {what} is not in the cache")
+
+
+async def _resolve(ref: Reference, endpoints: Endpoints, meta: MetaStore | None, offline: bool) -> Digest:
+    """The manifest digest: the reference's own, else the tag resolved once (and remembered)."""
+    if ref.digest is not None:
+        return ref.digest
+    key = f"{ref.registry}/{ref.repository}:{ref.ref_for_manifest}"
+    if offline:
+        known = meta.get_tag(key) if meta is not None else None
+        if known is None:
+            raise SourceError(f"{ref}: --offline, and this tag was never resolved with this cache")
+        log.warning("%s: --offline: using the digest this tag had last time, %s", ref, known)
+        return Digest.parse(known)
+    digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
+    if meta is not None:
+        meta.put_tag(key, str(digest))
+    return digest
+
+
 async def _whole_blob_fallback(
-    client: RegistryClient, digest: Digest, size: int, cache_dir: Path | None, cache_size: int
+    client: RegistryClient, digest: Digest, size: int, cache: CacheDir | None
 ) -> LocalFileSource:
-    if cache_dir is None or size > cache_size:
+    """The registry ignores ranges: keep the whole blob (digest-verified) in the cache, if it fits."""
+    limit = cache.limit_bytes if cache is not None else 0
+    if cache is None or size > limit:
         raise LimitExceeded(
             f"{client.ref}: the registry ignores range requests and the {size}-byte data blob does not fit"
-            f" the {cache_size}-byte cache (--cache-size)"
+            f" the {limit}-byte cache (--cache-size)"
         )
-    target = cache_dir / "blobs" / "sha256" / digest.hex
+    directory = cache.subdir("chunks")
+    target = directory / f"{digest.hex}-whole"
     if not target.exists():
         log.warning(
             "%s: the registry ignores range requests; downloading the whole %d-byte data blob into the cache",
             client.ref,
             size,
         )
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = target.with_name(f"{digest.hex}.{os.getpid()}.tmp")
+        if not await trio.to_thread.run_sync(cache.reserve, size):
+            raise LimitExceeded(f"{client.ref}: no room in the cache for the whole {size}-byte data blob")
+        tmp = directory / f"{digest.hex}-whole.{os.getpid()}.tmp"
+        done = False
         try:
             async with await trio.open_file(tmp, "wb") as out:
                 async for block in client.stream_blob(digest, size):
                     await out.write(block)
-                await out.flush()
-                await trio.to_thread.run_sync(os.fsync, out.fileno())
             os.rename(tmp, target)  # only after stream_blob verified the digest
+            done = True
+        except OSError as exc:
+            raise SourceError(f"{client.ref}: cannot keep the data blob in {directory}: {exc.strerror}") from exc
+        except BlobmountError:
+            raise
         finally:
-            tmp.unlink(missing_ok=True)
+            if not done:
+                tmp.unlink(missing_ok=True)
+                await trio.to_thread.run_sync(cache.release, size)
+    cache.pin(target)
     return LocalFileSource(target)

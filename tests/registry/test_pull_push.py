@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from blobmount.cache import CacheDir
 from blobmount.cli import main
 from blobmount.errors import AuthError, LimitExceeded
 from blobmount.reference import Digest, Reference
@@ -198,7 +199,7 @@ def test_200_for_ranges_falls_back_to_a_verified_whole_blob(
 
 
 async def _open(spec: str, cache: Path, size: int) -> Archive:
-    return await open_registry(spec, RegistryOptions(), cache_dir=cache, cache_size=size)
+    return await open_registry(spec, RegistryOptions(), cache=CacheDir(cache, size))
 
 
 def test_empty_archive_sends_no_range_request(proxy: QuirkProxy) -> None:

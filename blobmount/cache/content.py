@@ -1,0 +1,176 @@
+"""The decoded-content store: zstd files decoded once, keyed by the file's sha256.
+
+Layout: ``CACHE_DIR/content/<hh>/<sha256 hex>``: the decoded bytes followed by a 16-byte trailer
+(``xxh3_64`` of the content, then the magic ``b"BMCONT01"``), so a bit flipped on disk is caught
+before a byte of the file is served, without rehashing sha256 (xxh3 runs at memory speed). Keyed
+by content, so identical files in different archives (any source) are fetched and decoded once.
+
+Concurrency contract:
+- Files appear only by ``rename`` of a fully written ``*.tmp`` in the same directory, so no process
+  ever opens a half-written file. There is no fsync: after a power cut a renamed file may be torn,
+  and its trailer check turns that into a miss.
+- Within one process, :meth:`ContentStore.fill` is single-flight per key: the first caller decodes,
+  later callers wait on a ``trio.Event`` and then open the finished file. Across processes two
+  daemons may decode the same file at once; the second rename replaces an identical file.
+- Space comes from the directory's shared budget (space.py) before the file is written. A file
+  open here is pinned (never evicted by this process), and an unlinked-but-open file stays readable
+  anyway, so eviction never takes bytes from a reader.
+- Work on the file system (write, hash, budget) runs in worker threads; the store's bookkeeping
+  (``_pins``, ``_inflight``, ``_checked``) is touched only from the trio thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+import xxhash
+
+from blobmount.cache.space import DEFAULT_CACHE_SIZE_BYTES, CacheDir
+from blobmount.errors import LimitExceeded, SourceError
+
+log = logging.getLogger(__name__)
+
+_TRAILER = struct.Struct("<Q8s")
+_MAGIC = b"BMCONT01"
+TRAILER_BYTES = _TRAILER.size
+
+
+class StoreUnavailable(SourceError):
+    """The store cannot take this file now (budget full of pinned files, disk full or gone)."""
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: trio.Event
+    error: BaseException | None = None
+
+
+class ContentStore:
+    """Decoded file contents keyed by sha256 (module docstring)."""
+
+    def __init__(self, cache: CacheDir | Path, max_bytes: int = DEFAULT_CACHE_SIZE_BYTES) -> None:
+        """`cache` is the shared directory (or a path, opened with `max_bytes` as its limit)."""
+        self.cache = cache if isinstance(cache, CacheDir) else CacheDir(cache, max_bytes)
+        self.root = self.cache.subdir("content")
+        self._inflight: dict[str, _Flight] = {}
+        self._checked: set[str] = set()
+
+    @property
+    def max_bytes(self) -> int:
+        return self.cache.limit_bytes
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    async def fill(self, key: str, size: int, produce: Callable[[Path], None]) -> None:
+        """Make `key` present. `produce(tmp)` runs on a worker thread, writes the content to `tmp`
+        and raises if it is wrong (it must verify). Single-flight per key within this process.
+
+        Raises LimitExceeded when the file can never fit the cache, StoreUnavailable when the disk
+        or the budget refuses it now (the caller may decode into memory instead)."""
+        while True:
+            if self._path(key).exists():
+                return
+            flight = self._inflight.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+        if size + TRAILER_BYTES > self.max_bytes:
+            raise LimitExceeded(
+                f"decoded file of {size} bytes does not fit the {self.max_bytes}-byte cache (--cache-size)"
+            )
+        flight = _Flight(trio.Event())
+        self._inflight[key] = flight
+        final = self._path(key)
+        self.cache.pin(final)
+        try:
+            await trio.to_thread.run_sync(self._write, final, size + TRAILER_BYTES, produce)
+            self._checked.add(key)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            self.cache.unpin(final)
+            del self._inflight[key]
+            flight.done.set()
+
+    def _write(self, final: Path, size: int, produce: Callable[[Path], None]) -> None:
+        if not self.cache.reserve(size):
+            raise StoreUnavailable(f"content cache {self.cache.root}: --cache-size leaves no room for {size} bytes")
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        written = False
+        try:
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            produce(tmp)
+            h = xxhash.xxh3_64()
+            with open(tmp, "r+b") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+                f.write(_TRAILER.pack(h.intdigest(), _MAGIC))
+            os.rename(tmp, final)
+            written = True
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.EACCES):
+                raise StoreUnavailable(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
+            raise SourceError(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
+        finally:
+            if not written:
+                tmp.unlink(missing_ok=True)
+                self.cache.release(size)
+
+    async def open(self, key: str) -> int | None:
+        """An fd of the content for `key` (pinned until :meth:`release`), or None on a miss. A file
+        whose trailer does not match its bytes is deleted and reported as a miss."""
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if key not in self._checked:
+            ok = await trio.to_thread.run_sync(_trailer_ok, fd)
+            if not ok:
+                os.close(fd)
+                log.warning("content cache: %s failed its checksum; discarded and refetched", path)
+                with contextlib.suppress(OSError):
+                    size = path.stat().st_size
+                    path.unlink()
+                    await trio.to_thread.run_sync(self.cache.release, size)
+                return None
+            self._checked.add(key)
+        self.cache.pin(path)
+        with contextlib.suppress(OSError):
+            os.utime(fd)  # LRU clock
+        return fd
+
+    def release(self, key: str, fd: int) -> None:
+        os.close(fd)
+        self.cache.unpin(self._path(key))
+
+
+def _trailer_ok(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    if size < TRAILER_BYTES:
+        return False
+    digest, magic = _TRAILER.unpack(os.pread(fd, TRAILER_BYTES, size - TRAILER_BYTES))
+    if magic != _MAGIC:
+        return False
+    h = xxhash.xxh3_64()
+    pos, end = 0, size - TRAILER_BYTES
+    while pos < end:
+        block = os.pread(fd, min(1 << 20, end - pos), pos)
+        if not block:
+            return False
+        h.update(block)
+        pos += len(block)
+    return bool(h.intdigest() == digest)

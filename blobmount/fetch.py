@@ -1,0 +1,576 @@
+"""Remote data through the chunk cache: misses become few, coalesced range requests.
+
+:class:`ChunkedSource` is the :class:`~blobmount.source.RangeSource` the reader sees for a remote
+data blob. A read is cut into chunks (cache/chunks.py); each chunk comes from memory, from disk, or
+from the network, and the network part is where this module earns its keep:
+
+- **Single flight.** At most one fetch per chunk in this process (``_flights``) and, through a
+  claim on the cache directory's lock file, on the host: a chunk another daemon is fetching is
+  waited for (polling for its file, bounded by ``--timeout``), never fetched twice.
+- **Wake as you go.** A request for many chunks streams its body and completes each chunk as its
+  last byte arrives: a reader waiting for chunk 3 of a 64-chunk request wakes when chunk 3 lands.
+  A failed or cancelled request fails the chunks it had not delivered, so no waiter hangs; the
+  next read retries them.
+- **Coalescing.** Adjacent missing chunks merge into one request, up to ``request_bytes``.
+- **Read-ahead.** Each open file (and each directory of small files) carries a :class:`ReadHint`.
+  A file read in order grows its window (1 MiB doubling to ``ahead_bytes``) and a seek resets it;
+  the window is fetched as several concurrent requests, which fills links with a large
+  bandwidth-delay product. Small files: the first network miss in a directory fetches only that
+  file's chunk; from the second on, the directory's data (contiguous: the data blob is in path
+  order) is prefetched forward in steps of ``DIR_STEP_BYTES``.
+- **Budgets.** Requests in flight are bounded by ``max_requests``, of which read-ahead may use all
+  but ``DEMAND_RESERVED_REQUESTS`` (a reader's miss never queues behind a window); read-ahead stops
+  growing while ``inflight_bytes`` are on their way.
+- **Deadlines.** A read waits at most ``--timeout`` (then EIO; a later read tries afresh). A request
+  that delivers no chunk for ``--timeout`` is a stall: it is abandoned and resumed from the first
+  undelivered chunk, at most ``MAX_ATTEMPTS`` times.
+
+Concurrency contract: everything here runs on the trio thread except the store's disk methods,
+which run through ``trio.to_thread``. ``_flights`` maps a chunk to the one task that will deliver
+it (a network run, a disk load, or a wait on another process); that task always sets the flight
+(data or error) and removes it, in a ``finally``. Background tasks live in the nursery given to
+:meth:`ChunkedSource.attach` (the mount's), never in a per-request nursery. The only checkpoints
+inside bookkeeping are the awaits on flights, limiters, disk threads and the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from array import array
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import trio
+
+from blobmount.cache import ChunkStore, MetaStore, chunk_digest
+from blobmount.errors import BlobmountError, SourceError, TransientError
+from blobmount.source import ReadHint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_BYTES = 8 << 20  # per range request: ~70 ms at 1 Gbit, long enough to leave slow start
+DEFAULT_AHEAD_BYTES = 64 << 20  # a sequential reader's largest window (~0.5 s at 1 Gbit)
+INITIAL_WINDOW_BYTES = 1 << 20  # the first read-ahead after two reads in order
+DEFAULT_INFLIGHT_BYTES = 256 << 20  # read-ahead stops growing while this much is on its way
+DIR_STEP_BYTES = 4 << 20  # a directory of small files is prefetched this much at a time
+DEMAND_RESERVED_REQUESTS = 2  # request slots read-ahead may not take
+MAX_ATTEMPTS = 3  # per request: a stalled or broken body is resumed this many times in all
+FOREIGN_POLL_MAX_S = 0.1  # waiting for another process's chunk: poll its file at most this often
+RETRY_PAUSE_S = 0.2  # before resuming a broken request (doubling, with jitter)
+
+
+@runtime_checkable
+class StreamSource(Protocol):
+    """A remote data blob that streams byte ranges (registry/source.py implements it)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncGenerator[bytes, None]:
+        """Exactly the bytes [start, end), in blocks; raises SourceError (TransientError when
+        worth retrying) instead of yielding anything wrong. `origin_only` skips mirrors."""
+        ...
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BlobmountError | None = None
+
+
+@dataclass(slots=True)
+class FetchStats:
+    """What the status command and the metrics report (counted on the trio thread)."""
+
+    reads: int = 0
+    bytes_served: int = 0
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0  # chunks a reader had to wait for the network for
+    requests: int = 0
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    ahead_chunks: int = 0  # fetched for read-ahead or prefetch rather than a waiting reader
+    foreign_waits: int = 0  # chunks another process was fetching
+    retries: int = 0
+    stalls: int = 0
+    failures: int = 0
+    changed_chunks: int = 0  # a refetched chunk differed from the one a file was verified with
+
+    @property
+    def coalescing(self) -> float:
+        """Chunks per request (1.0 = no coalescing)."""
+        return self.chunks_fetched / self.requests if self.requests else 0.0
+
+
+@dataclass(slots=True, eq=False)  # hashed by identity: a limiter's borrower token
+class _Run:
+    """Chunks [first, last] fetched by one request; ``next`` is the first not yet delivered."""
+
+    first: int
+    last: int
+    ahead: bool
+    next: int = -1
+
+    def __post_init__(self) -> None:
+        self.next = self.first
+
+
+class ChunkedSource:
+    """A remote data blob read through the chunk store (module docstring)."""
+
+    def __init__(
+        self,
+        remote: StreamSource,
+        store: ChunkStore,
+        *,
+        meta: MetaStore | None = None,
+        timeout_s: float = 30.0,
+        max_requests: int = 8,
+        request_bytes: int = DEFAULT_REQUEST_BYTES,
+        ahead_bytes: int = DEFAULT_AHEAD_BYTES,
+        inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+        offline: bool = False,
+    ) -> None:
+        if store.blob_size != remote.size:
+            raise ValueError("chunk store and remote blob disagree on the size")
+        self.remote = remote
+        self.store = store
+        self.meta = meta
+        self.timeout_s = timeout_s
+        self.max_requests = max(1, max_requests)
+        self.request_chunks = max(1, request_bytes // store.chunk_size)
+        self.ahead_bytes = ahead_bytes
+        self.inflight_limit = inflight_bytes
+        self.offline = offline
+        self.stats = FetchStats()
+        self._nursery: trio.Nursery | None = None
+        self._flights: dict[int, _Flight] = {}
+        self._inflight_bytes = 0
+        self._requests = trio.CapacityLimiter(self.max_requests)
+        self._ahead = trio.CapacityLimiter(max(1, self.max_requests - DEMAND_RESERVED_REQUESTS))
+        self._expected: dict[int, int] = {}  # chunk -> xxh3 it had when a file over it was verified
+        self._origin_only: set[int] = set()
+
+    # -- RangeSource ---------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.store.blob_size
+
+    def close(self) -> None:
+        self.remote.close()
+
+    async def aclose(self) -> None:
+        await self.remote.aclose()
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the source the long-lived nursery its fetches run in (the mount's, or a command's)."""
+        self._nursery = nursery
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[ChunkedSource]:
+        """For commands without a mount: a nursery for the fetches, cancelled on the way out."""
+        async with trio.open_nursery() as nursery:
+            self.attach(nursery)
+            try:
+                yield self
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
+        if not 0 <= start <= end <= self.size:
+            raise SourceError(f"range {start}..{end} outside the {self.size}-byte data blob")
+        if start == end:
+            return b""
+        cs = self.store.chunk_size
+        first, last = start // cs, (end - 1) // cs
+        self.stats.reads += 1
+        self.stats.bytes_served += end - start
+        missed = self._schedule(range(first, last + 1), ahead=False)
+        if hint is not None:
+            self._read_ahead(hint, start, end, missed)
+        with trio.move_on_after(self.timeout_s):
+            if first == last:
+                data = await self._chunk(first)
+                offset = start - first * cs
+                return data[offset : offset + end - start]
+            parts = []
+            for index in range(first, last + 1):
+                data = await self._chunk(index)
+                lo = max(start - index * cs, 0)
+                hi = min(end - index * cs, len(data))
+                parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+            return b"".join(parts)
+        raise TransientError(
+            f"bytes {start}-{end} of the data blob did not arrive within --timeout {self.timeout_s:g} s"
+        )
+
+    def prefetch(self, start: int, end: int) -> None:
+        """Fetch [start, end) in the background, within the read-ahead budget (best effort)."""
+        if start < end and self._nursery is not None:
+            cs = self.store.chunk_size
+            self._schedule(range(start // cs, (end - 1) // cs + 1), ahead=True)
+
+    async def fill(self, ranges: list[tuple[int, int]], progress: Callable[[int, int], None] | None = None) -> int:
+        """Bring every chunk of `ranges` into the cache, in as few requests as the layout allows
+        (contiguous missing chunks are one request, however long). Returns the bytes fetched;
+        raises the first error once everything that could be fetched was."""
+        cs = self.store.chunk_size
+        wanted = sorted({i for a, b in ranges if a < b for i in range(a // cs, (b - 1) // cs + 1)})
+        total = sum(self.store.length(i) for i in wanted)
+        before = self.stats.bytes_fetched
+        saved, self.request_chunks = self.request_chunks, max(self.request_chunks, len(wanted) or 1)
+        try:
+            self._schedule(wanted, ahead=False, check_disk=True)
+        finally:
+            self.request_chunks = saved
+        done = 0
+        error: BlobmountError | None = None
+        for index in wanted:
+            flight = self._flights.get(index)
+            if flight is not None:
+                await flight.done.wait()
+                if flight.error is not None and error is None:
+                    error = flight.error
+            done += self.store.length(index)
+            if progress is not None:
+                progress(done, total)
+        if error is not None:
+            raise error
+        return self.stats.bytes_fetched - before
+
+    # -- integrity support for the reader ------------------------------------------------------
+
+    async def purge(self, start: int, end: int) -> None:
+        """Forget [start, end) everywhere and fetch it from the origin next time (a file failed
+        verification: its next read must not come from the cache or a mirror)."""
+        if start >= end:
+            return
+        cs = self.store.chunk_size
+        first, last = start // cs, (end - 1) // cs
+        for index in range(first, last + 1):
+            self.store.forget(index)
+            self._expected.pop(index, None)
+            self._origin_only.add(index)
+        await trio.to_thread.run_sync(self.store.purge_disk, first, last)
+
+    async def was_verified(self, start: int, end: int, sha256: bytes) -> bool:
+        """Whether these bytes were verified against `sha256` before (this or an earlier mount) and
+        every chunk under them is still the one that was verified. If so, those chunks may no
+        longer change: a refetch that brings different bytes is refused (``_land``)."""
+        if self.meta is None or start >= end:
+            return False
+        cs = self.store.chunk_size
+        record = await trio.to_thread.run_sync(
+            self.meta.get_verified, self.store.blob_hex, start, end - start, sha256, cs
+        )
+        if record is None or len(record) != (end - 1) // cs - start // cs + 1:
+            return False
+        first = start // cs
+        current = await trio.to_thread.run_sync(self._trailer_digests, first, first + len(record) - 1)
+        if current is None or current != record:
+            return False
+        for i, digest in enumerate(record):
+            self._expected[first + i] = digest
+        return True
+
+    async def remember_verified(self, start: int, end: int, sha256: bytes) -> None:
+        """Record that [start, end) hashed to `sha256`, with the chunks it was read from."""
+        if self.meta is None or start >= end:
+            return
+        cs = self.store.chunk_size
+        first, last = start // cs, (end - 1) // cs
+        digests = await trio.to_thread.run_sync(self._trailer_digests, first, last)
+        if digests is None:
+            return  # some chunk lives in memory only (disk full): nothing durable to vouch for
+        for i, digest in enumerate(digests):
+            self._expected[first + i] = digest
+        await trio.to_thread.run_sync(
+            self.meta.put_verified, self.store.blob_hex, start, end - start, sha256, cs, digests
+        )
+
+    def _trailer_digests(self, first: int, last: int) -> array[int] | None:
+        out = array("Q")
+        for index in range(first, last + 1):
+            digest = self.store.trailer_digest(index)
+            if digest is None:
+                return None
+            out.append(digest)
+        return out
+
+    # -- one chunk -----------------------------------------------------------------------------
+
+    async def _chunk(self, index: int) -> bytes:
+        for _ in range(4):  # bounded: a chunk can vanish between the stat and the load (eviction)
+            data = self.store.memory_get(index)
+            if data is not None:
+                self.stats.memory_hits += 1
+                return data
+            flight = self._flights.get(index)
+            if flight is None:
+                self._schedule((index,), ahead=False)
+                flight = self._flights.get(index)
+                if flight is None:
+                    continue
+            await flight.done.wait()
+            if flight.data is not None:
+                return flight.data
+            if flight.error is not None:
+                raise flight.error
+        raise SourceError(f"chunk {index} of the data blob kept disappearing from the cache")
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _schedule(self, indices: range | tuple[int, ...] | list[int], *, ahead: bool, check_disk: bool = True) -> bool:
+        """Start whatever it takes to deliver each chunk not already in memory or on its way.
+        Returns whether any chunk needs the network (a miss)."""
+        missed = False
+        run: _Run | None = None
+        runs: list[_Run] = []
+        budget = self.inflight_limit - self._inflight_bytes
+        for index in indices:
+            if index in self._flights or self.store.memory_get(index) is not None:
+                continue
+            if check_disk and self.store.on_disk(index):
+                self._start(self._load, index)
+                continue
+            if ahead:
+                budget -= self.store.length(index)
+                if budget < 0:
+                    break
+            missed = True
+            if self.offline:
+                flight = self._flights[index] = _Flight()
+                flight.error = SourceError(
+                    f"--offline: bytes {self.store.span(index)[0]}-{self.store.span(index)[1]} of the data blob"
+                    " are not in the cache"
+                )
+                del self._flights[index]
+                flight.done.set()
+                continue
+            cache = self.store.cache
+            if cache is not None and not cache.try_claim(self.store.claim_key(index)):
+                self.stats.foreign_waits += 1
+                self._start(self._wait_foreign, index)
+                continue
+            if cache is not None and self.store.on_disk(index):  # finished while we looked
+                cache.unclaim(self.store.claim_key(index))
+                self._start(self._load, index)
+                continue
+            self._flights[index] = _Flight()
+            self._inflight_bytes += self.store.length(index)
+            if run is not None and run.last == index - 1 and run.last - run.first + 1 < self.request_chunks:
+                run.last = index
+            else:
+                run = _Run(index, index, ahead)
+                runs.append(run)
+        for r in runs:
+            if self._nursery is None:
+                self._fail(r.first, r.last, SourceError("the data source is not running"))
+                continue
+            self._nursery.start_soon(self._fetch_run, r)
+        return missed
+
+    def _start(self, task: Callable[[int, _Flight], object], index: int) -> None:
+        flight = self._flights[index] = _Flight()
+        if self._nursery is None:
+            del self._flights[index]
+            flight.error = SourceError("the data source is not running")
+            flight.done.set()
+            return
+        self._nursery.start_soon(task, index, flight)  # type: ignore[arg-type]
+
+    def _read_ahead(self, hint: ReadHint, start: int, end: int, missed: bool) -> None:
+        if hint.directory:
+            if missed:
+                hint.misses += 1
+            if hint.misses < 2 or hint.ahead - end >= DIR_STEP_BYTES // 2:
+                return
+            frm, to = max(hint.ahead, end), min(hint.hi, end + DIR_STEP_BYTES)
+        else:
+            slack = self.store.chunk_size
+            in_order = hint.pos >= 0 and hint.pos - slack <= start <= hint.pos + slack
+            if in_order:
+                hint.window = min(max(hint.window * 2, INITIAL_WINDOW_BYTES), self.ahead_bytes)
+                hint.pos = max(hint.pos, end)
+            else:
+                hint.window, hint.ahead, hint.pos = 0, 0, end
+                return
+            if hint.ahead - hint.pos >= hint.window // 2:
+                return
+            frm, to = max(hint.ahead, hint.pos), min(hint.hi, hint.pos + hint.window)
+        if to <= frm:
+            return
+        hint.ahead = to
+        cs = self.store.chunk_size
+        self._schedule(range(frm // cs, (to - 1) // cs + 1), ahead=True)
+
+    # -- tasks (each delivers its flights, whatever happens) -----------------------------------
+
+    async def _load(self, index: int, flight: _Flight) -> None:
+        try:
+            data = await trio.to_thread.run_sync(self.store.load, index)
+            expected = self._expected.get(index)
+            if data is not None and expected is not None and chunk_digest(data) != expected:
+                data = None  # cannot happen unless the file was replaced: refetch it
+            if data is not None:
+                self.stats.disk_hits += 1
+                self.store.memory_put(index, data)
+                flight.data = data
+        except Exception as exc:
+            log.exception("chunk cache: loading chunk %d failed unexpectedly", index)
+            flight.error = SourceError(f"internal error while loading a chunk: {exc!r}")
+        finally:
+            self._flights.pop(index, None)
+            flight.done.set()  # no data and no error: the waiter schedules a fetch
+
+    async def _wait_foreign(self, index: int, flight: _Flight) -> None:
+        """Another process claimed this chunk: wait for its file, or for the claim to come free
+        (that process failed or died) and then fetch it here."""
+        assert self.store.cache is not None
+        key = self.store.claim_key(index)
+        pause = 0.005
+        try:
+            with trio.move_on_after(self.timeout_s):
+                while True:
+                    if self.store.on_disk(index):
+                        data = await trio.to_thread.run_sync(self.store.load, index)
+                        if data is not None:
+                            self.stats.disk_hits += 1
+                            self.store.memory_put(index, data)
+                            flight.data = data
+                            return
+                    if self.store.cache.try_claim(key):
+                        self.store.cache.unclaim(key)
+                        if not self.store.on_disk(index):
+                            return  # free and absent: the waiter schedules the fetch here
+                        continue
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, FOREIGN_POLL_MAX_S)
+            flight.error = TransientError(f"chunk {index}: another process did not deliver it within --timeout")
+        except Exception as exc:
+            log.exception("chunk cache: waiting for chunk %d failed unexpectedly", index)
+            flight.error = SourceError(f"internal error while waiting for a chunk: {exc!r}")
+        finally:
+            self._flights.pop(index, None)
+            flight.done.set()
+
+    async def _fetch_run(self, run: _Run) -> None:
+        error: BlobmountError = SourceError("fetch cancelled")
+        try:
+            async with self._requests:
+                if run.ahead:
+                    await self._ahead.acquire_on_behalf_of(run)
+                try:
+                    for attempt in range(1, MAX_ATTEMPTS + 1):
+                        try:
+                            await self._stream(run)
+                            return
+                        except BlobmountError as exc:
+                            error = exc
+                            if not isinstance(exc, TransientError) or attempt == MAX_ATTEMPTS:
+                                self.stats.failures += 1
+                                log.warning("data blob bytes %d-%d: %s", *self._bytes(run.next, run.last), exc)
+                                return
+                            self.stats.retries += 1
+                            pause = RETRY_PAUSE_S * (2 ** (attempt - 1)) * (0.5 + random.random())
+                            log.debug(
+                                "data blob bytes %d-%d: %s; resuming in %.2f s",
+                                *self._bytes(run.next, run.last),
+                                exc,
+                                pause,
+                            )
+                            await trio.sleep(pause)
+                finally:
+                    if run.ahead:
+                        self._ahead.release_on_behalf_of(run)
+        except Exception as exc:  # a bug must cost one read, never the mount (this task is the nursery's)
+            log.exception("fetching data blob bytes %d-%d failed unexpectedly", *self._bytes(run.next, run.last))
+            error = SourceError(f"internal error while fetching: {exc!r}")
+        finally:
+            if run.next <= run.last:
+                self._fail(run.next, run.last, error)
+
+    def _bytes(self, first: int, last: int) -> tuple[int, int]:
+        return self.store.span(first)[0], self.store.span(last)[1]
+
+    async def _stream(self, run: _Run) -> None:
+        """One range request for chunks [run.next, run.last]; lands each as it completes and
+        advances ``run.next``. Raises when the body breaks, stalls or ends early."""
+        start, end = self._bytes(run.next, run.last)
+        origin_only = any(i in self._origin_only for i in range(run.next, run.last + 1))
+        self.stats.requests += 1
+        buf = bytearray()
+        with trio.CancelScope(deadline=trio.current_time() + self.timeout_s) as scope:
+            async with aclosing(self.remote.iter_range(start, end, origin_only=origin_only)) as blocks:
+                async for block in blocks:
+                    buf += block
+                    while run.next <= run.last and len(buf) >= self.store.length(run.next):
+                        n = self.store.length(run.next)
+                        with memoryview(buf) as view:
+                            data = bytes(view[:n])
+                        del buf[:n]
+                        self._land(run.next, data, run.ahead)
+                        run.next += 1
+                        scope.deadline = trio.current_time() + self.timeout_s
+        if scope.cancelled_caught:
+            self.stats.stalls += 1
+            raise TransientError(f"no chunk arrived within --timeout {self.timeout_s:g} s (stalled)")
+        if run.next <= run.last:
+            raise TransientError(f"the body ended early, {len(buf)} bytes into chunk {run.next}")
+
+    def _land(self, index: int, data: bytes, ahead: bool) -> None:
+        digest = chunk_digest(data)
+        expected = self._expected.get(index)
+        if expected is not None and digest != expected:
+            self.stats.changed_chunks += 1
+            self._origin_only.add(index)
+            raise TransientError(
+                f"chunk {index} differs from the bytes a file was verified with; refetching from the origin"
+            )
+        self._origin_only.discard(index)
+        self.store.memory_put(index, data)
+        self.stats.chunks_fetched += 1
+        self.stats.bytes_fetched += len(data)
+        if ahead:
+            self.stats.ahead_chunks += 1
+        self._inflight_bytes -= len(data)
+        flight = self._flights.pop(index, None)
+        if flight is not None:
+            if not ahead:
+                self.stats.misses += 1
+            flight.data = data
+            flight.done.set()
+        if self.store.cache is not None and self._nursery is not None:
+            self._nursery.start_soon(self._persist, index, data, digest)
+
+    async def _persist(self, index: int, data: bytes, digest: int) -> None:
+        """Write a landed chunk to disk, then free its claim (other processes wait for the file)."""
+        try:
+            await trio.to_thread.run_sync(self.store.store, index, data, digest)
+        except Exception:  # the chunk stays in memory; a bug here must not end the mount
+            log.exception("chunk cache: storing chunk %d failed unexpectedly", index)
+        finally:
+            if self.store.cache is not None:
+                self.store.cache.unclaim(self.store.claim_key(index))
+
+    def _fail(self, first: int, last: int, error: BlobmountError) -> None:
+        for index in range(first, last + 1):
+            flight = self._flights.pop(index, None)
+            self._inflight_bytes -= self.store.length(index)
+            if self.store.cache is not None:
+                self.store.cache.unclaim(self.store.claim_key(index))
+            if flight is not None:
+                flight.error = error
+                flight.done.set()
