@@ -60,6 +60,7 @@ DIR_STEP_BYTES = 4 << 20  # a directory of small files is prefetched this much a
 DEMAND_RESERVED_REQUESTS = 2  # request slots read-ahead may not take
 MAX_ATTEMPTS = 3  # per request: a stalled or broken body is resumed this many times in all
 FOREIGN_POLL_MAX_S = 0.1  # waiting for another process's chunk: poll its file at most this often
+UNSAVED_CHUNKS = 32  # landed chunks waiting for the disk; a request pauses when this many wait
 RETRY_PAUSE_S = 0.2  # before resuming a broken request (doubling, with jitter)
 
 
@@ -160,6 +161,8 @@ class ChunkedSource:
         self._ahead = trio.CapacityLimiter(max(1, self.max_requests - DEMAND_RESERVED_REQUESTS))
         self._expected: dict[int, int] = {}  # chunk -> xxh3 it had when a file over it was verified
         self._origin_only: set[int] = set()
+        self._unsaved: dict[int, bytes] = {}  # landed, not yet on disk: still served, never refetched
+        self._unsaved_slots = trio.Semaphore(UNSAVED_CHUNKS)
 
     # -- RangeSource ---------------------------------------------------------------------------
 
@@ -184,9 +187,17 @@ class ChunkedSource:
             self.attach(nursery)
             try:
                 yield self
+                await self.flush()
             finally:
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+
+    async def flush(self) -> None:
+        """Wait (at most --timeout) until every landed chunk is on disk: before a command exits,
+        or a mount's last moments, so what was fetched is not fetched again."""
+        with trio.move_on_after(self.timeout_s):
+            while self._unsaved:
+                await trio.sleep(0.01)
 
     async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
         if not 0 <= start <= end <= self.size:
@@ -205,9 +216,12 @@ class ChunkedSource:
                 data = await self._chunk(first)
                 offset = start - first * cs
                 return data[offset : offset + end - start]
+            # Hold every chunk (or its flight) now: a read longer than the memory tier must not
+            # lose its first chunks to eviction before it has copied them.
+            held = [self._peek(i) or self._flights.get(i) for i in range(first, last + 1)]
             parts = []
-            for index in range(first, last + 1):
-                data = await self._chunk(index)
+            for index, item in enumerate(held, first):
+                data = item if isinstance(item, bytes) else await self._chunk(index, item)
                 lo = max(start - index * cs, 0)
                 hi = min(end - index * cs, len(data))
                 parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
@@ -220,7 +234,7 @@ class ChunkedSource:
         """Fetch [start, end) in the background, within the read-ahead budget (best effort)."""
         if start < end and self._nursery is not None:
             cs = self.store.chunk_size
-            self._schedule(range(start // cs, (end - 1) // cs + 1), ahead=True)
+            self._schedule(range(start // cs, (end - 1) // cs + 1), ahead=True, load_present=False)
 
     async def fill(self, ranges: list[tuple[int, int]], progress: Callable[[int, int], None] | None = None) -> int:
         """Bring every chunk of `ranges` into the cache, in as few requests as the layout allows
@@ -232,7 +246,7 @@ class ChunkedSource:
         before = self.stats.bytes_fetched
         saved, self.request_chunks = self.request_chunks, max(self.request_chunks, len(wanted) or 1)
         try:
-            self._schedule(wanted, ahead=False, check_disk=True)
+            self._schedule(wanted, ahead=False, load_present=False)
         finally:
             self.request_chunks = saved
         done = 0
@@ -246,6 +260,7 @@ class ChunkedSource:
             done += self.store.length(index)
             if progress is not None:
                 progress(done, total)
+        await self.flush()
         if error is not None:
             raise error
         return self.stats.bytes_fetched - before
@@ -311,12 +326,29 @@ class ChunkedSource:
 
     # -- one chunk -----------------------------------------------------------------------------
 
-    async def _chunk(self, index: int) -> bytes:
+    def _peek(self, index: int) -> bytes | None:
+        data = self.store.memory_get(index)
+        if data is None:
+            data = self._unsaved.get(index)
+        if data is not None:
+            self.stats.memory_hits += 1
+        return data
+
+    async def _chunk(self, index: int, flight: _Flight | None = None) -> bytes:
+        if flight is not None:
+            await flight.done.wait()
+            if flight.data is not None:
+                return flight.data
+            if flight.error is not None:
+                raise flight.error
         for _ in range(4):  # bounded: a chunk can vanish between the stat and the load (eviction)
-            data = self.store.memory_get(index)
+            data = self._peek(index)
             if data is not None:
-                self.stats.memory_hits += 1
                 return data
+            if self.offline and index not in self._flights and not self.store.on_disk(index):
+                raise self._offline_error(index)
+            if self._nursery is None:
+                raise SourceError("the data source is not running")
             flight = self._flights.get(index)
             if flight is None:
                 self._schedule((index,), ahead=False)
@@ -332,7 +364,9 @@ class ChunkedSource:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    def _schedule(self, indices: range | tuple[int, ...] | list[int], *, ahead: bool, check_disk: bool = True) -> bool:
+    def _schedule(
+        self, indices: range | tuple[int, ...] | list[int], *, ahead: bool, load_present: bool = True
+    ) -> bool:
         """Start whatever it takes to deliver each chunk not already in memory or on its way.
         Returns whether any chunk needs the network (a miss)."""
         missed = False
@@ -340,10 +374,11 @@ class ChunkedSource:
         runs: list[_Run] = []
         budget = self.inflight_limit - self._inflight_bytes
         for index in indices:
-            if index in self._flights or self.store.memory_get(index) is not None:
+            if index in self._flights or index in self._unsaved or self.store.memory_get(index) is not None:
                 continue
-            if check_disk and self.store.on_disk(index):
-                self._start(self._load, index)
+            if self.store.on_disk(index):
+                if load_present:
+                    self._start(self._load, index)
                 continue
             if ahead:
                 budget -= self.store.length(index)
@@ -351,14 +386,7 @@ class ChunkedSource:
                     break
             missed = True
             if self.offline:
-                flight = self._flights[index] = _Flight()
-                flight.error = SourceError(
-                    f"--offline: bytes {self.store.span(index)[0]}-{self.store.span(index)[1]} of the data blob"
-                    " are not in the cache"
-                )
-                del self._flights[index]
-                flight.done.set()
-                continue
+                continue  # the reader raises _offline_error
             cache = self.store.cache
             if cache is not None and not cache.try_claim(self.store.claim_key(index)):
                 self.stats.foreign_waits += 1
@@ -381,6 +409,10 @@ class ChunkedSource:
                 continue
             self._nursery.start_soon(self._fetch_run, r)
         return missed
+
+    def _offline_error(self, index: int) -> SourceError:
+        start, end = self.store.span(index)
+        return SourceError(f"--offline: bytes {start}-{end} of the data blob are not in the cache")
 
     def _start(self, task: Callable[[int, _Flight], object], index: int) -> None:
         flight = self._flights[index] = _Flight()
@@ -414,7 +446,7 @@ class ChunkedSource:
             return
         hint.ahead = to
         cs = self.store.chunk_size
-        self._schedule(range(frm // cs, (to - 1) // cs + 1), ahead=True)
+        self._schedule(range(frm // cs, (to - 1) // cs + 1), ahead=True, load_present=False)
 
     # -- tasks (each delivers its flights, whatever happens) -----------------------------------
 
@@ -521,6 +553,7 @@ class ChunkedSource:
                         with memoryview(buf) as view:
                             data = bytes(view[:n])
                         del buf[:n]
+                        await self._unsaved_slots.acquire()  # the disk sets the pace when it is slower
                         self._land(run.next, data, run.ahead)
                         run.next += 1
                         scope.deadline = trio.current_time() + self.timeout_s
@@ -536,6 +569,7 @@ class ChunkedSource:
         if expected is not None and digest != expected:
             self.stats.changed_chunks += 1
             self._origin_only.add(index)
+            self._unsaved_slots.release()
             raise TransientError(
                 f"chunk {index} differs from the bytes a file was verified with; refetching from the origin"
             )
@@ -553,7 +587,10 @@ class ChunkedSource:
             flight.data = data
             flight.done.set()
         if self.store.cache is not None and self._nursery is not None:
+            self._unsaved[index] = data
             self._nursery.start_soon(self._persist, index, data, digest)
+        else:
+            self._unsaved_slots.release()
 
     async def _persist(self, index: int, data: bytes, digest: int) -> None:
         """Write a landed chunk to disk, then free its claim (other processes wait for the file)."""
@@ -562,6 +599,8 @@ class ChunkedSource:
         except Exception:  # the chunk stays in memory; a bug here must not end the mount
             log.exception("chunk cache: storing chunk %d failed unexpectedly", index)
         finally:
+            self._unsaved.pop(index, None)
+            self._unsaved_slots.release()
             if self.store.cache is not None:
                 self.store.cache.unclaim(self.store.claim_key(index))
 

@@ -44,7 +44,16 @@ _TRAILER = struct.Struct("<Q8s")
 _MAGIC = b"BMCHNK01"
 TRAILER_BYTES = _TRAILER.size
 _DEGRADED_WARN_INTERVAL_S = 60.0  # one warning a minute while the disk refuses chunks
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.EIO, errno.EACCES, errno.EPERM)
+_DISK_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EIO,
+    errno.EACCES,
+    errno.EPERM,
+)
 
 
 def chunk_digest(data: bytes) -> int:
@@ -209,7 +218,8 @@ class ChunkStore:
                 f.write(trailer)
             os.rename(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             self._release(size)
             if exc.errno in _DISK_ERRNOS:
                 self._disk_trouble(f"cannot write {path.parent}: {exc.strerror}")

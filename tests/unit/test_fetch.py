@@ -1,0 +1,396 @@
+"""The fetch layer over an in-memory remote: single flight, wake-as-you-go, coalescing, read-ahead,
+budgets, deadlines and faults. Timing-dependent paths run under trio's autojump clock (no wall time).
+The same layer is proven against the real registry in tests/fuse/test_lazy.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from blobmount.cache import CacheDir, ChunkStore
+from blobmount.errors import SourceError, TransientError
+from blobmount.fetch import ChunkedSource
+from blobmount.source import ReadHint
+from tests.fakes import FakeRemote
+
+CS = 4096  # chunk size for these tests: small blobs, many chunks
+BLOB = random.Random(7).randbytes(64 * CS + 123)  # 65 chunks, the last one short
+DIGEST = "ab" * 32
+
+
+def _source(remote: FakeRemote, cache: CacheDir | None, **kw: Any) -> ChunkedSource:
+    store = ChunkStore(cache, DIGEST, remote.size, CS, memory_bytes=kw.pop("memory_bytes", 8 * CS))
+    kw.setdefault("timeout_s", 5.0)
+    kw.setdefault("request_bytes", 16 * CS)
+    kw.setdefault("ahead_bytes", 16 * CS)
+    return ChunkedSource(remote, store, **kw)
+
+
+@asynccontextmanager
+async def serving(src: ChunkedSource) -> AsyncIterator[ChunkedSource]:
+    async with src.serving():
+        yield src
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    # The clock jumps only after 50 ms of real idleness: chunk writes run on worker threads, and a
+    # jump while one is in flight would fire every deadline at once.
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0.05))
+
+
+def test_one_read_many_chunks_is_one_request_and_exact(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+            assert await src.read_range(100, 5 * CS + 7) == BLOB[100 : 5 * CS + 7]
+            assert remote.requests == [(0, 6 * CS, False)]
+            assert await src.read_range(CS, 2 * CS) == BLOB[CS : 2 * CS]  # memory hit
+            assert len(remote.requests) == 1
+
+    run(go)
+
+
+def test_coalescing_skips_cached_chunks_and_respects_the_request_cap(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"), request_bytes=4 * CS)) as src:
+            await src.read_range(2 * CS, 3 * CS)  # chunk 2 cached
+            remote.requests.clear()
+            assert await src.read_range(0, 10 * CS) == BLOB[: 10 * CS]
+            # chunks 0-1, then 3-6 and 7-9 (at most 4 chunks per request)
+            assert sorted(remote.requests) == [(0, 2 * CS, False), (3 * CS, 7 * CS, False), (7 * CS, 10 * CS, False)]
+
+    run(go)
+
+
+def test_single_flight_many_readers_one_request(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB, block_delay_s=0.01)
+    results: list[bytes] = []
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+
+            async def reader(i: int) -> None:
+                results.append(await src.read_range(3 * CS + i, 3 * CS + i + 100))
+
+            async with trio.open_nursery() as n:
+                for i in range(16):
+                    n.start_soon(reader, i)
+            assert remote.requests == [(3 * CS, 4 * CS, False)]
+
+    run(go)
+    assert sorted(results) == sorted(BLOB[3 * CS + i : 3 * CS + i + 100] for i in range(16))
+
+
+def test_waiters_wake_as_each_chunk_lands(tmp_path: Path) -> None:
+    """A reader of chunk 0 is served while the rest of an 8-chunk request is still held back."""
+    gate = trio.Event()
+    remote = FakeRemote(BLOB, gate=gate, gate_after=CS + 1000)
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+            whole: list[bytes] = []
+
+            async def big() -> None:
+                whole.append(await src.read_range(0, 8 * CS))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(big)
+                await trio.sleep(0.1)
+                assert not gate.is_set()
+                assert await src.read_range(10, 20) == BLOB[10:20]  # chunk 0 landed already
+                assert not whole
+                gate.set()
+            assert whole == [BLOB[: 8 * CS]]
+            assert len(remote.requests) == 1
+
+    run(go)
+
+
+def test_a_failed_fetch_wakes_every_waiter_with_the_error(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB, faults=["fatal"], block_delay_s=0.01)
+    errors: list[BaseException] = []
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+
+            async def reader() -> None:
+                try:
+                    await src.read_range(0, 100)
+                except SourceError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as n:
+                for _ in range(5):
+                    n.start_soon(reader)
+            assert not src._flights
+            assert await src.read_range(0, 100) == BLOB[:100]  # a later read tries afresh
+
+    run(go)
+    assert len(errors) == 5
+    assert all("404" in str(e) for e in errors)
+
+
+def test_a_cancelled_fetch_wakes_its_waiters(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB, faults=["stall"])
+    got: list[BaseException] = []
+
+    async def go() -> None:
+        src = _source(remote, CacheDir(tmp_path / "c"), timeout_s=1000.0)
+        async with trio.open_nursery() as outer:
+            fetch_scope = trio.CancelScope()
+
+            async def run_fetches() -> None:
+                with fetch_scope:
+                    async with trio.open_nursery() as n:
+                        src.attach(n)
+                        await trio.sleep_forever()
+
+            outer.start_soon(run_fetches)
+            await trio.sleep(0.01)
+
+            async def reader() -> None:
+                try:
+                    await src.read_range(0, 10)
+                except SourceError as exc:
+                    got.append(exc)
+
+            outer.start_soon(reader)
+            await trio.sleep(1)
+            fetch_scope.cancel()  # the mount goes away while a reader waits
+        assert not src._flights
+
+    run(go)
+    assert len(got) == 1
+    assert "cancelled" in str(got[0])
+
+
+def test_a_stalled_body_is_resumed_and_a_read_never_waits_past_the_timeout(tmp_path: Path) -> None:
+    async def go() -> None:
+        remote = FakeRemote(BLOB, faults=["stall", None])
+        async with serving(_source(remote, CacheDir(tmp_path / "c"), timeout_s=2.0)) as src:
+            started = trio.current_time()
+            # the first request stalls for the whole timeout: this read gives up at 2 s ...
+            with pytest.raises(TransientError, match="--timeout 2 s"):
+                await src.read_range(0, 100)
+            assert trio.current_time() - started == pytest.approx(2.0, abs=0.01)
+            # ... while the fetch resumes in the background with a second request
+            await trio.sleep(1)
+            assert await src.read_range(0, 100) == BLOB[:100]
+            assert len(remote.requests) == 2
+
+    run(go)
+
+
+@pytest.mark.parametrize("fault", ["refuse", "reset", "truncate"])
+def test_transient_faults_are_retried_from_the_first_missing_chunk(tmp_path: Path, fault: str) -> None:
+    remote = FakeRemote(BLOB, faults=[fault])
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+            assert await src.read_range(0, 8 * CS) == BLOB[: 8 * CS]
+            assert src.stats.retries == 1
+
+    run(go)
+    first, second = remote.requests
+    assert first == (0, 8 * CS, False)
+    assert second[1] == 8 * CS
+    if fault == "reset":
+        assert second[0] == 4 * CS  # chunks 0-3 had landed before the reset: not asked again
+
+
+def test_three_faults_in_a_row_fail_the_read_then_it_recovers(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB, faults=["reset", "refuse", "truncate"])
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+            with pytest.raises(TransientError):
+                await src.read_range(CS, 2 * CS)
+            assert await src.read_range(CS, 2 * CS) == BLOB[CS : 2 * CS]  # never poisoned
+
+    run(go)
+
+
+def test_sequential_reads_grow_the_window_and_a_seek_resets_it(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"), ahead_bytes=16 * CS)) as src:
+            hint = ReadHint(0, len(BLOB))
+            for i in range(12):
+                assert await src.read_range(i * CS, (i + 1) * CS, hint) == BLOB[i * CS : (i + 1) * CS]
+                await trio.sleep(0.01)
+            sizes = [(e - s) // CS for s, e, _ in remote.requests]
+            # first read: its chunk only; then windows of 1, 2, 4, 8... chunks ahead (capped at 16)
+            assert sizes[0] == 1
+            assert max(sizes) > 2
+            assert sum(sizes) <= 12 + 16 + 1  # never more than the window ahead of the reader
+            fetched_before = len(remote.requests)
+            await src.read_range(50 * CS, 50 * CS + 10, hint)  # a seek
+            await trio.sleep(0.01)
+            assert remote.requests[fetched_before:] == [(50 * CS, 51 * CS, False)]
+
+    run(go)
+
+
+def test_small_files_of_a_directory_prefetch_from_the_second_miss(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+            hint = ReadHint(0, 40 * CS, directory=True)
+            await src.read_range(0, 100, hint)
+            await trio.sleep(0.01)
+            assert remote.requests == [(0, CS, False)]  # the first read of a directory: no prefetch
+            await src.read_range(2 * CS, 2 * CS + 100, hint)
+            await trio.sleep(0.01)
+            ahead = [r for r in remote.requests[1:] if r[0] > 2 * CS]
+            assert ahead, remote.requests
+            assert max(e for _, e, _ in remote.requests) <= 40 * CS  # never past the directory
+
+    run(go)
+
+
+def test_offline_serves_the_cache_and_refuses_the_rest(tmp_path: Path) -> None:
+    cache = CacheDir(tmp_path / "c")
+
+    async def go() -> None:
+        async with serving(_source(FakeRemote(BLOB), cache)) as src:
+            await src.read_range(0, 2 * CS)
+        await trio.sleep(0.1)
+        remote = FakeRemote(BLOB)
+        async with serving(_source(remote, cache, offline=True)) as src:
+            assert await src.read_range(10, CS + 10) == BLOB[10 : CS + 10]
+            with pytest.raises(SourceError, match="--offline"):
+                await src.read_range(5 * CS, 5 * CS + 1)
+        assert remote.requests == []
+
+    run(go)
+
+
+def test_a_damaged_chunk_file_is_a_miss_never_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = CacheDir(tmp_path / "c")
+
+    async def go() -> None:
+        async with serving(_source(FakeRemote(BLOB), cache)) as src:
+            await src.read_range(0, 3 * CS)
+        chunk_dir = tmp_path / "c" / "chunks" / f"{DIGEST}-{CS}"
+        flipped = bytearray((chunk_dir / "1").read_bytes())
+        flipped[7] ^= 1
+        (chunk_dir / "1").write_bytes(bytes(flipped))
+        with open(chunk_dir / "2", "r+b") as f:  # torn: cut short
+            f.truncate(100)
+        remote = FakeRemote(BLOB)
+        async with serving(_source(remote, cache)) as src:
+            assert await src.read_range(0, 3 * CS) == BLOB[: 3 * CS]
+        refetched = {i for s, e, _ in remote.requests for i in range(s // CS, e // CS)}
+        assert refetched == {1, 2}  # the good chunk 0 came from disk
+
+    with caplog.at_level(logging.WARNING):
+        run(go)
+    assert caplog.text.count("failed its checksum or length") == 2
+
+
+def test_the_byte_limit_holds_and_evicts_least_recently_used(tmp_path: Path) -> None:
+    limit = 10 * (CS + 16)
+    cache = CacheDir(tmp_path / "c", limit)
+
+    async def go() -> None:
+        async with serving(_source(FakeRemote(BLOB), cache)) as src:
+            for i in range(30):
+                assert await src.read_range(i * CS, i * CS + 1) == BLOB[i * CS : i * CS + 1]
+                await trio.sleep(0.05)
+                on_disk = sum(f.stat().st_size for f in (tmp_path / "c" / "chunks").rglob("*") if f.is_file())
+                assert on_disk <= limit
+                assert cache.usage().accounted_bytes <= limit
+
+    run(go)
+    names = {int(p.name) for p in (tmp_path / "c" / "chunks").rglob("*") if p.is_file()}
+    assert 29 in names
+    assert 0 not in names  # the oldest went first
+
+
+def test_a_disk_that_refuses_chunks_degrades_to_memory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = CacheDir(tmp_path / "c")
+    (tmp_path / "c" / "chunks").write_text("a file where the chunk directory should be")
+
+    async def go() -> None:
+        async with serving(_source(FakeRemote(BLOB), cache)) as src:
+            for i in range(10):
+                assert await src.read_range(i * CS, (i + 1) * CS) == BLOB[i * CS : (i + 1) * CS]
+                await trio.sleep(0.01)
+            assert src.store.degraded
+
+    with caplog.at_level(logging.WARNING):
+        run(go)
+    assert caplog.text.count("serving from memory") == 1  # one warning, not one per chunk
+
+
+def test_chunks_written_by_one_source_are_read_by_another(tmp_path: Path) -> None:
+    """Two mounts of one archive sharing a cache directory: the second fetches nothing."""
+    cache = CacheDir(tmp_path / "c")
+    second = FakeRemote(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(FakeRemote(BLOB), cache)) as src:
+            await src.read_range(0, len(BLOB))
+        await trio.sleep(0.1)
+        async with serving(_source(second, CacheDir(tmp_path / "c"))) as src:
+            assert await src.read_range(0, len(BLOB)) == BLOB
+
+    run(go)
+    assert second.requests == []
+
+
+def test_fill_uses_one_request_per_contiguous_range(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB)
+    seen: list[tuple[int, int]] = []
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"), request_bytes=2 * CS)) as src:
+            await src.read_range(20 * CS, 20 * CS + 1)
+            remote.requests.clear()
+            fetched = await src.fill([(0, 30 * CS), (40 * CS, 41 * CS)], lambda d, t: seen.append((d, t)))
+            assert fetched == 30 * CS  # 29 chunks + 1, chunk 20 was cached
+
+    run(go)
+    assert sorted((s // CS, e // CS) for s, e, _ in remote.requests) == [(0, 20), (21, 30), (40, 41)]
+    assert seen[-1][0] == seen[-1][1] == 31 * CS
+
+
+def test_a_chunk_that_changed_since_verification_is_refused(tmp_path: Path) -> None:
+    from blobmount.cache import MetaStore
+
+    cache = CacheDir(tmp_path / "c")
+    sha = b"\x11" * 32
+
+    async def go() -> None:
+        async with serving(_source(FakeRemote(BLOB), cache, meta=MetaStore(cache))) as src:
+            await src.read_range(0, 4 * CS)
+            await trio.sleep(0.1)
+            await src.remember_verified(0, 4 * CS, sha)
+        # another mount: the record holds while the chunks are the ones verified
+        bad = bytearray(BLOB)
+        bad[CS + 5] ^= 1
+        remote = FakeRemote(bytes(bad))
+        async with serving(_source(remote, cache, meta=MetaStore(cache))) as src:
+            assert await src.was_verified(0, 4 * CS, sha)
+            assert not await src.was_verified(0, 4 * CS, b"\x22" * 32)
+            os.unlink(tmp_path / "c" / "chunks" / f"{DIGEST}-{CS}" / "1")  # evicted meanwhile
+            with pytest.raises(TransientError, match="differs from the bytes a file was verified with"):
+                await src.read_range(CS, CS + 10)  # the refetch brings other bytes: refused
+            assert remote.requests[-1][2] is True  # and the retries went to the origin only
+            assert src.stats.changed_chunks >= 1
+
+    run(go)
