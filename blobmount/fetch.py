@@ -17,7 +17,7 @@ from the network, and the network part is where this module earns its keep:
   the window is fetched as several concurrent requests, which fills links with a large
   bandwidth-delay product. Small files: the first network miss in a directory fetches only that
   file's chunk; from the second on, the directory's data (contiguous: the data blob is in path
-  order) is prefetched forward in steps of ``DIR_STEP_BYTES``.
+  order) is prefetched forward, in a window that grows from ``DIR_STEP_BYTES`` to ``DIR_MAX_BYTES``.
 - **Budgets.** Requests in flight are bounded by ``max_requests``, of which read-ahead may use all
   but ``DEMAND_RESERVED_REQUESTS`` (a reader's miss never queues behind a window); read-ahead stops
   growing while ``inflight_bytes`` are on their way.
@@ -56,7 +56,8 @@ DEFAULT_REQUEST_BYTES = 8 << 20  # per range request: ~70 ms at 1 Gbit, long eno
 DEFAULT_AHEAD_BYTES = 64 << 20  # a sequential reader's largest window (~0.5 s at 1 Gbit)
 INITIAL_WINDOW_BYTES = 1 << 20  # the first read-ahead after two reads in order
 DEFAULT_INFLIGHT_BYTES = 256 << 20  # read-ahead stops growing while this much is on its way
-DIR_STEP_BYTES = 4 << 20  # a directory of small files is prefetched this much at a time
+DIR_STEP_BYTES = 2 << 20  # a directory of small files is prefetched this much ahead at first,
+DIR_MAX_BYTES = 32 << 20  # doubling while the reader keeps up, to at most this much
 DEMAND_RESERVED_REQUESTS = 2  # request slots read-ahead may not take
 MAX_ATTEMPTS = 3  # per request: a stalled or broken body is resumed this many times in all
 FOREIGN_POLL_MAX_S = 0.1  # waiting for another process's chunk: poll its file at most this often
@@ -81,11 +82,12 @@ class StreamSource(Protocol):
     async def aclose(self) -> None: ...
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BlobmountError | None = None
+    owner: object = None  # the _Run delivering it (a run only ever settles its own flights)
 
 
 @dataclass(slots=True)
@@ -115,11 +117,13 @@ class FetchStats:
 
 @dataclass(slots=True, eq=False)  # hashed by identity: a limiter's borrower token
 class _Run:
-    """Chunks [first, last] fetched by one request; ``next`` is the first not yet delivered."""
+    """Chunks [first, last] fetched by one request; ``next`` is the first not yet delivered;
+    ``epoch`` is the purge count when it started (a chunk purged since must not be landed)."""
 
     first: int
     last: int
     ahead: bool
+    epoch: int
     next: int = -1
 
     def __post_init__(self) -> None:
@@ -162,7 +166,11 @@ class ChunkedSource:
         self._expected: dict[int, int] = {}  # chunk -> xxh3 it had when a file over it was verified
         self._origin_only: set[int] = set()
         self._unsaved: dict[int, bytes] = {}  # landed, not yet on disk: still served, never refetched
+        self._saving: dict[int, trio.Event] = {}  # set when that chunk's write has finished
+        self._epoch = 0  # purges so far
+        self._purged: dict[int, int] = {}  # chunk -> epoch of its last purge
         self._unsaved_slots = trio.Semaphore(UNSAVED_CHUNKS)
+        self._drained = trio.Event()  # set when the last unsaved chunk reaches the disk
 
     # -- RangeSource ---------------------------------------------------------------------------
 
@@ -197,7 +205,8 @@ class ChunkedSource:
         or a mount's last moments, so what was fetched is not fetched again."""
         with trio.move_on_after(self.timeout_s):
             while self._unsaved:
-                await trio.sleep(0.01)
+                self._drained = trio.Event()
+                await self._drained.wait()
 
     async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
         if not 0 <= start <= end <= self.size:
@@ -274,10 +283,20 @@ class ChunkedSource:
             return
         cs = self.store.chunk_size
         first, last = start // cs, (end - 1) // cs
+        self._epoch += 1
         for index in range(first, last + 1):
             self.store.forget(index)
+            self._unsaved.pop(index, None)
             self._expected.pop(index, None)
             self._origin_only.add(index)
+            self._purged[index] = self._epoch
+            flight = self._flights.get(index)
+            if flight is not None and flight.owner is not None:
+                del self._flights[index]  # its bytes still reach whoever waits, never the cache
+        for index in range(first, last + 1):
+            saving = self._saving.get(index)
+            if saving is not None:
+                await saving.wait()  # a write of the old bytes in progress: delete after it
         await trio.to_thread.run_sync(self.store.purge_disk, first, last)
 
     async def was_verified(self, start: int, end: int, sha256: bytes) -> bool:
@@ -396,16 +415,16 @@ class ChunkedSource:
                 cache.unclaim(self.store.claim_key(index))
                 self._start(self._load, index)
                 continue
-            self._flights[index] = _Flight()
-            self._inflight_bytes += self.store.length(index)
             if run is not None and run.last == index - 1 and run.last - run.first + 1 < self.request_chunks:
                 run.last = index
             else:
-                run = _Run(index, index, ahead)
+                run = _Run(index, index, ahead, self._epoch)
                 runs.append(run)
+            self._flights[index] = _Flight(owner=run)
+            self._inflight_bytes += self.store.length(index)
         for r in runs:
             if self._nursery is None:
-                self._fail(r.first, r.last, SourceError("the data source is not running"))
+                self._fail(r, SourceError("the data source is not running"))
                 continue
             self._nursery.start_soon(self._fetch_run, r)
         return missed
@@ -427,9 +446,10 @@ class ChunkedSource:
         if hint.directory:
             if missed:
                 hint.misses += 1
-            if hint.misses < 2 or hint.ahead - end >= DIR_STEP_BYTES // 2:
+            if hint.misses < 2 or hint.ahead - end >= hint.window // 2:
                 return
-            frm, to = max(hint.ahead, end), min(hint.hi, end + DIR_STEP_BYTES)
+            hint.window = min(max(hint.window * 2, DIR_STEP_BYTES), DIR_MAX_BYTES)
+            frm, to = max(hint.ahead, end), min(hint.hi, end + hint.window)
         else:
             slack = self.store.chunk_size
             in_order = hint.pos >= 0 and hint.pos - slack <= start <= hint.pos + slack
@@ -532,7 +552,7 @@ class ChunkedSource:
             error = SourceError(f"internal error while fetching: {exc!r}")
         finally:
             if run.next <= run.last:
-                self._fail(run.next, run.last, error)
+                self._fail(run, error)
 
     def _bytes(self, first: int, last: int) -> tuple[int, int]:
         return self.store.span(first)[0], self.store.span(last)[1]
@@ -554,7 +574,7 @@ class ChunkedSource:
                             data = bytes(view[:n])
                         del buf[:n]
                         await self._unsaved_slots.acquire()  # the disk sets the pace when it is slower
-                        self._land(run.next, data, run.ahead)
+                        self._land(run, data)
                         run.next += 1
                         scope.deadline = trio.current_time() + self.timeout_s
         if scope.cancelled_caught:
@@ -563,13 +583,31 @@ class ChunkedSource:
         if run.next <= run.last:
             raise TransientError(f"the body ended early, {len(buf)} bytes into chunk {run.next}")
 
-    def _land(self, index: int, data: bytes, ahead: bool) -> None:
+    def _land(self, run: _Run, data: bytes) -> None:
+        """Chunk ``run.next`` arrived: wake its waiters, keep it in memory, write it to disk."""
+        index = run.next
+        self._inflight_bytes -= len(data)
+        flight = self._flights.get(index)
+        mine = flight is not None and flight.owner is run
+        if mine:
+            del self._flights[index]
+        if self._purged.get(index, -1) >= run.epoch:  # purged while on its way: never cached
+            self._unsaved_slots.release()
+            if self.store.cache is not None:
+                self.store.cache.unclaim(self.store.claim_key(index))
+            if mine:
+                flight.data = data  # type: ignore[union-attr]
+                flight.done.set()  # type: ignore[union-attr]
+            return
         digest = chunk_digest(data)
         expected = self._expected.get(index)
         if expected is not None and digest != expected:
             self.stats.changed_chunks += 1
             self._origin_only.add(index)
             self._unsaved_slots.release()
+            self._inflight_bytes += len(data)
+            if mine:
+                self._flights[index] = flight  # type: ignore[assignment]
             raise TransientError(
                 f"chunk {index} differs from the bytes a file was verified with; refetching from the origin"
             )
@@ -577,17 +615,16 @@ class ChunkedSource:
         self.store.memory_put(index, data)
         self.stats.chunks_fetched += 1
         self.stats.bytes_fetched += len(data)
-        if ahead:
+        if run.ahead:
             self.stats.ahead_chunks += 1
-        self._inflight_bytes -= len(data)
-        flight = self._flights.pop(index, None)
-        if flight is not None:
-            if not ahead:
-                self.stats.misses += 1
-            flight.data = data
-            flight.done.set()
+        elif mine:
+            self.stats.misses += 1
+        if mine:
+            flight.data = data  # type: ignore[union-attr]
+            flight.done.set()  # type: ignore[union-attr]
         if self.store.cache is not None and self._nursery is not None:
             self._unsaved[index] = data
+            self._saving[index] = trio.Event()
             self._nursery.start_soon(self._persist, index, data, digest)
         else:
             self._unsaved_slots.release()
@@ -599,17 +636,26 @@ class ChunkedSource:
         except Exception:  # the chunk stays in memory; a bug here must not end the mount
             log.exception("chunk cache: storing chunk %d failed unexpectedly", index)
         finally:
-            self._unsaved.pop(index, None)
+            if self._unsaved.get(index) is data:
+                del self._unsaved[index]
             self._unsaved_slots.release()
+            saving = self._saving.pop(index, None)
+            if saving is not None:
+                saving.set()
+            if not self._unsaved:
+                self._drained.set()
             if self.store.cache is not None:
                 self.store.cache.unclaim(self.store.claim_key(index))
 
-    def _fail(self, first: int, last: int, error: BlobmountError) -> None:
-        for index in range(first, last + 1):
-            flight = self._flights.pop(index, None)
+    def _fail(self, run: _Run, error: BlobmountError) -> None:
+        """Settle the run's undelivered chunks with `error` (the next read tries afresh)."""
+        for index in range(run.next, run.last + 1):
             self._inflight_bytes -= self.store.length(index)
             if self.store.cache is not None:
                 self.store.cache.unclaim(self.store.claim_key(index))
-            if flight is not None:
+            flight = self._flights.get(index)
+            if flight is not None and flight.owner is run:
+                del self._flights[index]
                 flight.error = error
                 flight.done.set()
+        run.next = run.last + 1

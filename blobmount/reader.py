@@ -464,7 +464,7 @@ class Reader:
 
     def _decode(self, entry: Entry, tmp: Path) -> None:
         """Worker thread: decode the entry's frame into the file `tmp`."""
-        with open(tmp, "wb") as out:
+        with open(tmp, "r+b") as out:  # pre-sized by the content store
             self._decode_to(entry, out)
 
     def _decode_to(self, entry: Entry, out: BinaryIO, compressed: bytes | None = None) -> None:

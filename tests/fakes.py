@@ -43,7 +43,7 @@ class FakeRemote:
                 await self.gate.wait()
             n = min(self.block_bytes, end - pos)
             if fault == "stall":
-                await trio.sleep(1e9)
+                await trio.sleep_forever()
             if fault == "reset" and pos - start >= (end - start) // 2:
                 raise TransientError("connection reset (injected)")
             if fault == "truncate" and pos + n >= end:

@@ -112,6 +112,7 @@ class QuirkState:
     token_lifetime_s: int = 300
     redirect_blobs: bool = False  # answer blob GETs with 307 to /storage/...
     ignore_ranges: bool = False  # answer ranges with 200 and the whole body
+    corrupt_ranges: bool = False  # flip one byte in every 206 body (a broken mirror)
     fail_next: list[int] = field(default_factory=list)  # statuses to answer the next requests with
     retry_after: str | None = None
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
@@ -204,6 +205,8 @@ class QuirkProxy:
             conn.request(h.command, path, body=body or None, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
+            if st.corrupt_ranges and resp.status == 206 and data:
+                data = bytes([data[0] ^ 0x55]) + data[1:]
             out = {k: v for k, v in resp.getheaders() if k.lower() not in ("content-length", "transfer-encoding")}
             self._reply(h, resp.status, out, data)
         finally:

@@ -56,6 +56,10 @@ _DISK_ERRNOS = (
 )
 
 
+class _NoRoom(Exception):
+    """The budget refused a chunk (internal to ChunkStore.store)."""
+
+
 def chunk_digest(data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
@@ -197,30 +201,33 @@ class ChunkStore:
         if path is None or self.cache is None:
             return False
         size = len(data) + TRAILER_BYTES
-        try:
-            if not self.cache.reserve(size):
-                self._disk_trouble(f"--cache-size {self.cache.limit_bytes} bytes leaves no room")
-                return False
-        except OSError as exc:
-            self._disk_trouble(f"cannot account {path.parent}: {exc.strerror}")
-            return False
         trailer = _TRAILER.pack(chunk_digest(data) if digest is None else digest, _MAGIC)
         tmp = path.with_name(f"{index}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        reserved = False
         try:
             try:
                 f = open(tmp, "xb")  # noqa: SIM115 - closed below, before the rename
             except FileNotFoundError:  # the first chunk of this blob, or the directory was deleted
-                assert self.cache is not None
                 self.cache.subdir(f"chunks/{self._name}")
                 f = open(tmp, "xb")  # noqa: SIM115
             with f:
+                f.truncate(size)  # visible to scans at its final size before it is reserved
+                reserved = self.cache.reserve(size)
+                if not reserved:
+                    raise _NoRoom
                 f.write(data)
                 f.write(trailer)
-            os.rename(tmp, path)
+            self.cache.commit(tmp, path)
+        except _NoRoom:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._disk_trouble(f"--cache-size {self.cache.limit_bytes} bytes leaves no room")
+            return False
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            self._release(size)
+            if reserved:
+                self._release(size)
             if exc.errno in _DISK_ERRNOS:
                 self._disk_trouble(f"cannot write {path.parent}: {exc.strerror}")
                 return False

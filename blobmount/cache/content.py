@@ -72,8 +72,10 @@ class ContentStore:
         return self.root / key[:2] / key
 
     async def fill(self, key: str, size: int, produce: Callable[[Path], None]) -> None:
-        """Make `key` present. `produce(tmp)` runs on a worker thread, writes the content to `tmp`
-        and raises if it is wrong (it must verify). Single-flight per key within this process.
+        """Make `key` present. `produce(tmp)` runs on a worker thread and writes the `size` bytes of
+        content into the existing file `tmp` from offset 0 (open it ``r+b``: it is pre-sized so
+        the budget sees it), raising if the content is wrong (it must verify). Single-flight per
+        key within this process.
 
         Raises LimitExceeded when the file can never fit the cache, StoreUnavailable when the disk
         or the budget refuses it now (the caller may decode into memory instead)."""
@@ -106,28 +108,40 @@ class ContentStore:
             flight.done.set()
 
     def _write(self, final: Path, size: int, produce: Callable[[Path], None]) -> None:
-        if not self.cache.reserve(size):
-            raise StoreUnavailable(f"content cache {self.cache.root}: --cache-size leaves no room for {size} bytes")
+        """Worker thread: temp file at its final size, reserve, produce, trailer, commit."""
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-        written = False
+        reserved = written = False
         try:
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.truncate(size)  # visible to the budget's scans before it is reserved (space.py)
+            reserved = self.cache.reserve(size)
+            if not reserved:
+                raise StoreUnavailable(f"content cache {self.cache.root}: --cache-size leaves no room for {size} bytes")
             produce(tmp)
+            content = size - TRAILER_BYTES
             h = xxhash.xxh3_64()
             with open(tmp, "r+b") as f:
-                while block := f.read(1 << 20):
+                left = content
+                while left > 0:
+                    block = f.read(min(1 << 20, left))
+                    if not block:
+                        raise SourceError(f"content cache {final.parent}: decoded file came out short")
                     h.update(block)
+                    left -= len(block)
                 f.write(_TRAILER.pack(h.intdigest(), _MAGIC))
-            os.rename(tmp, final)
+            self.cache.commit(tmp, final)
             written = True
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.EACCES):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EACCES):
                 raise StoreUnavailable(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
             raise SourceError(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
         finally:
             if not written:
-                tmp.unlink(missing_ok=True)
-                self.cache.release(size)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                if reserved:
+                    self.cache.release(size)
 
     async def open(self, key: str) -> int | None:
         """An fd of the content for `key` (pinned until :meth:`release`), or None on a miss. A file

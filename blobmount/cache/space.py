@@ -9,14 +9,17 @@ Layout of ``CACHE_DIR`` (created 0700; refused when group- or world-writable)::
     meta/                manifests, index blobs, tag resolutions, verified records (meta.py)
 
 Budget. ``--cache-size`` is a hard limit for the whole directory however many processes share it.
-Every store asks :meth:`CacheDir.reserve` before it writes a file and :meth:`CacheDir.release`
-after it deletes one; both update ``usage`` under a lock that every process takes (byte 0 of
-``lock``). When a reservation would pass the limit, the process holding the lock scans the
-directory (names and ``stat`` only, never the contents), deletes the least recently used files
-(mtime is the LRU clock: stores touch a file when they use it) until the total is under the
-low-water mark, and rewrites ``usage`` from what the scan found. So ``usage`` heals itself: a
-process killed between reserving and writing leaves the count high only until the next scan.
-Files a process has pinned (open decoded contents, chunks being written) are never chosen.
+Every store asks :meth:`CacheDir.reserve` before it writes a file and :meth:`CacheDir.release` after
+it deletes one; both update ``usage`` under a lock that every process takes (byte 0 of ``lock``). A
+write is visible to every scan from the moment it is reserved: the store first creates its ``*.tmp``
+at the final size (sparse), then reserves, fills it, and renames it into place with
+:meth:`CacheDir.commit` under the same lock, so a scan never misses a reservation in flight. When a
+reservation would pass the limit, the process holding the lock scans the directory (names and
+``stat`` only, never the contents), deletes the least recently used files (mtime is the LRU clock:
+stores touch a file when they use it) until the total is under the low-water mark, and rewrites
+``usage`` from what the scan found. So ``usage`` heals itself: a process killed between reserving
+and writing leaves the count high only until the next scan. Files a process has pinned (open decoded
+contents, chunks being written) are never chosen.
 
 Single flight across processes. :meth:`try_claim` takes a non-blocking lock on one byte of
 ``lock`` chosen by hashing a key; the owner fetches, writes the file, then releases. Another
@@ -202,6 +205,12 @@ class CacheDir:
                     return False
             self._write_usage(total + size)
         return True
+
+    def commit(self, tmp: Path, final: Path) -> None:
+        """Rename a reserved, fully written temp file into place (under the budget lock, so that a
+        scan sees it either as the temp file or as the final one, never as neither)."""
+        with self._budget():
+            os.rename(tmp, final)
 
     def release(self, size: int) -> None:
         """`size` bytes were deleted by their store."""

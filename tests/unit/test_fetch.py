@@ -42,9 +42,14 @@ async def serving(src: ChunkedSource) -> AsyncIterator[ChunkedSource]:
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
-    # The clock jumps only after 50 ms of real idleness: chunk writes run on worker threads, and a
-    # jump while one is in flight would fire every deadline at once.
-    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0.05))
+    """Real time: chunk writes run on worker threads, and a mock clock that jumps while one is in
+    flight would fire every deadline at once. Tests that wait out timeouts use `run_jumping`
+    with a memory-only store (no threads)."""
+    trio.run(fn)
+
+
+def run_jumping(fn: Callable[[], Awaitable[None]]) -> None:
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_one_read_many_chunks_is_one_request_and_exact(tmp_path: Path) -> None:
@@ -79,7 +84,7 @@ def test_single_flight_many_readers_one_request(tmp_path: Path) -> None:
     results: list[bytes] = []
 
     async def go() -> None:
-        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+        async with serving(_source(remote, None)) as src:
 
             async def reader(i: int) -> None:
                 results.append(await src.read_range(3 * CS + i, 3 * CS + i + 100))
@@ -89,7 +94,7 @@ def test_single_flight_many_readers_one_request(tmp_path: Path) -> None:
                     n.start_soon(reader, i)
             assert remote.requests == [(3 * CS, 4 * CS, False)]
 
-    run(go)
+    run_jumping(go)
     assert sorted(results) == sorted(BLOB[3 * CS + i : 3 * CS + i + 100] for i in range(16))
 
 
@@ -99,7 +104,7 @@ def test_waiters_wake_as_each_chunk_lands(tmp_path: Path) -> None:
     remote = FakeRemote(BLOB, gate=gate, gate_after=CS + 1000)
 
     async def go() -> None:
-        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+        async with serving(_source(remote, None)) as src:
             whole: list[bytes] = []
 
             async def big() -> None:
@@ -115,7 +120,7 @@ def test_waiters_wake_as_each_chunk_lands(tmp_path: Path) -> None:
             assert whole == [BLOB[: 8 * CS]]
             assert len(remote.requests) == 1
 
-    run(go)
+    run_jumping(go)
 
 
 def test_a_failed_fetch_wakes_every_waiter_with_the_error(tmp_path: Path) -> None:
@@ -123,7 +128,7 @@ def test_a_failed_fetch_wakes_every_waiter_with_the_error(tmp_path: Path) -> Non
     errors: list[BaseException] = []
 
     async def go() -> None:
-        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+        async with serving(_source(remote, None)) as src:
 
             async def reader() -> None:
                 try:
@@ -137,7 +142,7 @@ def test_a_failed_fetch_wakes_every_waiter_with_the_error(tmp_path: Path) -> Non
             assert not src._flights
             assert await src.read_range(0, 100) == BLOB[:100]  # a later read tries afresh
 
-    run(go)
+    run_jumping(go)
     assert len(errors) == 5
     assert all("404" in str(e) for e in errors)
 
@@ -147,7 +152,7 @@ def test_a_cancelled_fetch_wakes_its_waiters(tmp_path: Path) -> None:
     got: list[BaseException] = []
 
     async def go() -> None:
-        src = _source(remote, CacheDir(tmp_path / "c"), timeout_s=1000.0)
+        src = _source(remote, None, timeout_s=1000.0)
         async with trio.open_nursery() as outer:
             fetch_scope = trio.CancelScope()
 
@@ -171,7 +176,7 @@ def test_a_cancelled_fetch_wakes_its_waiters(tmp_path: Path) -> None:
             fetch_scope.cancel()  # the mount goes away while a reader waits
         assert not src._flights
 
-    run(go)
+    run_jumping(go)
     assert len(got) == 1
     assert "cancelled" in str(got[0])
 
@@ -179,7 +184,7 @@ def test_a_cancelled_fetch_wakes_its_waiters(tmp_path: Path) -> None:
 def test_a_stalled_body_is_resumed_and_a_read_never_waits_past_the_timeout(tmp_path: Path) -> None:
     async def go() -> None:
         remote = FakeRemote(BLOB, faults=["stall", None])
-        async with serving(_source(remote, CacheDir(tmp_path / "c"), timeout_s=2.0)) as src:
+        async with serving(_source(remote, None, timeout_s=2.0)) as src:
             started = trio.current_time()
             # the first request stalls for the whole timeout: this read gives up at 2 s ...
             with pytest.raises(TransientError, match="--timeout 2 s"):
@@ -190,7 +195,7 @@ def test_a_stalled_body_is_resumed_and_a_read_never_waits_past_the_timeout(tmp_p
             assert await src.read_range(0, 100) == BLOB[:100]
             assert len(remote.requests) == 2
 
-    run(go)
+    run_jumping(go)
 
 
 @pytest.mark.parametrize("fault", ["refuse", "reset", "truncate"])
@@ -198,11 +203,11 @@ def test_transient_faults_are_retried_from_the_first_missing_chunk(tmp_path: Pat
     remote = FakeRemote(BLOB, faults=[fault])
 
     async def go() -> None:
-        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+        async with serving(_source(remote, None)) as src:
             assert await src.read_range(0, 8 * CS) == BLOB[: 8 * CS]
             assert src.stats.retries == 1
 
-    run(go)
+    run_jumping(go)
     first, second = remote.requests
     assert first == (0, 8 * CS, False)
     assert second[1] == 8 * CS
@@ -214,12 +219,12 @@ def test_three_faults_in_a_row_fail_the_read_then_it_recovers(tmp_path: Path) ->
     remote = FakeRemote(BLOB, faults=["reset", "refuse", "truncate"])
 
     async def go() -> None:
-        async with serving(_source(remote, CacheDir(tmp_path / "c"))) as src:
+        async with serving(_source(remote, None)) as src:
             with pytest.raises(TransientError):
                 await src.read_range(CS, 2 * CS)
             assert await src.read_range(CS, 2 * CS) == BLOB[CS : 2 * CS]  # never poisoned
 
-    run(go)
+    run_jumping(go)
 
 
 def test_sequential_reads_grow_the_window_and_a_seek_resets_it(tmp_path: Path) -> None:
@@ -289,8 +294,7 @@ def test_a_damaged_chunk_file_is_a_miss_never_served(tmp_path: Path, caplog: pyt
         flipped = bytearray((chunk_dir / "1").read_bytes())
         flipped[7] ^= 1
         (chunk_dir / "1").write_bytes(bytes(flipped))
-        with open(chunk_dir / "2", "r+b") as f:  # torn: cut short
-            f.truncate(100)
+        os.truncate(chunk_dir / "2", 100)  # torn: cut short
         remote = FakeRemote(BLOB)
         async with serving(_source(remote, cache)) as src:
             assert await src.read_range(0, 3 * CS) == BLOB[: 3 * CS]
