@@ -152,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
         help="once mounted, fetch this file or directory into the cache (repeatable)",
     )
     m.add_argument(
+        "--read-ahead-kb",
+        type=int,
+        default=None,
+        help="kernel read-ahead for the mount, KiB (default 1024; 0 keeps the kernel's 128; needs root)",
+    )
+    m.add_argument(
         "--verify-threshold",
         default=None,
         help="raw files up to this size are verified before the first byte (default 4M)",
@@ -392,6 +398,15 @@ def _chunk_size(text: str | None) -> int:
     return size
 
 
+def _read_ahead(flag: int | None, option: str | None) -> int:
+    value = flag if flag is not None else int(option) if option and option.isdigit() else 1024
+    if option and not option.isdigit():
+        raise UsageError(f"-o read_ahead_kb={option}: a number of KiB")
+    if not 0 <= value <= 1 << 20:
+        raise UsageError("--read-ahead-kb: 0 to 1048576")
+    return value
+
+
 def _cache_dir(args: argparse.Namespace) -> Path:
     from blobmount.cache import default_cache_dir
 
@@ -506,6 +521,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         chunk_size=_chunk_size(args.chunk_size or ours.get("chunk_size")),
         offline=args.offline or "offline" in ours,
         prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
+        read_ahead_kb=_read_ahead(args.read_ahead_kb, ours.get("read_ahead_kb")),
         uid=uid,
         gid=gid,
         fuse_options=tuple(fuse_opts),

@@ -38,6 +38,7 @@ class MountConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES
     offline: bool = False
     prefetch: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
+    read_ahead_kb: int = 1024  # the kernel's read-ahead for the mount (0: leave its default)
     uid: int | None = None
     gid: int | None = None
     fuse_options: tuple[str, ...] = field(default_factory=tuple)
@@ -57,6 +58,7 @@ O_KEYS: dict[str, tuple[str, bool]] = {
     "chunk_size": ("chunk_size", True),
     "offline": ("offline", False),
     "prefetch": ("prefetch", True),
+    "read_ahead_kb": ("read_ahead_kb", True),
 }
 # Passed through to the kernel/libfuse as given.
 FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "fsname", "subtype"})

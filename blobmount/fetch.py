@@ -53,7 +53,9 @@ from blobmount.source import ReadHint
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_BYTES = 8 << 20  # per range request: ~70 ms at 1 Gbit, long enough to leave slow start
-DEFAULT_AHEAD_BYTES = 64 << 20  # a sequential reader's largest window (~0.5 s at 1 Gbit)
+DEFAULT_AHEAD_BYTES = 32 << 20  # a sequential reader's largest window: ~0.3 s at 1 Gbit, 25x the
+# bandwidth-delay product of a 10 ms link, and half the memory tier (a larger window outran the
+# tier: landed chunks were evicted before the reader got there and read back from disk)
 INITIAL_WINDOW_BYTES = 1 << 20  # the first read-ahead after two reads in order
 DEFAULT_INFLIGHT_BYTES = 256 << 20  # read-ahead stops growing while this much is on its way
 DIR_STEP_BYTES = 2 << 20  # a directory of small files is prefetched this much ahead at first,
@@ -563,25 +565,26 @@ class ChunkedSource:
         start, end = self._bytes(run.next, run.last)
         origin_only = any(i in self._origin_only for i in range(run.next, run.last + 1))
         self.stats.requests += 1
-        buf = bytearray()
+        parts: list[bytes] = []  # blocks of the chunk being assembled: joined once, not appended to
+        have = 0
         with trio.CancelScope(deadline=trio.current_time() + self.timeout_s) as scope:
             async with aclosing(self.remote.iter_range(start, end, origin_only=origin_only)) as blocks:
                 async for block in blocks:
-                    buf += block
-                    while run.next <= run.last and len(buf) >= self.store.length(run.next):
-                        n = self.store.length(run.next)
-                        with memoryview(buf) as view:
-                            data = bytes(view[:n])
-                        del buf[:n]
+                    parts.append(block)
+                    have += len(block)
+                    while run.next <= run.last and have >= (n := self.store.length(run.next)):
+                        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+                        data, rest = (joined, b"") if len(joined) == n else (joined[:n], joined[n:])
+                        parts, have = ([rest] if rest else []), len(rest)
                         await self._unsaved_slots.acquire()  # the disk sets the pace when it is slower
-                        self._land(run, data)
+                        self._land(run, bytes(data))
                         run.next += 1
                         scope.deadline = trio.current_time() + self.timeout_s
         if scope.cancelled_caught:
             self.stats.stalls += 1
             raise TransientError(f"no chunk arrived within --timeout {self.timeout_s:g} s (stalled)")
         if run.next <= run.last:
-            raise TransientError(f"the body ended early, {len(buf)} bytes into chunk {run.next}")
+            raise TransientError(f"the body ended early, {have} bytes into chunk {run.next}")
 
     def _land(self, run: _Run, data: bytes) -> None:
         """Chunk ``run.next`` arrived: wake its waiters, keep it in memory, write it to disk."""

@@ -51,6 +51,7 @@ SPILL_DECODE_BYTES = 256 << 20  # a zstd file the content store cannot take (dis
 # into memory up to this size; larger ones fail with EIO and a log line naming both limits
 DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified before the first byte
 DIR_HINTS = 256  # directories whose small-file reads are followed for prefetch (LRU)
+EARLY_BYTES = 16 << 20  # per file being verified lazily: out-of-order reads kept until hashable
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 VerifyPolicy = Literal["lazy", "strict", "background"]
@@ -69,6 +70,8 @@ class _Progress:
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     hashed_upto: int = 0
     covered: list[tuple[int, int]] = field(default_factory=list)  # merged ranges beyond hashed_upto
+    early: dict[int, bytes] = field(default_factory=dict)  # reads that arrived ahead of hashed_upto
+    early_bytes: int = 0
     users: int = 0
     finishing: bool = False  # one task owns the final catch-up; the hasher is frozen for others
 
@@ -316,10 +319,17 @@ class Reader:
         if offset <= progress.hashed_upto < end:
             progress.hasher.update(memoryview(data)[progress.hashed_upto - offset :])
             progress.hashed_upto = end
+            self._drain_early(progress)
         elif end > progress.hashed_upto:
-            progress.covered = _merge(progress.covered, (offset, end))
-        # Once every byte has been read, bytes that arrived out of order are read again to hash
-        # them in order (rare: kernel read-ahead keeps sequential readers in order).
+            # Concurrent FUSE reads finish out of order by a few MiB: keep such reads (bounded)
+            # until the gap before them is hashed, instead of reading them again at the end.
+            if progress.early_bytes + len(data) <= EARLY_BYTES and offset not in progress.early:
+                progress.early[offset] = data
+                progress.early_bytes += len(data)
+            else:
+                progress.covered = _merge(progress.covered, (offset, end))
+        # Once every byte has been read, bytes that arrived out of order and were not kept are
+        # read again to hash them in order (rare with the buffer above).
         if progress.hashed_upto < entry.original_size and not _covers(
             progress.covered, progress.hashed_upto, entry.original_size
         ):
@@ -332,6 +342,8 @@ class Reader:
                 # the hasher may hold part of the catch-up: start over, hashing all at the end
                 progress.hasher, progress.hashed_upto = hashlib.sha256(), 0
                 progress.covered, progress.finishing = [(0, entry.original_size)], False
+                progress.early.clear()
+                progress.early_bytes = 0
                 raise
             progress.hashed_upto = entry.original_size
         digest = progress.hasher.digest()
@@ -350,6 +362,20 @@ class Reader:
         self._verified.add(entry.number)
         await self._remember(entry)
         log.warning("%s: verified on the second read", show(entry.path))
+
+    @staticmethod
+    def _drain_early(progress: _Progress) -> None:
+        """Hash the kept early reads that now continue the hashed prefix; drop the stale ones."""
+        while progress.early:
+            upto = progress.hashed_upto
+            nxt = min(progress.early)
+            if nxt > upto:
+                return
+            data = progress.early.pop(nxt)
+            progress.early_bytes -= len(data)
+            if nxt + len(data) > upto:
+                progress.hasher.update(memoryview(data)[upto - nxt :])
+                progress.hashed_upto = nxt + len(data)
 
     def _poison(self, entry: Entry, actual: bytes) -> None:
         self._poisoned.add(entry.number)

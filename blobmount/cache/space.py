@@ -119,6 +119,7 @@ class CacheDir:
         except OSError as exc:
             raise UsageError(f"cache dir {root}: cannot open its lock file: {exc.strerror}") from exc
         self._budget_mutex = threading.Lock()
+        self._usage: int | None = None
         self._pins: dict[Path, int] = {}
         self.evicted_files = 0  # counters for status and metrics
         self.evicted_bytes = 0
@@ -126,6 +127,9 @@ class CacheDir:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
+        if self._usage is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._usage)
 
     def subdir(self, name: str) -> Path:
         """``root/name``, created 0700 (again, if someone deleted it under a running mount)."""
@@ -170,18 +174,24 @@ class CacheDir:
             finally:
                 _lock(self._lock_fd, 0, fcntl.F_UNLCK, wait=False)
 
+    def _usage_fd(self) -> int:
+        """The usage file, opened once (and again if someone deleted the directory under us)."""
+        if self._usage is not None and os.path.exists(self.root / "usage"):
+            return self._usage
+        if self._usage is not None:
+            os.close(self._usage)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._usage = os.open(self.root / "usage", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._usage
+
     def _read_usage(self) -> int | None:
-        try:
-            with open(self.root / "usage", "rb") as f:
-                raw = f.read(8)
-        except FileNotFoundError:
-            return None
+        raw = os.pread(self._usage_fd(), 8, 0)
         return int.from_bytes(raw, "little") if len(raw) == 8 else None
 
     def _write_usage(self, total: int) -> None:
-        tmp = self.root / f"usage.{os.getpid()}.tmp"
-        tmp.write_bytes(max(0, total).to_bytes(8, "little"))
-        os.replace(tmp, self.root / "usage")
+        # 8 aligned bytes in place, under the lock: readers never see a torn value in practice,
+        # and a damaged count is healed by the next scan anyway
+        os.pwrite(self._usage_fd(), max(0, total).to_bytes(8, "little"), 0)
 
     def usage(self) -> Usage:
         with self._budget():

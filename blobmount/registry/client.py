@@ -24,6 +24,7 @@ import hashlib
 import logging
 import random
 import ssl
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from blobmount.errors import (
 )
 from blobmount.reference import Digest, Reference, host_matches
 from blobmount.registry.auth import Challenge, Credentials, find_credentials, parse_www_authenticate
+from blobmount.registry.wire import WirePool, WireResponse
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,15 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=certifi.where())
     if ca_file is not None:
         context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+@functools.cache
+def _unverified_context() -> ssl.SSLContext:
+    """For hosts named by --insecure only."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     return context
 
 
@@ -210,8 +221,13 @@ class RegistryClient:
         self._basic = False
         self._auth_lock = trio.Lock()
         self._storage_urls: dict[str, _StorageUrl] = {}
+        self._transport = transport
+        self._registry_ssl: ssl.SSLContext = verify if isinstance(verify, ssl.SSLContext) else _unverified_context()
+        self._wire: dict[str, WirePool] = {}
 
     async def aclose(self) -> None:
+        for pool in self._wire.values():
+            await pool.aclose()
         await self._http.aclose()
         await self._storage.aclose()
 
@@ -477,13 +493,27 @@ class RegistryClient:
 
         Opening the response is retried (429/5xx/resets, 401 refresh, storage redirects); the body
         is not: a body that breaks, runs longer or ends shorter than asked raises TransientError
-        after the blocks already yielded, so the caller can resume from what it got."""
+        after the blocks already yielded, so the caller can resume from what it got. The common
+        case goes over the fast path (wire.py); everything else over httpx."""
         if start >= end:
             return
         want = end - start
+        what = f"{self.host}: blob {digest} range {start}-{end}"
+        fast = await self._open_range_wire(digest, start, end, blob_size)
+        if fast is not None:
+            got = 0
+            try:
+                async for block in fast.iter_body(block_bytes):
+                    got += len(block)
+                    self.stats.bytes_fetched += len(block)
+                    yield block
+            finally:
+                await fast.aclose()
+            if got != want:
+                raise TransientError(f"{what}: body of {got} bytes, expected {want}")
+            return
         response = await self._open_range(digest, start, end, blob_size)
         got = 0
-        what = f"{self.host}: blob {digest} range {start}-{end}"
         try:
             async with _body(response, block_bytes) as blocks:
                 async for block in blocks:
@@ -499,6 +529,65 @@ class RegistryClient:
         if got != want:
             raise TransientError(f"{what}: body of {got} bytes, expected {want}")
 
+    def _wire_pool(self, url: str) -> WirePool | None:
+        """The fast path's connections for `url`'s origin; None where httpx must go (an injected
+        transport in tests, or a proxy that applies to this host)."""
+        if self._transport is not None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+        key = f"{parts.scheme}://{parts.netloc}"
+        pool = self._wire.get(key)
+        if pool is None:
+            proxies = urllib.request.getproxies_environment()
+            if parts.scheme in proxies and not urllib.request.proxy_bypass(parts.netloc):
+                return None
+            context: ssl.SSLContext | None = None
+            if parts.scheme == "https":
+                context = self._registry_ssl if key == self.base else tls_context(None)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            pool = WirePool(
+                parts.scheme, parts.hostname, port, context, USER_AGENT, max_idle=self.options.max_connections
+            )
+            self._wire[key] = pool
+        return pool
+
+    async def _open_range_wire(self, digest: Digest, start: int, end: int, blob_size: int) -> WireResponse | None:
+        """The common case on the fast path (wire.py): a 206 (or a 200 for the whole blob) from the
+        registry with the current credentials, or from a storage URL learned earlier. None sends
+        the request through httpx instead: first contact, 401, redirects, 429/5xx, anything odd."""
+        cached = self._storage_urls.get(str(digest))
+        auth: str | None = None
+        if cached is not None and trio.current_time() < cached.expires_at:
+            url = cached.url
+        else:
+            url = f"{self.base}/v2/{self.ref.repository}/blobs/{digest}"
+            auth = self._auth_header()
+            if auth is None and (self._token is not None or self._basic):
+                return None  # a token to refresh: httpx's path does it under the lock
+        pool = self._wire_pool(url)
+        if pool is None:
+            return None
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        if auth:
+            headers["Authorization"] = auth
+        target = urlsplit(url)._replace(scheme="", netloc="").geturl()
+        self.stats.count("range")
+        response = await pool.get(target, headers)
+        ok = response.status == 206 or (response.status == 200 and start == 0 and end == blob_size)
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        if not ok or encoding not in ("", "identity") or response.remaining != end - start:
+            await response.aclose()
+            return None
+        if response.status == 206:
+            try:
+                check_content_range(response.headers.get("content-range", ""), start, end, blob_size)
+            except BaseException:
+                await response.aclose()
+                raise
+        return response
+
     async def _open_range(self, digest: Digest, start: int, end: int, blob_size: int) -> httpx.Response:
         """A 206 (or a 200 for the whole blob) whose headers promise exactly [start, end)."""
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
@@ -508,6 +597,8 @@ class RegistryClient:
             try:
                 if status == 206:
                     check_content_range(response.headers.get("content-range", ""), start, end, blob_size)
+                    if response.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+                        raise SourceError(f"{self.host}: a range answered with Content-Encoding; offsets would shift")
                     return response
                 if status == 200:
                     if start == 0 and end == blob_size:
