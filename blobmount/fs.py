@@ -16,12 +16,14 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
+from blobmount import metrics
 from blobmount.errors import (
     BlobmountError,
     IntegrityError,
@@ -54,15 +56,25 @@ R = TypeVar("R")
 def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Translate every exception of a handler at the FUSE boundary (the only place that does)."""
 
+    op = func.__name__
+    requests, latency = metrics.FUSE_REQUESTS.labels(op=op), metrics.FUSE_LATENCY.labels(op=op)
+
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
+        code = 0
         try:
-            return await func(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            result = await func(*args, **kwargs)
+            if op == "read":
+                metrics.FUSE_READ_BYTES.inc(len(result))  # type: ignore[arg-type]
+            return result
+        except pyfuse3.FUSEError as exc:
+            code = exc.errno
             raise
         except IntegrityError as exc:  # the reader logged it once, when it found the mismatch
+            code = errno_for(exc)
             log.debug("%s: %s", func.__name__, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
+            raise pyfuse3.FUSEError(code) from None
         except BlobmountError as exc:
             code = errno_for(exc)
             if code == errno.EIO:
@@ -71,8 +83,14 @@ def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
                 log.debug("%s: %s", func.__name__, exc)
             raise pyfuse3.FUSEError(code) from None
         except Exception as exc:
+            code = errno_for(exc)  # EIO: not one of ours
             log.exception("unexpected error in %s; answered EIO", func.__name__)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None  # EIO: not one of ours
+            raise pyfuse3.FUSEError(code) from None
+        finally:  # metrics: counted here, in the one wrapper every handler goes through
+            requests.inc()
+            latency.observe(time.perf_counter() - started)
+            if code:
+                metrics.FUSE_ERRORS.labels(op=op, errno=errno.errorcode.get(code, str(code))).inc()
 
     return wrapper
 

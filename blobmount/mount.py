@@ -16,6 +16,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from blobmount import __version__, introspect, logs, metrics
 from blobmount.cache import ContentStore, default_cache_dir
 from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
@@ -45,6 +47,7 @@ class Prepared:
     archive: Archive
     view: IndexView
     store: ContentStore
+    metrics_socket: socket.socket | None = None  # --metrics, bound before the fork
 
 
 def check_mountpoint(path: Path) -> None:
@@ -85,6 +88,7 @@ def prepare(config: MountConfig) -> Prepared:
     check_mountpoint(config.mountpoint)
     cache_dir = config.cache_dir or default_cache_dir()
     store = ContentStore(cache_dir, config.cache_size)
+    metrics_socket = introspect.open_metrics_socket(config.metrics) if config.metrics else None
     notify(f"STATUS=opening {config.source}")
     archive = open_archive(config.source, config.registry, cache_dir=cache_dir, cache_size=config.cache_size)
     notify(f"STATUS=checking the index of {archive.name}")
@@ -96,7 +100,27 @@ def prepare(config: MountConfig) -> Prepared:
         view.blob_size,
         view.order.value,
     )
-    return Prepared(config, archive, view, store)
+    return Prepared(config, archive, view, store, metrics_socket)
+
+
+def _introspection(prep: Prepared) -> introspect.DaemonState:
+    """Hook for introspect.py: what `status` and the metrics report about this mount."""
+    config, view = prep.config, prep.view
+    data_digest = f"sha256:{view.data_hash.hex()}" if view.data_hash else None
+    metrics.INFO.labels(version=__version__, source=prep.archive.name, digest=prep.archive.index_digest).set(1)
+    metrics.CACHE_BYTES.set_function(lambda: prep.store.used_bytes, store="content")
+    metrics.CACHE_LIMIT_BYTES.labels(store="content").set(config.cache_size)
+    return introspect.DaemonState(
+        mountpoint=config.mountpoint,
+        source=config.source,
+        pinned=prep.archive.name,
+        index_digest=prep.archive.index_digest,
+        data_digest=data_digest,
+        entries=len(view),
+        data_size=view.blob_size,
+        cache_dir=prep.store.root.parent,
+        cache_limit=config.cache_size,
+    )
 
 
 def fuse_options(config: MountConfig, source_name: str) -> set[str]:
@@ -113,14 +137,19 @@ def fuse_options(config: MountConfig, source_name: str) -> set[str]:
 
 async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
     """Run the FUSE loop until unmounted or signalled."""
+    state = _introspection(prep)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(introspect.serve_control, state)
+            if prep.metrics_socket is not None:
+                nursery.start_soon(introspect.serve_metrics, state, prep.metrics_socket)
             nursery.start_soon(fs.invalidator)
             nursery.start_soon(_signals, nursery.cancel_scope)
             nursery.start_soon(_report_ready, prep.config.mountpoint, ready_fd, prep.archive.name)
             nursery.start_soon(watchdog)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
+            metrics.READY.set(0)
             notify("STOPPING=1", "STATUS=unmounted")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -131,6 +160,7 @@ async def _signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
+            metrics.READY.set(0)
             notify("STOPPING=1", "STATUS=unmounting")
             scope.cancel()
             return
@@ -141,6 +171,7 @@ async def _report_ready(mountpoint: Path, ready_fd: int | None, name: str) -> No
     with trio.fail_after(READY_TIMEOUT_S):
         await trio.to_thread.run_sync(os.stat, mountpoint)
     log.info("mounted at %s", mountpoint)
+    metrics.READY.set(1)
     notify("READY=1", f"STATUS=serving {name} at {mountpoint}")
     if ready_fd is not None:
         os.write(ready_fd, b"ok\n")
@@ -158,7 +189,7 @@ def _daemon_logging(config: MountConfig) -> None:
         root.removeHandler(handler)
     if os.path.exists("/dev/log"):
         syslog = logging.handlers.SysLogHandler(address="/dev/log")
-        syslog.setFormatter(logging.Formatter("blobmount[%(process)d]: %(levelname)s: %(message)s"))
+        syslog.setFormatter(logs.syslog_formatter())
         root.addHandler(syslog)
     else:
         root.addHandler(logging.NullHandler())

@@ -33,7 +33,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx
 import trio
 
-from blobmount import __version__
+from blobmount import __version__, metrics
 from blobmount.errors import (
     AuthError,
     BlobmountError,
@@ -307,12 +307,18 @@ class RegistryClient:
         try:
             response = await client.send(request, stream=True)
         except httpx.TimeoutException as exc:
+            metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
             raise TransientError(f"{urlsplit(url).netloc}: timed out ({type(exc).__name__})") from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
+            metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
             raise TransientError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
         except httpx.HTTPError as exc:
+            metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
             raise SourceError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
+        metrics.HTTP_REQUESTS.labels(kind=kind, code=str(status)).inc()
+        if isinstance(response.stream, httpx.AsyncByteStream):
+            response.stream = _CountedStream(response.stream, kind)
         if status == 429 or status in (500, 502, 503, 504):
             await response.aclose()
             raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response))
@@ -374,7 +380,8 @@ class RegistryClient:
         delay *= 0.5 + random.random()  # jitter: a fleet must not retry in lockstep
         if isinstance(exc, _RetryLater) and exc.retry_after_s is not None:
             delay = max(delay, exc.retry_after_s)
-        level = logging.DEBUG if attempt < 3 else logging.WARNING
+        level = logging.DEBUG if attempt < 3 else logging.WARNING  # a retry is news once it repeats
+        metrics.HTTP_RETRIES.inc()
         log.log(level, "%s; retry %d in %.2f s", exc, attempt, delay)
         await trio.sleep(delay)
 
@@ -579,6 +586,28 @@ class RegistryClient:
         if response.status_code != 201:
             raise SourceError(f"{self.ref}: PUT manifest answered {response.status_code}: {text[:200]}")
         return Digest.of(body)
+
+
+class _CountedStream(httpx.AsyncByteStream):
+    """A response body that counts its bytes into the metrics as they are read, and the request
+    as in flight until the body is closed (every path here closes its responses)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, kind: str) -> None:
+        self._inner = inner
+        self._bytes = metrics.HTTP_BYTES.labels(kind=kind)
+        self._open = True
+        metrics.HTTP_IN_FLIGHT.inc()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._bytes.inc(len(chunk))
+            yield chunk
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            metrics.HTTP_IN_FLIGHT.dec()
+        await self._inner.aclose()
 
 
 def check_content_range(value: str, start: int, end: int, blob_size: int) -> None:
