@@ -210,6 +210,7 @@ class RegistryClient:
         self._basic = False
         self._auth_lock = trio.Lock()
         self._storage_urls: dict[str, _StorageUrl] = {}
+        self._retry_streak = 0  # retries since the last good answer: log levels escalate on it
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -317,7 +318,11 @@ class RegistryClient:
             raise SourceError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
         metrics.HTTP_REQUESTS.labels(kind=kind, code=str(status)).inc()
-        if isinstance(response.stream, httpx.AsyncByteStream):
+        if status != 429 and status < 500:
+            self._retry_streak = 0
+        if response.is_closed:  # read eagerly (in-memory transports): nothing left in flight
+            metrics.HTTP_BYTES.labels(kind=kind).inc(len(response.content))
+        elif isinstance(response.stream, httpx.AsyncByteStream):
             response.stream = _CountedStream(response.stream, kind)
         if status == 429 or status in (500, 502, 503, 504):
             await response.aclose()
@@ -380,7 +385,10 @@ class RegistryClient:
         delay *= 0.5 + random.random()  # jitter: a fleet must not retry in lockstep
         if isinstance(exc, _RetryLater) and exc.retry_after_s is not None:
             delay = max(delay, exc.retry_after_s)
-        level = logging.DEBUG if attempt < 3 else logging.WARNING  # a retry is news once it repeats
+        # A retry is news once it repeats: by this loop's count, or by the streak of failures with
+        # no good answer between them (nested retry loops restart `attempt`, not the streak).
+        self._retry_streak += 1
+        level = logging.DEBUG if attempt < 3 and self._retry_streak < 3 else logging.WARNING
         metrics.HTTP_RETRIES.inc()
         log.log(level, "%s; retry %d in %.2f s", exc, attempt, delay)
         await trio.sleep(delay)
