@@ -15,8 +15,10 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -50,11 +52,28 @@ class Prepared:
     metrics_socket: socket.socket | None = None  # --metrics, bound before the fork
 
 
+def fuse_fd(path: Path) -> int | None:
+    """libfuse's convention: a mountpoint `/dev/fd/N` means "already mounted, serve /dev/fuse fd N".
+    A privileged helper opens /dev/fuse, mounts with fd=N and hands the fd to an unprivileged
+    daemon (the non-root sidecar); the daemon never mounts or unmounts, the helper does."""
+    match = re.fullmatch(r"/dev/fd/(\d+)", str(path))
+    return int(match.group(1)) if match else None
+
+
 def check_mountpoint(path: Path) -> None:
     """Refuse a missing or live mountpoint; lazily unmount a stale one (ENOTCONN after a crash).
 
     A dead FUSE mount can still answer ``stat`` from attributes the kernel cached, so liveness is
     probed with ``statvfs``, which always reaches the daemon."""
+    fd = fuse_fd(path)
+    if fd is not None:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise UsageError(f"mountpoint {path}: fd {fd} is not open ({exc.strerror})") from exc
+        if not stat.S_ISCHR(mode):
+            raise UsageError(f"mountpoint {path}: fd {fd} is not an open /dev/fuse")
+        return
     try:
         os.stat(path)
         stale = False
@@ -167,9 +186,11 @@ async def _signals(scope: trio.CancelScope) -> None:
 
 
 async def _report_ready(mountpoint: Path, ready_fd: int | None, name: str) -> None:
-    """READY only once the mount answers a stat through the kernel, not when it was merely set up."""
-    with trio.fail_after(READY_TIMEOUT_S):
-        await trio.to_thread.run_sync(os.stat, mountpoint)
+    """READY only once the mount answers a stat through the kernel, not when it was merely set up
+    (with a /dev/fd/N mountpoint the path is the helper's to know: ready once serving)."""
+    if fuse_fd(mountpoint) is None:
+        with trio.fail_after(READY_TIMEOUT_S):
+            await trio.to_thread.run_sync(os.stat, mountpoint)
     log.info("mounted at %s", mountpoint)
     metrics.READY.set(1)
     notify("READY=1", f"STATUS=serving {name} at {mountpoint}")
