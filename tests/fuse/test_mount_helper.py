@@ -9,34 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, require_fuse, unmount
+from tests.fuse.conftest import _is_mounted, unmount
 from tests.fuse.test_process import _daemon_pids
 from tests.helpers import FIXTURES, tree_files
 
 pytestmark = pytest.mark.fuse
-HELPER = Path("/sbin/mount.fuse.blobmount")
-
-
-@pytest.fixture
-def helper_installed() -> Iterator[None]:
-    """The helper where mount(8) looks for it: `make install` puts it there; else link it for the test."""
-    require_fuse()
-    ours = Path(sys.executable).parent / "mount.fuse.blobmount"
-    assert ours.exists(), "the mount.fuse.blobmount console script is not installed (pip install -e .)"
-    created = False
-    if not HELPER.exists():
-        HELPER.symlink_to(ours)
-        created = True
-    try:
-        yield
-    finally:
-        if created:
-            HELPER.unlink()
 
 
 def test_mount_t_fuse_blobmount(helper_installed: None, tmp_path: Path) -> None:
