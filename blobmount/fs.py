@@ -125,6 +125,10 @@ class BlobFS(pyfuse3.Operations):
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
+        # Hook for the chunk store: bytes of a file's data held in the local cache, exported as the
+        # xattr user.blobmount.cached_bytes. mount.py sets it once a store can answer; while None
+        # the xattr is absent (not listed, ENODATA).
+        self.cached_bytes: Callable[[Entry], int] | None = None
         reader.on_poison = self._poisoned
 
     # -- inode model ---------------------------------------------------------------------------
@@ -320,7 +324,8 @@ class BlobFS(pyfuse3.Operations):
         if self._entry_of(inode) is None:
             self._dir_of(inode)
             return []
-        return [XATTR_PREFIX + name for name in XATTRS]
+        names = [XATTR_PREFIX + name for name in XATTRS]
+        return [*names, XATTR_PREFIX + b"cached_bytes"] if self.cached_bytes is not None else names
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -337,6 +342,8 @@ class BlobFS(pyfuse3.Operations):
             return str(entry.data_size).encode()
         if key == b"verified":
             return self.reader.state(entry).encode()
+        if key == b"cached_bytes" and self.cached_bytes is not None:
+            return str(self.cached_bytes(entry)).encode()
         raise NoAttribute(f"{show(entry.path)}: no attribute {show(name)}")
 
     # -- integrity -----------------------------------------------------------------------------
