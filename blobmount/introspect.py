@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ CLIENT_TIMEOUT_S = 5.0  # one request's whole exchange; a scraper or `status` ne
 HEALTH_TIMEOUT_S = 5.0  # a mount that cannot answer statvfs in 5 s is not healthy
 MAX_REQUEST_BYTES = 8192  # request line + headers; we need only the first line
 MAX_CONTROL_LINE_BYTES = 4096
+MAX_HTTP_CLIENTS = 32  # scrapers and probes need a few; more at once is a flood, answered by a close
 
 
 # -- where the control socket lives ---------------------------------------------------------------
@@ -163,6 +165,10 @@ class DaemonState:
 
 def _bind_unix(path: Path) -> socket.socket:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.parent.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        # e.g. a /tmp/blobmount-UID another user created first: they could swap our socket
+        raise OSError(errno.EPERM, f"{path.parent} is not a private directory of ours")
     if path.exists() or path.is_symlink():
         # mount.py refused a live mount at this mountpoint: a socket here belongs to a dead daemon
         path.unlink()
@@ -271,27 +277,39 @@ async def serve_metrics(state: DaemonState, sock: socket.socket) -> None:
     state.metrics_url = metrics_url(sock)
     log.info("metrics at %s", state.metrics_url)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    await trio.serve_listeners(functools.partial(_http_client, state=state), [listener])
+    slots = trio.CapacityLimiter(MAX_HTTP_CLIENTS)
+    await trio.serve_listeners(functools.partial(_http_client, state=state, slots=slots), [listener])
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-async def _http_client(stream: trio.SocketStream, state: DaemonState) -> None:
+async def _http_client(stream: trio.SocketStream, state: DaemonState, slots: trio.CapacityLimiter) -> None:
     async with stream:
-        with trio.move_on_after(CLIENT_TIMEOUT_S):
-            head = await _read_until(stream, b"\r\n\r\n", MAX_REQUEST_BYTES)
-            status, ctype, body, method = 400, "text/plain; charset=utf-8", b"bad request\n", "GET"
-            if head is not None:
-                method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-                target = rest.partition(" ")[0].partition("?")[0]
-                status, ctype, body = await _route(method, target, state)
-            head_out = (
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode()
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(head_out + (b"" if method == "HEAD" else body))
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        try:
+            await _http_exchange(stream, state)
+        finally:
+            slots.release()
+
+
+async def _http_exchange(stream: trio.SocketStream, state: DaemonState) -> None:
+    with trio.move_on_after(CLIENT_TIMEOUT_S):
+        head = await _read_until(stream, b"\r\n\r\n", MAX_REQUEST_BYTES)
+        status, ctype, body, method = 400, "text/plain; charset=utf-8", b"bad request\n", "GET"
+        if head is not None:
+            method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+            target = rest.partition(" ")[0].partition("?")[0]
+            status, ctype, body = await _route(method, target, state)
+        head_out = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(head_out + (b"" if method == "HEAD" else body))
 
 
 async def _route(method: str, target: str, state: DaemonState) -> tuple[int, str, bytes]:
