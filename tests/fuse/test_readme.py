@@ -154,3 +154,21 @@ def test_make_run_mounts_checks_and_unmounts(tmp_path: Path) -> None:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
     assert pids == [], "make run's daemon outlived make umount"
+
+
+def test_configuration_documents_every_option() -> None:
+    """Every long option of every command, and every BLOBMOUNT_* variable of mount's, is in the
+    README's Configuration section (a new flag without docs fails here)."""
+    from blobmount.cli import _parser
+    from blobmount.settings import env_name, subparsers
+
+    text = README.read_text()
+    config = text[text.index("## Configuration") : text.index("## Operations")]
+    parser = _parser()
+    for name, sub in subparsers(parser).items():
+        for action in sub._actions:
+            longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+            for option in longs:
+                assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", config), f"{name} {option} undocumented"
+            if name == "mount" and (longs or action.dest in ("source", "mountpoint")):
+                assert env_name(action.dest) in config, f"{env_name(action.dest)} is not documented"
