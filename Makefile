@@ -52,12 +52,18 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # System install: a private venv under $(PREFIX)/lib/blobmount, console scripts linked into
-# $(PREFIX)/bin, the mount(8) helper into /sbin, the unit template into /etc/systemd/system.
+# $(PREFIX)/bin, the mount(8) helper into $(SBINDIR), the unit template into $(UNITDIR) (its
+# ExecStart pointed at $(PREFIX)/bin). tests/unit/test_make_install.py installs into temp dirs.
 PREFIX ?= /usr/local
+SBINDIR ?= /sbin
+UNITDIR ?= /etc/systemd/system
 install: deps
 	$(PY) -m venv $(PREFIX)/lib/blobmount/venv
 	$(PREFIX)/lib/blobmount/venv/bin/pip install -q .
+	install -d $(PREFIX)/bin $(SBINDIR)
 	ln -sf $(PREFIX)/lib/blobmount/venv/bin/blobmount $(PREFIX)/bin/blobmount
-	ln -sf $(PREFIX)/lib/blobmount/venv/bin/mount.fuse.blobmount /sbin/mount.fuse.blobmount
-	install -D -m 0644 systemd/blobmount@.service /etc/systemd/system/blobmount@.service
+	ln -sf $(PREFIX)/lib/blobmount/venv/bin/mount.fuse.blobmount $(SBINDIR)/mount.fuse.blobmount
+	install -d $(UNITDIR)
+	sed 's|/usr/local/bin/blobmount|$(PREFIX)/bin/blobmount|' systemd/blobmount@.service > $(UNITDIR)/blobmount@.service
+	chmod 0644 $(UNITDIR)/blobmount@.service
 	install -D -m 0644 systemd/mnt-assets.mount $(PREFIX)/share/doc/blobmount/mnt-assets.mount.example

@@ -29,12 +29,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blobmount")
 
-SUBCOMMANDS = ("mount", "create", "ls", "cat", "push", "inspect", "prefetch", "cache")
 
+def _common_parent(top: bool) -> argparse.ArgumentParser:
+    """Options every command takes, before or after the command name (subcommands' copies default to
+    SUPPRESS so they never overwrite a value given before the command)."""
+    from blobmount.logs import FORMATS, LEVELS
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(level=level, format="blobmount: %(levelname)s: %(message)s", stream=sys.stderr)
+    def dflt(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    c = argparse.ArgumentParser(add_help=False)
+    g = c.add_argument_group("logging and configuration")
+    g.add_argument("-v", "--verbose", action="count", default=dflt(0), help="more log output (-vv: debug)")
+    g.add_argument(
+        "--log-level", choices=LEVELS, default=dflt(None), help="log threshold (default warning; -v info, -vv debug)"
+    )
+    g.add_argument("--log-format", choices=FORMATS, default=dflt("text"), help="text (default) or json")
+    g.add_argument(
+        "--config", type=Path, default=dflt(None), help="TOML file (default /etc/blobmount/config.toml if present)"
+    )
+    return c
 
 
 def _registry_parent() -> argparse.ArgumentParser:
@@ -86,6 +100,8 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
             password = sys.stdin.readline().rstrip("\n")
         elif args.password_file:
             password = read_password_file(args.password_file)
+        elif getattr(args, "config_password", None):  # settings.py checked the file is 0600
+            password = args.config_password
         else:
             raise UsageError("--username needs --password-stdin or --password-file")
         creds = Credentials(args.username, password)
@@ -107,19 +123,20 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
 
 def _parser() -> argparse.ArgumentParser:
     reg = _registry_parent()
+    common = _common_parent(top=False)
     p = argparse.ArgumentParser(
         prog="blobmount",
+        parents=[_common_parent(top=True)],
         description="Mount a blob archive read-only; only the bytes read are fetched.",
         epilog="SOURCE: /path, ./path or dir:path (index.blob + data.blob), oci:PATH[:TAG]. "
         "`blobmount SOURCE MOUNTPOINT` is short for `blobmount mount SOURCE MOUNTPOINT`.",
     )
     p.add_argument("--version", action="version", version=f"blobmount {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT", parents=[reg])
-    m.add_argument("source")
-    m.add_argument("mountpoint")
+    m = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT", parents=[reg, common])
+    m.add_argument("source", nargs="?", help="(or $BLOBMOUNT_SOURCE)")
+    m.add_argument("mountpoint", nargs="?", help="(or $BLOBMOUNT_MOUNTPOINT)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument(
         "-o",
@@ -168,24 +185,34 @@ def _parser() -> argparse.ArgumentParser:
         "--owner-self", action="store_true", help="present everything as owned by the mounting user and group"
     )
     m.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
+    m.add_argument(
+        "--metrics",
+        metavar="[HOST]:PORT",
+        help="serve Prometheus /metrics, /healthz and /readyz on this address (':PORT' = every interface)",
+    )
 
-    c = sub.add_parser("create", help="create an archive from a directory")
+    st = sub.add_parser("status", help="ask the daemon serving MOUNTPOINT how it is doing", parents=[common])
+    st.add_argument("mountpoint")
+    st.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
+    st.add_argument("--socket", type=Path, help="the daemon's control socket (default: found from MOUNTPOINT)")
+
+    c = sub.add_parser("create", help="create an archive from a directory", parents=[common])
     c.add_argument("src_dir")
     c.add_argument("out_dir")
     c.add_argument("--compression", choices=("zstd", "none"), default="zstd")
     c.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
-    ls = sub.add_parser("ls", help="list a directory of an archive", parents=[reg])
+    ls = sub.add_parser("ls", help="list a directory of an archive", parents=[reg, common])
     ls.add_argument("archive")
     ls.add_argument("path", nargs="?", default="")
     ls.add_argument("-l", dest="long", action="store_true", help="long listing")
 
-    cat = sub.add_parser("cat", help="write a file of an archive to stdout (sha256-verified)", parents=[reg])
+    cat = sub.add_parser("cat", help="write a file of an archive to stdout (sha256-verified)", parents=[reg, common])
     cat.add_argument("archive")
     cat.add_argument("path")
 
-    push = sub.add_parser("push", help="create an archive from SRC_DIR and push it to REF", parents=[reg])
+    push = sub.add_parser("push", help="create an archive from SRC_DIR and push it to REF", parents=[reg, common])
     push.add_argument("src", help="source directory (or, with --archive, an archive directory)")
     push.add_argument("ref")
     push.add_argument("--archive", action="store_true", help="SRC is index.blob + data.blob: push as is")
@@ -194,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
     push.add_argument("--created", help="RFC 3339 creation time (default: $SOURCE_DATE_EPOCH, else now)")
 
-    ins = sub.add_parser("inspect", help="show what an archive is: digests, sizes, entries", parents=[reg])
+    ins = sub.add_parser("inspect", help="show what an archive is: digests, sizes, entries", parents=[reg, common])
     ins.add_argument("archive")
     ins.add_argument("--json", action="store_true")
 
@@ -224,15 +251,27 @@ def cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", default=None, help="unit of remote fetches and of the chunk cache (default 1M)")
 
 
-def _normalize_argv(argv: list[str]) -> list[str]:
-    """`blobmount [opts] SOURCE MNT` -> `blobmount [opts] mount SOURCE MNT` (subcommands win)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("-"):
-            continue
-        if arg in SUBCOMMANDS:
-            return argv
-        return [*argv[:i], "mount", *argv[i:]]
-    return argv
+def _normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`blobmount [opts] [SOURCE MNT]` -> `blobmount mount [opts] [SOURCE MNT]` unless a subcommand
+    is named (subcommands win); values of options are skipped, so `--cache-dir mount` is no command.
+    Without positionals it is still a mount: SOURCE and MOUNTPOINT may come from BLOBMOUNT_*."""
+    from blobmount.settings import subparsers
+
+    subs = subparsers(parser)
+    takes_value = {
+        opt for p in (parser, *subs.values()) for a in p._actions if a.nargs != 0 for opt in a.option_strings
+    }
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        arg = argv[i]
+        if not arg.startswith("-") or arg == "-":
+            if arg in subs:
+                return argv
+            break
+        i += 2 if arg in takes_value else 1
+    if not argv or any(a in ("-h", "--help", "--version") for a in argv):
+        return argv
+    return ["mount", *argv]
 
 
 def _arch_path(text: str) -> bytes:
@@ -499,6 +538,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.config import MountConfig, parse_size, split_o_options
     from blobmount.mount import run_mount
 
+    if not args.source or not args.mountpoint:
+        raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
     ours, fuse_opts = split_o_options(args.options)
     cache_dir = args.cache_dir or (Path(ours["cache_dir"]) if "cache_dir" in ours else None)
     size_text = args.cache_size or ours.get("cache_size") or "10G"
@@ -527,18 +568,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
         fuse_options=tuple(fuse_opts),
         debug=args.debug,
         registry=registry_options(args),
+        metrics=args.metrics,
     )
     return run_mount(config)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from blobmount.introspect import status_command
+
+    return status_command(args.mountpoint, json_out=args.json, socket_path=args.socket)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    from blobmount import logs
+    from blobmount.settings import resolve
+
     parser = _parser()
+    args_list = _normalize_argv(list(sys.argv[1:] if argv is None else argv), parser)
     try:
-        args = parser.parse_args(args_list)
+        resolved = resolve(parser, args_list)
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    _setup_logging(args.verbose + (2 if getattr(args, "debug", False) else 0))
+    except UsageError as exc:
+        print(f"blobmount: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = resolved.args
+    logs.setup(args.log_level, args.log_format, args.verbose + (2 if getattr(args, "debug", False) else 0))
+    for warning in resolved.warnings:
+        log.warning("%s", warning)
     if args.command is None:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
@@ -551,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": cmd_inspect,
         "prefetch": cmd_prefetch,
         "cache": cmd_cache,
+        "status": cmd_status,
     }
     try:
         code: int = handlers[args.command](args)

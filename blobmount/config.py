@@ -45,6 +45,7 @@ class MountConfig:
     debug: bool = False
     attr_timeout_s: float = 86400.0  # contents never change under a mount: let the kernel keep them
     registry: RegistryOptions = field(default_factory=RegistryOptions)
+    metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (introspect.py); None: off
 
 
 # `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.

@@ -46,6 +46,7 @@ from typing import Protocol, runtime_checkable
 
 import trio
 
+from blobmount import metrics
 from blobmount.cache import ChunkStore, MetaStore, chunk_digest
 from blobmount.errors import BlobmountError, SourceError, TransientError
 from blobmount.source import ReadHint
@@ -65,6 +66,12 @@ MAX_ATTEMPTS = 3  # per request: a stalled or broken body is resumed this many t
 FOREIGN_POLL_MAX_S = 0.1  # waiting for another process's chunk: poll its file at most this often
 UNSAVED_CHUNKS = 32  # landed chunks waiting for the disk; a request pauses when this many wait
 RETRY_PAUSE_S = 0.2  # before resuming a broken request (doubling, with jitter)
+
+
+_HITS = metrics.CACHE_HITS.labels(store="chunk")
+_MISSES = metrics.CACHE_MISSES.labels(store="chunk")
+_DEMAND = metrics.FETCH_CHUNKS.labels(reason="miss")
+_AHEAD = metrics.FETCH_CHUNKS.labels(reason="readahead")
 
 
 @runtime_checkable
@@ -276,6 +283,19 @@ class ChunkedSource:
             raise error
         return self.stats.bytes_fetched - before
 
+    def cached_bytes(self, start: int, end: int) -> int:
+        """How many bytes of [start, end) this host holds (memory or disk): the xattr
+        user.blobmount.cached_bytes. One stat per chunk not in memory."""
+        if start >= end:
+            return 0
+        cs = self.store.chunk_size
+        total = 0
+        for index in range(start // cs, (end - 1) // cs + 1):
+            if self.store.in_memory(index) or index in self._unsaved or self.store.on_disk(index):
+                lo, hi = self.store.span(index)
+                total += min(hi, end) - max(lo, start)
+        return total
+
     # -- integrity support for the reader ------------------------------------------------------
 
     async def purge(self, start: int, end: int) -> None:
@@ -353,6 +373,7 @@ class ChunkedSource:
             data = self._unsaved.get(index)
         if data is not None:
             self.stats.memory_hits += 1
+            _HITS.inc()
         return data
 
     async def _chunk(self, index: int, flight: _Flight | None = None) -> bytes:
@@ -480,6 +501,7 @@ class ChunkedSource:
                 data = None  # cannot happen unless the file was replaced: refetch it
             if data is not None:
                 self.stats.disk_hits += 1
+                _HITS.inc()
                 self.store.memory_put(index, data)
                 flight.data = data
         except Exception as exc:
@@ -565,6 +587,14 @@ class ChunkedSource:
         start, end = self._bytes(run.next, run.last)
         origin_only = any(i in self._origin_only for i in range(run.next, run.last + 1))
         self.stats.requests += 1
+        metrics.FETCH_REQUESTS.inc()
+        metrics.FETCH_IN_FLIGHT.inc()
+        try:
+            await self._stream_body(run, start, end, origin_only)
+        finally:
+            metrics.FETCH_IN_FLIGHT.dec()
+
+    async def _stream_body(self, run: _Run, start: int, end: int, origin_only: bool) -> None:
         parts: list[bytes] = []  # blocks of the chunk being assembled: joined once, not appended to
         have = 0
         with trio.CancelScope(deadline=trio.current_time() + self.timeout_s) as scope:
@@ -618,10 +648,15 @@ class ChunkedSource:
         self.store.memory_put(index, data)
         self.stats.chunks_fetched += 1
         self.stats.bytes_fetched += len(data)
+        metrics.FETCH_BYTES.inc(len(data))
         if run.ahead:
             self.stats.ahead_chunks += 1
-        elif mine:
-            self.stats.misses += 1
+            _AHEAD.inc()
+        else:
+            if mine:
+                self.stats.misses += 1
+                _MISSES.inc()
+            _DEMAND.inc()
         if mine:
             flight.data = data  # type: ignore[union-attr]
             flight.done.set()  # type: ignore[union-attr]

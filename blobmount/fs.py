@@ -16,12 +16,14 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
+from blobmount import metrics
 from blobmount.errors import (
     BlobmountError,
     IntegrityError,
@@ -54,15 +56,25 @@ R = TypeVar("R")
 def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Translate every exception of a handler at the FUSE boundary (the only place that does)."""
 
+    op = func.__name__
+    requests, latency = metrics.FUSE_REQUESTS.labels(op=op), metrics.FUSE_LATENCY.labels(op=op)
+
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
+        code = 0
         try:
-            return await func(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            result = await func(*args, **kwargs)
+            if op == "read":
+                metrics.FUSE_READ_BYTES.inc(len(result))  # type: ignore[arg-type]
+            return result
+        except pyfuse3.FUSEError as exc:
+            code = exc.errno
             raise
         except IntegrityError as exc:  # the reader logged it once, when it found the mismatch
+            code = errno_for(exc)
             log.debug("%s: %s", func.__name__, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
+            raise pyfuse3.FUSEError(code) from None
         except BlobmountError as exc:
             code = errno_for(exc)
             if code == errno.EIO:
@@ -71,8 +83,14 @@ def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
                 log.debug("%s: %s", func.__name__, exc)
             raise pyfuse3.FUSEError(code) from None
         except Exception as exc:
+            code = errno_for(exc)  # EIO: not one of ours
             log.exception("unexpected error in %s; answered EIO", func.__name__)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None  # EIO: not one of ours
+            raise pyfuse3.FUSEError(code) from None
+        finally:  # metrics: counted here, in the one wrapper every handler goes through
+            requests.inc()
+            latency.observe(time.perf_counter() - started)
+            if code:
+                metrics.FUSE_ERRORS.labels(op=op, errno=errno.errorcode.get(code, str(code))).inc()
 
     return wrapper
 
@@ -107,6 +125,10 @@ class BlobFS(pyfuse3.Operations):
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
+        # Hook for the chunk store: bytes of a file's data held in the local cache, exported as the
+        # xattr user.blobmount.cached_bytes. mount.py sets it once a store can answer; while None
+        # the xattr is absent (not listed, ENODATA).
+        self.cached_bytes: Callable[[Entry], int] | None = None
         reader.on_poison = self._poisoned
 
     # -- inode model ---------------------------------------------------------------------------
@@ -302,7 +324,8 @@ class BlobFS(pyfuse3.Operations):
         if self._entry_of(inode) is None:
             self._dir_of(inode)
             return []
-        return [XATTR_PREFIX + name for name in XATTRS]
+        names = [XATTR_PREFIX + name for name in XATTRS]
+        return [*names, XATTR_PREFIX + b"cached_bytes"] if self.cached_bytes is not None else names
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -319,6 +342,8 @@ class BlobFS(pyfuse3.Operations):
             return str(entry.data_size).encode()
         if key == b"verified":
             return self.reader.state(entry).encode()
+        if key == b"cached_bytes" and self.cached_bytes is not None:
+            return str(self.cached_bytes(entry)).encode()
         raise NoAttribute(f"{show(entry.path)}: no attribute {show(name)}")
 
     # -- integrity -----------------------------------------------------------------------------

@@ -15,7 +15,10 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from blobmount import __version__, introspect, logs, metrics
 from blobmount.cache import CacheDir, ContentStore, default_cache_dir
 from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
@@ -50,6 +54,15 @@ class Prepared:
     store: ContentStore
     cache: CacheDir
     prefetch: list[tuple[int, int]]  # data-blob ranges of the --prefetch paths
+    metrics_socket: socket.socket | None = None  # --metrics, bound before the fork
+
+
+def fuse_fd(path: Path) -> int | None:
+    """libfuse's convention: a mountpoint `/dev/fd/N` means "already mounted, serve /dev/fuse fd N".
+    A privileged helper opens /dev/fuse, mounts with fd=N and hands the fd to an unprivileged
+    daemon (the non-root sidecar); the daemon never mounts or unmounts, the helper does."""
+    match = re.fullmatch(r"/dev/fd/(\d+)", str(path))
+    return int(match.group(1)) if match else None
 
 
 def check_mountpoint(path: Path) -> None:
@@ -57,6 +70,15 @@ def check_mountpoint(path: Path) -> None:
 
     A dead FUSE mount can still answer ``stat`` from attributes the kernel cached, so liveness is
     probed with ``statvfs``, which always reaches the daemon."""
+    fd = fuse_fd(path)
+    if fd is not None:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise UsageError(f"mountpoint {path}: fd {fd} is not open ({exc.strerror})") from exc
+        if not stat.S_ISCHR(mode):
+            raise UsageError(f"mountpoint {path}: fd {fd} is not an open /dev/fuse")
+        return
     try:
         os.stat(path)
         stale = False
@@ -90,6 +112,7 @@ def prepare(config: MountConfig) -> Prepared:
     check_mountpoint(config.mountpoint)
     cache = CacheDir(config.cache_dir or default_cache_dir(), config.cache_size)
     store = ContentStore(cache)
+    metrics_socket = introspect.open_metrics_socket(config.metrics) if config.metrics else None
     notify(f"STATUS=opening {config.source}")
     settings = RemoteSettings(cache, config.chunk_size, config.offline)
     archive = open_archive(config.source, config.registry, settings)
@@ -103,7 +126,27 @@ def prepare(config: MountConfig) -> Prepared:
         view.order.value,
     )
     prefetch = ranges_for(view, config.prefetch)  # a typo is a one-line error now, not a log line later
-    return Prepared(config, archive, view, store, cache, prefetch)
+    return Prepared(config, archive, view, store, cache, prefetch, metrics_socket)
+
+
+def _introspection(prep: Prepared) -> introspect.DaemonState:
+    """Hook for introspect.py: what `status` and the metrics report about this mount."""
+    config, view = prep.config, prep.view
+    data_digest = f"sha256:{view.data_hash.hex()}" if view.data_hash else None
+    metrics.INFO.labels(version=__version__, source=prep.archive.name, digest=prep.archive.index_digest).set(1)
+    metrics.CACHE_BYTES.set_function(prep.cache.accounted_bytes, store="disk")
+    metrics.CACHE_LIMIT_BYTES.labels(store="disk").set(config.cache_size)
+    return introspect.DaemonState(
+        mountpoint=config.mountpoint,
+        source=config.source,
+        pinned=prep.archive.name,
+        index_digest=prep.archive.index_digest,
+        data_digest=data_digest,
+        entries=len(view),
+        data_size=view.blob_size,
+        cache_dir=prep.cache.root,
+        cache_limit=config.cache_size,
+    )
 
 
 def fuse_options(config: MountConfig, source_name: str) -> set[str]:
@@ -120,12 +163,16 @@ def fuse_options(config: MountConfig, source_name: str) -> set[str]:
 
 async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
     """Run the FUSE loop until unmounted or signalled."""
+    state = _introspection(prep)
     try:
         async with trio.open_nursery() as nursery:
             data = prep.archive.data
             if isinstance(data, ChunkedSource):
                 data.attach(nursery)
             fs.reader.attach(nursery)
+            await nursery.start(introspect.serve_control, state)
+            if prep.metrics_socket is not None:
+                nursery.start_soon(introspect.serve_metrics, state, prep.metrics_socket)
             nursery.start_soon(fs.invalidator)
             nursery.start_soon(_signals, nursery.cancel_scope)
             nursery.start_soon(_report_ready, prep, ready_fd)
@@ -133,6 +180,7 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
             nursery.start_soon(trio.to_thread.run_sync, prep.cache.resync)  # recount, drop dead temp files
             await pyfuse3.main()
             nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
+            metrics.READY.set(0)
             notify("STOPPING=1", "STATUS=unmounted")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -143,20 +191,24 @@ async def _signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
+            metrics.READY.set(0)
             notify("STOPPING=1", "STATUS=unmounting")
             scope.cancel()
             return
 
 
 async def _report_ready(prep: Prepared, ready_fd: int | None) -> None:
-    """READY only once the mount answers a stat through the kernel, not when it was merely set up;
-    then the --prefetch paths, if any, with STATUS lines."""
+    """READY only once the mount answers a stat through the kernel, not when it was merely set up
+    (with a /dev/fd/N mountpoint the path is the helper's to know: ready once serving); then the
+    --prefetch paths, if any, with STATUS lines."""
     mountpoint, name = prep.config.mountpoint, prep.archive.name
-    with trio.fail_after(READY_TIMEOUT_S):
-        st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    if fuse_fd(mountpoint) is None:
+        with trio.fail_after(READY_TIMEOUT_S):
+            st = await trio.to_thread.run_sync(os.stat, mountpoint)
+        if prep.config.read_ahead_kb:
+            _set_read_ahead(st.st_dev, prep.config.read_ahead_kb)
     log.info("mounted at %s", mountpoint)
-    if prep.config.read_ahead_kb:
-        _set_read_ahead(st.st_dev, prep.config.read_ahead_kb)
+    metrics.READY.set(1)
     notify("READY=1", f"STATUS=serving {name} at {mountpoint}")
     if ready_fd is not None:
         os.write(ready_fd, b"ok\n")
@@ -203,7 +255,7 @@ def _daemon_logging(config: MountConfig) -> None:
         root.removeHandler(handler)
     if os.path.exists("/dev/log"):
         syslog = logging.handlers.SysLogHandler(address="/dev/log")
-        syslog.setFormatter(logging.Formatter("blobmount[%(process)d]: %(levelname)s: %(message)s"))
+        syslog.setFormatter(logs.syslog_formatter())
         root.addHandler(syslog)
     else:
         root.addHandler(logging.NullHandler())
@@ -218,6 +270,9 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         dir_span=prep.view.data_span,
     )
     fs = BlobFS(prep.view, reader, uid=config.uid, gid=config.gid, timeout_s=config.attr_timeout_s)
+    data = prep.archive.data
+    if isinstance(data, ChunkedSource):
+        fs.cached_bytes = lambda e: data.cached_bytes(e.data_offset, e.data_offset + e.data_size)
     try:
         pyfuse3.init(fs, str(config.mountpoint), fuse_options(config, prep.archive.name))
     except RuntimeError as exc:

@@ -34,6 +34,7 @@ from typing import BinaryIO, Literal
 import trio
 import zstandard
 
+from blobmount import metrics
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.fetch import ChunkedSource
@@ -42,6 +43,8 @@ from blobmount.index.paths import show
 from blobmount.source import RangeSource, ReadHint, SyncRangeSource
 
 log = logging.getLogger(__name__)
+_OK = metrics.VERIFY_FILES.labels(result="ok")
+_MISMATCH = metrics.VERIFY_FILES.labels(result="mismatch")
 
 BLOCK_BYTES = 1 << 20  # unit of whole-file hashing and decoding: bounded memory, few calls
 SMALL_DECODE_BYTES = 1 << 20  # zstd files up to this size are decoded into memory, not the store:
@@ -303,10 +306,11 @@ class Reader:
                 hasher = hashlib.sha256()
                 await self._hash_range(entry, 0, hasher)
                 if hasher.digest() == entry.hash:
-                    self._verified.add(entry.number)
+                    self._hashed_ok(entry)
                     await self._remember(entry)
                     return
                 if attempt == 0:
+                    _MISMATCH.inc()
                     log.warning("%s: sha256 mismatch; reading it again", show(entry.path))
                     await self._forget_remote(entry)
             self._poison(entry, hasher.digest())
@@ -350,10 +354,11 @@ class Reader:
             progress.hashed_upto = entry.original_size
         digest = progress.hasher.digest()
         if digest == entry.hash:
-            self._verified.add(entry.number)
+            self._hashed_ok(entry)
             await self._remember(entry)
             return
         # One more read from the source decides between a transient fault and a bad archive.
+        _MISMATCH.inc()
         log.warning("%s: sha256 mismatch after reading it all; reading it again", show(entry.path))
         self._notify_poison(entry)  # pages already served may be wrong: drop them either way
         await self._forget_remote(entry)
@@ -361,7 +366,7 @@ class Reader:
         await self._hash_range(entry, 0, retry)
         if retry.digest() != entry.hash:
             self._poison(entry, retry.digest())
-        self._verified.add(entry.number)
+        self._hashed_ok(entry)
         await self._remember(entry)
         log.warning("%s: verified on the second read", show(entry.path))
 
@@ -379,7 +384,13 @@ class Reader:
                 progress.hasher.update(memoryview(data)[upto - nxt :])
                 progress.hashed_upto = nxt + len(data)
 
+    def _hashed_ok(self, entry: Entry) -> None:
+        self._verified.add(entry.number)
+        _OK.inc()
+
     def _poison(self, entry: Entry, actual: bytes) -> None:
+        metrics.VERIFY_FILES.labels(result="poisoned").inc()
+        metrics.VERIFY_FAILURES.labels(what="file").inc()
         self._poisoned.add(entry.number)
         err = _mismatch(entry, actual)
         log.error("%s", err)
@@ -402,13 +413,15 @@ class Reader:
                 await self.store.fill(key, entry.original_size, lambda tmp: self._decode(entry, tmp))
             except (IntegrityError, InvalidArchive) as exc:
                 if attempt == 0 and self.remote is not None:  # a fault on the way, or the archive?
+                    _MISMATCH.inc()
                     log.warning("%s; reading it again", exc)
                     await self._forget_remote(entry)
                     continue
                 self._poisoned.add(entry.number)
+                metrics.VERIFY_FILES.labels(result="poisoned").inc()
                 log.error("%s", exc)
                 raise
-            self._verified.add(entry.number)
+            self._hashed_ok(entry)
         raise SourceError(f"{show(entry.path)}: decoded content vanished from the cache twice")
 
     def _memory_get(self, digest: bytes) -> bytes | None:
@@ -463,14 +476,16 @@ class Reader:
                 break
             except (IntegrityError, InvalidArchive) as exc:
                 if attempt == 0 and self.remote is not None:  # a fault on the way, or the archive?
+                    _MISMATCH.inc()
                     log.warning("%s; reading it again", exc)
                     await self._forget_remote(entry)
                     continue
                 self._poisoned.add(entry.number)
+                metrics.VERIFY_FILES.labels(result="poisoned").inc()
                 log.error("%s", exc)
                 raise
         data = sink.getvalue()
-        self._verified.add(entry.number)
+        self._hashed_ok(entry)
         self._memory_put(entry.hash, data)
         return data
 
@@ -486,10 +501,11 @@ class Reader:
             data = await self.source.read_range(entry.data_offset, entry.data_offset + entry.original_size, hint)
             actual = hashlib.sha256(data).digest()
             if actual == entry.hash:
-                self._verified.add(entry.number)
+                self._hashed_ok(entry)
                 self._memory_put(entry.hash, data)
                 return data
             if attempt == 0:
+                _MISMATCH.inc()
                 log.warning("%s: sha256 mismatch; reading it again", show(entry.path))
                 await self._forget_remote(entry)
         self._poison(entry, actual)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import xxhash
 
+from blobmount import metrics
 from blobmount.cache.space import CacheDir
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ class ChunkStore:
             _, dropped = self._memory.popitem(last=False)
             self._memory_used -= len(dropped)
 
+    def in_memory(self, index: int) -> bool:
+        return index in self._memory
+
     def forget(self, index: int) -> None:
         old = self._memory.pop(index, None)
         if old is not None:
@@ -175,6 +179,7 @@ class ChunkStore:
                     os.utime(path)  # the LRU clock
                 return data
         self.bad_chunks += 1
+        metrics.VERIFY_FAILURES.labels(what="chunk").inc()
         log.warning("chunk cache: %s failed its checksum or length; discarded and refetched", path)
         self._delete(path)
         return None

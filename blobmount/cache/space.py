@@ -50,6 +50,7 @@ from pathlib import Path
 
 import xxhash
 
+from blobmount import metrics
 from blobmount.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,13 @@ class CacheDir:
         # and a damaged count is healed by the next scan anyway
         os.pwrite(self._usage_fd(), max(0, total).to_bytes(8, "little"), 0)
 
+    def accounted_bytes(self) -> int:
+        """The shared count as it stands, without the lock (for metrics: never blocks)."""
+        try:
+            return self._read_usage() or 0
+        except OSError:
+            return 0
+
     def usage(self) -> Usage:
         with self._budget():
             total = self._read_usage()
@@ -286,5 +294,8 @@ class CacheDir:
                 total -= victim.size
                 self.evicted_files += 1
                 self.evicted_bytes += victim.size
+                store = "content" if victim.path.parent.parent.name == "content" else "chunk"
+                metrics.CACHE_EVICTIONS.labels(store=store).inc()
+                metrics.CACHE_EVICTED_BYTES.labels(store=store).inc(victim.size)
         self._write_usage(total)
         return total

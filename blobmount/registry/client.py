@@ -34,7 +34,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx
 import trio
 
-from blobmount import __version__
+from blobmount import __version__, metrics
 from blobmount.errors import (
     AuthError,
     BlobmountError,
@@ -224,6 +224,7 @@ class RegistryClient:
         self._transport = transport
         self._registry_ssl: ssl.SSLContext = verify if isinstance(verify, ssl.SSLContext) else _unverified_context()
         self._wire: dict[str, WirePool] = {}
+        self._retry_streak = 0  # retries since the last good answer: log levels escalate on it
 
     async def aclose(self) -> None:
         for pool in self._wire.values():
@@ -323,12 +324,22 @@ class RegistryClient:
         try:
             response = await client.send(request, stream=True)
         except httpx.TimeoutException as exc:
+            metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
             raise TransientError(f"{urlsplit(url).netloc}: timed out ({type(exc).__name__})") from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
+            metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
             raise TransientError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
         except httpx.HTTPError as exc:
+            metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
             raise SourceError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
+        metrics.HTTP_REQUESTS.labels(kind=kind, code=str(status)).inc()
+        if status != 429 and status < 500:
+            self._retry_streak = 0
+        if response.is_closed:  # read eagerly (in-memory transports): nothing left in flight
+            metrics.HTTP_BYTES.labels(kind=kind).inc(len(response.content))
+        elif isinstance(response.stream, httpx.AsyncByteStream):
+            response.stream = _CountedStream(response.stream, kind)
         if status == 429 or status in (500, 502, 503, 504):
             await response.aclose()
             raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response))
@@ -390,7 +401,11 @@ class RegistryClient:
         delay *= 0.5 + random.random()  # jitter: a fleet must not retry in lockstep
         if isinstance(exc, _RetryLater) and exc.retry_after_s is not None:
             delay = max(delay, exc.retry_after_s)
-        level = logging.DEBUG if attempt < 3 else logging.WARNING
+        # A retry is news once it repeats: by this loop's count, or by the streak of failures with
+        # no good answer between them (nested retry loops restart `attempt`, not the streak).
+        self._retry_streak += 1
+        level = logging.DEBUG if attempt < 3 and self._retry_streak < 3 else logging.WARNING
+        metrics.HTTP_RETRIES.inc()
         log.log(level, "%s; retry %d in %.2f s", exc, attempt, delay)
         await trio.sleep(delay)
 
@@ -502,12 +517,16 @@ class RegistryClient:
         fast = await self._open_range_wire(digest, start, end, blob_size)
         if fast is not None:
             got = 0
+            counted = metrics.HTTP_BYTES.labels(kind="range")
+            metrics.HTTP_IN_FLIGHT.inc()
             try:
                 async for block in fast.iter_body(block_bytes):
                     got += len(block)
                     self.stats.bytes_fetched += len(block)
+                    counted.inc(len(block))
                     yield block
             finally:
+                metrics.HTTP_IN_FLIGHT.dec()
                 await fast.aclose()
             if got != want:
                 raise TransientError(f"{what}: body of {got} bytes, expected {want}")
@@ -574,7 +593,12 @@ class RegistryClient:
             headers["Authorization"] = auth
         target = urlsplit(url)._replace(scheme="", netloc="").geturl()
         self.stats.count("range")
-        response = await pool.get(target, headers)
+        try:
+            response = await pool.get(target, headers)
+        except TransientError:
+            metrics.HTTP_REQUESTS.labels(kind="range", code="error").inc()
+            raise
+        metrics.HTTP_REQUESTS.labels(kind="range", code=str(response.status)).inc()
         ok = response.status == 206 or (response.status == 200 and start == 0 and end == blob_size)
         encoding = response.headers.get("content-encoding", "identity").lower()
         if not ok or encoding not in ("", "identity") or response.remaining != end - start:
@@ -704,6 +728,28 @@ class RegistryClient:
         if response.status_code != 201:
             raise SourceError(f"{self.ref}: PUT manifest answered {response.status_code}: {text[:200]}")
         return Digest.of(body)
+
+
+class _CountedStream(httpx.AsyncByteStream):
+    """A response body that counts its bytes into the metrics as they are read, and the request
+    as in flight until the body is closed (every path here closes its responses)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, kind: str) -> None:
+        self._inner = inner
+        self._bytes = metrics.HTTP_BYTES.labels(kind=kind)
+        self._open = True
+        metrics.HTTP_IN_FLIGHT.inc()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._bytes.inc(len(chunk))
+            yield chunk
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            metrics.HTTP_IN_FLIGHT.dec()
+        await self._inner.aclose()
 
 
 def check_content_range(value: str, start: int, end: int, blob_size: int) -> None:

@@ -159,3 +159,16 @@ def test_unexpected_exception_is_eio_and_the_fs_keeps_serving(tmp_path: Path, ca
     assert "simulated bug" in caplog.text
     assert "Traceback" in caplog.text
     assert run(fs.lookup, ROOT_INO, b"small.txt", CTX).st_size > 0
+
+
+def test_cached_bytes_xattr_hook(tmp_path: Path) -> None:
+    """user.blobmount.cached_bytes exists only once the chunk store answers through the hook."""
+    fs = make_fs(tmp_path)
+    ino = run(fs.lookup, ROOT_INO, b"top.md", CTX).st_ino
+    name = b"user.blobmount.cached_bytes"
+    assert name not in run(fs.listxattr, ino, CTX)
+    assert fuse_errno(fs.getxattr, ino, name, CTX) == errno.ENODATA
+    fs.cached_bytes = lambda entry: entry.original_size // 2
+    assert name in run(fs.listxattr, ino, CTX)
+    entry = fs.view.entry(ino - FILE_INO_BASE)
+    assert run(fs.getxattr, ino, name, CTX) == str(entry.original_size // 2).encode()

@@ -88,3 +88,23 @@ def mounted(source: str, mnt: Path, *args: str, cache_dir: Path | None = None) -
                 proc.kill()
                 proc.wait(STOP_WAIT_S)
         unmount(mnt)
+
+
+HELPER = Path("/sbin/mount.fuse.blobmount")
+
+
+@pytest.fixture
+def helper_installed() -> Iterator[None]:
+    """The helper where mount(8) looks for it: `make install` puts it there; else link it for the test."""
+    require_fuse()
+    ours = Path(sys.executable).parent / "mount.fuse.blobmount"
+    assert ours.exists(), "the mount.fuse.blobmount console script is not installed (pip install -e .)"
+    created = False
+    if not HELPER.exists():
+        HELPER.symlink_to(ours)
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            HELPER.unlink()

@@ -1,38 +1,23 @@
-"""mount(8) integration: `mount -t fuse.blobmount SOURCE MNT -o ...` and an fstab line used through
-`mount MNT` (with util-linux's --fstab pointing at a test file, so /etc/fstab is never touched)."""
+"""mount(8) integration: `mount -t fuse.blobmount SOURCE MNT -o ...`, and an fstab line used through
+`mount MNT`: with util-linux's --fstab pointing at a test file, and with /etc/fstab itself inside a
+private mount namespace (the host's /etc/fstab is never touched)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, require_fuse, unmount
+from tests.fuse.conftest import _is_mounted, unmount
+from tests.fuse.test_process import _daemon_pids
 from tests.helpers import FIXTURES, tree_files
 
 pytestmark = pytest.mark.fuse
-HELPER = Path("/sbin/mount.fuse.blobmount")
-
-
-@pytest.fixture
-def helper_installed() -> Iterator[None]:
-    """The helper where mount(8) looks for it: `make install` puts it there; else link it for the test."""
-    require_fuse()
-    ours = Path(sys.executable).parent / "mount.fuse.blobmount"
-    assert ours.exists(), "the mount.fuse.blobmount console script is not installed (pip install -e .)"
-    created = False
-    if not HELPER.exists():
-        HELPER.symlink_to(ours)
-        created = True
-    try:
-        yield
-    finally:
-        if created:
-            HELPER.unlink()
 
 
 def test_mount_t_fuse_blobmount(helper_installed: None, tmp_path: Path) -> None:
@@ -72,3 +57,45 @@ def test_fstab_line_through_mount_mnt(helper_installed: None, tmp_path: Path) ->
         assert "fuse.blobmount" in line
     finally:
         unmount(mnt)
+
+
+def test_fstab_line_through_plain_mount_mnt(helper_installed: None, tmp_path: Path) -> None:
+    """`mount MNT` reading /etc/fstab itself: inside a private mount namespace (unshare), a test
+    fstab is bind-mounted over /etc/fstab, so the host's file is never touched; the namespace, its
+    mount and its daemon end when the shell unmounts."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        f"# test fstab\ndir:{FIXTURES / 'basic'}  {mnt}  fuse.blobmount  "
+        f"noauto,_netdev,nofail,x-systemd.automount,cache_dir={tmp_path / 'c'}  0 0\n"
+    )
+    assert Path("/etc/fstab").exists(), "bind-mounting over /etc/fstab needs the file to exist"
+    script = f"""set -e
+mount --bind {fstab} /etc/fstab
+mount {mnt}
+findmnt -n -o FSTYPE {mnt}
+cat {mnt}/top.md
+umount {mnt}
+"""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        timeout=60,
+        env=env,
+    )
+    try:
+        assert out.returncode == 0, out.stderr.decode()
+        fstype, _, content = out.stdout.partition(b"\n")
+        assert fstype == b"fuse.blobmount"
+        assert content == tree_files("basic")[b"top.md"].data
+        assert Path("/etc/fstab").read_text() != fstab.read_text()  # the host's fstab was never replaced
+    finally:
+        deadline = time.monotonic() + 15
+        while (pids := _daemon_pids(mnt)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    assert pids == [], "the daemon outlived its unmount"
+    assert not _is_mounted(mnt)

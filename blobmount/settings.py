@@ -1,0 +1,264 @@
+"""Where a setting comes from: flag > ``BLOBMOUNT_*`` environment > config file > default (DESIGN §8).
+
+The one place that maps environment variables and config-file keys onto the CLI's options. It reads
+the argparse parser cli.py builds, so every option, including ones added later, gets its variable
+and key without a second table: ``--cache-size`` is ``BLOBMOUNT_CACHE_SIZE`` and ``cache_size`` (or
+``cache-size``) in the config file; ``mount``'s SOURCE and MOUNTPOINT are ``BLOBMOUNT_SOURCE`` and
+``BLOBMOUNT_MOUNTPOINT`` (so a container needs no arguments at all). Repeatable options take a
+comma- or space-separated list from the environment and a TOML array from the file; switches take
+``1/true/yes/on`` or ``0/false/no/off`` (a TOML boolean in the file).
+
+Secrets never come from ``BLOBMOUNT_*`` (the environment leaks: ``/proc/PID/environ``, ``docker
+inspect``, crash reports): a variable that looks like one is refused. The config file may carry
+``password`` only when nobody but its owner can read it (mode 0600 or stricter).
+
+How it works: every layered option's argparse default is replaced by None before parsing, so a
+value still None afterwards was not on the command line; it is then filled from the environment,
+the file, or the option's real default, in that order. Values from the environment and file are
+converted by the option's own ``type`` and checked against its ``choices``. ``-o key=value``
+(mount(8), fstab) counts as a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import stat
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blobmount.errors import UsageError
+
+__all__ = ["DEFAULT_CONFIG", "ENV_PREFIX", "Resolved", "env_name", "resolve", "subparsers"]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "BLOBMOUNT_"
+DEFAULT_CONFIG = Path("/etc/blobmount/config.toml")  # read when it exists and no --config is given
+# dests never layered: they are the command itself or one-shot actions
+_NOT_LAYERED = frozenset({"help", "version", "command", "config"})
+# positionals that the environment and file may supply (mount's, for containers and units)
+_LAYERED_POSITIONALS = frozenset({"source", "mountpoint"})
+# BLOBMOUNT_* variables with other owners: the unit's extra arguments, the property tests' knob
+_OTHER_VARIABLES = frozenset({"BLOBMOUNT_ARGS", "BLOBMOUNT_CONFIG", "BLOBMOUNT_FUZZ_EXAMPLES"})
+_SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+CONFIG_PASSWORD_KEY = "password"
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+@dataclass(slots=True)
+class Resolved:
+    """The parsed arguments plus where each layered value came from (for `--help`-style tracing
+    and tests) and the warnings to log once logging is set up."""
+
+    args: argparse.Namespace
+    origin: dict[str, str] = field(default_factory=dict)  # dest -> flag | env | config | default
+    warnings: list[str] = field(default_factory=list)
+    config_path: Path | None = None
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _layered(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    for action in parser._actions:
+        if action.dest in _NOT_LAYERED or isinstance(action, argparse._SubParsersAction):
+            continue
+        if action.default is argparse.SUPPRESS:  # shared options' copies in subparsers
+            continue
+        if not action.option_strings and action.dest not in _LAYERED_POSITIONALS:
+            continue
+        yield action
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [parser, *subparsers(parser).values()]
+
+
+def _is_switch(action: argparse.Action) -> bool:
+    return action.nargs == 0 and not isinstance(action, argparse._CountAction)
+
+
+def _is_list(action: argparse.Action) -> bool:
+    return isinstance(action, argparse._AppendAction)
+
+
+def _convert_one(action: argparse.Action, text: str, where: str) -> Any:
+    try:
+        value = action.type(text) if callable(action.type) else text
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: invalid value {text!r}: {exc}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise UsageError(f"{where}: invalid value {text!r} (choose from {choices})")
+    return value
+
+
+def _from_env(action: argparse.Action, text: str, where: str) -> Any:
+    if isinstance(action, argparse._CountAction):
+        try:
+            return int(text or "0")
+        except ValueError:
+            raise UsageError(f"{where}: expected a number, got {text!r}") from None
+    if _is_switch(action):
+        word = text.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise UsageError(f"{where}: expected 1/true/yes/on or 0/false/no/off, got {text!r}")
+    if _is_list(action):
+        items = [item for item in text.replace(",", " ").split() if item]
+        if action.dest == "options":  # -o values are comma lists themselves: keep them whole
+            items = [text] if text.strip() else []
+        return [_convert_one(action, item, where) for item in items]
+    return _convert_one(action, text, where)
+
+
+def _from_file(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(action, argparse._CountAction):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"{where}: expected a number")
+        return value
+    if _is_switch(action):
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: expected true or false")
+        return value
+    if _is_list(action):
+        values = value if isinstance(value, list) else [value]
+        return [_convert_one(action, _scalar_text(v, where), where) for v in values]
+    return _convert_one(action, _scalar_text(value, where), where)
+
+
+def _scalar_text(value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise UsageError(f"{where}: expected a string or a number")
+    return str(value)
+
+
+def _check_environment(environ: Mapping[str, str], known: set[str]) -> list[str]:
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name in _OTHER_VARIABLES:
+            continue
+        if any(word in name for word in _SECRET_WORDS) and not name.endswith(("_FILE", "_STDIN")):
+            raise UsageError(
+                f"{name}: secrets are never read from BLOBMOUNT_* variables; "
+                "use --password-file (systemd LoadCredential=, a mounted secret) or --password-stdin"
+            )
+        warnings.append(f"{name} is not a blobmount setting; ignored")
+    return warnings
+
+
+def _load_config(path: Path, explicit: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"config file {path}: does not exist") from None
+        return {}
+    except OSError as exc:
+        raise UsageError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
+    if CONFIG_PASSWORD_KEY in doc and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(
+            f"config file {path} holds a password but others may read it "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it, or use --password-file"
+        )
+    return {key.replace("-", "_"): value for key, value in doc.items()}
+
+
+def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Path, bool]:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1]), True
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1]), True
+        if arg == "--":
+            break
+    if environ.get("BLOBMOUNT_CONFIG"):
+        return Path(environ["BLOBMOUNT_CONFIG"]), True
+    return DEFAULT_CONFIG, False
+
+
+def resolve(parser: argparse.ArgumentParser, argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Resolved:
+    """Parse `argv` with `parser`, then fill every option not given from the environment, the
+    config file (``--config``, ``$BLOBMOUNT_CONFIG``, else /etc/blobmount/config.toml when present)
+    and the option's default. Raises UsageError for bad values; argparse's own errors exit 2."""
+    env = os.environ if environ is None else environ
+    parsers = _all_parsers(parser)
+    defaults: dict[int, Any] = {}
+    known: set[str] = set()
+    for p in parsers:
+        for action in _layered(p):  # parents' actions are shared by several subparsers: once each
+            defaults.setdefault(id(action), action.default)
+            action.default = None
+            known.add(env_name(action.dest))
+    try:
+        args = parser.parse_args(list(argv))
+    finally:
+        for p in parsers:
+            for action in _layered(p):
+                action.default = defaults[id(action)]
+    path, explicit = _config_path(argv, env)
+    config = _load_config(path, explicit)
+    resolved = Resolved(args, warnings=_check_environment(env, known), config_path=path if config else None)
+    if config:
+        config_keys = {a.dest for p in parsers for a in _layered(p)} | {CONFIG_PASSWORD_KEY}
+        unknown = sorted(set(config) - config_keys)
+        if unknown:
+            raise UsageError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+    chosen = [parser]
+    command = getattr(args, "command", None)
+    if command is not None:
+        chosen.append(subparsers(parser)[command])
+    for p in chosen:
+        for action in _layered(p):
+            dest = action.dest
+            if getattr(args, dest, None) is not None:
+                resolved.origin[dest] = "flag"
+                continue
+            name = env_name(dest)
+            if name in env:
+                value = _from_env(action, env[name], name)
+                resolved.origin[dest] = "env"
+            elif dest in config:
+                value = _from_file(action, config[dest], f"config file {path}: {dest}")
+                resolved.origin[dest] = "config"
+            else:
+                value = defaults[id(action)]
+                if isinstance(value, str) and action.type is not None and callable(action.type):
+                    value = action.type(value)
+                resolved.origin[dest] = "default"
+            setattr(args, dest, value)
+    _o_options_win(resolved)
+    args.config_password = config.get(CONFIG_PASSWORD_KEY)
+    if args.config_password is not None and not isinstance(args.config_password, str):
+        raise UsageError(f"config file {path}: password must be a string")
+    return resolved
+
+
+def _o_options_win(resolved: Resolved) -> None:
+    """`-o key=value` counts as a flag: it beats the environment and the file (not --key itself).
+    The value is cleared here and cli.py's -o merge fills it (keys are option dests, config.O_KEYS)."""
+    for item in ",".join(getattr(resolved.args, "options", None) or []).split(","):
+        key, sep, _ = item.strip().partition("=")
+        if sep and resolved.origin.get(key) in ("env", "config"):
+            setattr(resolved.args, key, None)
+            resolved.origin[key] = "flag"
