@@ -64,7 +64,8 @@ HUGE_BYTES = 10 << 30
 HUGE_DISK_NEEDED = 3 * HUGE_BYTES + (4 << 30)  # the archive, the registry's copy, a full cache, margin
 CURL_STREAMS = 8
 TTFB_READ_LIMIT_BYTES = 64 << 10  # after the first byte, read on to 64 KiB (httpfs2's probe is big.bin)
-RUN_LOCK = Path("/var/tmp/blobmount-bench.lock")
+RUN_LOCK = WORK_ROOT.with_name(WORK_ROOT.name + ".lock")  # one suite per work root
+SCALE_TIMEOUT_S = 900.0  # find over a 1M-entry mount takes minutes, not seconds
 
 
 @dataclass
@@ -348,7 +349,8 @@ def run_scale(ctx: Ctx) -> None:
     for kind, n in [*(("tree", n) for n in sizes), ("flat", flat)]:
         print(f"scale: {kind} {n:,} entries, load {loadavg()}", flush=True)
         try:
-            out.append(scale.measure(ctx.mounter, kind, n, ctx.args.reps, ctx.args.run_timeout))
+            timeout = max(ctx.args.run_timeout, SCALE_TIMEOUT_S)
+            out.append(scale.measure(ctx.mounter, kind, n, ctx.args.reps, timeout))
         except (workloads.RunTimeout, RuntimeError) as e:
             out.append({"kind": kind, "entries": n, "error": str(e)})
             ctx.records.append({"network": LOCAL, "dataset": f"scale-{kind}-{n}", "workload": "scale",
