@@ -4,7 +4,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd
+# squashfuse squashfs-tools httpfs2 nginx-light curl git: the peers of the benchmark smoke test (< 2 MB)
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd \
+  squashfuse squashfs-tools httpfs2 nginx-light curl git
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 
@@ -45,8 +47,11 @@ test: venv
 gen:
 	$(BIN)/flatc --python --gen-onefile -o blobmount/index/_fb schema/index.fbs
 
+# The whole benchmark suite (as root): installs its peers (apt, the `bench` extra), builds the
+# datasets into bench/.cache, writes bench/results/<date>.{json,md} and plots. BENCH_ARGS=--quick etc.
 bench: venv
-	$(BIN)/python -m bench
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

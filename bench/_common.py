@@ -101,6 +101,31 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
 
 
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache, dentries and inodes: the next read of any
+    file, a server's included, comes from the disk (needs root)."""
+    subprocess.run(["sync"], check=True, timeout=600)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def proc_number(pid: int, name: str, key: str) -> int:
+    """A number from /proc/PID/status (VmHWM etc., in kB) or /proc/PID/io (rchar, syscr, ...)."""
+    for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/{name} has no {key}")
+
+
+def first_line(cmd: list[str], word: str) -> str:
+    """The first output line of `cmd` that mentions `word` (version banners go to either stream)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+    except OSError:
+        return "?"
+    lines = (out.stdout + b"\n" + out.stderr).decode(errors="replace").splitlines()
+    return next((line.strip() for line in lines if word in line), "?")
+
+
 def raise_on_term(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally, which cleans up
 

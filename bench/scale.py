@@ -1,0 +1,117 @@
+"""How a mounted archive's costs grow with its entries (bench.index_scale does the same without FUSE).
+
+Archives of 10k, 100k and 1M entries with index_scale's source-tree-like paths (one directory of
+10,000 files among them), and one archive whose 100,000 entries all sit in one directory. Entries
+are empty files (the index is what is measured; the data blob is empty), cached in bench/.cache.
+Each is mounted by ``blobmount mount -f`` from a local directory (so "mount-ready" is the cost
+after the index is local) with the page cache dropped first, then, in this order:
+- lookups: ``os.stat`` of 2,000 random file paths (each a first lookup in this mount; median, p99);
+  then the same paths again (warm: the kernel's dentry cache);
+- readdir: one listing of the big directory;
+- ``find MNT -type f -printf '%s\\n'``, output counted;
+- the daemon's peak RSS (VmHWM), beside the index size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import index_scale, workloads
+from bench._common import drop_caches, percentile
+from bench.datasets import CACHE, Dataset
+from bench.peers import Mounter, Peer
+
+SIZES_FULL = (10_000, 100_000, 1_000_000)
+SIZES_QUICK = (10_000,)
+FLAT_FULL = 100_000
+FLAT_QUICK = 10_000
+FLAT_DIR = b"flat"
+LOOKUPS = 2_000
+SCALE_MTIME_NS = 1_700_000_000_000_000_000
+
+
+def _build_child(kind: str, n: int, out: str) -> None:
+    """Write index.blob + an empty data.blob for `n` empty files into `out` (in a child process)."""
+    from blobmount.index import EntryRecord, build_index  # children only: the parent stays small
+
+    paths = index_scale.make_paths(n) if kind == "tree" else [FLAT_DIR + b"/f%07d" % i for i in range(n)]
+    empty = hashlib.sha256(b"").digest()
+    records = [EntryRecord(p, 0, 0, 0, empty, 0o644, 0, 0, SCALE_MTIME_NS, 0) for p in paths]
+    index = build_index(records, 0, empty)
+    dest = Path(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "data.blob").write_bytes(b"")
+    (dest / "index.blob.tmp").write_bytes(index)
+    (dest / "index.blob.tmp").replace(dest / "index.blob")
+    (dest / "paths.txt").write_bytes(b"\n".join(paths) + b"\n")
+
+
+def ensure_archive(kind: str, n: int) -> Path:
+    key = hashlib.sha256((index_scale.cache_key() + Path(__file__).read_text()).encode()).hexdigest()[:12]
+    dest = CACHE / "scale" / f"{kind}-{n}-{key}"
+    if not (dest / "index.blob").exists():
+        for stale in (CACHE / "scale").glob(f"{kind}-{n}-*"):
+            subprocess.run(["rm", "-rf", str(stale)], check=True)
+        print(f"building a {n:,}-entry {kind} archive for the scale runs (cached afterwards)", flush=True)
+        subprocess.run([sys.executable, "-m", "bench.scale", "_build", kind, str(n), str(dest)], check=True)
+    return dest
+
+
+def measure(mounter: Mounter, kind: str, n: int, reps: int, timeout_s: float) -> dict[str, Any]:
+    arc = ensure_archive(kind, n)
+    paths = (arc / "paths.txt").read_text(errors="surrogateescape").splitlines()
+    rng = random.Random(n)
+    sample = [rng.choice(paths) for _ in range(LOOKUPS)]
+    listfile = mounter.work / f"lookups-{kind}-{n}.txt"
+    listfile.write_text("\n".join(sample) + "\n", errors="surrogateescape")
+    big_dir = FLAT_DIR.decode() if kind == "flat" else index_scale.BIG_DIR.decode()
+    peer = Peer("blobmount-dir", "blobmount-dir", "local")
+    ds = Dataset(f"scale-{kind}-{n}", arc, arc, arc, arc, n, 0, "", f"synthetic {kind}")
+    rows: list[dict[str, Any]] = []
+    for _ in range(reps):
+        drop_caches()
+        with mounter.mount(peer, ds) as m:
+            cold = workloads.probe(["stat", str(m.root), str(listfile)], timeout_s)
+            warm = workloads.probe(["stat", str(m.root), str(listfile)], timeout_s)
+            listing = workloads.probe(["listdir", str(m.root / big_dir)], timeout_s)
+            t = time.perf_counter()
+            _, out = workloads.run_child([f"find {m.root} -type f -printf '%s\\n'"], timeout_s, shell=True)
+            find_s = time.perf_counter() - t
+            found = len(out.splitlines())
+            rows.append(
+                {
+                    "ready_s": m.ready_s,
+                    "lookup_cold_us": _lat(cold),
+                    "lookup_warm_us": _lat(warm),
+                    "readdir_s": listing["seconds"],
+                    "readdir_entries": listing["entries"],
+                    "find_s": find_s,
+                    "find_files": found,
+                    "rss_bytes": m.peak_rss(),
+                }
+            )
+        if found != n or cold["missing"]:
+            raise RuntimeError(f"scale {kind} {n}: find saw {found} files, {cold['missing']} lookups missed")
+    return {"kind": kind, "entries": n, "index_bytes": (arc / "index.blob").stat().st_size, "reps": rows}
+
+
+def _lat(r: dict[str, Any]) -> dict[str, float]:
+    lat = sorted(r["latencies_us"])
+    return {"median": lat[len(lat) // 2], "p99": percentile(lat, 0.99)}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "_build":
+        _build_child(argv[1], int(argv[2]), argv[3])
+        return 0
+    raise SystemExit("bench.scale is run by `python -m bench` (the suite)")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
