@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from blobmount import __version__, introspect, logs, metrics
-from blobmount.cache import CacheDir, ContentStore, default_cache_dir
+from blobmount.cache import CacheDir, ContentStore, MetaStore, default_cache_dir
 from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
 from blobmount.fetch import ChunkedSource
@@ -117,7 +117,12 @@ def prepare(config: MountConfig) -> Prepared:
     settings = RemoteSettings(cache, config.chunk_size, config.offline)
     archive = open_archive(config.source, config.registry, settings)
     notify(f"STATUS=checking the index of {archive.name}")
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    meta = MetaStore(cache)
+    digest_hex = archive.index_digest.removeprefix("sha256:")
+    known = meta.get_derived("order", digest_hex)
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size, known_order=known)
+    if known is None:
+        meta.put_derived("order", digest_hex, view.order_record())
     log.info(
         "%s: %d entries, %d-byte data blob, order %s",
         archive.name,

@@ -105,6 +105,25 @@ class MetaStore:
         with contextlib.suppress(OSError):
             _atomic_write(self.root / "flags" / self._tag_name(name), name.encode())
 
+    # -- facts derived from a blob (e.g. an index's entry order) -------------------------------
+
+    def get_derived(self, kind: str, digest_hex: str) -> bytes | None:
+        """A value computed from the blob `digest_hex` and kept under `kind` (None if absent)."""
+        if not _hex_ok(digest_hex):
+            return None
+        try:
+            return (self.root / kind / digest_hex).read_bytes()
+        except OSError:
+            return None
+
+    def put_derived(self, kind: str, digest_hex: str, value: bytes) -> None:
+        if not _hex_ok(digest_hex):
+            return
+        try:
+            _atomic_write(self.root / kind / digest_hex, value)
+        except OSError as exc:
+            log.debug("cache: cannot keep %s of %s: %s", kind, digest_hex, exc.strerror)
+
     # -- verified records ----------------------------------------------------------------------
 
     def _verified_path(self, blob_hex: str, offset: int, size: int) -> Path:
