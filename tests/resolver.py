@@ -33,6 +33,9 @@ def resolver(flag: Path, real: Callable[..., Any]) -> Callable[..., Any]:
         name = host.decode() if isinstance(host, bytes) else host
         if name is None or is_local(str(name)):
             return real(host, *args, **kwargs)
+        flags = kwargs.get("flags", args[4] if len(args) > 4 else 0)
+        if flags & socket.AI_NUMERICHOST:  # a name is never numeric: what the C library answers
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         if str(name).endswith(FAKE_SUFFIX):
             if os.path.exists(flag):
                 raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution (injected)")

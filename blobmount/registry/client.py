@@ -326,8 +326,11 @@ class RegistryClient:
         headers: Mapping[str, str] | None = None,
         content: Any = None,
         kind: str,
+        retry: bool = True,
     ) -> httpx.Response:
-        """A registry request with auth (one retry per 401) and transient retries, streamed."""
+        """A registry request with auth (one retry per 401) and transient retries, streamed.
+        `retry=False`: the caller retries the whole exchange itself (blob reads, whose body can
+        fail too); retrying here as well multiplied the attempts (6 x 6 against a 503)."""
         url = path if path.startswith(("http://", "https://")) else self.base + path
         attempt = 0
         auth_retries = 0
@@ -342,9 +345,9 @@ class RegistryClient:
             try:
                 response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
                 if response.status_code == 401 and auth_retries < 2:
-                    auth_retries += 1
                     await response.aclose()
                     await self._authenticate(response, used)
+                    auth_retries += 1  # only once a token came: a failing token endpoint is transient
                     continue
                 if response.status_code == 401:
                     await response.aclose()
@@ -355,7 +358,7 @@ class RegistryClient:
                 return response
             except BlobmountError as exc:
                 replayable = content is None or isinstance(content, bytes)
-                if not is_transient(exc) or attempt >= self.max_attempts or not replayable:
+                if not retry or not is_transient(exc) or attempt >= self.max_attempts or not replayable:
                     raise
                 await self._backoff(attempt, exc)
 
@@ -420,9 +423,11 @@ class RegistryClient:
 
     # -- blobs ---------------------------------------------------------------------------------
 
-    async def _blob_response(self, digest: Digest, headers: dict[str, str], kind: str) -> httpx.Response:
+    async def _blob_response(
+        self, digest: Digest, headers: dict[str, str], kind: str, *, retry: bool = True
+    ) -> httpx.Response:
         """GET a blob, following redirects to storage (without our Authorization header) and
-        reusing a known storage URL."""
+        reusing a known storage URL. `retry=False` when the caller retries the whole read."""
         key = str(digest)
         cached = self._storage_urls.get(key)
         if cached is not None and trio.current_time() < cached.expires_at:
@@ -436,7 +441,7 @@ class RegistryClient:
                 log.debug("%s: storage URL failed; re-resolving", self.host)
             self._storage_urls.pop(key, None)
         path = f"/v2/{self.ref.repository}/blobs/{digest}"
-        response = await self._request("GET", path, headers=headers, kind=kind)
+        response = await self._request("GET", path, headers=headers, kind=kind, retry=retry)
         url = self.base + path
         for _ in range(MAX_REDIRECTS):
             if response.status_code not in (301, 302, 303, 307, 308):
@@ -448,7 +453,7 @@ class RegistryClient:
             url = urljoin(url, location)
             same_host = urlsplit(url).netloc == urlsplit(self.base).netloc
             if same_host:
-                response = await self._request("GET", url, headers=headers, kind=kind)
+                response = await self._request("GET", url, headers=headers, kind=kind, retry=retry)
             else:
                 response = await self._send("GET", url, headers=headers, kind=kind, to_registry=False)
                 if response.status_code in (200, 206):
@@ -472,7 +477,7 @@ class RegistryClient:
 
     async def _read_range_once(self, digest: Digest, start: int, end: int, blob_size: int, want: int) -> bytes:
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-        response = await self._blob_response(digest, headers, "range")
+        response = await self._blob_response(digest, headers, "range", retry=False)
         try:
             status = response.status_code
             if status == 206:
@@ -500,7 +505,7 @@ class RegistryClient:
             raise InvalidArchive(f"{self.ref}: blob {digest} of {size} bytes exceeds the {limit}-byte limit")
         for attempt in range(1, self.max_attempts + 1):
             try:
-                response = await self._blob_response(digest, {"Accept-Encoding": "identity"}, "blob")
+                response = await self._blob_response(digest, {"Accept-Encoding": "identity"}, "blob", retry=False)
                 try:
                     if response.status_code == 404:
                         raise SourceError(f"{self.ref}: blob {digest} not found")
