@@ -38,7 +38,7 @@ DRIP_BLOCK_BYTES = 1024
 
 
 class Kind(enum.Enum):
-    STATUS = "status"  # answer `status` (with `retry_after`) instead of asking the registry
+    STATUS = "status"  # answer `status` (`retry_after`, `headers`, `body`) instead of the registry
     STALL = "stall"  # accept the request, send nothing
     REDIRECT_LOOP = "redirect-loop"  # 307 to the very same URL
     CLOSE = "close"  # close the connection without an answer
@@ -111,6 +111,7 @@ class Fault:
     stall_s: float = STALL_MAX_S
     rate_bps: int = 1024
     body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
     hits: int = 0
 
 
@@ -202,8 +203,10 @@ class FaultProxy(QuirkProxy):
             self.state.seen.append((h.command, h.path, {k.lower(): v for k, v in h.headers.items()}))
         h.close_connection = True  # the request body (if any) was not read: never reuse this connection
         if fault.kind is Kind.STATUS:
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-            self._reply(h, fault.status, headers, b"")
+            headers = dict(fault.headers)
+            if fault.retry_after is not None:
+                headers["Retry-After"] = fault.retry_after
+            self._reply(h, fault.status, headers, fault.body)
         elif fault.kind is Kind.STALL:
             release.wait(min(fault.stall_s, STALL_MAX_S))
         elif fault.kind is Kind.REDIRECT_LOOP:
@@ -224,7 +227,7 @@ class FaultProxy(QuirkProxy):
             super().answer(h, status, headers, body + b"\xee" * (len(body) // 2 + 1))
             return
         if kind is Kind.REPLACE:
-            super().answer(h, status, headers, fault.body)
+            super().answer(h, status, {**headers, **fault.headers}, fault.body)
             return
         if kind is Kind.FLIP and body:
             flipped = bytearray(body)
