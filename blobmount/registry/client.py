@@ -511,6 +511,12 @@ class RegistryClient:
                         raise SourceError(f"{self.ref}: blob {digest} not found")
                     if response.status_code != 200:
                         raise SourceError(f"{self.ref}: GET blob {digest} answered {response.status_code}")
+                    announced = response.headers.get("content-length")
+                    if announced is not None and announced.isdigit() and int(announced) != size:
+                        # not a broken transfer (retrying cannot help): the descriptor is wrong
+                        raise InvalidArchive(
+                            f"{self.ref}: blob {digest} is {announced} bytes, the manifest says {size}"
+                        )
                     body = await _read_exact(response, size, f"{self.ref}: blob {digest}")
                 finally:
                     await response.aclose()
@@ -596,7 +602,10 @@ def check_content_range(value: str, start: int, end: int, blob_size: int) -> Non
         t = None if total == "*" else int(total)
     except ValueError:
         raise SourceError(f"malformed Content-Range {value[:80]!r}") from None
-    if unit.lower() != "bytes" or a != start or b != end - 1 or (t is not None and t != blob_size):
+    if t is not None and t != blob_size and unit.lower() == "bytes":
+        # the blob itself differs from its descriptor: permanent, so not worth a retry
+        raise SourceError(f"the registry's blob has {t} bytes, its descriptor says {blob_size}")
+    if unit.lower() != "bytes" or a != start or b != end - 1:
         raise TransientError(f"Content-Range {value[:80]!r} does not match the requested bytes {start}-{end - 1}")
 
 

@@ -149,9 +149,6 @@ TRANSIENT: dict[str, Callable[[httpx.Request], httpx.Response]] = {
     "wrong Content-Range": lambda r: httpx.Response(
         206, headers={"Content-Range": f"bytes 1-100/{len(BLOB)}"}, content=BLOB[1:101]
     ),
-    "wrong total in Content-Range": lambda r: httpx.Response(
-        206, headers={"Content-Range": "bytes 0-99/7"}, content=BLOB[:100]
-    ),
 }
 
 
@@ -250,6 +247,11 @@ FINAL: dict[str, tuple[Callable[[httpx.Request], httpx.Response], type[Exception
     "403": (lambda r: httpx.Response(403), AuthError, "access denied"),
     "200 for a range": (lambda r: httpx.Response(200, content=BLOB), SourceError, "whole blob"),
     "418": (lambda r: httpx.Response(418), SourceError, "answered 418"),
+    "blob size unlike its descriptor": (
+        lambda r: httpx.Response(206, headers={"Content-Range": "bytes 10-19/7"}, content=BLOB[10:20]),
+        SourceError,
+        "descriptor says",
+    ),
 }
 
 
