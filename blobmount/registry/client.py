@@ -306,6 +306,12 @@ class RegistryClient:
         self.stats.count(kind)
         try:
             response = await client.send(request, stream=True)
+        except httpx.ConnectError as exc:
+            host = urlsplit(url).netloc
+            problem = _tls_problem(exc)
+            if problem is not None:  # retrying cannot fix a certificate: say so, and how to proceed
+                raise SourceError(f"{host}: {problem}") from exc
+            raise TransientError(f"{host}: {type(exc).__name__}: {exc}") from exc
         except httpx.TimeoutException as exc:
             raise TransientError(f"{urlsplit(url).netloc}: timed out ({type(exc).__name__})") from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
@@ -451,7 +457,9 @@ class RegistryClient:
             if not location:
                 raise SourceError(f"{self.host}: redirect without a Location")
             url = urljoin(url, location)
-            same_host = urlsplit(url).netloc == urlsplit(self.base).netloc
+            # the registry itself: same scheme too, or a redirect to http:// on the same name
+            # would carry our Authorization header in clear text
+            same_host = urlsplit(url)[:2] == urlsplit(self.base)[:2]
             if same_host:
                 response = await self._request("GET", url, headers=headers, kind=kind, retry=retry)
             else:
@@ -590,6 +598,24 @@ class RegistryClient:
         if response.status_code != 201:
             raise SourceError(f"{self.ref}: PUT manifest answered {response.status_code}: {text[:200]}")
         return Digest.of(body)
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    """A one-line explanation when `exc` was caused by a TLS failure that no retry can fix."""
+    cause: BaseException | None = exc
+    for _ in range(16):  # bounded walk down the cause chain
+        if cause is None:
+            return None
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message or cause.reason or "verification failed"
+            return (
+                f"TLS certificate not trusted ({why}); use --ca-file for a private CA, or"
+                " --insecure HOST[:PORT] to skip verification for this registry only"
+            )
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return "the server does not speak TLS here; use --plain-http HOST[:PORT] if it serves plain HTTP"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def check_content_range(value: str, start: int, end: int, blob_size: int) -> None:
