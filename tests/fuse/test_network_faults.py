@@ -386,3 +386,35 @@ def test_a_zstd_file_corrupted_once_in_transit_is_read_again(
         out = _start(m, path).result(HANG_GUARD_S)
         assert fault.hits == 1
         _assert_read(arc, path, out)
+
+
+def test_daemon_killed_during_a_stalled_read(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    """kill -9 while a read waits on a stalled registry: the reader gets an error at once (never a
+    hang), `fusermount3 -u` leaves a clean directory, and a new daemon mounts over it and serves."""
+    import signal
+    import subprocess
+
+    from tests.fuse.conftest import _is_mounted
+
+    arc = net_archive
+    path = b"2/small.bin"
+    mnt = tmp_path / "mnt"
+    with _mount(proxy, tmp_path) as m:
+        _baseline(m, arc)
+        fault = proxy.add(Fault(Kind.STALL, blob(arc.data_digest, *_range_of(arc, path)())))
+        pending = _start(m, path)
+        for _ in range(100):  # bounded: until the request is stalled at the proxy
+            if fault.hits:
+                break
+            time.sleep(0.02)
+        assert fault.hits
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(30)
+        out = pending.result(HANG_GUARD_S)
+        assert out.errno == errno.ENOTCONN, out
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+        assert not _is_mounted(mnt)
+        assert os.listdir(mnt) == []
+        proxy.clear()
+    with _mount(proxy, tmp_path) as m:
+        _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
