@@ -169,7 +169,8 @@ class QuirkProxy:
         self.server = Server(("127.0.0.1", self.port), Handler)
         if self.tls is not None:
             self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll: shutdown() (each stop, each FaultProxy.down) waits for one poll interval
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property

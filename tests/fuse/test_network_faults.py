@@ -43,7 +43,7 @@ from tests.fuse.conftest import Mount, mounted
 from tests.fuse.reads import Outcome, PendingRead, read_bounded
 from tests.servers import Registry
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
 TIMEOUT_S = 2.0  # --timeout of every mount here
 HANG_GUARD_S = 10 * TIMEOUT_S
