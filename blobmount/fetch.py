@@ -36,6 +36,7 @@ inside bookkeeping are the awaits on flights, limiters, disk threads and the net
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 from array import array
@@ -68,6 +69,7 @@ UNSAVED_CHUNKS = 32  # landed chunks waiting for the disk; a request pauses when
 RETRY_PAUSE_S = 0.2  # before resuming a broken request (doubling, with jitter)
 
 
+_FLIGHT_SEQ = itertools.count()
 _HITS = metrics.CACHE_HITS.labels(store="chunk")
 _MISSES = metrics.CACHE_MISSES.labels(store="chunk")
 _DEMAND = metrics.FETCH_CHUNKS.labels(reason="miss")
@@ -97,6 +99,7 @@ class _Flight:
     data: bytes | None = None
     error: BlobmountError | None = None
     owner: object = None  # the _Run delivering it (a run only ever settles its own flights)
+    seq: int = field(default_factory=lambda: next(_FLIGHT_SEQ))  # creation order
 
 
 @dataclass(slots=True)
@@ -226,12 +229,13 @@ class ChunkedSource:
         first, last = start // cs, (end - 1) // cs
         self.stats.reads += 1
         self.stats.bytes_served += end - start
+        since = next(_FLIGHT_SEQ)  # flights from here on serve this read; older ones it joined
         missed = self._schedule(range(first, last + 1), ahead=False)
         if hint is not None:
             self._read_ahead(hint, start, end, missed)
         with trio.move_on_after(self.timeout_s):
             if first == last:
-                data = await self._chunk(first)
+                data = await self._chunk(first, since=since)
                 offset = start - first * cs
                 return data[offset : offset + end - start]
             # Hold every chunk (or its flight) now: a read longer than the memory tier must not
@@ -239,7 +243,7 @@ class ChunkedSource:
             held = [self._peek(i) or self._flights.get(i) for i in range(first, last + 1)]
             parts = []
             for index, item in enumerate(held, first):
-                data = item if isinstance(item, bytes) else await self._chunk(index, item)
+                data = item if isinstance(item, bytes) else await self._chunk(index, item, since=since)
                 lo = max(start - index * cs, 0)
                 hi = min(end - index * cs, len(data))
                 parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
@@ -376,32 +380,35 @@ class ChunkedSource:
             _HITS.inc()
         return data
 
-    async def _chunk(self, index: int, flight: _Flight | None = None) -> bytes:
-        if flight is not None:
-            await flight.done.wait()
-            if flight.data is not None:
-                return flight.data
-            if flight.error is not None:
-                raise flight.error
-        for _ in range(4):  # bounded: a chunk can vanish between the stat and the load (eviction)
-            data = self._peek(index)
-            if data is not None:
-                return data
-            if self.offline and index not in self._flights and not self.store.on_disk(index):
-                raise self._offline_error(index)
-            if self._nursery is None:
-                raise SourceError("the data source is not running")
-            flight = self._flights.get(index)
+    async def _chunk(self, index: int, flight: _Flight | None = None, *, since: int = -1) -> bytes:
+        """The chunk's bytes, waiting for whatever delivers them. A read that only joined a fetch
+        started before it (flight older than `since`: read-ahead, another reader) and saw it fail
+        gets one fetch of its own: a fault that cleared meanwhile must not fail it (its own
+        --timeout still bounds it)."""
+        retried = False
+        for _ in range(6):  # bounded: a chunk can vanish between the stat and the load (eviction)
             if flight is None:
-                self._schedule((index,), ahead=False)
+                data = self._peek(index)
+                if data is not None:
+                    return data
+                if self.offline and index not in self._flights and not self.store.on_disk(index):
+                    raise self._offline_error(index)
+                if self._nursery is None:
+                    raise SourceError("the data source is not running")
                 flight = self._flights.get(index)
                 if flight is None:
-                    continue
+                    self._schedule((index,), ahead=False)
+                    flight = self._flights.get(index)
+                    if flight is None:
+                        continue
             await flight.done.wait()
             if flight.data is not None:
                 return flight.data
             if flight.error is not None:
-                raise flight.error
+                if flight.seq >= since or retried or self.offline:
+                    raise flight.error
+                retried = True
+            flight = None
         raise SourceError(f"chunk {index} of the data blob kept disappearing from the cache")
 
     # -- scheduling ----------------------------------------------------------------------------

@@ -89,8 +89,13 @@ def descriptor(obj: object, what: str) -> tuple[str, str, int]:
     if not isinstance(obj, dict):
         raise InvalidArchive(f"{what}: descriptor is not an object")
     media, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
-    if not isinstance(media, str) or not isinstance(digest, str) or not isinstance(size, int) or size < 0:
+    # bool is an int to Python, not to JSON: `"size": false` is not a size
+    if not isinstance(media, str) or not isinstance(digest, str) or type(size) is not int or size < 0:
         raise InvalidArchive(f"{what}: descriptor lacks mediaType, digest or a valid size")
+    try:
+        Digest.parse(digest)
+    except UsageError as exc:  # a hostile manifest is an invalid archive, not a usage error
+        raise InvalidArchive(f"{what}: {exc}") from None
     return media, digest, size
 
 

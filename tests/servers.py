@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -121,12 +122,20 @@ class QuirkState:
 
 
 class QuirkProxy:
-    """An HTTP proxy in front of a registry (same process, its own thread)."""
+    """An HTTP proxy in front of a registry (same process, its own thread). tests/faults.py extends it
+    with switchable faults: the hooks for that are :meth:`answer` (every upstream answer goes out
+    through it) and the set of live client connections (so a subclass can cut them)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, port: int | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: serve HTTPS with this server context (a registry with a certificate)."""
         self.upstream = upstream
         self.state = QuirkState()
-        self.port = free_port()
+        self.port = port or free_port()
+        self.tls = tls
+        self.live: set[socket.socket] = set()  # client connections being served
+        self._start()
+
+    def _start(self) -> None:
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -135,14 +144,34 @@ class QuirkProxy:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with proxy.state.lock:
+                    proxy.live.add(self.connection)
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                finally:
+                    with proxy.state.lock:
+                        proxy.live.discard(self.connection)
+
             def do_GET(self) -> None:
                 proxy.handle(self)
 
             do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # clients hanging up mid-answer is what the fault tests do on purpose
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
+        # a short poll: shutdown() (each stop, each FaultProxy.down) waits for one poll interval
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -208,9 +237,13 @@ class QuirkProxy:
             if st.corrupt_ranges and resp.status == 206 and data:
                 data = bytes([data[0] ^ 0x55]) + data[1:]
             out = {k: v for k, v in resp.getheaders() if k.lower() not in ("content-length", "transfer-encoding")}
-            self._reply(h, resp.status, out, data)
         finally:
             conn.close()
+        self.answer(h, resp.status, out, data)
+
+    def answer(self, h: http.server.BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Send the upstream's answer to the client (the hook tests/faults.py bends)."""
+        self._reply(h, status, headers, body)
 
 
 def basic_auth_header(user: str, password: str) -> str:

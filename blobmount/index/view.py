@@ -469,8 +469,11 @@ class IndexView:
                 problem = name_problem(name)  # deeper faults are found when that directory is listed
                 if problem is not None:
                     log.warning("entry %d: %s: %s; skipped", number, show(path), problem)
-                else:
+                elif self.find(prefix + name) is None:
                     yield Child(name, -1, nxt)
+                # else a file of the same name sorts just before (and was skipped with a warning):
+                # lookup refuses the name (kind()), so the listing must not offer the directory,
+                # or the kernel would learn it from readdir and serve what lookup refuses
                 pos = nxt
                 continue
             pos += 1

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from blobmount.errors import UsageError
 log = logging.getLogger(__name__)
 
 HELPER_TIMEOUT_S = 30  # a credential helper that hangs must not hang the mount
+_warned_modes: set[Path] = set()  # files already warned about: one warning per file and process
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
 
 
@@ -95,6 +97,18 @@ def _keys_for(host: str) -> tuple[str, ...]:
     if host in DOCKER_HUB_KEYS:
         return DOCKER_HUB_KEYS
     return (host, f"https://{host}", f"http://{host}", f"https://{host}/v2/", f"https://{host}/v1/")
+
+
+def warn_if_exposed(path: Path) -> None:
+    """A file we took a secret from should be readable by its owner alone (0600, 0400): warn
+    once if group or others may read it. Never refuses: the secret has already been read."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & 0o077 and path not in _warned_modes:
+        _warned_modes.add(path)
+        log.warning("%s holds registry credentials but its mode is %04o; make it 0600 (chmod 600)", path, mode)
 
 
 def _from_auths(entry: object, where: str) -> Credentials | None:
@@ -172,6 +186,7 @@ def find_credentials(host: str) -> Credentials | None:
             for key in keys:
                 creds = _from_auths(auths.get(key), str(path))
                 if creds is not None:
+                    warn_if_exposed(path)
                     return creds
         store = doc.get("credsStore")
         if isinstance(store, str) and store:
@@ -187,4 +202,5 @@ def read_password_file(path: Path) -> str:
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"--password-file {path}: {exc.strerror}") from exc
+    warn_if_exposed(path)
     return text.splitlines()[0] if text else ""

@@ -323,6 +323,13 @@ class RegistryClient:
         self.stats.count(kind)
         try:
             response = await client.send(request, stream=True)
+        except httpx.ConnectError as exc:
+            metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
+            host = urlsplit(url).netloc
+            problem = _tls_problem(exc)
+            if problem is not None:  # retrying cannot fix a certificate: say so, and how to proceed
+                raise SourceError(f"{host}: {problem}") from exc
+            raise TransientError(f"{host}: {type(exc).__name__}: {exc}") from exc
         except httpx.TimeoutException as exc:
             metrics.HTTP_REQUESTS.labels(kind=kind, code="error").inc()
             raise TransientError(f"{urlsplit(url).netloc}: timed out ({type(exc).__name__})") from exc
@@ -353,8 +360,11 @@ class RegistryClient:
         headers: Mapping[str, str] | None = None,
         content: Any = None,
         kind: str,
+        retry: bool = True,
     ) -> httpx.Response:
-        """A registry request with auth (one retry per 401) and transient retries, streamed."""
+        """A registry request with auth (one retry per 401) and transient retries, streamed.
+        `retry=False`: the caller retries the whole exchange itself (blob reads, whose body can
+        fail too); retrying here as well multiplied the attempts (6 x 6 against a 503)."""
         url = path if path.startswith(("http://", "https://")) else self.base + path
         attempt = 0
         auth_retries = 0
@@ -369,9 +379,9 @@ class RegistryClient:
             try:
                 response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
                 if response.status_code == 401 and auth_retries < 2:
-                    auth_retries += 1
                     await response.aclose()
                     await self._authenticate(response, used)
+                    auth_retries += 1  # only once a token came: a failing token endpoint is transient
                     continue
                 if response.status_code == 401:
                     await response.aclose()
@@ -382,7 +392,7 @@ class RegistryClient:
                 return response
             except BlobmountError as exc:
                 replayable = content is None or isinstance(content, bytes)
-                if not is_transient(exc) or attempt >= self.max_attempts or not replayable:
+                if not retry or not is_transient(exc) or attempt >= self.max_attempts or not replayable:
                     raise
                 await self._backoff(attempt, exc)
 
@@ -451,9 +461,11 @@ class RegistryClient:
 
     # -- blobs ---------------------------------------------------------------------------------
 
-    async def _blob_response(self, digest: Digest, headers: dict[str, str], kind: str) -> httpx.Response:
+    async def _blob_response(
+        self, digest: Digest, headers: dict[str, str], kind: str, *, retry: bool = True
+    ) -> httpx.Response:
         """GET a blob, following redirects to storage (without our Authorization header) and
-        reusing a known storage URL."""
+        reusing a known storage URL. `retry=False` when the caller retries the whole read."""
         key = str(digest)
         cached = self._storage_urls.get(key)
         if cached is not None and trio.current_time() < cached.expires_at:
@@ -467,7 +479,7 @@ class RegistryClient:
                 log.debug("%s: storage URL failed; re-resolving", self.host)
             self._storage_urls.pop(key, None)
         path = f"/v2/{self.ref.repository}/blobs/{digest}"
-        response = await self._request("GET", path, headers=headers, kind=kind)
+        response = await self._request("GET", path, headers=headers, kind=kind, retry=retry)
         url = self.base + path
         for _ in range(MAX_REDIRECTS):
             if response.status_code not in (301, 302, 303, 307, 308):
@@ -477,9 +489,11 @@ class RegistryClient:
             if not location:
                 raise SourceError(f"{self.host}: redirect without a Location")
             url = urljoin(url, location)
-            same_host = urlsplit(url).netloc == urlsplit(self.base).netloc
+            # the registry itself: same scheme too, or a redirect to http:// on the same name
+            # would carry our Authorization header in clear text
+            same_host = urlsplit(url)[:2] == urlsplit(self.base)[:2]
             if same_host:
-                response = await self._request("GET", url, headers=headers, kind=kind)
+                response = await self._request("GET", url, headers=headers, kind=kind, retry=retry)
             else:
                 response = await self._send("GET", url, headers=headers, kind=kind, to_registry=False)
                 if response.status_code in (200, 206):
@@ -493,7 +507,8 @@ class RegistryClient:
             return b""
         for attempt in range(1, self.max_attempts + 1):
             try:
-                async with contextlib.aclosing(self.iter_range(digest, start, end, blob_size)) as blocks:
+                blocks = self.iter_range(digest, start, end, blob_size, retry=False)
+                async with contextlib.aclosing(blocks):
                     return b"".join([block async for block in blocks])
             except TransientError as exc:
                 if attempt >= self.max_attempts:
@@ -502,14 +517,22 @@ class RegistryClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def iter_range(
-        self, digest: Digest, start: int, end: int, blob_size: int, block_bytes: int = 1 << 20
+        self,
+        digest: Digest,
+        start: int,
+        end: int,
+        blob_size: int,
+        block_bytes: int = 1 << 20,
+        *,
+        retry: bool = True,
     ) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) of a blob from one range request, yielded as they arrive.
 
-        Opening the response is retried (429/5xx/resets, 401 refresh, storage redirects); the body
-        is not: a body that breaks, runs longer or ends shorter than asked raises TransientError
-        after the blocks already yielded, so the caller can resume from what it got. The common
-        case goes over the fast path (wire.py); everything else over httpx."""
+        Opening the response is retried (429/5xx/resets, storage redirects) unless `retry` is
+        False (the caller retries the whole read: one retry loop, never loops within loops); the
+        body is not: a body that breaks, runs longer or ends shorter than asked raises
+        TransientError after the blocks already yielded, so the caller can resume from what it
+        got. The common case goes over the fast path (wire.py); everything else over httpx."""
         if start >= end:
             return
         want = end - start
@@ -531,7 +554,7 @@ class RegistryClient:
             if got != want:
                 raise TransientError(f"{what}: body of {got} bytes, expected {want}")
             return
-        response = await self._open_range(digest, start, end, blob_size)
+        response = await self._open_range(digest, start, end, blob_size, retry=retry)
         got = 0
         try:
             async with _body(response, block_bytes) as blocks:
@@ -612,17 +635,32 @@ class RegistryClient:
                 raise
         return response
 
-    async def _open_range(self, digest: Digest, start: int, end: int, blob_size: int) -> httpx.Response:
-        """A 206 (or a 200 for the whole blob) whose headers promise exactly [start, end)."""
+    async def _open_range(
+        self, digest: Digest, start: int, end: int, blob_size: int, *, retry: bool = True
+    ) -> httpx.Response:
+        """A 206 (or a 200 for the whole blob) whose headers promise exactly [start, end). This is
+        the one retry loop of opening a range (`retry=False`: one attempt, the caller loops)."""
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-        for attempt in range(1, self.max_attempts + 1):
-            response = await self._blob_response(digest, headers, "range")
+        attempts = self.max_attempts if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await self._blob_response(digest, headers, "range", retry=False)
+            except TransientError as exc:  # 429/5xx/resets before any answer
+                if attempt >= attempts:
+                    raise
+                await self._backoff(attempt, exc)
+                continue
             status = response.status_code
             try:
                 if status == 206:
                     check_content_range(response.headers.get("content-range", ""), start, end, blob_size)
                     if response.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
                         raise SourceError(f"{self.host}: a range answered with Content-Encoding; offsets would shift")
+                    length = response.headers.get("content-length")
+                    if length is not None and length != str(end - start):  # refused before a byte is read
+                        raise TransientError(
+                            f"{self.host}: a range of {end - start} bytes answered with Content-Length {length[:20]}"
+                        )
                     return response
                 if status == 200:
                     if start == 0 and end == blob_size:
@@ -635,7 +673,7 @@ class RegistryClient:
                 raise SourceError(f"{self.host}: range GET answered {status}")
             except TransientError as exc:
                 await response.aclose()
-                if attempt >= self.max_attempts:
+                if attempt >= attempts:
                     raise
                 await self._backoff(attempt, exc)
             except BaseException:
@@ -649,12 +687,18 @@ class RegistryClient:
             raise InvalidArchive(f"{self.ref}: blob {digest} of {size} bytes exceeds the {limit}-byte limit")
         for attempt in range(1, self.max_attempts + 1):
             try:
-                response = await self._blob_response(digest, {"Accept-Encoding": "identity"}, "blob")
+                response = await self._blob_response(digest, {"Accept-Encoding": "identity"}, "blob", retry=False)
                 try:
                     if response.status_code == 404:
                         raise SourceError(f"{self.ref}: blob {digest} not found")
                     if response.status_code != 200:
                         raise SourceError(f"{self.ref}: GET blob {digest} answered {response.status_code}")
+                    announced = response.headers.get("content-length")
+                    if announced is not None and announced.isdigit() and int(announced) != size:
+                        # not a broken transfer (retrying cannot help): the descriptor is wrong
+                        raise InvalidArchive(
+                            f"{self.ref}: blob {digest} is {announced} bytes, the manifest says {size}"
+                        )
                     body = await _read_exact(response, size, f"{self.ref}: blob {digest}")
                 finally:
                     await response.aclose()
@@ -752,6 +796,24 @@ class _CountedStream(httpx.AsyncByteStream):
         await self._inner.aclose()
 
 
+def _tls_problem(exc: BaseException) -> str | None:
+    """A one-line explanation when `exc` was caused by a TLS failure that no retry can fix."""
+    cause: BaseException | None = exc
+    for _ in range(16):  # bounded walk down the cause chain
+        if cause is None:
+            return None
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message or cause.reason or "verification failed"
+            return (
+                f"TLS certificate not trusted ({why}); use --ca-file for a private CA, or"
+                " --insecure HOST[:PORT] to skip verification for this registry only"
+            )
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return "the server does not speak TLS here; use --plain-http HOST[:PORT] if it serves plain HTTP"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def check_content_range(value: str, start: int, end: int, blob_size: int) -> None:
     """A 206's ``Content-Range`` must name exactly the bytes asked for (``bytes a-b/total``)."""
     unit, _, spec = value.strip().partition(" ")
@@ -762,7 +824,10 @@ def check_content_range(value: str, start: int, end: int, blob_size: int) -> Non
         t = None if total == "*" else int(total)
     except ValueError:
         raise SourceError(f"malformed Content-Range {value[:80]!r}") from None
-    if unit.lower() != "bytes" or a != start or b != end - 1 or (t is not None and t != blob_size):
+    if t is not None and t != blob_size and unit.lower() == "bytes":
+        # the blob itself differs from its descriptor: permanent, so not worth a retry
+        raise SourceError(f"the registry's blob has {t} bytes, its descriptor says {blob_size}")
+    if unit.lower() != "bytes" or a != start or b != end - 1:
         raise TransientError(f"Content-Range {value[:80]!r} does not match the requested bytes {start}-{end - 1}")
 
 

@@ -59,14 +59,17 @@ def unmount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted(source: str, mnt: Path, *args: str, cache_dir: Path | None = None) -> Iterator[Mount]:
+def mounted(
+    source: str, mnt: Path, *args: str, cache_dir: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[Mount]:
+    """`env` replaces the daemon's environment (tests/resolver.py injects a resolver through it)."""
     require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
     cache = cache_dir or mnt.parent / f"{mnt.name}-cache"
     log_path = mnt.parent / f"{mnt.name}.log"
     cmd = blobmount_cmd("mount", "-f", source, str(mnt), "--cache-dir", str(cache), *args)
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     mount = Mount(proc, mnt, log_path)
     try:
         deadline = time.monotonic() + MOUNT_WAIT_S

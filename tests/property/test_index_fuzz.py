@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from blobmount.cache import ContentStore
 from blobmount.errors import IntegrityError, InvalidArchive, LimitExceeded, SourceError
-from blobmount.index import Entry, IndexView
+from blobmount.index import Entry, EntryRecord, IndexView, build_index
 from blobmount.reader import Reader
 from blobmount.source import LocalFileSource
 from tests.helpers import FIXTURES
@@ -117,3 +117,64 @@ def test_mutated_indexes_fail_cleanly_or_read_consistently(
             check_consistent(view, Reader(data, store))
     finally:
         data.close()
+
+
+# -- structured target: well-formed FlatBuffers whose every field is hostile ----------------------
+
+_H = hashlib.sha256(b"x").digest()
+_PATHS = [b"a", b"a/b", b"a/b/c", b"b", b"../x", b"/x", b"a//b", b"a/", b"a\x00b", b"", b".", b"a/./b", b"n" * 256]
+_BIG = [2**63 - 1, 2**63, 2**64 - 1]
+
+
+def _one_line(exc: BaseException) -> None:
+    assert str(exc)
+    assert "\n" not in str(exc)
+
+
+@st.composite
+def hostile_records(draw: st.DrawFn) -> tuple[list[EntryRecord], int]:
+    blob = draw(st.integers(0, 1000))
+    records = []
+    for _ in range(draw(st.integers(0, 10))):
+        path = draw(st.one_of(st.sampled_from(_PATHS), st.binary(max_size=10)))
+        offset = draw(st.one_of(st.integers(0, blob), st.sampled_from(_BIG)))
+        size = draw(st.one_of(st.integers(0, blob), st.sampled_from(_BIG)))
+        original = draw(st.one_of(st.just(size), st.integers(0, 2**64 - 1)))
+        digest = draw(st.one_of(st.just(_H), st.binary(max_size=40)))
+        mode = draw(st.integers(0, 2**32 - 1))
+        comp = draw(st.sampled_from([0, 1, 2, -1, 127]))
+        records.append(EntryRecord(path, offset, size, original, digest, mode, 0, 0, 0, comp))
+    return records, blob
+
+
+@settings(max_examples=EXAMPLES // 4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=hostile_records())
+def test_hostile_fields_are_refused_or_safe(case: tuple[list[EntryRecord], int]) -> None:
+    """Every entry is either refused with InvalidArchive or safe to serve: a valid path that
+    lookups find and its parent lists, a 32-byte hash, a known compression, a size a file can
+    have, and a data range inside the blob."""
+    from blobmount.index.paths import path_problem
+
+    records, blob = case
+    with hang_guard():
+        try:
+            view = IndexView(build_index(records, blob, _H), blob_size=blob)
+        except InvalidArchive as exc:
+            _one_line(exc)
+            return
+        for i in range(len(view)):
+            try:
+                entry = view.entry(i)
+            except InvalidArchive as exc:
+                _one_line(exc)
+                continue
+            assert path_problem(entry.path) is None
+            assert len(entry.hash) == 32
+            assert entry.compression in (0, 1)
+            assert entry.original_size < 2**63
+            assert entry.data_offset + entry.data_size <= blob
+            if entry.compression == 0:
+                assert entry.data_size == entry.original_size
+            assert view.kind(entry.path) == i
+            parent, _, name = entry.path.rpartition(b"/")
+            assert name in {c.name for c in view.children(parent)}

@@ -169,7 +169,7 @@ def test_listing_skips_bad_entries_and_keeps_the_rest(caplog: pytest.LogCaptureF
     view = IndexView(index_of(rec(b"a"), rec(b"a/b", 1), rec(b"a//c", 2), rec(b"ok", 3)), blob_size=100)
     with caplog.at_level(logging.WARNING):
         names = {c.name: c.is_dir for c in view.children(b"")}
-    assert names == {b"a": True, b"ok": False}
+    assert names == {b"ok": False}  # 'a' is both a file and a directory: neither side is listed
     assert [c.name for c in view.children(b"a")] == [b"b"]  # 'a//c' is skipped one level down
     assert "both a file and a directory" in caplog.text
     with pytest.raises(InvalidArchive, match="both a file and a directory"):
@@ -207,3 +207,129 @@ def test_walk_order_archive_is_fully_searchable(tmp_path: Path) -> None:
     assert view.order.value == "walk"
     for i in range(len(view)):
         assert view.find(view.entry(i).path) == i
+
+
+# -- FlatBuffers structure: vtables and offsets that point where they must not -------------------
+
+
+def patch_i32(buf: bytes, pos: int, value: int) -> bytes:
+    out = bytearray(buf)
+    struct.pack_into("<i", out, pos, value)
+    return bytes(out)
+
+
+def patch_u16(buf: bytes, pos: int, value: int) -> bytes:
+    out = bytearray(buf)
+    struct.pack_into("<H", out, pos, value)
+    return bytes(out)
+
+
+def root_vtable(buf: bytes) -> tuple[int, int]:
+    """(root table position, its vtable position) of an index."""
+    root = struct.unpack_from("<I", buf, 0)[0]
+    return root, root - struct.unpack_from("<i", buf, root)[0]
+
+
+def entry_table(buf: bytes, i: int) -> tuple[int, int]:
+    """(table position, vtable position) of entry `i`."""
+    elem = entries_vector_pos(buf) + 4 + 4 * i
+    table = elem + struct.unpack_from("<I", buf, elem)[0]
+    return table, table - struct.unpack_from("<i", buf, table)[0]
+
+
+def aliased_entries(count: int) -> bytes:
+    """An index whose `count` entries all point at one table: a tiny buffer claiming many files."""
+    b = flatbuffers.Builder(4 * count + 256)
+    p = b.CreateString(b"same")
+    h = b.CreateByteVector(H)
+    fb.EntryStart(b)
+    fb.EntryAddPath(b, p)
+    fb.EntryAddHash(b, h)
+    table = fb.EntryEnd(b)
+    fb.IndexStartEntriesVector(b, count)
+    for _ in range(count):
+        b.PrependUOffsetTRelative(table)
+    vec = b.EndVector()
+    fb.IndexStart(b)
+    fb.IndexAddEntries(b, vec)
+    b.Finish(fb.IndexEnd(b))
+    return bytes(b.Output())
+
+
+STRUCTURE: list[tuple[str, Callable[[], bytes], str]] = [
+    ("root vtable past the end", lambda: patch_i32(BASIC, root_vtable(BASIC)[0], -len(BASIC)), "vtable"),
+    ("root vtable size past the end", lambda: patch_u16(BASIC, root_vtable(BASIC)[1], 0xFFFE), "vtable"),
+    ("root vtable size zero", lambda: patch_u16(BASIC, root_vtable(BASIC)[1], 0), "vtable size 0"),
+    (
+        "data_size field outside the buffer",
+        lambda: patch_u16(BASIC, root_vtable(BASIC)[1] + 4 + 2 * 3, 0xFFF0),
+        "index: data_size",
+    ),
+    (
+        "entries field outside the buffer",
+        lambda: patch_u16(BASIC, root_vtable(BASIC)[1] + 4 + 2 * 2, 0xFFF0),
+        "index: entries",
+    ),
+    (
+        "entries vector offset outside",
+        lambda: patch_u32(
+            BASIC,
+            root_vtable(BASIC)[0] + struct.unpack_from("<H", BASIC, root_vtable(BASIC)[1] + 8)[0],
+            0x7FFFFF00,
+        ),
+        "index: entries",
+    ),
+    ("entry vtable before the buffer", lambda: patch_i32(BASIC, entry_table(BASIC, 0)[0], 1 << 30), "entry 0"),
+    ("entry vtable past the end", lambda: patch_i32(BASIC, entry_table(BASIC, 0)[0], -(1 << 30)), "entry 0"),
+    (
+        "entry path string length past the end",
+        lambda: _patch_path_length(BASIC, 0, 0x7FFFFFFF),
+        "runs past the index end",
+    ),
+    ("entry offset zero (points at itself)", lambda: patch_u32(BASIC, entries_vector_pos(BASIC) + 4, 0), "entry 0"),
+    ("100,000 entries aliasing one table", lambda: aliased_entries(100_000), "duplicate path 'same'"),
+]
+
+
+def _patch_path_length(buf: bytes, i: int, value: int) -> bytes:
+    table, vt = entry_table(buf, i)
+    field = table + struct.unpack_from("<H", buf, vt + 4)[0]
+    string = field + struct.unpack_from("<I", buf, field)[0]
+    return patch_u32(buf, string, value)
+
+
+@pytest.mark.parametrize(("name", "make", "phrase"), STRUCTURE, ids=[c[0] for c in STRUCTURE])
+def test_structure_faults_are_refused_with_their_own_message(name: str, make: Callable[[], bytes], phrase: str) -> None:
+    """Refused at open, or (for one entry's fields) before that entry is used; never another
+    exception, never a read outside the buffer."""
+    buf = make()
+    with pytest.raises(InvalidArchive) as info:
+        IndexView(buf).check_all()
+    assert phrase in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_entry_offset_pointing_at_the_root_table_is_not_an_entry() -> None:
+    """Type confusion: entry 0's offset re-aimed at the Index table itself."""
+    root, _ = root_vtable(BASIC)
+    elem = entries_vector_pos(BASIC) + 4
+    buf = patch_u32(BASIC, elem, (root - elem) % (1 << 32))  # uoffsets cannot point backwards
+    with pytest.raises(InvalidArchive):
+        IndexView(buf).check_all()
+
+
+def test_overlapping_and_shared_ranges_are_allowed_and_checked_per_entry() -> None:
+    """Two entries may share stored bytes (nothing in the format forbids it); each is checked
+    on its own, and a range that overflows 64 bits is refused, never wrapped."""
+    view = IndexView(
+        index_of(
+            rec(b"a", offset=0, size=10),
+            rec(b"b", offset=5, size=10),  # overlaps a
+            rec(b"c", offset=0, size=10),  # the same bytes as a
+            rec(b"d", offset=1 << 63, size=1 << 63, original=1, comp=1),  # 2^64: must not wrap to 0
+        ),
+        blob_size=100,
+    )
+    assert [view.entry(i).data_offset for i in range(3)] == [0, 5, 0]
+    with pytest.raises(InvalidArchive, match="runs past"):
+        view.entry(3)

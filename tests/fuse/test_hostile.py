@@ -1,0 +1,272 @@
+"""A hostile archive, mounted: every bad entry is isolated to its own file (skipped in listings,
+EIO or EFBIG when used, one log line each) while the good files are served; decompression bombs
+stop at the entry's size with the daemon's memory far below the bomb; nothing outside the
+mountpoint and the cache directory is touched. Archives broken as a whole are refused at mount
+with one line and nothing mounted. Run against a local directory and a real registry."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.corpus import Spec, bomb_frame, compress, write_archive
+from tests.fuse.conftest import _is_mounted, blobmount_cmd, mounted
+from tests.fuse.reads import read_bounded
+from tests.fuse.test_mounted import push_dir
+from tests.servers import Registry
+
+pytestmark = pytest.mark.fuse
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+BOMB_BYTES = 4 * GiB  # what each bomb frame inflates to
+RSS_LIMIT_BYTES = 256 * MiB  # the daemon's peak RSS must stay below this (1/16 of one bomb)
+GUARD_S = 60.0  # hang guard per read (no network faults here; generous for a busy machine)
+
+rng = random.Random(13)
+TEXT = b"".join(b"hostile corpus line %06d\n" % i for i in range(4000))
+OK_BIG = rng.randbytes(5 * MiB)
+OVERLAP = rng.randbytes(64 * KiB)
+GOOD: dict[str, bytes] = {
+    "ok/one.txt": b"hello\n",
+    "ok/two.txt": TEXT,
+    "ok/big.bin": OK_BIG,
+    "overlap-a.bin": OVERLAP,
+    "overlap-b.bin": OVERLAP[1000:5000],  # the same stored bytes as part of overlap-a
+    "setuid.bin": b"#!/bin/sh\necho never root\n",
+}
+
+
+def _text(name: bytes) -> bytes:
+    """Content of its own: decoded files are cached by sha256, so a bad entry that shares a good
+    file's hash would (rightly) be served that file's verified bytes."""
+    return TEXT + name
+
+
+def _hostile_specs() -> list[Spec]:
+    frame = compress(_text(b"truncated"))
+    checksum = compress(_text(b"checksum"))
+    checksum_flipped = checksum[:-1] + bytes([checksum[-1] ^ 0xFF])
+    short = _text(b"short")
+    zeros = bytes(100 * KiB)
+    return [
+        Spec(b"overlap-a.bin", OVERLAP),  # first: its stored bytes start at 0
+        Spec(b"ok/one.txt", GOOD["ok/one.txt"]),
+        Spec(b"ok/two.txt", TEXT, zstd=True),
+        Spec(b"ok/big.bin", OK_BIG),
+        # refused by the path rules (skipped in listings; no name can reach them)
+        Spec(b"../escape", b"must never be written outside"),
+        Spec(b"/abs", b"absolute"),
+        Spec(b"nul\x00name", b"nul"),
+        Spec(b"dbl//slash", b"double slash"),
+        Spec(b"n" * 256, b"long name"),
+        # refused when used: EIO for that name only
+        Spec(b"conf", b"a file"),
+        Spec(b"conf/inner", b"and a directory"),
+        Spec(b"past-blob.bin", b"x" * 100, data_offset=1 << 40),
+        Spec(b"overflow.bin", b"y", data_offset=(1 << 64) - 1),
+        Spec(b"huge.txt", b"z", zstd=True, original_size=1 << 63),
+        # served as files, fail when read
+        Spec(b"bomb-small.txt", zeros, zstd=True, stored=bomb_frame(BOMB_BYTES)),  # decoded in memory
+        Spec(b"bomb-big.txt", bytes(3 * MiB), zstd=True, stored=bomb_frame(BOMB_BYTES)),  # into the store
+        Spec(b"truncated.txt", _text(b"truncated"), zstd=True, stored=frame[: len(frame) // 2]),
+        Spec(b"bad-checksum.txt", _text(b"checksum"), zstd=True, stored=checksum_flipped),
+        Spec(b"short-frame.txt", short + b"more", zstd=True, stored=compress(short)),  # decodes short
+        Spec(b"wrong-hash.bin", b"honest bytes", hash=hashlib.sha256(b"other bytes").digest()),
+        Spec(b"wrong-hash.txt", _text(b"wrong"), zstd=True, hash=hashlib.sha256(b"other").digest()),
+        Spec(b"overlap-b.bin", OVERLAP[1000:5000], data_offset=1000),  # inside overlap-a's bytes
+        Spec(b"overlap-bad.bin", OVERLAP[:2000], data_offset=0, hash=hashlib.sha256(b"no").digest()),
+        Spec(b"setuid.bin", GOOD["setuid.bin"], mode=0o6777),
+        Spec(b"max.txt", b"m", zstd=True, original_size=(1 << 63) - 1),
+    ]
+
+
+# name -> (errno on open/read, phrase of its one log line)
+BAD: dict[str, tuple[int, str]] = {
+    "conf": (errno.EIO, "both a file and a directory"),
+    "past-blob.bin": (errno.EIO, "runs past the"),
+    "overflow.bin": (errno.EIO, "runs past the"),
+    "huge.txt": (errno.EIO, "exceeds 2^63-1"),
+    "bomb-small.txt": (errno.EIO, "decodes past original_size"),
+    "bomb-big.txt": (errno.EIO, "decodes past original_size"),
+    "truncated.txt": (errno.EIO, "original_size is"),
+    "bad-checksum.txt": (errno.EIO, "corrupt zstd frame"),
+    "short-frame.txt": (errno.EIO, "original_size is"),
+    "wrong-hash.bin": (errno.EIO, "sha256 mismatch"),
+    "wrong-hash.txt": (errno.EIO, "sha256 mismatch"),
+    "overlap-bad.bin": (errno.EIO, "sha256 mismatch"),
+}
+# entries no name can reach: (how the log shows the path, phrase of the warning when listed)
+UNREACHABLE = (
+    ("'../escape'", "'..' component"),
+    ("'/abs'", "empty path component"),
+    ("nul\\x00name", "NUL byte"),
+    ("'dbl//slash'", "empty path component"),
+    ("nnnnnnnn", "name of 256 bytes exceeds 255"),
+)
+
+
+def build_hostile(out: Path) -> Path:
+    write_archive(out, _hostile_specs())
+    return out
+
+
+def _snapshot(root: Path, skip: tuple[Path, ...]) -> dict[str, tuple[int, int, int]]:
+    """Every path under `root` (not under `skip`) with its mode, size and mtime."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        # the session registry's storage lives under the same base directory and is its own
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip and not d.startswith("registry")]
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            if p in skip:
+                continue
+            st = os.lstat(p)
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture(params=["dir", "registry"])
+def hostile_source(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path]:
+    arc = build_hostile(tmp_path / "work" / "hostile-archive")
+    if request.param == "dir":
+        return f"dir:{arc}", tmp_path / "work"
+    registry: Registry = request.getfixturevalue("registry")
+    return push_dir(registry, arc, "hostile/archive"), tmp_path / "work"
+
+
+def test_hostile_entries_are_isolated(hostile_source: tuple[str, Path], tmp_path: Path) -> None:
+    source, work = hostile_source
+    outside_before = _snapshot(tmp_path.parent, skip=(tmp_path,)) | _snapshot(work, skip=())
+    mnt, cache = tmp_path / "mnt", tmp_path / "mnt-cache"
+    with mounted(source, mnt) as m:
+        listing = set(os.listdir(m.path))
+        # good files: served, right bytes
+        for name, data in GOOD.items():
+            out = read_bounded(m.path / name, GUARD_S)
+            assert out.errno is None, f"{name}: {errno.errorcode.get(out.errno or 0)}"
+            assert out.data == data, name
+        # bad files: their own errno, never ENOENT for a name the index has
+        for name, (code, _) in BAD.items():
+            out = read_bounded(m.path / name, GUARD_S)
+            assert out.errno == code, (
+                f"{name}: {errno.errorcode.get(out.errno or 0)} instead of {errno.errorcode[code]}"
+            )
+        # the unreachable entries are not listed; nothing looks like a path
+        assert listing >= {"ok", "overlap-a.bin", "overlap-b.bin", "setuid.bin", "bomb-small.txt"}
+        assert not any("/" in n or "\x00" in n or n in (".", "..") or len(n) > 255 for n in listing)
+        assert "escape" not in listing
+        assert "abs" not in listing
+        for bad in ("conf", "past-blob.bin", "overflow.bin", "huge.txt"):
+            assert bad not in listing
+        # modes are nine bits: no setuid/setgid survives
+        mode = os.stat(m.path / "setuid.bin").st_mode
+        assert stat.S_IMODE(mode) == 0o777
+        assert stat.S_ISREG(mode)
+        st = os.stat(m.path / "max.txt")  # listed with its size; too big for the cache and for memory: EIO (issue 5)
+        assert st.st_size == (1 << 63) - 1
+        assert read_bounded(m.path / "max.txt", GUARD_S).errno == errno.EIO
+        # memory: two 4 GiB bombs later, the daemon's peak RSS is far below one
+        peak = _peak_rss_bytes(m.proc.pid)
+        assert peak < RSS_LIMIT_BYTES, f"daemon peak RSS {peak >> 20} MiB after the bombs"
+        log = m.log()
+    for name, (_, phrase) in BAD.items():
+        lines = [ln for ln in log.splitlines() if phrase in ln and name in ln]
+        assert lines, f"{name}: no log line with {phrase!r}:\n{log}"
+    for shown, phrase in UNREACHABLE:
+        assert [ln for ln in log.splitlines() if shown in ln and phrase in ln], f"{shown}: no {phrase!r}:\n{log}"
+    assert "Traceback" not in log, log
+    assert all(ln.startswith("blobmount: ") for ln in log.splitlines() if ln.strip()), log
+    # nothing outside the mountpoint and the cache was touched; the cache holds no bomb
+    outside_after = _snapshot(tmp_path.parent, skip=(tmp_path,)) | _snapshot(work, skip=())
+    assert outside_after == outside_before
+    assert set(os.listdir(tmp_path)) <= {"mnt", "mnt-cache", "mnt.log", "work"}
+    cached = [p for p in cache.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in cached) < 16 * MiB, cached
+    content = [p for p in cached if p.relative_to(cache).parts[0] == "content"]
+    assert all(len(p.name) == 64 for p in content), content  # decoded contents are named by sha256
+    layout = {"lock", "usage", "chunks", "content", "meta"}  # nothing but the cache's own layout
+    assert {p.relative_to(cache).parts[0] for p in cached} <= layout, cached
+
+
+def _refused(tmp_path: Path, source: str) -> str:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    out = subprocess.run(
+        blobmount_cmd(source, str(mnt), "--cache-dir", str(tmp_path / "c")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 4, out.stderr  # invalid archive
+    assert out.stderr.startswith("blobmount: "), out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert not _is_mounted(mnt)
+    return out.stderr
+
+
+def _duplicates(out: Path) -> None:
+    write_archive(out, [Spec(b"a", b"1"), Spec(b"b", b"2"), Spec(b"a", b"3")])
+
+
+def _data_size_lies(out: Path) -> None:
+    write_archive(out, [Spec(b"a", b"123")])
+    (out / "data.blob").write_bytes(b"1234")
+
+
+def _noise(out: Path) -> None:
+    (out / "index.blob").write_bytes(random.Random(1).randbytes(4096))
+    (out / "data.blob").touch()
+
+
+WHOLE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "duplicate paths": (_duplicates, "duplicate path 'a'"),
+    "data_size lies": (_data_size_lies, "does not match the data blob"),
+    "index is noise": (_noise, "index"),
+}
+
+
+@pytest.mark.parametrize("case", list(WHOLE))
+def test_archives_broken_as_a_whole_are_refused_with_one_line(case: str, tmp_path: Path) -> None:
+    make, phrase = WHOLE[case]
+    out = tmp_path / "arc"
+    out.mkdir()
+    make(out)
+    assert phrase in _refused(tmp_path, f"dir:{out}")
+
+
+def test_a_refused_archive_leaves_the_mountpoint_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "arc"
+    out.mkdir()
+    WHOLE["duplicate paths"][0](out)
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "mnt" / "keep.txt").write_text("untouched\n")
+    _refused(tmp_path, f"dir:{out}")
+    assert os.listdir(tmp_path / "mnt") == ["keep.txt"]
+
+
+def test_a_file_beyond_every_limit_is_eio_with_one_log_line(tmp_path: Path) -> None:
+    """A zstd file larger than both the disk cache and the in-memory limit: EIO for that file and
+    one log line naming it and the limits (issue 5: "only a read that fits neither ... fails")."""
+    out = tmp_path / "arc"
+    write_archive(out, [Spec(b"max.txt", b"m", zstd=True, original_size=(1 << 63) - 1), Spec(b"ok", b"ok")])
+    with mounted(f"dir:{out}", tmp_path / "mnt") as m:
+        assert read_bounded(m.path / "max.txt", GUARD_S).errno == errno.EIO
+        assert (m.path / "ok").read_bytes() == b"ok"
+        log = m.log()
+    lines = [ln for ln in log.splitlines() if "max.txt" in ln and "cache" in ln and "in-memory limit" in ln]
+    assert len(lines) == 1, log

@@ -1,0 +1,422 @@
+"""Network faults under a mounted registry archive (DESIGN tenet 3: never hang, never lie).
+
+The daemon mounts through tests/faults.py's FaultProxy in front of the real docker-registry with
+``--timeout 2``. Every fault is first met briefly (it clears by itself after one or two requests:
+the read must succeed with the right bytes) and then persistently: the reads it hits end in EIO
+within the hang guard (10x the timeout), an unfaulted file is served meanwhile, names still
+resolve (ENOENT never comes from the network), and once the fault is cleared the very same files
+read correctly without a remount (a transient fault never poisons a file).
+
+Each phase reads one copy of every reader path: a small raw file (fetched whole), a small zstd
+file (decoded in memory), a large zstd file (decoded at open into the content store), a raw file
+verified whole before its first byte, and a large raw file served lazily (read at an offset).
+Copies sit between 4 MiB pads, so that reading one never brings another's bytes in by read-ahead;
+every fault asserts it was met (``hits``), so such a change fails loudly instead of passing.
+
+``BLOBMOUNT_FAULT_REPORT=FILE`` appends one JSON line per fault (outcome, longest wait) to FILE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from blobmount.reference import Reference
+from blobmount.registry.client import RegistryOptions
+from blobmount.registry.push import push_archive
+from tests import resolver
+from tests.corpus import Placed, Spec, write_archive
+from tests.faults import Fault, FaultProxy, Kind, blob, path_prefix
+from tests.fuse.conftest import Mount, mounted
+from tests.fuse.reads import Outcome, PendingRead, read_bounded
+from tests.servers import Registry
+
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+
+TIMEOUT_S = 2.0  # --timeout of every mount here
+HANG_GUARD_S = 10 * TIMEOUT_S
+KiB, MiB = 1 << 10, 1 << 20
+PAD_BYTES = 4 * MiB
+REPO = "faults/net:v1"
+TARGETS = ("small.bin", "small.txt", "big.txt", "verified.bin", "lazy.bin")
+LAZY_READ = (5 * MiB, 256 * KiB)  # (offset, size) read of lazy.bin: not its head
+REPORT = os.environ.get("BLOBMOUNT_FAULT_REPORT")
+
+
+@dataclass(frozen=True, slots=True)
+class NetArchive:
+    placed: dict[bytes, Placed]
+    data_digest: str
+
+
+def _text(lines: int, salt: int) -> bytes:
+    return b"".join(b"line %08d of compressible file %d\n" % (i, salt) for i in range(lines))
+
+
+@pytest.fixture(scope="module")
+def net_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> NetArchive:
+    rng = random.Random(7)
+    specs = [Spec(b"base.txt", b"the baseline\n" * 50)]
+    for copy in ("1", "2", "3"):  # 1: brief faults, 2: persistent faults, 3: spare for global faults
+        for name in TARGETS:
+            path = f"{copy}/{name}".encode()
+            specs.append(Spec(f"{copy}/pad-{name}".encode(), bytes(PAD_BYTES)))
+            if name == "small.bin":
+                specs.append(Spec(path, rng.randbytes(200 * KiB)))
+            elif name == "small.txt":
+                specs.append(Spec(path, _text(18_000, int(copy)), zstd=True))  # ~650 KiB
+            elif name == "big.txt":
+                specs.append(Spec(path, _text(90_000, int(copy)), zstd=True))  # ~3.2 MiB
+            elif name == "verified.bin":
+                specs.append(Spec(path, rng.randbytes(3 * MiB)))
+            else:
+                specs.append(Spec(path, rng.randbytes(12 * MiB)))
+    specs += [Spec(b"pad-other", bytes(PAD_BYTES)), Spec(b"other.bin", rng.randbytes(300 * KiB))]
+    out = tmp_path_factory.mktemp("net-archive")
+    placed = write_archive(out, specs)
+    ref = Reference.parse(f"{registry.host}/{REPO}")
+    trio.run(functools.partial(push_archive, out, ref, RegistryOptions()))
+    digest = "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest()
+    return NetArchive(placed, digest)
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[FaultProxy]:
+    p = FaultProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def _expected(arc: NetArchive, path: bytes) -> bytes:
+    data = arc.placed[path].data
+    if path.endswith(b"lazy.bin"):
+        offset, size = LAZY_READ
+        return data[offset : offset + size]
+    return data
+
+
+def _start(mount: Mount, path: bytes) -> PendingRead:
+    if path.endswith(b"lazy.bin"):
+        offset, size = LAZY_READ
+        return PendingRead(mount.path / os.fsdecode(path), offset, size)
+    return PendingRead(mount.path / os.fsdecode(path))
+
+
+def _range_of(arc: NetArchive, path: bytes) -> Callable[[], tuple[int, int]]:
+    p = arc.placed[path]
+    if path.endswith(b"lazy.bin"):
+        offset, size = LAZY_READ
+        return lambda: (p.data_offset + offset, p.data_offset + offset + size)
+    return lambda: (p.data_offset, p.data_offset + p.data_size)
+
+
+def _targets(copy: str) -> list[bytes]:
+    return [f"{copy}/{name}".encode() for name in TARGETS]
+
+
+@dataclass(frozen=True)
+class Case:
+    """How to make one fault, persistently and briefly (None: it has no brief form)."""
+
+    persistent: Callable[[], Fault]
+    brief: Callable[[], Fault] | None
+
+
+CASES: dict[str, Case] = {
+    "reset-mid-body": Case(lambda: Fault(Kind.RESET), lambda: Fault(Kind.RESET, times=1)),
+    "truncated-body": Case(lambda: Fault(Kind.TRUNCATE), lambda: Fault(Kind.TRUNCATE, times=1)),
+    "stall-before-headers": Case(lambda: Fault(Kind.STALL), lambda: Fault(Kind.STALL, stall_s=0.5, times=1)),
+    "stall-mid-body": Case(lambda: Fault(Kind.STALL_BODY), lambda: Fault(Kind.STALL_BODY, stall_s=0.5, times=1)),
+    "slow-drip-1KiB/s": Case(lambda: Fault(Kind.DRIP, rate_bps=1024), None),
+    "500": Case(lambda: Fault(Kind.STATUS, status=500), lambda: Fault(Kind.STATUS, status=500, times=2)),
+    "502": Case(lambda: Fault(Kind.STATUS, status=502), lambda: Fault(Kind.STATUS, status=502, times=2)),
+    "503": Case(lambda: Fault(Kind.STATUS, status=503), lambda: Fault(Kind.STATUS, status=503, times=2)),
+    "429-retry-after": Case(
+        lambda: Fault(Kind.STATUS, status=429, retry_after="30"),  # longer than --timeout: EIO in time
+        lambda: Fault(Kind.STATUS, status=429, retry_after="1", times=1),
+    ),
+    "wrong-content-range": Case(lambda: Fault(Kind.CONTENT_RANGE), lambda: Fault(Kind.CONTENT_RANGE, times=1)),
+    "body-longer-than-asked": Case(lambda: Fault(Kind.LONGER), lambda: Fault(Kind.LONGER, times=1)),
+    "redirect-loop": Case(lambda: Fault(Kind.REDIRECT_LOOP), lambda: Fault(Kind.REDIRECT_LOOP, times=2)),
+    "closed-without-answer": Case(lambda: Fault(Kind.CLOSE), lambda: Fault(Kind.CLOSE, times=1)),
+    "404-for-the-blob": Case(lambda: Fault(Kind.STATUS, status=404), None),
+}
+
+
+def _mid(arc: NetArchive, path: bytes) -> int:
+    """A blob offset inside `path`'s stored bytes (where a flipped bit must land to matter)."""
+    start, end = _range_of(arc, path)()
+    return (start + end) // 2
+
+
+def _report(name: str, **fields: object) -> None:
+    if REPORT:
+        with open(REPORT, "a") as f:
+            f.write(json.dumps({"fault": name, **fields}) + "\n")
+
+
+def _check_names_resolve(mount: Mount, arc: NetArchive, paths: list[bytes]) -> None:
+    """Metadata comes from the index: a network fault never turns a name into ENOENT."""
+    for path in paths:
+        assert os.stat(mount.path / os.fsdecode(path)).st_size == len(arc.placed[path].data)
+    assert "base.txt" in os.listdir(mount.path)
+
+
+def _assert_read(arc: NetArchive, path: bytes, out: Outcome) -> None:
+    assert out.errno is None, f"{path!r}: {errno.errorcode.get(out.errno or 0)} where the bytes were due"
+    assert out.data == _expected(arc, path), f"{path!r}: wrong bytes"
+
+
+def _assert_eio(path: bytes, out: Outcome) -> None:
+    assert out.errno is not None, f"{path!r}: read succeeded under a persistent fault"
+    assert out.errno == errno.EIO, f"{path!r}: {errno.errorcode.get(out.errno)} instead of EIO"
+
+
+def _mount(proxy: FaultProxy, tmp_path: Path, **kw: object) -> contextlib.AbstractContextManager[Mount]:
+    return mounted(f"{proxy.host}/{REPO}", tmp_path / "mnt", "--timeout", str(TIMEOUT_S), **kw)  # type: ignore[arg-type]
+
+
+def _baseline(mount: Mount, arc: NetArchive) -> None:
+    out = read_bounded(mount.path / "base.txt", HANG_GUARD_S)
+    _assert_read(arc, b"base.txt", out)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fault_on_some_files(name: str, proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    case = CASES[name]
+    arc = net_archive
+    longest = 0.0
+    with _mount(proxy, tmp_path) as m:
+        _baseline(m, arc)
+        if case.brief is not None:  # met briefly: retried, the bytes are right
+            faults = {}
+            for path in _targets("1"):
+                fault = case.brief()
+                fault.match = blob(arc.data_digest, *_range_of(arc, path)())
+                faults[path] = proxy.add(fault)
+            pending = {path: _start(m, path) for path in _targets("1")}
+            for path, p in pending.items():
+                out = p.result(HANG_GUARD_S)
+                longest = max(longest, out.longest_s)
+                _assert_read(arc, path, out)
+                assert faults[path].hits >= 1, f"{path!r}: the fault was never met"
+            proxy.clear()
+        faults = {}
+        for path in _targets("2"):  # persistent: EIO in time, the rest served meanwhile
+            fault = case.persistent()
+            fault.match = blob(arc.data_digest, *_range_of(arc, path)())
+            faults[path] = proxy.add(fault)
+        pending = {path: _start(m, path) for path in _targets("2")}
+        other = read_bounded(m.path / "other.bin", HANG_GUARD_S)
+        _assert_read(arc, b"other.bin", other)
+        _check_names_resolve(m, arc, _targets("2"))
+        for path, p in pending.items():
+            out = p.result(HANG_GUARD_S)
+            longest = max(longest, out.longest_s)
+            _assert_eio(path, out)
+            assert faults[path].hits >= 1, f"{path!r}: the fault was never met"
+        proxy.clear()
+        for path in _targets("2"):  # cleared: the same files, same mount, right bytes
+            _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
+        log = m.log()
+    assert "Traceback" not in log, log
+    _report(name, longest_wait_s=round(longest, 3), brief="ok" if case.brief else None, persistent="EIO")
+
+
+def _global_case(
+    mount: Mount,
+    arc: NetArchive,
+    *,
+    on: Callable[[], None],
+    off: Callable[[], None],
+    brief: bool = True,
+    expect: int = errno.EIO,
+) -> float:
+    """A fault that takes the whole registry away: briefly (switched off again while the reads
+    wait, early enough for their second or third attempt: they succeed), then for longer than
+    --timeout (EIO), then cleared (the same files read)."""
+    longest = 0.0
+    _baseline(mount, arc)
+    if brief:
+        on()
+        pending = {path: _start(mount, path) for path in _targets("1")}
+        time.sleep(TIMEOUT_S / 8)
+        off()
+        for path, p in pending.items():
+            out = p.result(HANG_GUARD_S)
+            longest = max(longest, out.longest_s)
+            _assert_read(arc, path, out)
+    on()
+    try:
+        pending = {path: _start(mount, path) for path in _targets("2")}
+        _check_names_resolve(mount, arc, _targets("2"))
+        for path, p in pending.items():
+            out = p.result(HANG_GUARD_S)
+            longest = max(longest, out.longest_s)
+            assert out.errno == expect, f"{path!r}: {errno.errorcode.get(out.errno or 0)}, expected {expect}"
+    finally:
+        off()
+    for path in _targets("2"):
+        _assert_read(arc, path, _start(mount, path).result(HANG_GUARD_S))
+    return longest
+
+
+def test_connection_refused(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    with _mount(proxy, tmp_path) as m:
+        longest = _global_case(m, net_archive, on=proxy.down, off=proxy.up)
+    _report("connection-refused", longest_wait_s=round(longest, 3), brief="ok", persistent="EIO")
+
+
+def test_dns_failure(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    """The daemon resolves registry.faults.test through tests/resolver.py (never a real lookup);
+    DNS going away matters to new connections, so the proxy also cuts the live ones."""
+    flag = tmp_path / "dns-down"
+    env = resolver.sitecustomize_dir(tmp_path / "site", flag)
+    host = f"registry{resolver.FAKE_SUFFIX}:{proxy.port}"
+
+    def dns_down() -> None:
+        flag.touch()
+        proxy._cut_live()
+
+    def dns_up() -> None:
+        flag.unlink(missing_ok=True)
+
+    seen_before = len(proxy.state.seen)
+    with mounted(f"{host}/{REPO}", tmp_path / "mnt", "--timeout", str(TIMEOUT_S), "--plain-http", host, env=env) as m:
+        assert len(proxy.state.seen) > seen_before  # the mount really went through the fake name
+        longest = _global_case(m, net_archive, on=dns_down, off=dns_up)
+        assert "resolution" in m.log() or "ConnectError" in m.log()
+    _report("dns-failure", longest_wait_s=round(longest, 3), brief="ok", persistent="EIO")
+
+
+TOKEN_FAULTS: dict[str, tuple[Callable[[], Fault], int, bool]] = {  # fault, errno, brief one survived
+    "500": (lambda: Fault(Kind.STATUS, status=500), errno.EIO, True),
+    "stall": (lambda: Fault(Kind.STALL), errno.EIO, True),
+    "closed": (lambda: Fault(Kind.CLOSE), errno.EIO, True),
+    "401": (lambda: Fault(Kind.STATUS, status=401), errno.EACCES, False),  # credentials refused
+}
+
+
+@pytest.mark.parametrize("kind", list(TOKEN_FAULTS))
+def test_token_endpoint_fails(kind: str, proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    """Bearer tokens live 11 s, so the client (refreshing 10 s before expiry) asks for a new one
+    for nearly every request: a failing token endpoint is met by every read."""
+    make, expect, brief = TOKEN_FAULTS[kind]
+    proxy.state.bearer = True
+    proxy.state.token_lifetime_s = 11
+    faults: list[Fault] = []
+
+    def on() -> None:
+        time.sleep(1.1)  # let the current token age past its refresh point
+        fault = make()
+        fault.match = path_prefix("/token")
+        faults.append(proxy.add(fault))
+
+    with _mount(proxy, tmp_path) as m:
+        longest = _global_case(m, net_archive, on=on, off=proxy.clear, brief=brief, expect=expect)
+    assert all(f.hits >= 1 for f in faults)
+    _report(
+        f"token-endpoint-{kind}",
+        longest_wait_s=round(longest, 3),
+        brief="ok" if brief else None,
+        persistent=errno.errorcode[expect],
+    )
+
+
+def test_bits_flipped_in_transit(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    """A registry (or a middlebox) that corrupts a body while every header is right: verification
+    catches it. Once: the file is read again and served right. Every time: EIO, and the file is
+    poisoned for this mount (DESIGN section 5) with one log line naming both hashes."""
+    arc = net_archive
+    with _mount(proxy, tmp_path) as m:
+        for name in ("small.bin", "verified.bin"):  # verified before the first byte
+            path = f"1/{name}".encode()
+            match = blob(arc.data_digest, *_range_of(arc, path)())
+            fault = proxy.add(Fault(Kind.FLIP, match, times=1, at=_mid(arc, path)))
+            _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
+            assert fault.hits == 1
+        proxy.clear()
+        path = b"2/small.bin"
+        proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), at=_mid(arc, path)))
+        _assert_eio(path, _start(m, path).result(HANG_GUARD_S))
+        proxy.clear()
+        _assert_eio(path, _start(m, path).result(HANG_GUARD_S))  # poisoned: both reads disagreed
+        assert os.getxattr(m.path / "2/small.bin", "user.blobmount.verified") == b"poisoned"
+        # lazily verified: the flipped bytes are served (the policy), caught once all is read,
+        # refetched, and the pages dropped: the next read is right
+        path = b"1/lazy.bin"
+        placed = arc.placed[path]
+        match = blob(arc.data_digest, placed.data_offset, placed.data_offset + 1)
+        fault = proxy.add(Fault(Kind.FLIP, match, times=1, at=placed.data_offset))
+        first = read_bounded(m.path / "1/lazy.bin", HANG_GUARD_S)
+        assert first.errno is None
+        assert fault.hits == 1
+        for _ in range(50):  # the pages are dropped by a background task: bounded wait
+            if os.getxattr(m.path / "1/lazy.bin", "user.blobmount.verified") == b"verified":
+                break
+            time.sleep(0.1)
+        assert os.getxattr(m.path / "1/lazy.bin", "user.blobmount.verified") == b"verified"
+        assert read_bounded(m.path / "1/lazy.bin", HANG_GUARD_S).data == placed.data
+        log = m.log()
+    bad = [ln for ln in log.splitlines() if "2/small.bin" in ln and "expected" in ln]
+    assert len(bad) == 1, log
+    assert hashlib.sha256(arc.placed[b"2/small.bin"].data).hexdigest() in bad[0]
+
+
+@pytest.mark.parametrize("name", ["small.txt", "big.txt"])
+def test_a_zstd_file_corrupted_once_in_transit_is_read_again(
+    name: str, proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path
+) -> None:
+    arc = net_archive
+    path = f"1/{name}".encode()
+    with _mount(proxy, tmp_path) as m:
+        fault = proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), times=1, at=_mid(arc, path)))
+        out = _start(m, path).result(HANG_GUARD_S)
+        assert fault.hits == 1
+        _assert_read(arc, path, out)
+
+
+def test_daemon_killed_during_a_stalled_read(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    """kill -9 while a read waits on a stalled registry: the reader gets an error at once (never a
+    hang), `fusermount3 -u` leaves a clean directory, and a new daemon mounts over it and serves."""
+    import signal
+    import subprocess
+
+    from tests.fuse.conftest import _is_mounted
+
+    arc = net_archive
+    path = b"2/small.bin"
+    mnt = tmp_path / "mnt"
+    with _mount(proxy, tmp_path) as m:
+        _baseline(m, arc)
+        fault = proxy.add(Fault(Kind.STALL, blob(arc.data_digest, *_range_of(arc, path)())))
+        pending = _start(m, path)
+        for _ in range(100):  # bounded: until the request is stalled at the proxy
+            if fault.hits:
+                break
+            time.sleep(0.02)
+        assert fault.hits
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(30)
+        out = pending.result(HANG_GUARD_S)
+        assert out.errno == errno.ENOTCONN, out
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+        assert not _is_mounted(mnt)
+        assert os.listdir(mnt) == []
+        proxy.clear()
+    with _mount(proxy, tmp_path) as m:
+        _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
