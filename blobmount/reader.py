@@ -412,17 +412,24 @@ class Reader:
             try:
                 await self.store.fill(key, entry.original_size, lambda tmp: self._decode(entry, tmp))
             except (IntegrityError, InvalidArchive) as exc:
-                if attempt == 0 and self.remote is not None:  # a fault on the way, or the archive?
-                    _MISMATCH.inc()
-                    log.warning("%s; reading it again", exc)
-                    await self._forget_remote(entry)
-                    continue
-                self._poisoned.add(entry.number)
-                metrics.VERIFY_FILES.labels(result="poisoned").inc()
-                log.error("%s", exc)
-                raise
+                await self._decode_failed(entry, exc, attempt)
+                continue
             self._hashed_ok(entry)
         raise SourceError(f"{show(entry.path)}: decoded content vanished from the cache twice")
+
+    async def _decode_failed(self, entry: Entry, exc: IntegrityError | InvalidArchive, attempt: int) -> None:
+        """A zstd file whose frame or sha256 did not check out. From a remote source the first
+        time: a fault on the way or the archive? Its chunks are dropped and it is read once more
+        (from the origin); otherwise it is poisoned for this mount and `exc` raised."""
+        if attempt == 0 and self.remote is not None:
+            _MISMATCH.inc()
+            log.warning("%s; reading it again", exc)
+            await self._forget_remote(entry)
+            return
+        self._poisoned.add(entry.number)
+        metrics.VERIFY_FILES.labels(result="poisoned").inc()
+        log.error("%s", exc)
+        raise exc
 
     def _memory_get(self, digest: bytes) -> bytes | None:
         data = self._decoded.get(digest)
@@ -475,15 +482,7 @@ class Reader:
                     await trio.to_thread.run_sync(self._decode_to, entry, sink, compressed)
                 break
             except (IntegrityError, InvalidArchive) as exc:
-                if attempt == 0 and self.remote is not None:  # a fault on the way, or the archive?
-                    _MISMATCH.inc()
-                    log.warning("%s; reading it again", exc)
-                    await self._forget_remote(entry)
-                    continue
-                self._poisoned.add(entry.number)
-                metrics.VERIFY_FILES.labels(result="poisoned").inc()
-                log.error("%s", exc)
-                raise
+                await self._decode_failed(entry, exc, attempt)
         data = sink.getvalue()
         self._hashed_ok(entry)
         self._memory_put(entry.hash, data)
