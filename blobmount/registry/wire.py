@@ -140,7 +140,7 @@ class WirePool:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         for attempt in range(2):
-            conn = self._idle.pop() if self._idle else await self._connect()
+            conn = self._idle.pop() if self._idle and not attempt else await self._connect()
             try:
                 with _translated(self.netloc):
                     await conn.stream.send_all(request)
@@ -149,6 +149,7 @@ class WirePool:
                 await self.discard(conn)
                 if not conn.reused or attempt:
                     raise
+                await self.aclose()  # the other idle connections are likely as dead: a fresh one
             except BaseException:
                 await self.discard(conn)
                 raise
