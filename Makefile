@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd openssl
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 

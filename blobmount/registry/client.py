@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import random
 import ssl
@@ -61,8 +62,11 @@ BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 MAX_ATTEMPTS = 6  # with backoff capped at 5 s this stays inside a 30 s budget
 STORAGE_URL_TTL_S = 300.0  # presigned storage URLs commonly live 10-20 minutes: re-resolve before
-TOKEN_MARGIN_S = 10.0  # refresh a bearer token this long before it expires
+TOKEN_MARGIN_S = 10.0  # refresh a bearer token this long before it expires (a request takes time) ...
+TOKEN_MARGIN_FRACTION = 0.25  # ... but at most this part of its life: a 4 s token is still used for 3 s
 DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default when expires_in is absent
+TOKEN_CLIENT_ID = "blobmount"  # the OAuth2 client_id the token spec asks refresh-token requests to name
+MAX_TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few KiB; a hostile realm must not fill memory
 MAX_REDIRECTS = 5
 USER_AGENT = f"blobmount/{__version__}"
 
@@ -123,15 +127,16 @@ def _retry_after_s(response: httpx.Response) -> float | None:
 
 
 class _RetryLater(TransientError):
-    def __init__(self, message: str, retry_after_s: float | None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None, status: int = 0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.status = status
 
 
 @dataclass(slots=True)
 class _Token:
     header: str
-    expires_at: float  # trio.current_time() clock
+    refresh_at: float  # trio.current_time() clock: from then on a new token is fetched before sending
 
 
 @dataclass(slots=True)
@@ -193,9 +198,10 @@ class RegistryClient:
             headers={"User-Agent": USER_AGENT},
             transport=transport,
         )
-        # a separate client for storage hosts: no proxy-auth leakage, TLS always verified
+        # a separate client for other hosts (storage, token realms): TLS always verified, never
+        # with this registry's --insecure; the --ca-file only adds trust, so it applies here too
         self._storage = httpx.AsyncClient(
-            verify=tls_context(None),
+            verify=tls_context(str(self.options.ca_file) if self.options.ca_file else None),
             timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=self.options.max_connections),
             follow_redirects=False,
@@ -225,7 +231,7 @@ class RegistryClient:
 
     def _auth_header(self) -> str | None:
         if self._token is not None:
-            if trio.current_time() < self._token.expires_at - TOKEN_MARGIN_S:
+            if trio.current_time() < self._token.refresh_at:
                 return self._token.header
             return None
         if self._basic:
@@ -253,38 +259,57 @@ class RegistryClient:
             raise AuthError(f"{self.host}: 401 without a usable WWW-Authenticate challenge")
 
     async def _fetch_token(self, challenge: Challenge) -> None:
+        """A bearer token from the challenge's realm (the distribution token spec): an OAuth2 POST
+        when we hold an identity (refresh) token, else a GET, with basic credentials when we have
+        them (anonymous otherwise: public repositories hand out pull tokens)."""
         realm = challenge.params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):
             raise AuthError(f"{self.host}: bearer challenge without a usable realm")
-        query = {"scope": self.scope}
+        where = f"{self.host}: token endpoint {urlsplit(realm).netloc}"
+        form = {"scope": self.scope}
         if challenge.params.get("service"):
-            query["service"] = challenge.params["service"]
+            form["service"] = challenge.params["service"]
         creds = self._credentials()
-        headers = {}
-        if creds is not None and creds.username and creds.password:
-            headers["Authorization"] = creds.basic_header()
-        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        self.stats.count("token")
+        headers = {"Accept": "application/json"}
+        if creds is not None and creds.identity_token:
+            method, url = "POST", realm
+            form.update(grant_type="refresh_token", refresh_token=creds.identity_token, client_id=TOKEN_CLIENT_ID)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            content: bytes | None = urlencode(form).encode()
+        else:
+            method, url, content = "GET", realm + ("&" if "?" in realm else "?") + urlencode(form), None
+            if creds is not None and creds.username and creds.password:
+                headers["Authorization"] = creds.basic_header()
+        # the realm on the registry's own host shares its connections and TLS settings
+        same_host = urlsplit(realm).netloc == urlsplit(self.base).netloc
         try:
-            response = await self._storage.get(url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise TransientError(f"{self.host}: token endpoint unreachable: {type(exc).__name__}") from exc
-        if response.status_code in (401, 403):
-            raise AuthError(f"{self.host}: token endpoint refused the credentials ({response.status_code})")
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _RetryLater(f"{self.host}: token endpoint answered {response.status_code}", _retry_after_s(response))
-        if response.status_code != 200:
-            raise AuthError(f"{self.host}: token endpoint answered {response.status_code}")
+            response = await self._send(
+                method, url, headers=headers, content=content, kind="token", to_registry=same_host
+            )
+        except _RetryLater as exc:
+            raise _RetryLater(f"{where} answered {exc.status}", exc.retry_after_s) from exc
+        except TransientError as exc:
+            raise TransientError(f"{where} unreachable ({exc})") from exc
         try:
-            doc = response.json()
+            if response.status_code in (401, 403):
+                refused = "refused the credentials" if creds is not None else "refused an anonymous token"
+                raise AuthError(f"{where} {refused} ({response.status_code})")
+            if response.status_code != 200:
+                raise AuthError(f"{where} answered {response.status_code}")
+            body = await _read_limited(response, MAX_TOKEN_ANSWER_BYTES, where)
+        finally:
+            await response.aclose()
+        try:
+            doc = json.loads(body)
         except ValueError as exc:
-            raise AuthError(f"{self.host}: token endpoint answered something that is not JSON") from exc
-        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+            raise AuthError(f"{where} answered something that is not JSON") from exc
+        token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
-            raise AuthError(f"{self.host}: token endpoint answered no token")
+            raise AuthError(f"{where} answered no token")
         lifetime = doc.get("expires_in")
         seconds = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else DEFAULT_TOKEN_LIFETIME_S
-        self._token = _Token(f"Bearer {token}", trio.current_time() + seconds)
+        margin = min(TOKEN_MARGIN_S, seconds * TOKEN_MARGIN_FRACTION)
+        self._token = _Token(f"Bearer {token}", trio.current_time() + seconds - margin)
         self._challenge = challenge
         log.debug("%s: bearer token for %s, valid %.0f s", self.host, self.scope, seconds)
 
@@ -315,7 +340,7 @@ class RegistryClient:
         status = response.status_code
         if status == 429 or status in (500, 502, 503, 504):
             await response.aclose()
-            raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response))
+            raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response), status)
         return response
 
     async def _request(
@@ -342,13 +367,13 @@ class RegistryClient:
             try:
                 response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
                 if response.status_code == 401 and auth_retries < 2:
-                    auth_retries += 1
                     await response.aclose()
-                    await self._authenticate(response, used)
+                    await self._authenticate(response, used)  # a failing token endpoint is retried
+                    auth_retries += 1  # ... as a transient error, without using up these
                     continue
                 if response.status_code == 401:
                     await response.aclose()
-                    raise AuthError(f"{self.host}: {method} {_short(url)}: credentials refused (401)")
+                    raise AuthError(f"{self.host}: {method} {_short(url)}: {self._refusal(response)}")
                 if response.status_code == 403:
                     await response.aclose()
                     raise AuthError(f"{self.host}: {method} {_short(url)}: access denied (403)")
@@ -358,6 +383,16 @@ class RegistryClient:
                 if not is_transient(exc) or attempt >= self.max_attempts or not replayable:
                     raise
                 await self._backoff(attempt, exc)
+
+    def _refusal(self, response: httpx.Response) -> str:
+        """Why a request stayed unauthorized after fresh credentials: the one line the user sees."""
+        challenges = parse_www_authenticate(response.headers.get("www-authenticate", ""))
+        errors = {c.params.get("error") for c in challenges}
+        if self._credentials() is None:
+            return f"authentication required and no credentials found for {self.ref.registry} (401)"
+        if "insufficient_scope" in errors:
+            return f"access denied: the credentials do not grant {self.scope} (401 insufficient_scope)"
+        return "credentials refused (401)"
 
     async def _refresh_expired(self) -> str | None:
         """The token aged out: fetch a new one with the last challenge before sending, so reads in

@@ -221,3 +221,61 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
 
     with pytest.raises(TransientError, match="--timeout 2 s"):
         run_with_clock(go)
+
+
+def _token_server(expires_in: int | None, token_status: int = 200) -> tuple[object, list[str], list[int]]:
+    """A MockTransport handler: a registry demanding bearer tokens and its token endpoint."""
+    tokens: list[str] = []
+    statuses: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            if token_status != 200:
+                return httpx.Response(token_status)
+            tokens.append(f"t{len(tokens)}")
+            doc: dict[str, object] = {"token": tokens[-1]}
+            if expires_in is not None:
+                doc["expires_in"] = expires_in
+            return httpx.Response(200, content=json.dumps(doc))
+        if not tokens or request.headers.get("authorization") != f"Bearer {tokens[-1]}":
+            statuses.append(401)
+            challenge = 'Bearer realm="https://auth.test/token",service="svc"'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        statuses.append(206)
+        return ranged(request)
+
+    return handler, tokens, statuses
+
+
+def test_a_token_endpoint_that_keeps_failing_is_a_bounded_error_naming_it() -> None:
+    handler, _, statuses = _token_server(300, token_status=500)
+
+    async def go() -> bytes:
+        c = client(handler)
+        try:
+            return await c.read_range(DIGEST, 0, 5, len(BLOB))
+        finally:
+            await c.aclose()
+
+    with pytest.raises(TransientError, match=r"token endpoint auth.test answered 500"):
+        run_with_clock(go)
+    assert 2 <= len(statuses) <= 40
+
+
+def test_short_lived_tokens_serve_most_of_their_life_without_a_storm() -> None:
+    """A 4 s token (shorter than the 10 s margin) is used for 3 s, then replaced before it expires:
+    neither a token per request nor a 401 per refresh."""
+    handler, tokens, statuses = _token_server(4)
+
+    async def go() -> None:
+        c = client(handler)
+        try:
+            for i in range(16):  # 8 s of reads every 0.5 s
+                assert await c.read_range(DIGEST, i, i + 5, len(BLOB)) == BLOB[i : i + 5]
+                await trio.sleep(0.5)
+        finally:
+            await c.aclose()
+
+    run_with_clock(go)
+    assert statuses.count(401) == 1  # only the first, anonymous request
+    assert 3 <= len(tokens) <= 4
