@@ -30,6 +30,8 @@ START_WAIT_S = 20.0
 ISSUER_NAME = "blobmount-test-issuer"  # the JWT `iss` docker-registry is configured to trust
 TOKEN_SERVICE = "blobmount-test"  # the `service` of the registry's challenge and the JWT `aud`
 REGISTRY_LEEWAY_S = 60  # docker-registry still accepts a token this long past its `exp` (clock skew)
+HOLD_LIMIT_S = 60.0  # the longest the quirk proxy holds an upload for a test
+RELAY_BLOCK_BYTES = 64 << 10  # the quirk proxy relays bodies in blocks, so a hang-up stops it early
 
 
 def free_port() -> int:
@@ -325,7 +327,13 @@ class QuirkState:
     ignore_ranges: bool = False  # answer ranges with 200 and the whole body
     fail_next: list[int] = field(default_factory=list)  # statuses to answer the next requests with
     retry_after: str | None = None
+    head: str = "pass"  # manifest HEADs: "pass", "refuse" (405) or "no-digest" (header dropped)
+    fail_manifest_put: int | None = None  # answer every manifest PUT with this status
+    hold_uploads: bool = False  # hold blob upload requests (PUT/PATCH) until `release` is set
+    upload_held: threading.Event = field(default_factory=threading.Event)  # set when one is held
+    release: threading.Event = field(default_factory=threading.Event)
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    body_bytes_sent: int = 0  # response body bytes written to clients (stops when they hang up)
     tokens_issued: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -349,12 +357,15 @@ class QuirkProxy:
 
     def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         st = self.state
-        length = int(h.headers.get("Content-Length") or 0)
-        body = h.rfile.read(length) if length else b""
         path = h.path
         with st.lock:
             st.seen.append((h.command, path, {k.lower(): v for k, v in h.headers.items()}))
             forced = st.fail_next.pop(0) if st.fail_next else None
+        if st.hold_uploads and h.command in ("PUT", "PATCH") and "/blobs/uploads/" in path:
+            st.upload_held.set()
+            st.release.wait(HOLD_LIMIT_S)  # bounded: a test that forgets to release still ends
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
         if forced is not None:
             headers = {"Retry-After": st.retry_after} if st.retry_after else {}
             _reply(h, forced, headers, b"")
@@ -382,6 +393,12 @@ class QuirkProxy:
         if st.redirect_blobs and h.command == "GET" and "/blobs/sha256:" in path and not h.path.startswith("/storage"):
             _reply(h, 307, {"Location": f"http://localhost:{self.port}/storage{path}"}, b"")
             return
+        if st.fail_manifest_put is not None and h.command == "PUT" and "/manifests/" in path:
+            _reply(h, st.fail_manifest_put, {}, b"")
+            return
+        if h.command == "HEAD" and "/manifests/" in path and st.head == "refuse":
+            _reply(h, 405, {}, b"")
+            return
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "authorization", "content-length")}
         if st.ignore_ranges:
             headers.pop("Range", None)
@@ -389,9 +406,23 @@ class QuirkProxy:
         try:
             conn.request(h.command, path, body=body or None, headers=headers)
             resp = conn.getresponse()
-            data = resp.read()
-            out = {k: v for k, v in resp.getheaders() if k.lower() not in ("content-length", "transfer-encoding")}
-            _reply(h, resp.status, out, data)
+            drop = {"content-length", "transfer-encoding", "connection"}
+            if h.command == "HEAD" and st.head == "no-digest":
+                drop.add("docker-content-digest")
+            out = {k: v for k, v in resp.getheaders() if k.lower() not in drop}
+            size = resp.getheader("Content-Length")
+            if size is None or h.command == "HEAD":
+                _reply(h, resp.status, out, resp.read())
+                return
+            h.send_response(resp.status)  # stream the body, counting what the client really took
+            for k, v in out.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", size)
+            h.end_headers()
+            while block := resp.read(RELAY_BLOCK_BYTES):
+                h.wfile.write(block)
+                with st.lock:
+                    st.body_bytes_sent += len(block)
         finally:
             conn.close()
 

@@ -42,6 +42,7 @@ from blobmount.errors import (
     NotFound,
     SourceError,
     TransientError,
+    UsageError,
 )
 from blobmount.reference import Digest, Reference, host_matches
 from blobmount.registry.auth import Challenge, Credentials, find_credentials, parse_www_authenticate
@@ -216,6 +217,7 @@ class RegistryClient:
         self._basic = False
         self._auth_lock = trio.Lock()
         self._storage_urls: dict[str, _StorageUrl] = {}
+        self._resolved_body: tuple[Digest, bytes] | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -427,10 +429,14 @@ class RegistryClient:
             raise NotFound(f"{self.ref}: no such tag or repository")
         header = response.headers.get("docker-content-digest")
         if response.status_code == 200 and header:
-            return Digest.parse(header)
-        # HEAD refused or without a digest: GET and hash the body ourselves
+            with contextlib.suppress(UsageError):  # a header we cannot use: hash the body instead
+                return Digest.parse(header)
+        # HEAD refused or without a digest: GET and hash the body ourselves, and keep the body so
+        # that get_manifest(digest) does not fetch it a second time
         body, _ = await self._get_manifest_body(tag)
-        return Digest.of(body)
+        digest = Digest.of(body)
+        self._resolved_body = (digest, body)
+        return digest
 
     async def _get_manifest_body(self, ref: str, limit: int = 4 << 20) -> tuple[bytes, str]:
         path = f"/v2/{self.ref.repository}/manifests/{ref}"
@@ -447,6 +453,8 @@ class RegistryClient:
 
     async def get_manifest(self, digest: Digest) -> bytes:
         """The manifest with this digest, checked: sha256(body) must equal the digest."""
+        if self._resolved_body is not None and self._resolved_body[0] == digest:
+            return self._resolved_body[1]  # hashed to this digest when resolve() fetched it
         body, _ = await self._get_manifest_body(str(digest))
         actual = Digest.of(body)
         if actual != digest:

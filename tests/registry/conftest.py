@@ -13,7 +13,7 @@ from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from tests.helpers import FIXTURES
-from tests.servers import Registry, SigningKey, TokenIssuer, start_registry
+from tests.servers import QuirkProxy, Registry, SigningKey, TokenIssuer, start_registry
 
 TOKEN_USER = "alice"
 TOKEN_PASSWORD = "tok s3cret"  # a space and digits: quoting mistakes show up
@@ -53,6 +53,16 @@ def token_registry(_token_registry: Registry) -> Iterator[Registry]:
         yield _token_registry
     finally:
         _token_registry.token.reset()
+
+
+@pytest.fixture
+def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
+    """A quirk proxy in front of the session registry (the fixtures pushed)."""
+    p = QuirkProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 def access_log_mark(reg: Registry) -> int:

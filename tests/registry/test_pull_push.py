@@ -133,15 +133,6 @@ async def _push(ref: Reference, options: RegistryOptions) -> Digest:
     return await push_archive(FIXTURES / "basic", ref, options, created="2024-01-02T03:04:05Z")
 
 
-@pytest.fixture
-def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
-    p = QuirkProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
 def _read_through(proxy: QuirkProxy, name: str, start: int, end: int, **kw: object) -> bytes:
     async def run() -> bytes:
         archive = await open_registry(f"{proxy.host}/fixtures/{name}:v1", RegistryOptions(**kw))  # type: ignore[arg-type]
