@@ -174,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--level", type=int, default=3)
     push.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
     push.add_argument("--created", help="RFC 3339 creation time (default: $SOURCE_DATE_EPOCH, else now)")
+    push.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a terminal")
 
     ins = sub.add_parser("inspect", help="show what an archive is: digests, sizes, entries", parents=[reg])
     ins.add_argument("archive")
@@ -286,7 +287,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             archive_dir = Path(args.src)
         else:
             archive_dir = Path(tmp)
-            create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level))
+            create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level, args.progress))
         if args.ref.startswith("oci:"):
             print(f"{args.ref}@{_push_oci(archive_dir, args.ref[4:], args.created, notes)}")
             return EXIT_OK
@@ -295,7 +296,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         from blobmount.reference import Reference
 
         ref = Reference.parse(args.ref)
-        digest = trio.run(_push, archive_dir, ref, registry_options(args), args.created, notes)
+        digest = trio.run(_push, archive_dir, ref, registry_options(args), args.created, notes, args.progress)
     print(f"{ref.registry}/{ref.repository}@{digest}")
     return EXIT_OK
 
@@ -309,11 +310,16 @@ def _push_oci(archive_dir: Path, spec: str, created: str | None, notes: dict[str
 
 
 async def _push(
-    archive_dir: Path, ref: Reference, options: RegistryOptions, created: str | None, notes: dict[str, str]
+    archive_dir: Path,
+    ref: Reference,
+    options: RegistryOptions,
+    created: str | None,
+    notes: dict[str, str],
+    progress: bool | None,
 ) -> str:
     from blobmount.registry.push import push_archive
 
-    return str(await push_archive(archive_dir, ref, options, created=created, annotations=notes))
+    return str(await push_archive(archive_dir, ref, options, created=created, annotations=notes, progress=progress))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

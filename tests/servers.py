@@ -329,9 +329,11 @@ class QuirkState:
     retry_after: str | None = None
     head: str = "pass"  # manifest HEADs: "pass", "refuse" (405) or "no-digest" (header dropped)
     fail_manifest_put: int | None = None  # answer every manifest PUT with this status
-    hold_uploads: bool = False  # hold blob upload requests (PUT/PATCH) until `release` is set
+    hold_uploads_over: int | None = None  # hold blob uploads (PUT/PATCH) with larger bodies ...
+    lose_patch_answer: int | None = None  # forward the Nth upload PATCH (1-based), then answer 502
+    patches: int = 0
     upload_held: threading.Event = field(default_factory=threading.Event)  # set when one is held
-    release: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)  # ... until this is set
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     body_bytes_sent: int = 0  # response body bytes written to clients (stops when they hang up)
     tokens_issued: int = 0
@@ -361,11 +363,17 @@ class QuirkProxy:
         with st.lock:
             st.seen.append((h.command, path, {k.lower(): v for k, v in h.headers.items()}))
             forced = st.fail_next.pop(0) if st.fail_next else None
-        if st.hold_uploads and h.command in ("PUT", "PATCH") and "/blobs/uploads/" in path:
+        length = int(h.headers.get("Content-Length") or 0)
+        upload = h.command in ("PUT", "PATCH") and "/blobs/uploads/" in path
+        if upload and st.hold_uploads_over is not None and length > st.hold_uploads_over:
             st.upload_held.set()
             st.release.wait(HOLD_LIMIT_S)  # bounded: a test that forgets to release still ends
-        length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
+        lose_answer = False
+        if upload and h.command == "PATCH":
+            with st.lock:
+                st.patches += 1
+                lose_answer = st.patches == st.lose_patch_answer
         if forced is not None:
             headers = {"Retry-After": st.retry_after} if st.retry_after else {}
             _reply(h, forced, headers, b"")
@@ -399,13 +407,18 @@ class QuirkProxy:
         if h.command == "HEAD" and "/manifests/" in path and st.head == "refuse":
             _reply(h, 405, {}, b"")
             return
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "authorization", "content-length")}
+        # Host is kept, as reverse proxies do: the registry then writes Locations that point here
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("authorization", "content-length")}
         if st.ignore_ranges:
             headers.pop("Range", None)
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
             conn.request(h.command, path, body=body or None, headers=headers)
             resp = conn.getresponse()
+            if lose_answer:  # the registry took it; the client never hears so
+                resp.read()
+                _reply(h, 502, {}, b"")
+                return
             drop = {"content-length", "transfer-encoding", "connection"}
             if h.command == "HEAD" and st.head == "no-digest":
                 drop.add("docker-content-digest")

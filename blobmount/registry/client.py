@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -69,11 +69,33 @@ DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default when expires_in is a
 TOKEN_CLIENT_ID = "blobmount"  # the OAuth2 client_id the token spec asks refresh-token requests to name
 MAX_TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few KiB; a hostile realm must not fill memory
 MAX_REDIRECTS = 5
+UPLOAD_ATTEMPTS = 3  # whole-upload restarts (each request inside is retried on its own as well)
+UPLOAD_BLOCK_BYTES = 1 << 20  # a monolithic upload streams the body in blocks of this size
 USER_AGENT = f"blobmount/{__version__}"
 
 
 class RangeNotSupported(SourceError):
     """The server answered a range request with the whole body (200)."""
+
+
+BlobReader = Callable[[int, int], Awaitable[bytes]]  # (offset, length) -> those bytes of the blob
+
+
+def bytes_reader(data: bytes) -> BlobReader:
+    async def read_at(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
+    return read_at
+
+
+async def _stream(read_at: BlobReader, size: int, block: int) -> AsyncIterator[bytes]:
+    offset = 0
+    while offset < size:
+        data = await read_at(offset, min(block, size - offset))
+        if not data:
+            raise SourceError(f"blob source ended at {offset} of {size} bytes")
+        offset += len(data)
+        yield data
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +147,10 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return max(0.0, min(float(value), BACKOFF_MAX_S * 4))
     except ValueError:
         return None  # an HTTP date: fall back to our own backoff
+
+
+class _UploadLost(TransientError):
+    """The registry no longer accepts this upload session: start the upload over."""
 
 
 class _RetryLater(TransientError):
@@ -364,7 +390,7 @@ class RegistryClient:
             if used is None and (self._token is not None or self._basic):
                 used = await self._refresh_expired()
             hdrs = dict(headers or {})
-            if used:
+            if used and urlsplit(url).netloc == urlsplit(self.base).netloc:  # never to another host
                 hdrs["Authorization"] = used
             try:
                 response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
@@ -592,20 +618,79 @@ class RegistryClient:
         await response.aclose()
         return response.status_code == 200
 
-    async def upload_blob(self, digest: Digest, size: int, chunks: AsyncIterator[bytes] | bytes) -> None:
-        """Monolithic upload: POST for a session, then PUT ?digest= with the body streamed."""
+    async def upload_blob(
+        self, digest: Digest, size: int, read_at: BlobReader, *, chunk_bytes: int | None = None
+    ) -> None:
+        """Upload a blob the registry lacks. Monolithic (a session, then one PUT ?digest= streaming
+        the whole body) when `chunk_bytes` is None; else chunked (a PATCH per chunk, then an empty
+        PUT ?digest=), so that a failure costs a chunk's retry, not the whole body, and proxies
+        that cap request bodies are never hit. A chunk is retried as it is; when the session itself
+        is lost (a PATCH answered 416/404 because an earlier answer went missing) or a streamed PUT
+        breaks, the upload starts over in a new session, at most UPLOAD_ATTEMPTS times. Before
+        starting over, a HEAD checks whether the blob landed after all."""
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                location = await self._start_upload()
+                if chunk_bytes is None:
+                    body = _stream(read_at, size, UPLOAD_BLOCK_BYTES)
+                    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+                    await self._finish_upload(location, digest, body, headers)
+                else:
+                    location = await self._patch_chunks(location, size, read_at, chunk_bytes)
+                    await self._finish_upload(location, digest, b"", {"Content-Length": "0"})
+                return
+            except TransientError as exc:
+                if await self.blob_exists(digest):
+                    return  # the registry has it: only the answer was lost
+                if attempt >= UPLOAD_ATTEMPTS:
+                    raise
+                log.warning("%s: upload of %s broke (%s); starting it over", self.ref, digest, exc)
+                await self._backoff(attempt, exc)
+
+    async def _start_upload(self) -> str:
         response = await self._request("POST", f"/v2/{self.ref.repository}/blobs/uploads/", kind="upload")
         await response.aclose()
         if response.status_code not in (201, 202):
             raise SourceError(f"{self.ref}: starting an upload answered {response.status_code}")
-        location = response.headers.get("location")
+        return self._upload_location(response)
+
+    def _upload_location(self, response: httpx.Response) -> str:
+        location: str | None = response.headers.get("location")
         if not location:
             raise SourceError(f"{self.ref}: upload session without a Location")
-        url = urljoin(self.base + "/", location)
-        url += ("&" if "?" in url else "?") + urlencode({"digest": str(digest)})
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        response = await self._request("PUT", url, headers=headers, content=chunks, kind="upload")
+        return urljoin(self.base + "/", location)
+
+    async def _patch_chunks(self, location: str, size: int, read_at: BlobReader, chunk_bytes: int) -> str:
+        """PATCH the blob in order, one chunk per request; returns the session's last Location."""
+        offset = 0
+        while offset < size:
+            data = await read_at(offset, min(chunk_bytes, size - offset))
+            if not data:
+                raise SourceError(f"{self.ref}: blob source ended at {offset} of {size} bytes")
+            end = offset + len(data) - 1
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{offset}-{end}",
+                "Content-Length": str(len(data)),
+            }
+            response = await self._request("PATCH", location, headers=headers, content=data, kind="upload-chunk")
+            await response.aclose()
+            if response.status_code in (400, 404, 416):
+                raise _UploadLost(f"{self.ref}: upload session refused the chunk at {offset} ({response.status_code})")
+            if response.status_code != 202:
+                raise SourceError(f"{self.ref}: uploading a chunk answered {response.status_code}")
+            if response.headers.get("range", f"0-{end}") != f"0-{end}":
+                raise _UploadLost(f"{self.ref}: upload session holds {response.headers['range']}, not 0-{end}")
+            location = self._upload_location(response)
+            offset = end + 1
+        return location
+
+    async def _finish_upload(self, location: str, digest: Digest, body: Any, headers: dict[str, str]) -> None:
+        url = location + ("&" if "?" in location else "?") + urlencode({"digest": str(digest)})
+        response = await self._request("PUT", url, headers=headers, content=body, kind="upload")
         await response.aclose()
+        if response.status_code in (400, 404, 416):
+            raise _UploadLost(f"{self.ref}: the upload session of {digest} was lost ({response.status_code})")
         if response.status_code != 201:
             raise SourceError(f"{self.ref}: finishing the upload of {digest} answered {response.status_code}")
 

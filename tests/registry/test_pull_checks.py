@@ -16,7 +16,7 @@ import trio
 from blobmount.cli import main
 from blobmount.manifest import ARTIFACT_TYPE, DATA_MEDIA_TYPE, EMPTY_MEDIA_TYPE, INDEX_MEDIA_TYPE
 from blobmount.reference import Digest, Reference
-from blobmount.registry.client import RegistryClient, RegistryOptions
+from blobmount.registry.client import RegistryClient, RegistryOptions, bytes_reader
 from blobmount.registry.source import open_registry
 from tests.helpers import FIXTURES
 from tests.servers import QuirkProxy, Registry
@@ -37,7 +37,7 @@ async def _put(ref: Reference, blobs: list[bytes], manifest: dict[str, object]) 
     try:
         for blob in blobs:
             if not await client.blob_exists(Digest.of(blob)):
-                await client.upload_blob(Digest.of(blob), len(blob), blob)
+                await client.upload_blob(Digest.of(blob), len(blob), bytes_reader(blob))
         await client.put_manifest(ref.tag or "latest", json.dumps(manifest).encode(), str(manifest["mediaType"]))
     finally:
         await client.aclose()
