@@ -236,7 +236,10 @@ class RegistryClient:
             headers={"User-Agent": USER_AGENT},
             transport=transport,
         )
-        self._creds = self.options.credentials
+        # a mirror gets only what is stored for the mirror's own host, never the origin's
+        # credentials (--username, or the files' entry for the origin)
+        self._creds_host = endpoint.host if endpoint else ref.registry
+        self._creds = None if endpoint else self.options.credentials
         self._creds_loaded = self._creds is not None
         self._token: _Token | None = None
         self._challenge: Challenge | None = None
@@ -253,7 +256,7 @@ class RegistryClient:
 
     def _credentials(self) -> Credentials | None:
         if not self._creds_loaded:
-            self._creds = find_credentials(self.ref.registry)
+            self._creds = find_credentials(self._creds_host)
             self._creds_loaded = True
         return self._creds
 
@@ -417,7 +420,7 @@ class RegistryClient:
         challenges = parse_www_authenticate(response.headers.get("www-authenticate", ""))
         errors = {c.params.get("error") for c in challenges}
         if self._credentials() is None:
-            return f"authentication required and no credentials found for {self.ref.registry} (401)"
+            return f"authentication required and no credentials found for {self._creds_host} (401)"
         if "insufficient_scope" in errors:
             return f"access denied: the credentials do not grant {self.scope} (401 insufficient_scope)"
         return "credentials refused (401)"

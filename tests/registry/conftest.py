@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -63,6 +64,16 @@ def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
         yield p
     finally:
         p.stop()
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[Registry]:
+    """docker-registry with htpasswd basic auth: alice / "s3cret pass"."""
+    reg = start_registry(tmp_path / "authreg", user="alice", password="s3cret pass")
+    try:
+        yield reg
+    finally:
+        reg.stop()
 
 
 def access_log_mark(reg: Registry) -> int:
