@@ -11,7 +11,6 @@ import logging
 import os
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, 
 if TYPE_CHECKING:
     from blobmount.index import IndexView
     from blobmount.reference import Reference
-    from blobmount.registry.client import RegistryOptions
+    from blobmount.registry.options import RegistryOptions
     from blobmount.source import Archive
 
 log = logging.getLogger("blobmount")
@@ -77,7 +76,7 @@ def _registry_parent() -> argparse.ArgumentParser:
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
     """Registry settings from flags; secrets only from stdin or a file, never argv or BLOBMOUNT_*."""
     from blobmount.registry.auth import Credentials, read_password_file
-    from blobmount.registry.client import RegistryOptions
+    from blobmount.registry.options import RegistryOptions
 
     creds = None
     if args.username:
@@ -263,6 +262,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
         finally:
             await archive.data.aclose()
 
+    import tempfile
+
     import trio
 
     # Decoded zstd content is spooled to a private temp dir: verified before the first byte leaves.
@@ -282,6 +283,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"--annotation {item!r}: expected KEY=VALUE")
         notes[key] = value
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="blobmount-push-") as tmp:
         if args.archive:
             archive_dir = Path(args.src)
@@ -346,7 +349,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.config import MountConfig, parse_size, split_o_options
-    from blobmount.mount import run_mount
 
     ours, fuse_opts = split_o_options(args.options)
     cache_dir = args.cache_dir or (Path(ours["cache_dir"]) if "cache_dir" in ours else None)
@@ -373,7 +375,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
         debug=args.debug,
         registry=registry_options(args),
     )
-    return run_mount(config)
+    # the source is opened on a thread from here on: its round trips to a registry overlap the
+    # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
+    from blobmount.sources import Opening
+
+    opening = Opening(config.source, config.registry, cache_dir=config.cache_dir, cache_size=config.cache_size)
+    from blobmount.mount import run_mount
+
+    return run_mount(config, opening)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

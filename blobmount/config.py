@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blobmount.errors import UsageError
-from blobmount.registry.client import RegistryOptions
+from blobmount.registry.options import RegistryOptions
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

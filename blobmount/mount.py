@@ -32,7 +32,7 @@ from blobmount.index import IndexView
 from blobmount.notify import notify, watchdog
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.source import Archive
-from blobmount.sources import open_archive
+from blobmount.sources import Opening, open_archive
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,17 @@ def _lazy_unmount(path: Path) -> None:
         raise UsageError(f"mountpoint {path}: stale mount could not be unmounted: {result.stderr.strip()}")
 
 
-def prepare(config: MountConfig) -> Prepared:
+def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
+    """`opening`: the source already being opened on a thread (cli.py starts it before importing
+    this module); None opens it here."""
     check_mountpoint(config.mountpoint)
     cache_dir = config.cache_dir or default_cache_dir()
     store = ContentStore(cache_dir, config.cache_size)
     notify(f"STATUS=opening {config.source}")
-    archive = open_archive(config.source, config.registry, cache_dir=cache_dir, cache_size=config.cache_size)
+    if opening is not None:
+        archive = opening.result()
+    else:
+        archive = open_archive(config.source, config.registry, cache_dir=cache_dir, cache_size=config.cache_size)
     notify(f"STATUS=checking the index of {archive.name}")
     view = IndexView(archive.index_bytes, blob_size=archive.data.size)
     log.info(
@@ -181,8 +186,8 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
     return EXIT_OK
 
 
-def run_mount(config: MountConfig) -> int:
-    prep = prepare(config)
+def run_mount(config: MountConfig, opening: Opening | None = None) -> int:
+    prep = prepare(config, opening)
     if config.foreground:
         return serve(prep, None)
     read_fd, write_fd = os.pipe()

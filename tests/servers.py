@@ -334,6 +334,8 @@ class QuirkState:
     patches: int = 0
     upload_held: threading.Event = field(default_factory=threading.Event)  # set when one is held
     release: threading.Event = field(default_factory=threading.Event)  # ... until this is set
+    blob_gets_meet: threading.Barrier | None = None  # blob GETs wait here for each other ...
+    blob_gets_met: bool = False  # ... and this says whether they were in flight together
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     body_bytes_sent: int = 0  # response body bytes written to clients (stops when they hang up)
     tokens_issued: int = 0
@@ -401,6 +403,12 @@ class QuirkProxy:
         if st.redirect_blobs and h.command == "GET" and "/blobs/sha256:" in path and not h.path.startswith("/storage"):
             _reply(h, 307, {"Location": f"http://localhost:{self.port}/storage{path}"}, b"")
             return
+        if st.blob_gets_meet is not None and h.command == "GET" and "/blobs/sha256:" in path:
+            try:
+                st.blob_gets_meet.wait()  # the barrier carries its own timeout
+                st.blob_gets_met = True
+            except threading.BrokenBarrierError:  # only one came: they were sent one after another
+                pass
         if st.fail_manifest_put is not None and h.command == "PUT" and "/manifests/" in path:
             _reply(h, st.fail_manifest_put, {}, b"")
             return

@@ -25,9 +25,9 @@ import json
 import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -46,6 +46,9 @@ from blobmount.errors import (
 )
 from blobmount.reference import Digest, Reference, host_matches
 from blobmount.registry.auth import Challenge, Credentials, find_credentials, parse_www_authenticate
+from blobmount.registry.options import DEFAULT_TIMEOUT_S, Endpoint, RegistryOptions
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Endpoint", "RangeNotSupported", "RegistryClient", "RegistryOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,6 @@ MANIFEST_ACCEPT = ", ".join(
         "application/vnd.docker.distribution.manifest.list.v2+json",
     )
 )
-DEFAULT_TIMEOUT_S = 30.0  # total time of one operation across retries (DESIGN §8 --timeout)
 CONNECT_TIMEOUT_S = 10.0
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
@@ -96,29 +98,6 @@ async def _stream(read_at: BlobReader, size: int, block: int) -> AsyncIterator[b
             raise SourceError(f"blob source ended at {offset} of {size} bytes")
         offset += len(data)
         yield data
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A mirror of a registry (from --mirror or hosts.toml): where to send the same requests."""
-
-    host: str  # host[:port]
-    plain_http: bool | None = None  # None: loopback plain, else HTTPS (and --plain-http)
-    insecure: bool = False  # skip TLS verification for this host only
-    ca_file: Path | None = None
-    resolve: bool = True  # may answer tag lookups (containerd's "resolve" capability)
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryOptions:
-    plain_http: tuple[str, ...] = ()  # HOST[:PORT] talked to over plain HTTP
-    insecure: tuple[str, ...] = ()  # HOST[:PORT] whose TLS certificate is not verified
-    ca_file: Path | None = None
-    credentials: Credentials | None = None  # explicit --username/--password-*; else the files
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    max_connections: int = 8
-    mirrors: tuple[str, ...] = ()  # --mirror HOST[:PORT], tried in order before the origin
-    hosts_dir: Path | None = None  # containerd-style HOST/hosts.toml (default /etc/blobmount/certs.d)
 
 
 @functools.cache
@@ -210,32 +189,13 @@ class RegistryClient:
         self.host = host
         self.scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         self.stats = Stats()
-        verify: ssl.SSLContext | bool = tls_context(None)
-        ca_file = endpoint.ca_file if endpoint and endpoint.ca_file else self.options.ca_file
-        if any(host_matches(h, host) for h in self.options.insecure) or (endpoint and endpoint.insecure):
-            verify = False
-        elif ca_file is not None:
-            verify = tls_context(str(ca_file))
-        self._http = httpx.AsyncClient(
-            verify=verify,
-            timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=self.options.max_connections),
-            follow_redirects=False,
-            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
-            headers={"User-Agent": USER_AGENT},
-            transport=transport,
+        self._transport = transport
+        self._ca_file = endpoint.ca_file if endpoint and endpoint.ca_file else self.options.ca_file
+        self._insecure = any(host_matches(h, host) for h in self.options.insecure) or bool(
+            endpoint and endpoint.insecure
         )
-        # a separate client for other hosts (storage, token realms): TLS always verified, never
-        # with this registry's --insecure; the --ca-file only adds trust, so it applies here too
-        self._storage = httpx.AsyncClient(
-            verify=tls_context(str(self.options.ca_file) if self.options.ca_file else None),
-            timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=self.options.max_connections),
-            follow_redirects=False,
-            trust_env=True,
-            headers={"User-Agent": USER_AGENT},
-            transport=transport,
-        )
+        self._http_client: httpx.AsyncClient | None = None
+        self._storage_client: httpx.AsyncClient | None = None
         # a mirror gets only what is stored for the mirror's own host, never the origin's
         # credentials (--username, or the files' entry for the origin)
         self._creds_host = endpoint.host if endpoint else ref.registry
@@ -245,12 +205,53 @@ class RegistryClient:
         self._challenge: Challenge | None = None
         self._basic = False
         self._auth_lock = trio.Lock()
+        self._shared_loaded = False
         self._storage_urls: dict[str, _StorageUrl] = {}
         self._resolved_body: tuple[Digest, bytes] | None = None
 
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The client for this registry, made on first use. A plain-HTTP registry gets no TLS
+        context at all (loading the CA store costs 15-90 ms of a mount's start)."""
+        if self._http_client is None:
+            verify: ssl.SSLContext | bool = False  # plain HTTP: nothing to verify
+            if self.base.startswith("https:") and not self._insecure:
+                verify = tls_context(str(self._ca_file) if self._ca_file else None)
+            self._http_client = self._new_client(verify)
+        return self._http_client
+
+    @property
+    def _storage(self) -> httpx.AsyncClient:
+        """The client for other hosts (storage, token realms), made on first use: TLS always
+        verified, never with this registry's --insecure; --ca-file only adds trust, so it applies."""
+        if self._storage_client is None:
+            self._storage_client = self._new_client(
+                tls_context(str(self.options.ca_file) if self.options.ca_file else None)
+            )
+        return self._storage_client
+
+    def _same_origin(self, url: str) -> bool:
+        """Whether `url` is this registry (scheme and host:port): only then our client, its TLS
+        settings and our Authorization header are used."""
+        parts, base = urlsplit(url), urlsplit(self.base)
+        return (parts.scheme, parts.netloc) == (base.scheme, base.netloc)
+
+    def _new_client(self, verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            verify=verify,
+            timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=self.options.max_connections),
+            follow_redirects=False,
+            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
+            headers={"User-Agent": USER_AGENT},
+            transport=self._transport,
+        )
+
     async def aclose(self) -> None:
-        await self._http.aclose()
-        await self._storage.aclose()
+        for client in (self._http_client, self._storage_client):
+            if client is not None:
+                await client.aclose()
+        self._http_client = self._storage_client = None
 
     # -- auth ----------------------------------------------------------------------------------
 
@@ -259,6 +260,18 @@ class RegistryClient:
             self._creds = find_credentials(self._creds_host)
             self._creds_loaded = True
         return self._creds
+
+    def _load_shared(self) -> None:
+        """Start from what another client of the same options learned (the mount's parent, for
+        the daemon): the challenge, a token still valid, or that basic auth is wanted."""
+        self._shared_loaded = True
+        shared = self.options.auth_cache.get(self.base, self.scope)
+        if shared is None:
+            return
+        self._challenge, self._basic = shared.challenge, shared.basic
+        remaining = shared.refresh_at - time.monotonic()
+        if shared.header is not None and remaining > 0:
+            self._token = _Token(shared.header, trio.current_time() + remaining)
 
     def _auth_header(self) -> str | None:
         if self._token is not None:
@@ -286,6 +299,7 @@ class RegistryClient:
                 if self._basic:
                     raise AuthError(f"{self.host}: credentials refused (basic auth)")
                 self._basic = True
+                self.options.auth_cache.put_basic(self.base, self.scope)
                 return
             raise AuthError(f"{self.host}: 401 without a usable WWW-Authenticate challenge")
 
@@ -312,7 +326,7 @@ class RegistryClient:
             if creds is not None and creds.username and creds.password:
                 headers["Authorization"] = creds.basic_header()
         # the realm on the registry's own host shares its connections and TLS settings
-        same_host = urlsplit(realm).netloc == urlsplit(self.base).netloc
+        same_host = self._same_origin(realm)
         try:
             response = await self._send(
                 method, url, headers=headers, content=content, kind="token", to_registry=same_host
@@ -342,6 +356,7 @@ class RegistryClient:
         margin = min(TOKEN_MARGIN_S, seconds * TOKEN_MARGIN_FRACTION)
         self._token = _Token(f"Bearer {token}", trio.current_time() + seconds - margin)
         self._challenge = challenge
+        self.options.auth_cache.put_token(self.base, self.scope, challenge, self._token.header, seconds - margin)
         log.debug("%s: bearer token for %s, valid %.0f s", self.host, self.scope, seconds)
 
     # -- requests ------------------------------------------------------------------------------
@@ -387,13 +402,15 @@ class RegistryClient:
         url = path if path.startswith(("http://", "https://")) else self.base + path
         attempt = 0
         auth_retries = 0
+        if not self._shared_loaded:
+            self._load_shared()
         while True:
             attempt += 1
             used = self._auth_header()
-            if used is None and (self._token is not None or self._basic):
+            if used is None and (self._token is not None or self._basic or self._challenge is not None):
                 used = await self._refresh_expired()
             hdrs = dict(headers or {})
-            if used and urlsplit(url).netloc == urlsplit(self.base).netloc:  # never to another host
+            if used and self._same_origin(url):  # never to another host
                 hdrs["Authorization"] = used
             try:
                 response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
@@ -518,8 +535,7 @@ class RegistryClient:
             if not location:
                 raise SourceError(f"{self.host}: redirect without a Location")
             url = urljoin(url, location)
-            same_host = urlsplit(url).netloc == urlsplit(self.base).netloc
-            if same_host:
+            if self._same_origin(url):
                 response = await self._request("GET", url, headers=headers, kind=kind)
             else:
                 response = await self._send("GET", url, headers=headers, kind=kind, to_registry=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from blobmount.errors import LimitExceeded, SourceError, TransientError
+from blobmount.errors import BlobmountError, LimitExceeded, SourceError, TransientError
 from blobmount.manifest import MAX_INDEX_BYTES, parse_manifest
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
@@ -84,21 +84,49 @@ async def open_registry(
             digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
             manifest = await endpoints.first(lambda c: c.get_manifest(digest))
             (idigest, isize), (ddigest, dsize) = parse_manifest(manifest, str(ref))
-            index = await endpoints.first(lambda c: c.get_blob(Digest.parse(idigest), isize, MAX_INDEX_BYTES))
             data_digest = Digest.parse(ddigest)
+            index, probe_error = await _index_and_probe(endpoints, Digest.parse(idigest), isize, data_digest, dsize)
             log.info("%s: pinned to %s (index %d bytes, data %d bytes)", ref, digest, isize, dsize)
             data: RangeSource = RegistryBlobSource(ref, options, data_digest, dsize)
-            if dsize:
-                try:
-                    await endpoints.first(lambda c: c.read_range(data_digest, 0, 1, dsize))
-                except RangeNotSupported:
-                    data = await _whole_blob_fallback(endpoints.origin, data_digest, dsize, cache_dir, cache_size)
+            if isinstance(probe_error, RangeNotSupported):
+                data = await _whole_blob_fallback(endpoints.origin, data_digest, dsize, cache_dir, cache_size)
+            elif probe_error is not None:
+                raise probe_error
     except trio.TooSlowError:
         raise SourceError(f"{ref}: registry did not answer within {options.timeout_s * 4:.0f} s") from None
     finally:
         await endpoints.aclose()
     name = f"{ref.registry}/{ref.repository}@{digest}"
     return Archive(name, index, data, idigest)
+
+
+async def _index_and_probe(
+    endpoints: Endpoints, index_digest: Digest, index_size: int, data_digest: Digest, data_size: int
+) -> tuple[bytes, BlobmountError | None]:
+    """The index blob and a one-byte range of the data blob at the same time (a round trip less
+    before the mount is ready). The probe's error is returned, so the index's error is the one
+    raised when both fail, and no ExceptionGroup reaches the CLI's one-line errors."""
+    probe_error: list[BlobmountError] = []
+    index_error: list[BlobmountError] = []
+    index = b""
+
+    async def probe() -> None:
+        try:
+            await endpoints.first(lambda c: c.read_range(data_digest, 0, 1, data_size))
+        except BlobmountError as exc:
+            probe_error.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        if data_size:  # an empty data blob is never requested
+            nursery.start_soon(probe)
+        try:
+            index = await endpoints.first(lambda c: c.get_blob(index_digest, index_size, MAX_INDEX_BYTES))
+        except BlobmountError as exc:
+            index_error.append(exc)
+            nursery.cancel_scope.cancel()
+    if index_error:
+        raise index_error[0]
+    return index, probe_error[0] if probe_error else None
 
 
 async def _whole_blob_fallback(

@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,14 @@ def test_the_digest_wins_over_a_tag(
     unknown = "sha256:" + "0" * 64
     assert main(["ls", f"{proxy.host}/fixtures/basic:v1@{unknown}"]) == 3
     assert f"manifest {unknown} not found" in capsys.readouterr().err
+
+
+def test_the_index_and_the_range_probe_are_fetched_together(proxy: QuirkProxy) -> None:
+    """Opening sends the index GET and the data blob's one-byte probe at the same time (one round
+    trip less before a mount is ready): the proxy holds each blob GET until the other arrives."""
+    proxy.state.blob_gets_meet = threading.Barrier(2, timeout=10)
+    archive = trio.run(open_registry, f"{proxy.host}/fixtures/mixed:v1", RegistryOptions())
+    assert archive.index_bytes == (FIXTURES / "mixed" / "index.blob").read_bytes()
+    assert proxy.state.blob_gets_met
+    ranges = [h.get("range") for m, p, h in proxy.state.seen if m == "GET" and "/blobs/" in p]
+    assert sorted(ranges, key=str) == [None, "bytes=0-0"]  # the whole index, one byte of data

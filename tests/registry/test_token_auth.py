@@ -246,3 +246,21 @@ def test_mounted_reads_in_flight_survive_token_expiry(
     refreshes = len(issuer.state.issued) - before
     assert elapsed > 2 * issuer.state.lifetime_s  # the reads outlived the mount's first token
     assert 2 <= refreshes <= elapsed / issuer.state.lifetime_s + 2, (refreshes, elapsed, log)
+
+
+def test_the_daemon_reads_with_the_token_fetched_while_mounting(
+    token_registry: Registry, no_stored_credentials: None, tmp_path: Path
+) -> None:
+    """The mount fetched a token to open the archive; the first read starts with it (no 401 and no
+    token round trip before the first byte)."""
+    issuer = issuer_of(token_registry)
+    files = tree_files("mixed")
+    with mounted(f"{token_registry.host}/tok/mixed:v1", tmp_path / "mnt") as m:
+        mark = access_log_mark(token_registry)
+        before = len(issuer.state.issued)
+        for path, f in list(files.items())[:5]:
+            assert (m.path / os.fsdecode(path)).read_bytes() == f.data
+        statuses = statuses_since(token_registry, mark)
+    assert statuses
+    assert 401 not in statuses
+    assert len(issuer.state.issued) == before
