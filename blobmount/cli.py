@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid archive, 5 verificati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import stat
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from blobmount import __version__
 from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, UsageError, exit_code_for
@@ -448,5 +449,27 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
     return main(["mount", positional[0], positional[1], *options])
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End the process without tearing the interpreter down: once a command is done nothing is
+    left to clean up (files are closed, temporary directories gone, the daemon is its own
+    process), and freeing every module of the mount's parent takes 15-45 ms that the caller of
+    `blobmount SOURCE MNT` would wait for. Logging and the standard streams are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
+            stream.flush()
+    os._exit(code)
+
+
+def run() -> NoReturn:
+    """The `blobmount` command (console script and `python -m blobmount.cli`)."""
+    _exit_now(main())
+
+
+def run_mount_helper() -> NoReturn:
+    """The `mount.fuse.blobmount` command."""
+    _exit_now(mount_helper())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

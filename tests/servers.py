@@ -130,8 +130,10 @@ def start_registry(
     return reg
 
 
-def _http_server(handle: Callable[[http.server.BaseHTTPRequestHandler], None]) -> http.server.ThreadingHTTPServer:
-    """A threaded HTTP/1.1 server on a free loopback port calling `handle` for every method."""
+def _http_server(
+    handle: Callable[[http.server.BaseHTTPRequestHandler], None], host: str = "127.0.0.1", port: int = 0
+) -> http.server.ThreadingHTTPServer:
+    """A threaded HTTP/1.1 server (a free loopback port by default) calling `handle` for every method."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -151,7 +153,7 @@ def _http_server(handle: Callable[[http.server.BaseHTTPRequestHandler], None]) -
             """A client hanging up mid-answer is normal here (tests stop reading, kill pushes); a
             traceback on stderr would also land in the CLI output the tests check."""
 
-    server = Server(("127.0.0.1", 0), Handler)
+    server = Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -187,6 +189,12 @@ class SigningKey:
             check=True,
             capture_output=True,
         )
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> SigningKey:
+        """The key and certificate `create` left in `directory`."""
+        key, cert = directory / "issuer.key", directory / "issuer.crt"
         der = subprocess.run(
             ["openssl", "x509", "-in", str(cert), "-outform", "DER"], check=True, capture_output=True
         ).stdout
@@ -225,15 +233,16 @@ class TokenIssuer:
     with optional basic credentials, POST with an OAuth2 refresh token or password; signs RS256
     JWTs whose x5c chain is the self-signed certificate the registry trusts."""
 
-    def __init__(self, key: SigningKey) -> None:
+    def __init__(self, key: SigningKey, host: str = "127.0.0.1", port: int = 0) -> None:
         self.key = key
         self.state = IssuerState()
-        self.server = _http_server(self._handle)
+        self.server = _http_server(self._handle, host, port)
+        self.listen_host = host
         self.port: int = self.server.server_address[1]
 
     @property
     def realm(self) -> str:
-        return f"http://127.0.0.1:{self.port}/token"
+        return f"http://{self.listen_host}:{self.port}/token"
 
     def reset(self) -> None:
         self.state = IssuerState(users=self.state.users)

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import random
 import ssl
 import time
@@ -113,6 +114,15 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+def _plain_verify() -> ssl.SSLContext | bool:
+    """TLS settings of a client that speaks plain HTTP: none, unless an HTTPS proxy from the
+    environment is in the way (its certificate is verified like any other)."""
+    names = ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(name, "").lower().startswith("https:") for name in names):
+        return tls_context(None)
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying `exc` may succeed (the one predicate the retry loops use)."""
     return isinstance(exc, TransientError)
@@ -196,6 +206,7 @@ class RegistryClient:
         )
         self._http_client: httpx.AsyncClient | None = None
         self._storage_client: httpx.AsyncClient | None = None
+        self._plain_client: httpx.AsyncClient | None = None
         # a mirror gets only what is stored for the mirror's own host, never the origin's
         # credentials (--username, or the files' entry for the origin)
         self._creds_host = endpoint.host if endpoint else ref.registry
@@ -214,16 +225,20 @@ class RegistryClient:
         """The client for this registry, made on first use. A plain-HTTP registry gets no TLS
         context at all (loading the CA store costs 15-90 ms of a mount's start)."""
         if self._http_client is None:
-            verify: ssl.SSLContext | bool = False  # plain HTTP: nothing to verify
+            verify = _plain_verify()
             if self.base.startswith("https:") and not self._insecure:
                 verify = tls_context(str(self._ca_file) if self._ca_file else None)
             self._http_client = self._new_client(verify)
         return self._http_client
 
-    @property
-    def _storage(self) -> httpx.AsyncClient:
+    def _elsewhere(self, url: str) -> httpx.AsyncClient:
         """The client for other hosts (storage, token realms), made on first use: TLS always
-        verified, never with this registry's --insecure; --ca-file only adds trust, so it applies."""
+        verified, never with this registry's --insecure (--ca-file only adds trust, so it applies);
+        plain-HTTP URLs get a client without a TLS context."""
+        if url.startswith("http:"):
+            if self._plain_client is None:
+                self._plain_client = self._new_client(_plain_verify())
+            return self._plain_client
         if self._storage_client is None:
             self._storage_client = self._new_client(
                 tls_context(str(self.options.ca_file) if self.options.ca_file else None)
@@ -248,10 +263,10 @@ class RegistryClient:
         )
 
     async def aclose(self) -> None:
-        for client in (self._http_client, self._storage_client):
+        for client in (self._http_client, self._storage_client, self._plain_client):
             if client is not None:
                 await client.aclose()
-        self._http_client = self._storage_client = None
+        self._http_client = self._storage_client = self._plain_client = None
 
     # -- auth ----------------------------------------------------------------------------------
 
@@ -372,7 +387,7 @@ class RegistryClient:
         to_registry: bool = True,
     ) -> httpx.Response:
         """One HTTP exchange with the body streamed; errors translated, nothing retried here."""
-        client = self._http if to_registry else self._storage
+        client = self._http if to_registry else self._elsewhere(url)
         request = client.build_request(method, url, headers=dict(headers or {}), content=content)
         self.stats.count(kind)
         try:

@@ -225,7 +225,9 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
         run_with_clock(go)
 
 
-def _token_server(expires_in: int | None, token_status: int = 200) -> tuple[object, list[str], list[int]]:
+def _token_server(
+    expires_in: int | None, token_status: int = 200, realm: str = "https://auth.test/token"
+) -> tuple[object, list[str], list[int]]:
     """A MockTransport handler: a registry demanding bearer tokens and its token endpoint."""
     tokens: list[str] = []
     statuses: list[int] = []
@@ -241,7 +243,7 @@ def _token_server(expires_in: int | None, token_status: int = 200) -> tuple[obje
             return httpx.Response(200, content=json.dumps(doc))
         if not tokens or request.headers.get("authorization") != f"Bearer {tokens[-1]}":
             statuses.append(401)
-            challenge = 'Bearer realm="https://auth.test/token",service="svc"'
+            challenge = f'Bearer realm="{realm}",service="svc"'
             return httpx.Response(401, headers={"WWW-Authenticate": challenge})
         statuses.append(206)
         return ranged(request)
@@ -342,6 +344,13 @@ def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPa
         local = RegistryClient(Reference.parse("127.0.0.1:5000/a/b"), transport=httpx.MockTransport(ranged))
         await local.read_range(DIGEST, 0, 5, len(BLOB))
         await local.aclose()
+        assert built == []
+        # a token realm on another host over plain HTTP needs no TLS context either
+        handler, tokens, _ = _token_server(300, realm="http://auth.test/token")
+        plain_realm = RegistryClient(Reference.parse("127.0.0.1:5000/a/b"), transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+        await plain_realm.read_range(DIGEST, 0, 5, len(BLOB))
+        await plain_realm.aclose()
+        assert tokens
         assert built == []
         remote = RegistryClient(REF, transport=httpx.MockTransport(ranged))
         await remote.read_range(DIGEST, 0, 5, len(BLOB))
