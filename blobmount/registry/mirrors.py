@@ -21,7 +21,6 @@ origin's credentials: only what the credential files hold for the mirror's own h
 from __future__ import annotations
 
 import logging
-import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -44,10 +43,16 @@ def load_hosts_toml(hosts_dir: Path, registry: str) -> list[Endpoint]:
     """Mirror endpoints for `registry` from ``hosts_dir/registry/hosts.toml`` (absent: none)."""
     path = hosts_dir / registry / "hosts.toml"
     try:
-        doc = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    import tomllib  # only when there is a file: most mounts have none
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: {exc}") from exc
     hosts = doc.get("host", {})
     if not isinstance(hosts, dict):

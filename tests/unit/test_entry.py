@@ -54,3 +54,26 @@ def test_a_reader_that_goes_away_is_not_an_error() -> None:
     proc.stderr.close()
     assert proc.wait(60) == 0
     assert b"Traceback" not in err
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return set(out.stdout.split())
+
+
+def test_the_mount_starts_opening_before_the_http_stack_is_loaded() -> None:
+    """cli.cmd_mount builds its config and starts sources.Opening with nothing heavy imported, so
+    that the registry's round trips overlap the imports (config.py, registry/options.py)."""
+    loaded = _modules_after("import blobmount.cli, blobmount.config, blobmount.sources")
+    assert not loaded & {"httpx", "trio", "pyfuse3", "blobmount.registry.client", "tempfile"}
+
+
+def test_mounting_never_loads_the_index_builder_or_a_toml_parser() -> None:
+    loaded = _modules_after("import blobmount.mount, blobmount.registry.source")
+    assert not loaded & {"flatbuffers", "blobmount.index.build", "blobmount.archive", "tomllib"}
