@@ -428,7 +428,9 @@ class RegistryClient:
             if used and self._same_origin(url):  # never to another host
                 hdrs["Authorization"] = used
             try:
-                response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
+                response = await self._send(
+                    method, url, headers=hdrs, content=content, kind=kind, to_registry=self._same_origin(url)
+                )
                 if response.status_code == 401 and auth_retries < 2:
                     await response.aclose()
                     await self._authenticate(response, used)  # a failing token endpoint is retried
