@@ -381,6 +381,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.sources import Opening
 
     opening = Opening(config.source, config.registry, cache_dir=config.cache_dir, cache_size=config.cache_size)
+    opening.wait_talking()
     from blobmount.mount import run_mount
 
     return run_mount(config, opening)

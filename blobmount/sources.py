@@ -19,6 +19,8 @@ from blobmount.registry.options import RegistryOptions
 if TYPE_CHECKING:
     from blobmount.source import Archive
 
+HEAD_START_WAIT_S = 10.0  # hang guard only: the opener's imports take ~0.1 s
+
 
 def is_local(spec: str) -> bool:
     from blobmount.source import is_local_path
@@ -54,6 +56,7 @@ class Opening:
         self._args = (spec, options, cache_dir, cache_size)
         self._archive: Archive | None = None
         self._error: BaseException | None = None
+        self._talking = threading.Event()
         # a daemon thread: when the mount gives up first (a bad mountpoint), exiting does not wait
         self._thread = threading.Thread(target=self._run, name="blobmount-open", daemon=True)
         self._thread.start()
@@ -65,9 +68,20 @@ class Opening:
                 from blobmount.cache import default_cache_dir
 
                 cache_dir = default_cache_dir()
+            if not is_local(spec):
+                import blobmount.registry.source  # noqa: F401  the HTTP stack, before the first request
+            self._talking.set()
             self._archive = open_archive(spec, options, cache_dir=cache_dir, cache_size=cache_size)
         except BaseException as exc:  # handed to the main thread by result()
             self._error = exc
+        finally:
+            self._talking.set()
+
+    def wait_talking(self, timeout_s: float = HEAD_START_WAIT_S) -> None:
+        """Until the thread has its imports and sends its first request. Imports hold the GIL, so
+        importing in both threads at once only delays that request; importing the rest while the
+        thread waits on the network overlaps the two."""
+        self._talking.wait(timeout_s)
 
     def result(self) -> Archive:
         self._thread.join()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
+import httpcore  # noqa: F401  httpx loads it with the first client; here it is loaded before a mount's first request
 import httpx
 import trio
 
