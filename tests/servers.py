@@ -137,6 +137,9 @@ def _http_server(
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # headers and body leave in two writes: with Nagle the body would wait for the client's
+        # (delayed) ACK, a round trip that belongs to this test server, not to the client measured
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: object) -> None:
             pass
