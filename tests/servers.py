@@ -349,6 +349,7 @@ class QuirkState:
     blob_gets_meet: threading.Barrier | None = None  # blob GETs wait here for each other ...
     blob_gets_met: bool = False  # ... and this says whether they were in flight together
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)  # the client's port per request of `seen`
     body_bytes_sent: int = 0  # response body bytes written to clients (stops when they hang up)
     tokens_issued: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -376,6 +377,7 @@ class QuirkProxy:
         path = h.path
         with st.lock:
             st.seen.append((h.command, path, {k.lower(): v for k, v in h.headers.items()}))
+            st.ports.append(h.client_address[1])  # one port per connection
             forced = st.fail_next.pop(0) if st.fail_next else None
         length = int(h.headers.get("Content-Length") or 0)
         upload = h.command in ("PUT", "PATCH") and "/blobs/uploads/" in path

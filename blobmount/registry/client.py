@@ -73,6 +73,7 @@ DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default when expires_in is a
 TOKEN_CLIENT_ID = "blobmount"  # the OAuth2 client_id the token spec asks refresh-token requests to name
 MAX_TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few KiB; a hostile realm must not fill memory
 MAX_REDIRECTS = 5
+MAX_DRAIN_BYTES = 64 << 10  # an unneeded body up to this size is read so its connection is reused
 UPLOAD_ATTEMPTS = 3  # whole-upload restarts (each request inside is retried on its own as well)
 UPLOAD_BLOCK_BYTES = 1 << 20  # a monolithic upload streams the body in blocks of this size
 USER_AGENT = f"blobmount/{__version__}"
@@ -401,7 +402,7 @@ class RegistryClient:
             raise SourceError(f"{urlsplit(url).netloc}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
         if status == 429 or status in (500, 502, 503, 504):
-            await response.aclose()
+            await _release(response)
             raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response), status)
         return response
 
@@ -433,15 +434,15 @@ class RegistryClient:
                     method, url, headers=hdrs, content=content, kind=kind, to_registry=self._same_origin(url)
                 )
                 if response.status_code == 401 and auth_retries < 2:
-                    await response.aclose()
+                    await _release(response)
                     await self._authenticate(response, used)  # a failing token endpoint is retried
                     auth_retries += 1  # ... as a transient error, without using up these
                     continue
                 if response.status_code == 401:
-                    await response.aclose()
+                    await _release(response)
                     raise AuthError(f"{self.host}: {method} {_short(url)}: {self._refusal(response)}")
                 if response.status_code == 403:
-                    await response.aclose()
+                    await _release(response)
                     raise AuthError(f"{self.host}: {method} {_short(url)}: access denied (403)")
                 return response
             except BlobmountError as exc:
@@ -488,7 +489,7 @@ class RegistryClient:
         tag = self.ref.ref_for_manifest
         path = f"/v2/{self.ref.repository}/manifests/{tag}"
         response = await self._request("HEAD", path, headers={"Accept": MANIFEST_ACCEPT}, kind="manifest-head")
-        await response.aclose()
+        await _release(response)
         if response.status_code == 404:
             raise NotFound(f"{self.ref}: no such tag or repository")
         header = response.headers.get("docker-content-digest")
@@ -537,7 +538,7 @@ class RegistryClient:
                 response = await self._send("GET", cached.url, headers=headers, kind=kind, to_registry=False)
                 if response.status_code in (200, 206, 416):
                     return response
-                await response.aclose()
+                await _release(response)
                 log.debug("%s: storage URL answered %d; re-resolving", self.host, response.status_code)
             except TransientError:
                 log.debug("%s: storage URL failed; re-resolving", self.host)
@@ -549,7 +550,7 @@ class RegistryClient:
             if response.status_code not in (301, 302, 303, 307, 308):
                 return response
             location = response.headers.get("location")
-            await response.aclose()
+            await _release(response)
             if not location:
                 raise SourceError(f"{self.host}: redirect without a Location")
             url = urljoin(url, location)
@@ -559,7 +560,7 @@ class RegistryClient:
                 response = await self._send("GET", url, headers=headers, kind=kind, to_registry=False)
                 if response.status_code in (200, 206):
                     self._storage_urls[key] = _StorageUrl(url, trio.current_time() + STORAGE_URL_TTL_S)
-        await response.aclose()
+        await _release(response)
         raise SourceError(f"{self.host}: more than {MAX_REDIRECTS} redirects for blob {digest}")
 
     async def read_range(self, digest: Digest, start: int, end: int, blob_size: int) -> bytes:
@@ -598,7 +599,7 @@ class RegistryClient:
                 raise SourceError(f"{self.host}: range {start}-{end} outside blob {digest}")
             raise SourceError(f"{self.host}: range GET answered {status}")
         finally:
-            await response.aclose()
+            await _release(response)
 
     async def get_blob(self, digest: Digest, size: int, limit: int) -> bytes:
         """A whole small blob (the index), verified against its digest and size."""
@@ -614,7 +615,7 @@ class RegistryClient:
                         raise SourceError(f"{self.ref}: GET blob {digest} answered {response.status_code}")
                     body = await _read_exact(response, size, f"{self.ref}: blob {digest}")
                 finally:
-                    await response.aclose()
+                    await _release(response)
                 break
             except TransientError as exc:
                 if attempt >= self.max_attempts:
@@ -652,7 +653,7 @@ class RegistryClient:
 
     async def blob_exists(self, digest: Digest) -> bool:
         response = await self._request("HEAD", f"/v2/{self.ref.repository}/blobs/{digest}", kind="blob-head")
-        await response.aclose()
+        await _release(response)
         return response.status_code == 200
 
     async def upload_blob(
@@ -686,7 +687,7 @@ class RegistryClient:
 
     async def _start_upload(self) -> str:
         response = await self._request("POST", f"/v2/{self.ref.repository}/blobs/uploads/", kind="upload")
-        await response.aclose()
+        await _release(response)
         if response.status_code not in (201, 202):
             raise SourceError(f"{self.ref}: starting an upload answered {response.status_code}")
         return self._upload_location(response)
@@ -711,7 +712,7 @@ class RegistryClient:
                 "Content-Length": str(len(data)),
             }
             response = await self._request("PATCH", location, headers=headers, content=data, kind="upload-chunk")
-            await response.aclose()
+            await _release(response)
             if response.status_code in (400, 404, 416):
                 raise _UploadLost(f"{self.ref}: upload session refused the chunk at {offset} ({response.status_code})")
             if response.status_code != 202:
@@ -725,7 +726,7 @@ class RegistryClient:
     async def _finish_upload(self, location: str, digest: Digest, body: Any, headers: dict[str, str]) -> None:
         url = location + ("&" if "?" in location else "?") + urlencode({"digest": str(digest)})
         response = await self._request("PUT", url, headers=headers, content=body, kind="upload")
-        await response.aclose()
+        await _release(response)
         if response.status_code in (400, 404, 416):
             raise _UploadLost(f"{self.ref}: the upload session of {digest} was lost ({response.status_code})")
         if response.status_code != 201:
@@ -744,6 +745,23 @@ class RegistryClient:
         if response.status_code != 201:
             raise SourceError(f"{self.ref}: PUT manifest answered {response.status_code}: {text[:200]}")
         return Digest.of(body)
+
+
+async def _release(response: httpx.Response) -> None:
+    """Done with an answer whose body is not needed (a HEAD, a 401, a redirect, an upload's 202):
+    a small body is read to its end first, so that the connection goes back to the pool. Closed
+    unread, the connection is closed too, and the next request pays a new TCP (and TLS) handshake:
+    a round trip after every HEAD and every 401. A large body (a whole blob answering a range)
+    is never read: dropping the connection is cheaper."""
+    if not response.is_stream_consumed and not response.is_closed:
+        try:
+            length = int(response.headers.get("content-length", "-1"))
+        except ValueError:
+            length = -1
+        if response.request.method == "HEAD" or 0 <= length <= MAX_DRAIN_BYTES:
+            with contextlib.suppress(httpx.HTTPError):
+                await response.aread()
+    await response.aclose()
 
 
 def check_content_range(value: str, start: int, end: int, blob_size: int) -> None:

@@ -221,3 +221,14 @@ def test_the_index_and_the_range_probe_are_fetched_together(proxy: QuirkProxy) -
     assert proxy.state.blob_gets_met
     ranges = [h.get("range") for m, p, h in proxy.state.seen if m == "GET" and "/blobs/" in p]
     assert sorted(ranges, key=str) == [None, "bytes=0-0"]  # the whole index, one byte of data
+
+
+@pytest.mark.parametrize("bearer", [False, True])
+def test_answers_without_a_needed_body_leave_the_connection_reusable(bearer: bool, proxy: QuirkProxy) -> None:
+    """The tag's HEAD (and with bearer auth its 401) are read to their end, so the next request
+    reuses the connection instead of paying a new handshake (a round trip each)."""
+    proxy.state.bearer = bearer
+    trio.run(open_registry, f"{proxy.host}/fixtures/mixed:v1", RegistryOptions())
+    manifests = [i for i, (m, p, _) in enumerate(proxy.state.seen) if "/manifests/" in p]
+    assert len(manifests) == (3 if bearer else 2)  # (HEAD 401), HEAD, GET by digest
+    assert len({proxy.state.ports[i] for i in manifests}) == 1
