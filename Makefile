@@ -4,9 +4,10 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# squashfuse squashfs-tools httpfs2 nginx-light curl git: the peers of the benchmark smoke test (< 2 MB)
+# squashfuse squashfs-tools httpfs2 nginx-light curl git: the peers of the benchmark smoke test (< 2 MB);
+# openssl: the test token issuer signs JWTs with its CLI (no crypto dependency)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd \
-  squashfuse squashfs-tools httpfs2 nginx-light curl git
+  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 

@@ -12,11 +12,10 @@ import logging
 import os
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from blobmount import __version__
 from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, UsageError, exit_code_for
@@ -24,7 +23,7 @@ from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, 
 if TYPE_CHECKING:
     from blobmount.index import IndexView
     from blobmount.reference import Reference
-    from blobmount.registry.client import RegistryOptions
+    from blobmount.registry.options import RegistryOptions
     from blobmount.source import Archive
 
 log = logging.getLogger("blobmount")
@@ -92,7 +91,7 @@ def _registry_parent() -> argparse.ArgumentParser:
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
     """Registry settings from flags; secrets only from stdin or a file, never argv or BLOBMOUNT_*."""
     from blobmount.registry.auth import Credentials, read_password_file
-    from blobmount.registry.client import RegistryOptions
+    from blobmount.registry.options import RegistryOptions
 
     creds = None
     if args.username:
@@ -220,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--level", type=int, default=3)
     push.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
     push.add_argument("--created", help="RFC 3339 creation time (default: $SOURCE_DATE_EPOCH, else now)")
+    push.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a terminal")
 
     ins = sub.add_parser("inspect", help="show what an archive is: digests, sizes, entries", parents=[reg, common])
     ins.add_argument("archive")
@@ -349,6 +349,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
         finally:
             await archive.data.aclose()
 
+    import tempfile
+
     import trio
 
     # Decoded zstd content is spooled to a private temp dir: verified before the first byte leaves.
@@ -368,12 +370,14 @@ def cmd_push(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"--annotation {item!r}: expected KEY=VALUE")
         notes[key] = value
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="blobmount-push-") as tmp:
         if args.archive:
             archive_dir = Path(args.src)
         else:
             archive_dir = Path(tmp)
-            create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level))
+            create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level, args.progress))
         if args.ref.startswith("oci:"):
             print(f"{args.ref}@{_push_oci(archive_dir, args.ref[4:], args.created, notes)}")
             return EXIT_OK
@@ -382,7 +386,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         from blobmount.reference import Reference
 
         ref = Reference.parse(args.ref)
-        digest = trio.run(_push, archive_dir, ref, registry_options(args), args.created, notes)
+        digest = trio.run(_push, archive_dir, ref, registry_options(args), args.created, notes, args.progress)
     print(f"{ref.registry}/{ref.repository}@{digest}")
     return EXIT_OK
 
@@ -396,11 +400,16 @@ def _push_oci(archive_dir: Path, spec: str, created: str | None, notes: dict[str
 
 
 async def _push(
-    archive_dir: Path, ref: Reference, options: RegistryOptions, created: str | None, notes: dict[str, str]
+    archive_dir: Path,
+    ref: Reference,
+    options: RegistryOptions,
+    created: str | None,
+    notes: dict[str, str],
+    progress: bool | None,
 ) -> str:
     from blobmount.registry.push import push_archive
 
-    return str(await push_archive(archive_dir, ref, options, created=created, annotations=notes))
+    return str(await push_archive(archive_dir, ref, options, created=created, annotations=notes, progress=progress))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -425,12 +434,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _chunk_size(text: str | None) -> int:
-    from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES
+def _chunk_size(text: str | None) -> int | None:
+    """--chunk-size, checked; None for the chunk store's default."""
     from blobmount.config import parse_size
 
     if text is None:
-        return DEFAULT_CHUNK_SIZE_BYTES
+        return None
     size = parse_size(text)
     if not (4 << 10) <= size <= (64 << 20) or size & (size - 1):
         raise UsageError(f"--chunk-size {text}: a power of two from 4K to 64M")
@@ -536,7 +545,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.config import MountConfig, parse_size, split_o_options
-    from blobmount.mount import run_mount
 
     if not args.source or not args.mountpoint:
         raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
@@ -570,7 +578,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         registry=registry_options(args),
         metrics=args.metrics,
     )
-    return run_mount(config)
+    # the source is opened on a thread from here on: its round trips to a registry overlap the
+    # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
+    from blobmount.sources import Opening
+
+    opening = Opening(
+        config.source,
+        config.registry,
+        cache_dir=config.cache_dir,
+        cache_size=config.cache_size,
+        chunk_size=config.chunk_size,
+        offline=config.offline,
+    )
+    opening.wait_talking()
+    from blobmount.mount import run_mount
+
+    return run_mount(config, opening)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -654,5 +677,27 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
     return main(["mount", positional[0], positional[1], *options])
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End the process without tearing the interpreter down: once a command is done nothing is
+    left to clean up (files are closed, temporary directories gone, the daemon is its own
+    process), and freeing every module of the mount's parent takes 15-45 ms that the caller of
+    `blobmount SOURCE MNT` would wait for. Logging and the standard streams are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
+            stream.flush()
+    os._exit(code)
+
+
+def run() -> NoReturn:
+    """The `blobmount` command (console script and `python -m blobmount.cli`)."""
+    _exit_now(main())
+
+
+def run_mount_helper() -> NoReturn:
+    """The `mount.fuse.blobmount` command."""
+    _exit_now(mount_helper())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES
 from blobmount.errors import UsageError
-from blobmount.registry.client import RegistryOptions
+from blobmount.registry.options import RegistryOptions
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -35,7 +34,8 @@ class MountConfig:
     cache_size: int = 10 << 30
     verify: str = "lazy"
     verify_threshold: int = 4 << 20
-    chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES
+    chunk_size: int | None = None  # None: the chunk store's default (not imported here: the mount path
+    # imports this module before it starts opening the source, and the cache package is not cheap)
     offline: bool = False
     prefetch: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
     read_ahead_kb: int = 1024  # the kernel's read-ahead for the mount (0: leave its default)

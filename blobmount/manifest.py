@@ -20,6 +20,15 @@ MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 EMPTY_CONFIG = b"{}"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 CREATED_ANNOTATION = "org.opencontainers.image.created"
+LIST_MEDIA_TYPES = {
+    "application/vnd.oci.image.index.v1+json": "an OCI image index",
+    "application/vnd.docker.distribution.manifest.list.v2+json": "a Docker manifest list",
+}
+DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+IMAGE_CONFIG_MEDIA_TYPES = (
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+)
 MAX_INDEX_BYTES = 1 << 30  # ~10M entries of ~100 bytes; far above the reference's 8 MiB refusal
 MAX_MANIFEST_BYTES = 4 << 20  # the distribution spec's suggested manifest limit
 
@@ -108,14 +117,23 @@ def parse_manifest(body: bytes, what: str) -> tuple[tuple[str, int], tuple[str, 
     if not isinstance(doc, dict):
         raise InvalidArchive(f"{what}: manifest is not a JSON object")
     media = doc.get("mediaType")
-    if media == "application/vnd.oci.image.index.v1+json" or "manifests" in doc:
-        raise InvalidArchive(f"{what}: names an image index, not a blob archive")
+    if not isinstance(media, str | None):  # a hostile value must be refused, not crash a lookup
+        raise InvalidArchive(f"{what}: mediaType is not a string")
+    if media in LIST_MEDIA_TYPES or "manifests" in doc:
+        kind = LIST_MEDIA_TYPES.get(str(media), "an image index")
+        raise InvalidArchive(f"{what}: names {kind} (a list of images or artifacts), not a blob archive")
+    if media == DOCKER_MANIFEST_MEDIA_TYPE:
+        raise InvalidArchive(f"{what}: names a Docker container image, not a blob archive")
     if media != MANIFEST_MEDIA_TYPE or doc.get("schemaVersion") != 2:
         raise InvalidArchive(f"{what}: not an OCI image manifest (mediaType {str(media)[:80]!r})")
+    config = doc.get("config")
+    config_media = config.get("mediaType") if isinstance(config, dict) else None
+    if isinstance(config_media, str) and config_media in IMAGE_CONFIG_MEDIA_TYPES:
+        raise InvalidArchive(f"{what}: names a container image (config {config_media}), not a blob archive")
     if doc.get("artifactType") != ARTIFACT_TYPE:
         raise InvalidArchive(
             f"{what}: artifactType {str(doc.get('artifactType'))[:80]!r} is not {ARTIFACT_TYPE!r}"
-            " (a container image or another artifact)"
+            " (another kind of artifact, not a blob archive)"
         )
     layers = doc.get("layers")
     if not isinstance(layers, list) or len(layers) != 2:

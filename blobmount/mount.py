@@ -38,7 +38,7 @@ from blobmount.notify import notify, watchdog
 from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.source import Archive
-from blobmount.sources import RemoteSettings, open_archive
+from blobmount.sources import Opening, RemoteSettings, open_archive
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,19 @@ def _lazy_unmount(path: Path) -> None:
         raise UsageError(f"mountpoint {path}: stale mount could not be unmounted: {result.stderr.strip()}")
 
 
-def prepare(config: MountConfig) -> Prepared:
+def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
+    """`opening`: the source already being opened on a thread (cli.py starts it before importing
+    this module); None opens it here."""
     check_mountpoint(config.mountpoint)
-    cache = CacheDir(config.cache_dir or default_cache_dir(), config.cache_size)
-    store = ContentStore(cache)
     metrics_socket = introspect.open_metrics_socket(config.metrics) if config.metrics else None
     notify(f"STATUS=opening {config.source}")
-    settings = RemoteSettings(cache, config.chunk_size, config.offline)
-    archive = open_archive(config.source, config.registry, settings)
+    if opening is not None:
+        archive, cache = opening.result()
+    else:
+        cache = CacheDir(config.cache_dir or default_cache_dir(), config.cache_size)
+        settings = RemoteSettings(cache, config.chunk_size, config.offline)
+        archive = open_archive(config.source, config.registry, settings)
+    store = ContentStore(cache)
     notify(f"STATUS=checking the index of {archive.name}")
     meta = MetaStore(cache)
     digest_hex = archive.index_digest.removeprefix("sha256:")
@@ -291,8 +296,8 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
     return EXIT_OK
 
 
-def run_mount(config: MountConfig) -> int:
-    prep = prepare(config)
+def run_mount(config: MountConfig, opening: Opening | None = None) -> int:
+    prep = prepare(config, opening)
     if config.foreground:
         return serve(prep, None)
     read_fd, write_fd = os.pipe()

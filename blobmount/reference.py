@@ -61,7 +61,10 @@ class Reference:
         if "://" in text:
             raise UsageError(f"reference {text[:100]!r}: give registry/repo[:tag], not a URL")
         rest, at, digest_text = text.partition("@")
-        digest = Digest.parse(digest_text) if at else None
+        try:
+            digest = Digest.parse(digest_text) if at else None
+        except UsageError as exc:
+            raise UsageError(f"reference {text[:100]!r}: {exc}") from None
         first, slash, remainder = rest.partition("/")
         if slash and (("." in first or ":" in first) or first == "localhost" or first.startswith("[")):
             registry, path = first, remainder
@@ -85,6 +88,12 @@ class Reference:
         if not repo:
             raise UsageError(f"reference {text[:100]!r}: no repository")
         for part in repo.split("/"):
+            if not part:
+                raise UsageError(f"reference {text[:100]!r}: empty repository component ('//' or a '/' at an end)")
+            if ":" in part:
+                raise UsageError(
+                    f"reference {text[:100]!r}: ':' in the repository name (only one tag, after the last '/')"
+                )
             if not _COMPONENT.fullmatch(part):
                 raise UsageError(
                     f"reference {text[:100]!r}: repository component {part[:100]!r} must be lowercase"

@@ -133,6 +133,8 @@ class _Active:
 class FaultProxy(QuirkProxy):
     """QuirkProxy + faults. Thread-safe: tests add and clear faults while requests are served."""
 
+    streams_bodies = False  # every answer goes through answer(), where the faults are
+
     def __init__(self, upstream: str, *, seed: int = 0, **kwargs: Any) -> None:
         self._active = _Active()
         self._rng = random.Random(seed)

@@ -1,8 +1,12 @@
 """The index blob: reading (:mod:`view`), building (:mod:`build`) and path rules (:mod:`paths`).
 
-This package is the only importer of ``flatbuffers``."""
+This package is the only importer of ``flatbuffers``, and only the builder needs it: `build_index`
+and `EntryRecord` are loaded on first use, so reading an index (every mount) never imports it."""
 
-from blobmount.index.build import EntryRecord, build_index
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from blobmount.index.view import (
     COMPRESSION_NONE,
     COMPRESSION_ZSTD,
@@ -24,3 +28,14 @@ __all__ = [
     "Order",
     "build_index",
 ]
+
+if TYPE_CHECKING:
+    from blobmount.index.build import EntryRecord, build_index
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("EntryRecord", "build_index"):
+        from blobmount.index import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,16 +21,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
+import os
 import random
 import ssl
+import time
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
+import httpcore  # noqa: F401  httpx loads it with the first client; here it is loaded before a mount's first request
 import httpx
 import trio
 
@@ -42,9 +45,13 @@ from blobmount.errors import (
     NotFound,
     SourceError,
     TransientError,
+    UsageError,
 )
 from blobmount.reference import Digest, Reference, host_matches
 from blobmount.registry.auth import Challenge, Credentials, find_credentials, parse_www_authenticate
+from blobmount.registry.options import DEFAULT_TIMEOUT_S, Endpoint, RegistryOptions
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Endpoint", "RangeNotSupported", "RegistryClient", "RegistryOptions"]
 from blobmount.registry.wire import WirePool, WireResponse
 
 log = logging.getLogger(__name__)
@@ -57,15 +64,20 @@ MANIFEST_ACCEPT = ", ".join(
         "application/vnd.docker.distribution.manifest.list.v2+json",
     )
 )
-DEFAULT_TIMEOUT_S = 30.0  # total time of one operation across retries (DESIGN §8 --timeout)
 CONNECT_TIMEOUT_S = 10.0
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 MAX_ATTEMPTS = 6  # with backoff capped at 5 s this stays inside a 30 s budget
 STORAGE_URL_TTL_S = 300.0  # presigned storage URLs commonly live 10-20 minutes: re-resolve before
-TOKEN_MARGIN_S = 10.0  # refresh a bearer token this long before it expires
+TOKEN_MARGIN_S = 10.0  # refresh a bearer token this long before it expires (a request takes time) ...
+TOKEN_MARGIN_FRACTION = 0.25  # ... but at most this part of its life: a 4 s token is still used for 3 s
 DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default when expires_in is absent
+TOKEN_CLIENT_ID = "blobmount"  # the OAuth2 client_id the token spec asks refresh-token requests to name
+MAX_TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few KiB; a hostile realm must not fill memory
 MAX_REDIRECTS = 5
+MAX_DRAIN_BYTES = 64 << 10  # an unneeded body up to this size is read so its connection is reused
+UPLOAD_ATTEMPTS = 3  # whole-upload restarts (each request inside is retried on its own as well)
+UPLOAD_BLOCK_BYTES = 1 << 20  # a monolithic upload streams the body in blocks of this size
 USER_AGENT = f"blobmount/{__version__}"
 
 
@@ -73,27 +85,24 @@ class RangeNotSupported(SourceError):
     """The server answered a range request with the whole body (200)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A mirror of a registry (from --mirror or hosts.toml): where to send the same requests."""
-
-    host: str  # host[:port]
-    plain_http: bool | None = None  # None: loopback plain, else HTTPS (and --plain-http)
-    insecure: bool = False  # skip TLS verification for this host only
-    ca_file: Path | None = None
-    resolve: bool = True  # may answer tag lookups (containerd's "resolve" capability)
+BlobReader = Callable[[int, int], Awaitable[bytes]]  # (offset, length) -> those bytes of the blob
 
 
-@dataclass(frozen=True, slots=True)
-class RegistryOptions:
-    plain_http: tuple[str, ...] = ()  # HOST[:PORT] talked to over plain HTTP
-    insecure: tuple[str, ...] = ()  # HOST[:PORT] whose TLS certificate is not verified
-    ca_file: Path | None = None
-    credentials: Credentials | None = None  # explicit --username/--password-*; else the files
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    max_connections: int = 8
-    mirrors: tuple[str, ...] = ()  # --mirror HOST[:PORT], tried in order before the origin
-    hosts_dir: Path | None = None  # containerd-style HOST/hosts.toml (default /etc/blobmount/certs.d)
+def bytes_reader(data: bytes) -> BlobReader:
+    async def read_at(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
+    return read_at
+
+
+async def _stream(read_at: BlobReader, size: int, block: int) -> AsyncIterator[bytes]:
+    offset = 0
+    while offset < size:
+        data = await read_at(offset, min(block, size - offset))
+        if not data:
+            raise SourceError(f"blob source ended at {offset} of {size} bytes")
+        offset += len(data)
+        yield data
 
 
 @functools.cache
@@ -118,6 +127,15 @@ def _unverified_context() -> ssl.SSLContext:
     return context
 
 
+def _plain_verify() -> ssl.SSLContext | bool:
+    """TLS settings of a client that speaks plain HTTP: none, unless an HTTPS proxy from the
+    environment is in the way (its certificate is verified like any other)."""
+    names = ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(name, "").lower().startswith("https:") for name in names):
+        return tls_context(None)
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying `exc` may succeed (the one predicate the retry loops use)."""
     return isinstance(exc, TransientError)
@@ -133,16 +151,21 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
+class _UploadLost(TransientError):
+    """The registry no longer accepts this upload session: start the upload over."""
+
+
 class _RetryLater(TransientError):
-    def __init__(self, message: str, retry_after_s: float | None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None, status: int = 0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.status = status
 
 
 @dataclass(slots=True)
 class _Token:
     header: str
-    expires_at: float  # trio.current_time() clock
+    refresh_at: float  # trio.current_time() clock: from then on a new token is fetched before sending
 
 
 @dataclass(slots=True)
@@ -189,60 +212,108 @@ class RegistryClient:
         self.host = host
         self.scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         self.stats = Stats()
-        verify: ssl.SSLContext | bool = tls_context(None)
-        ca_file = endpoint.ca_file if endpoint and endpoint.ca_file else self.options.ca_file
-        if any(host_matches(h, host) for h in self.options.insecure) or (endpoint and endpoint.insecure):
-            verify = False
-        elif ca_file is not None:
-            verify = tls_context(str(ca_file))
-        self._http = httpx.AsyncClient(
+        self._transport = transport
+        self._ca_file = endpoint.ca_file if endpoint and endpoint.ca_file else self.options.ca_file
+        self._insecure = any(host_matches(h, host) for h in self.options.insecure) or bool(
+            endpoint and endpoint.insecure
+        )
+        self._http_client: httpx.AsyncClient | None = None
+        self._storage_client: httpx.AsyncClient | None = None
+        self._plain_client: httpx.AsyncClient | None = None
+        # a mirror gets only what is stored for the mirror's own host, never the origin's
+        # credentials (--username, or the files' entry for the origin)
+        self._creds_host = endpoint.host if endpoint else ref.registry
+        self._creds = None if endpoint else self.options.credentials
+        self._creds_loaded = self._creds is not None
+        self._token: _Token | None = None
+        self._challenge: Challenge | None = None
+        self._basic = False
+        self._auth_lock = trio.Lock()
+        self._shared_loaded = False
+        self._storage_urls: dict[str, _StorageUrl] = {}
+        self._resolved_body: tuple[Digest, bytes] | None = None
+        self._wire: dict[str, WirePool] = {}
+        self._retry_streak = 0  # retries since the last good answer: log levels escalate on it
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The client for this registry, made on first use. A plain-HTTP registry gets no TLS
+        context at all (loading the CA store costs 15-90 ms of a mount's start)."""
+        if self._http_client is None:
+            verify = _plain_verify()
+            if self.base.startswith("https:") and not self._insecure:
+                verify = tls_context(str(self._ca_file) if self._ca_file else None)
+            self._http_client = self._new_client(verify)
+        return self._http_client
+
+    def _elsewhere(self, url: str) -> httpx.AsyncClient:
+        """The client for other hosts (storage, token realms), made on first use: TLS always
+        verified, never with this registry's --insecure (--ca-file only adds trust, so it applies);
+        plain-HTTP URLs get a client without a TLS context."""
+        if url.startswith("http:"):
+            if self._plain_client is None:
+                self._plain_client = self._new_client(_plain_verify())
+            return self._plain_client
+        if self._storage_client is None:
+            self._storage_client = self._new_client(
+                tls_context(str(self.options.ca_file) if self.options.ca_file else None)
+            )
+        return self._storage_client
+
+    def _same_origin(self, url: str) -> bool:
+        """Whether `url` is this registry (scheme and host:port): only then our client, its TLS
+        settings and our Authorization header are used."""
+        parts, base = urlsplit(url), urlsplit(self.base)
+        return (parts.scheme, parts.netloc) == (base.scheme, base.netloc)
+
+    def _new_client(self, verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=self.options.max_connections),
             follow_redirects=False,
             trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
             headers={"User-Agent": USER_AGENT},
-            transport=transport,
+            transport=self._transport,
         )
-        # a separate client for storage hosts: no proxy-auth leakage, TLS always verified
-        self._storage = httpx.AsyncClient(
-            verify=tls_context(None),
-            timeout=httpx.Timeout(self.options.timeout_s, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=self.options.max_connections),
-            follow_redirects=False,
-            trust_env=True,
-            headers={"User-Agent": USER_AGENT},
-            transport=transport,
-        )
-        self._creds = self.options.credentials
-        self._creds_loaded = self._creds is not None
-        self._token: _Token | None = None
-        self._challenge: Challenge | None = None
-        self._basic = False
-        self._auth_lock = trio.Lock()
-        self._storage_urls: dict[str, _StorageUrl] = {}
-        self._transport = transport
-        self._registry_ssl: ssl.SSLContext = verify if isinstance(verify, ssl.SSLContext) else _unverified_context()
-        self._wire: dict[str, WirePool] = {}
-        self._retry_streak = 0  # retries since the last good answer: log levels escalate on it
+
+    def _registry_tls(self) -> ssl.SSLContext:
+        """The fast path's TLS settings for this registry: the same trust as its httpx client."""
+        if self._insecure:
+            return _unverified_context()
+        return tls_context(str(self._ca_file) if self._ca_file else None)
 
     async def aclose(self) -> None:
         for pool in self._wire.values():
             await pool.aclose()
-        await self._http.aclose()
-        await self._storage.aclose()
+        for client in (self._http_client, self._storage_client, self._plain_client):
+            if client is not None:
+                await client.aclose()
+        self._http_client = self._storage_client = self._plain_client = None
 
     # -- auth ----------------------------------------------------------------------------------
 
     def _credentials(self) -> Credentials | None:
         if not self._creds_loaded:
-            self._creds = find_credentials(self.ref.registry)
+            self._creds = find_credentials(self._creds_host)
             self._creds_loaded = True
         return self._creds
 
+    def _load_shared(self) -> None:
+        """Start from what another client of the same options learned (the mount's parent, for
+        the daemon): the challenge, a token still valid, or that basic auth is wanted."""
+        self._shared_loaded = True
+        shared = self.options.auth_cache.get(self.base, self.scope)
+        if shared is None:
+            return
+        self._challenge, self._basic = shared.challenge, shared.basic
+        remaining = shared.refresh_at - time.monotonic()
+        if shared.header is not None and remaining > 0:
+            self._token = _Token(shared.header, trio.current_time() + remaining)
+
     def _auth_header(self) -> str | None:
         if self._token is not None:
-            if trio.current_time() < self._token.expires_at - TOKEN_MARGIN_S:
+            if trio.current_time() < self._token.refresh_at:
                 return self._token.header
             return None
         if self._basic:
@@ -266,43 +337,64 @@ class RegistryClient:
                 if self._basic:
                     raise AuthError(f"{self.host}: credentials refused (basic auth)")
                 self._basic = True
+                self.options.auth_cache.put_basic(self.base, self.scope)
                 return
             raise AuthError(f"{self.host}: 401 without a usable WWW-Authenticate challenge")
 
     async def _fetch_token(self, challenge: Challenge) -> None:
+        """A bearer token from the challenge's realm (the distribution token spec): an OAuth2 POST
+        when we hold an identity (refresh) token, else a GET, with basic credentials when we have
+        them (anonymous otherwise: public repositories hand out pull tokens)."""
         realm = challenge.params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):
             raise AuthError(f"{self.host}: bearer challenge without a usable realm")
-        query = {"scope": self.scope}
+        where = f"{self.host}: token endpoint {urlsplit(realm).netloc}"
+        form = {"scope": self.scope}
         if challenge.params.get("service"):
-            query["service"] = challenge.params["service"]
+            form["service"] = challenge.params["service"]
         creds = self._credentials()
-        headers = {}
-        if creds is not None and creds.username and creds.password:
-            headers["Authorization"] = creds.basic_header()
-        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        self.stats.count("token")
+        headers = {"Accept": "application/json"}
+        if creds is not None and creds.identity_token:
+            method, url = "POST", realm
+            form.update(grant_type="refresh_token", refresh_token=creds.identity_token, client_id=TOKEN_CLIENT_ID)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            content: bytes | None = urlencode(form).encode()
+        else:
+            method, url, content = "GET", realm + ("&" if "?" in realm else "?") + urlencode(form), None
+            if creds is not None and creds.username and creds.password:
+                headers["Authorization"] = creds.basic_header()
+        # the realm on the registry's own host shares its connections and TLS settings
+        same_host = self._same_origin(realm)
         try:
-            response = await self._storage.get(url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise TransientError(f"{self.host}: token endpoint unreachable: {type(exc).__name__}") from exc
-        if response.status_code in (401, 403):
-            raise AuthError(f"{self.host}: token endpoint refused the credentials ({response.status_code})")
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _RetryLater(f"{self.host}: token endpoint answered {response.status_code}", _retry_after_s(response))
-        if response.status_code != 200:
-            raise AuthError(f"{self.host}: token endpoint answered {response.status_code}")
+            response = await self._send(
+                method, url, headers=headers, content=content, kind="token", to_registry=same_host
+            )
+        except _RetryLater as exc:
+            raise _RetryLater(f"{where} answered {exc.status}", exc.retry_after_s) from exc
+        except TransientError as exc:
+            raise TransientError(f"{where} unreachable ({exc})") from exc
         try:
-            doc = response.json()
+            if response.status_code in (401, 403):
+                refused = "refused the credentials" if creds is not None else "refused an anonymous token"
+                raise AuthError(f"{where} {refused} ({response.status_code})")
+            if response.status_code != 200:
+                raise AuthError(f"{where} answered {response.status_code}")
+            body = await _read_limited(response, MAX_TOKEN_ANSWER_BYTES, where)
+        finally:
+            await response.aclose()
+        try:
+            doc = json.loads(body)
         except ValueError as exc:
-            raise AuthError(f"{self.host}: token endpoint answered something that is not JSON") from exc
-        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+            raise AuthError(f"{where} answered something that is not JSON") from exc
+        token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
-            raise AuthError(f"{self.host}: token endpoint answered no token")
+            raise AuthError(f"{where} answered no token")
         lifetime = doc.get("expires_in")
         seconds = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else DEFAULT_TOKEN_LIFETIME_S
-        self._token = _Token(f"Bearer {token}", trio.current_time() + seconds)
+        margin = min(TOKEN_MARGIN_S, seconds * TOKEN_MARGIN_FRACTION)
+        self._token = _Token(f"Bearer {token}", trio.current_time() + seconds - margin)
         self._challenge = challenge
+        self.options.auth_cache.put_token(self.base, self.scope, challenge, self._token.header, seconds - margin)
         log.debug("%s: bearer token for %s, valid %.0f s", self.host, self.scope, seconds)
 
     # -- requests ------------------------------------------------------------------------------
@@ -318,7 +410,7 @@ class RegistryClient:
         to_registry: bool = True,
     ) -> httpx.Response:
         """One HTTP exchange with the body streamed; errors translated, nothing retried here."""
-        client = self._http if to_registry else self._storage
+        client = self._http if to_registry else self._elsewhere(url)
         request = client.build_request(method, url, headers=dict(headers or {}), content=content)
         self.stats.count(kind)
         try:
@@ -348,8 +440,8 @@ class RegistryClient:
         elif isinstance(response.stream, httpx.AsyncByteStream):
             response.stream = _CountedStream(response.stream, kind)
         if status == 429 or status in (500, 502, 503, 504):
-            await response.aclose()
-            raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response))
+            await _release(response)
+            raise _RetryLater(f"{urlsplit(url).netloc}: {method} answered {status}", _retry_after_s(response), status)
         return response
 
     async def _request(
@@ -368,26 +460,30 @@ class RegistryClient:
         url = path if path.startswith(("http://", "https://")) else self.base + path
         attempt = 0
         auth_retries = 0
+        if not self._shared_loaded:
+            self._load_shared()
         while True:
             attempt += 1
             used = self._auth_header()
-            if used is None and (self._token is not None or self._basic):
+            if used is None and (self._token is not None or self._basic or self._challenge is not None):
                 used = await self._refresh_expired()
             hdrs = dict(headers or {})
-            if used:
+            if used and self._same_origin(url):  # never to another host
                 hdrs["Authorization"] = used
             try:
-                response = await self._send(method, url, headers=hdrs, content=content, kind=kind)
+                response = await self._send(
+                    method, url, headers=hdrs, content=content, kind=kind, to_registry=self._same_origin(url)
+                )
                 if response.status_code == 401 and auth_retries < 2:
-                    await response.aclose()
-                    await self._authenticate(response, used)
-                    auth_retries += 1  # only once a token came: a failing token endpoint is transient
+                    await _release(response)
+                    await self._authenticate(response, used)  # a failing token endpoint is retried
+                    auth_retries += 1  # ... as a transient error, without using up these
                     continue
                 if response.status_code == 401:
-                    await response.aclose()
-                    raise AuthError(f"{self.host}: {method} {_short(url)}: credentials refused (401)")
+                    await _release(response)
+                    raise AuthError(f"{self.host}: {method} {_short(url)}: {self._refusal(response)}")
                 if response.status_code == 403:
-                    await response.aclose()
+                    await _release(response)
                     raise AuthError(f"{self.host}: {method} {_short(url)}: access denied (403)")
                 return response
             except BlobmountError as exc:
@@ -395,6 +491,16 @@ class RegistryClient:
                 if not retry or not is_transient(exc) or attempt >= self.max_attempts or not replayable:
                     raise
                 await self._backoff(attempt, exc)
+
+    def _refusal(self, response: httpx.Response) -> str:
+        """Why a request stayed unauthorized after fresh credentials: the one line the user sees."""
+        challenges = parse_www_authenticate(response.headers.get("www-authenticate", ""))
+        errors = {c.params.get("error") for c in challenges}
+        if self._credentials() is None:
+            return f"authentication required and no credentials found for {self._creds_host} (401)"
+        if "insufficient_scope" in errors:
+            return f"access denied: the credentials do not grant {self.scope} (401 insufficient_scope)"
+        return "credentials refused (401)"
 
     async def _refresh_expired(self) -> str | None:
         """The token aged out: fetch a new one with the last challenge before sending, so reads in
@@ -428,15 +534,19 @@ class RegistryClient:
         tag = self.ref.ref_for_manifest
         path = f"/v2/{self.ref.repository}/manifests/{tag}"
         response = await self._request("HEAD", path, headers={"Accept": MANIFEST_ACCEPT}, kind="manifest-head")
-        await response.aclose()
+        await _release(response)
         if response.status_code == 404:
             raise NotFound(f"{self.ref}: no such tag or repository")
         header = response.headers.get("docker-content-digest")
         if response.status_code == 200 and header:
-            return Digest.parse(header)
-        # HEAD refused or without a digest: GET and hash the body ourselves
+            with contextlib.suppress(UsageError):  # a header we cannot use: hash the body instead
+                return Digest.parse(header)
+        # HEAD refused or without a digest: GET and hash the body ourselves, and keep the body so
+        # that get_manifest(digest) does not fetch it a second time
         body, _ = await self._get_manifest_body(tag)
-        return Digest.of(body)
+        digest = Digest.of(body)
+        self._resolved_body = (digest, body)
+        return digest
 
     async def _get_manifest_body(self, ref: str, limit: int = 4 << 20) -> tuple[bytes, str]:
         path = f"/v2/{self.ref.repository}/manifests/{ref}"
@@ -453,6 +563,8 @@ class RegistryClient:
 
     async def get_manifest(self, digest: Digest) -> bytes:
         """The manifest with this digest, checked: sha256(body) must equal the digest."""
+        if self._resolved_body is not None and self._resolved_body[0] == digest:
+            return self._resolved_body[1]  # hashed to this digest when resolve() fetched it
         body, _ = await self._get_manifest_body(str(digest))
         actual = Digest.of(body)
         if actual != digest:
@@ -473,7 +585,7 @@ class RegistryClient:
                 response = await self._send("GET", cached.url, headers=headers, kind=kind, to_registry=False)
                 if response.status_code in (200, 206, 416):
                     return response
-                await response.aclose()
+                await _release(response)
                 log.debug("%s: storage URL answered %d; re-resolving", self.host, response.status_code)
             except TransientError:
                 log.debug("%s: storage URL failed; re-resolving", self.host)
@@ -485,20 +597,17 @@ class RegistryClient:
             if response.status_code not in (301, 302, 303, 307, 308):
                 return response
             location = response.headers.get("location")
-            await response.aclose()
+            await _release(response)
             if not location:
                 raise SourceError(f"{self.host}: redirect without a Location")
             url = urljoin(url, location)
-            # the registry itself: same scheme too, or a redirect to http:// on the same name
-            # would carry our Authorization header in clear text
-            same_host = urlsplit(url)[:2] == urlsplit(self.base)[:2]
-            if same_host:
+            if self._same_origin(url):
                 response = await self._request("GET", url, headers=headers, kind=kind, retry=retry)
             else:
                 response = await self._send("GET", url, headers=headers, kind=kind, to_registry=False)
                 if response.status_code in (200, 206):
                     self._storage_urls[key] = _StorageUrl(url, trio.current_time() + STORAGE_URL_TTL_S)
-        await response.aclose()
+        await _release(response)
         raise SourceError(f"{self.host}: more than {MAX_REDIRECTS} redirects for blob {digest}")
 
     async def read_range(self, digest: Digest, start: int, end: int, blob_size: int) -> bytes:
@@ -587,7 +696,7 @@ class RegistryClient:
                 return None
             context: ssl.SSLContext | None = None
             if parts.scheme == "https":
-                context = self._registry_ssl if key == self.base else tls_context(None)
+                context = self._registry_tls() if key == self.base else tls_context(None)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             pool = WirePool(
                 parts.scheme, parts.hostname, port, context, USER_AGENT, max_idle=self.options.max_connections
@@ -605,8 +714,10 @@ class RegistryClient:
             url = cached.url
         else:
             url = f"{self.base}/v2/{self.ref.repository}/blobs/{digest}"
+            if not self._shared_loaded:
+                self._load_shared()  # the token the mount fetched before the fork
             auth = self._auth_header()
-            if auth is None and (self._token is not None or self._basic):
+            if auth is None and (self._token is not None or self._basic or self._challenge is not None):
                 return None  # a token to refresh: httpx's path does it under the lock
         pool = self._wire_pool(url)
         if pool is None:
@@ -622,7 +733,13 @@ class RegistryClient:
             metrics.HTTP_REQUESTS.labels(kind="range", code="error").inc()
             raise
         metrics.HTTP_REQUESTS.labels(kind="range", code=str(response.status)).inc()
-        ok = response.status == 206 or (response.status == 200 and start == 0 and end == blob_size)
+        if response.status == 401 and auth is not None and self._token is not None and auth == self._token.header:
+            self._token.refresh_at = 0.0  # refused before its time: the httpx path fetches a new one
+        whole = start == 0 and end == blob_size
+        if response.status == 200 and not whole:  # a range answered with the whole blob: known now
+            await response.aclose()  # dropped unread; asking httpx the same would fetch it again
+            raise RangeNotSupported(f"{self.host}: answered a range request with the whole blob (200)")
+        ok = response.status == 206 or (response.status == 200 and whole)
         encoding = response.headers.get("content-encoding", "identity").lower()
         if not ok or encoding not in ("", "identity") or response.remaining != end - start:
             await response.aclose()
@@ -701,7 +818,7 @@ class RegistryClient:
                         )
                     body = await _read_exact(response, size, f"{self.ref}: blob {digest}")
                 finally:
-                    await response.aclose()
+                    await _release(response)
                 break
             except TransientError as exc:
                 if attempt >= self.max_attempts:
@@ -739,23 +856,82 @@ class RegistryClient:
 
     async def blob_exists(self, digest: Digest) -> bool:
         response = await self._request("HEAD", f"/v2/{self.ref.repository}/blobs/{digest}", kind="blob-head")
-        await response.aclose()
+        await _release(response)
         return response.status_code == 200
 
-    async def upload_blob(self, digest: Digest, size: int, chunks: AsyncIterator[bytes] | bytes) -> None:
-        """Monolithic upload: POST for a session, then PUT ?digest= with the body streamed."""
+    async def upload_blob(
+        self, digest: Digest, size: int, read_at: BlobReader, *, chunk_bytes: int | None = None
+    ) -> None:
+        """Upload a blob the registry lacks. Monolithic (a session, then one PUT ?digest= streaming
+        the whole body) when `chunk_bytes` is None; else chunked (a PATCH per chunk, then an empty
+        PUT ?digest=), so that a failure costs a chunk's retry, not the whole body, and proxies
+        that cap request bodies are never hit. A chunk is retried as it is; when the session itself
+        is lost (a PATCH answered 416/404 because an earlier answer went missing) or a streamed PUT
+        breaks, the upload starts over in a new session, at most UPLOAD_ATTEMPTS times. Before
+        starting over, a HEAD checks whether the blob landed after all."""
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                location = await self._start_upload()
+                if chunk_bytes is None:
+                    body = _stream(read_at, size, UPLOAD_BLOCK_BYTES)
+                    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+                    await self._finish_upload(location, digest, body, headers)
+                else:
+                    location = await self._patch_chunks(location, size, read_at, chunk_bytes)
+                    await self._finish_upload(location, digest, b"", {"Content-Length": "0"})
+                return
+            except TransientError as exc:
+                if await self.blob_exists(digest):
+                    return  # the registry has it: only the answer was lost
+                if attempt >= UPLOAD_ATTEMPTS:
+                    raise
+                log.warning("%s: upload of %s broke (%s); starting it over", self.ref, digest, exc)
+                await self._backoff(attempt, exc)
+
+    async def _start_upload(self) -> str:
         response = await self._request("POST", f"/v2/{self.ref.repository}/blobs/uploads/", kind="upload")
-        await response.aclose()
+        await _release(response)
         if response.status_code not in (201, 202):
             raise SourceError(f"{self.ref}: starting an upload answered {response.status_code}")
-        location = response.headers.get("location")
+        return self._upload_location(response)
+
+    def _upload_location(self, response: httpx.Response) -> str:
+        location: str | None = response.headers.get("location")
         if not location:
             raise SourceError(f"{self.ref}: upload session without a Location")
-        url = urljoin(self.base + "/", location)
-        url += ("&" if "?" in url else "?") + urlencode({"digest": str(digest)})
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        response = await self._request("PUT", url, headers=headers, content=chunks, kind="upload")
-        await response.aclose()
+        return urljoin(self.base + "/", location)
+
+    async def _patch_chunks(self, location: str, size: int, read_at: BlobReader, chunk_bytes: int) -> str:
+        """PATCH the blob in order, one chunk per request; returns the session's last Location."""
+        offset = 0
+        while offset < size:
+            data = await read_at(offset, min(chunk_bytes, size - offset))
+            if not data:
+                raise SourceError(f"{self.ref}: blob source ended at {offset} of {size} bytes")
+            end = offset + len(data) - 1
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{offset}-{end}",
+                "Content-Length": str(len(data)),
+            }
+            response = await self._request("PATCH", location, headers=headers, content=data, kind="upload-chunk")
+            await _release(response)
+            if response.status_code in (400, 404, 416):
+                raise _UploadLost(f"{self.ref}: upload session refused the chunk at {offset} ({response.status_code})")
+            if response.status_code != 202:
+                raise SourceError(f"{self.ref}: uploading a chunk answered {response.status_code}")
+            if response.headers.get("range", f"0-{end}") != f"0-{end}":
+                raise _UploadLost(f"{self.ref}: upload session holds {response.headers['range']}, not 0-{end}")
+            location = self._upload_location(response)
+            offset = end + 1
+        return location
+
+    async def _finish_upload(self, location: str, digest: Digest, body: Any, headers: dict[str, str]) -> None:
+        url = location + ("&" if "?" in location else "?") + urlencode({"digest": str(digest)})
+        response = await self._request("PUT", url, headers=headers, content=body, kind="upload")
+        await _release(response)
+        if response.status_code in (400, 404, 416):
+            raise _UploadLost(f"{self.ref}: the upload session of {digest} was lost ({response.status_code})")
         if response.status_code != 201:
             raise SourceError(f"{self.ref}: finishing the upload of {digest} answered {response.status_code}")
 
@@ -812,6 +988,23 @@ def _tls_problem(exc: BaseException) -> str | None:
             return "the server does not speak TLS here; use --plain-http HOST[:PORT] if it serves plain HTTP"
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+async def _release(response: httpx.Response) -> None:
+    """Done with an answer whose body is not needed (a HEAD, a 401, a redirect, an upload's 202):
+    a small body is read to its end first, so that the connection goes back to the pool. Closed
+    unread, the connection is closed too, and the next request pays a new TCP (and TLS) handshake:
+    a round trip after every HEAD and every 401. A large body (a whole blob answering a range)
+    is never read: dropping the connection is cheaper."""
+    if not response.is_stream_consumed and not response.is_closed:
+        try:
+            length = int(response.headers.get("content-length", "-1"))
+        except ValueError:
+            length = -1
+        if response.request.method == "HEAD" or 0 <= length <= MAX_DRAIN_BYTES:
+            with contextlib.suppress(httpx.HTTPError):
+                await response.aread()
+    await response.aclose()
 
 
 def check_content_range(value: str, start: int, end: int, blob_size: int) -> None:

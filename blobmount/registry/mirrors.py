@@ -11,13 +11,16 @@ Sources: ``--mirror HOST[:PORT]`` (repeatable, for the reference's registry) and
 Mirrors are never trusted for content: every manifest, index and file is checked against its
 digest, so a mirror can only be slow or wrong, never believed. Any failure of a mirror (down,
 404, auth, a digest mismatch) moves on to the next endpoint, and finally to the origin. A failing
-mirror is skipped for ``MIRROR_BACKOFF_S`` before it is tried again.
+mirror is skipped for ``MIRROR_BACKOFF_S`` before it is tried again. A pull-through cache that has
+not stored a blob yet answers a range with the whole blob (200): that is detected before the body
+is read (the connection is dropped, nothing is downloaded) and the ranges go to the next endpoint
+meanwhile; the cache fills itself from the origin on its own. A mirror never receives the
+origin's credentials: only what the credential files hold for the mirror's own host.
 """
 
 from __future__ import annotations
 
 import logging
-import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -27,7 +30,7 @@ import trio
 
 from blobmount.errors import BlobmountError, UsageError
 from blobmount.reference import Reference
-from blobmount.registry.client import Endpoint, RegistryClient, RegistryOptions
+from blobmount.registry.client import Endpoint, RangeNotSupported, RegistryClient, RegistryOptions
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,16 @@ def load_hosts_toml(hosts_dir: Path, registry: str) -> list[Endpoint]:
     """Mirror endpoints for `registry` from ``hosts_dir/registry/hosts.toml`` (absent: none)."""
     path = hosts_dir / registry / "hosts.toml"
     try:
-        doc = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    import tomllib  # only when there is a file: most mounts have none
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: {exc}") from exc
     hosts = doc.get("host", {})
     if not isinstance(hosts, dict):
@@ -57,13 +66,13 @@ def load_hosts_toml(hosts_dir: Path, registry: str) -> list[Endpoint]:
         caps = conf.get("capabilities", ["pull", "resolve"])
         if not isinstance(caps, list) or "pull" not in caps:
             continue
-        ca = conf.get("ca")
+        ca = conf.get("ca")  # containerd reads a relative path from the hosts.toml's directory
         out.append(
             Endpoint(
                 host=parts.netloc,
                 plain_http=parts.scheme == "http",
                 insecure=bool(conf.get("skip_verify", False)),
-                ca_file=Path(ca) if isinstance(ca, str) else None,
+                ca_file=path.parent / ca if isinstance(ca, str) else None,
                 resolve="resolve" in caps,
             )
         )
@@ -109,7 +118,15 @@ class Endpoints:
                 if i == last:
                     raise
                 self._down_until[i] = trio.current_time() + MIRROR_BACKOFF_S
-                log.warning("mirror %s failed (%s); trying the next endpoint", client.host, exc)
+                if isinstance(exc, RangeNotSupported):  # expected of a cold pull-through cache
+                    log.info(
+                        "mirror %s answers ranges with the whole blob (a pull-through cache that has not"
+                        " stored it yet); the next endpoint serves for %.0f s",
+                        client.host,
+                        MIRROR_BACKOFF_S,
+                    )
+                else:
+                    log.warning("mirror %s failed (%s); trying the next endpoint", client.host, exc)
         raise AssertionError("unreachable: the origin is always tried")  # pragma: no cover
 
     async def aclose(self) -> None:

@@ -1,12 +1,13 @@
 """`blobmount push`: upload an archive's blobs, the empty config and a manifest in the reference's
-exact shape. Blobs the registry already has are skipped; the manifest goes last, so an interrupted
-push never moves the tag."""
+exact shape. Blobs the registry already has are skipped (a HEAD each); large blobs go up in
+chunks; the manifest goes last, so an interrupted push never moves the tag."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
@@ -21,24 +22,58 @@ from blobmount.manifest import (
     created_timestamp,
 )
 from blobmount.reference import Digest, Reference
-from blobmount.registry.client import RegistryClient, RegistryOptions
+from blobmount.registry.client import BlobReader, RegistryClient, RegistryOptions, bytes_reader
 
-UPLOAD_BLOCK_BYTES = 1 << 20
+log = logging.getLogger(__name__)
+
+CHUNKED_ABOVE_BYTES = 64 << 20  # larger blobs go up in chunks: a failure resends one chunk, and
+# proxies in front of registries often cap request bodies near 100 MB
+UPLOAD_CHUNK_BYTES = 16 << 20  # >= 5 MiB, the smallest non-final chunk S3-backed registries accept
+PROGRESS_MIN_BYTES = 16 << 20  # smaller blobs go up too fast for a progress line to help
+PROGRESS_INTERVAL_S = 0.2  # redraw at most this often
 
 
-async def _file_chunks(path: Path, size: int, label: str) -> AsyncIterator[bytes]:
-    show = sys.stderr.isatty() and size >= 16 << 20
-    sent = 0
-    started = time.monotonic()
-    async with await trio.open_file(path, "rb") as f:
-        while block := await f.read(UPLOAD_BLOCK_BYTES):
-            sent += len(block)
-            if show:
-                rate = sent / max(time.monotonic() - started, 1e-6) / 1e6
-                sys.stderr.write(f"\rpush {label}: {sent * 100 // size:3d}% {sent >> 20} MiB {rate:.0f} MB/s")
-            yield block
-    if show:
-        sys.stderr.write("\n")
+class _Progress:
+    """One redrawn line on stderr while a blob goes up (only on a terminal)."""
+
+    def __init__(self, label: str, size: int, enabled: bool) -> None:
+        self.label = label
+        self.size = max(size, 1)
+        self.enabled = enabled
+        self.done = 0
+        self.started = time.monotonic()
+        self._drawn = 0.0
+
+    def update(self, end: int) -> None:
+        """Bytes up to `end` have been handed to the connection (a restarted upload never
+        moves the line backwards)."""
+        self.done = max(self.done, end)
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn >= PROGRESS_INTERVAL_S or self.done >= self.size):
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        pct = min(100, self.done * 100 // self.size)
+        rate = self.done / max(now - self.started, 1e-6) / 1e6
+        bar = "#" * (pct // 4)
+        sys.stderr.write(f"\rpush {self.label} [{bar:<25}] {pct:3d}% {self.done >> 20} MiB {rate:.0f} MB/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            self._draw(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _file_reader(fd: int, progress: _Progress) -> BlobReader:
+    async def read_at(offset: int, length: int) -> bytes:
+        data = await trio.to_thread.run_sync(os.pread, fd, length, offset)
+        progress.update(offset + len(data))
+        return data
+
+    return read_at
 
 
 async def push_archive(
@@ -48,26 +83,33 @@ async def push_archive(
     *,
     created: str | None = None,
     annotations: dict[str, str] | None = None,
+    progress: bool | None = None,
+    chunked_above: int = CHUNKED_ABOVE_BYTES,
+    chunk_bytes: int = UPLOAD_CHUNK_BYTES,
 ) -> Digest:
-    """Push `archive_dir` (index.blob + data.blob) to `ref`; return the manifest digest."""
+    """Push `archive_dir` (index.blob + data.blob) to `ref`; return the manifest digest.
+    `progress` None: a progress line when stderr is a terminal and a blob is large."""
     if ref.digest is not None and ref.tag is None:
         raise UsageError(f"{ref}: push needs a tag, not a digest")
-    index_path, data_path = archive_dir / "index.blob", archive_dir / "data.blob"
     index_desc, data_desc = await trio.to_thread.run_sync(archive_descriptors, archive_dir)
-    index_digest, index_size = index_desc.digest, index_desc.size
-    data_digest, data_size = data_desc.digest, data_desc.size
     client = RegistryClient(ref, options, push=True)
     try:
         config_digest = Digest.of(EMPTY_CONFIG)
         if not await client.blob_exists(config_digest):
-            await client.upload_blob(config_digest, len(EMPTY_CONFIG), EMPTY_CONFIG)
-        for path, digest, size, label in (
-            (index_path, index_digest, index_size, "index"),
-            (data_path, data_digest, data_size, "data"),
-        ):
-            if await client.blob_exists(digest):
+            await client.upload_blob(config_digest, len(EMPTY_CONFIG), bytes_reader(EMPTY_CONFIG))
+        for label, desc in (("index", index_desc), ("data", data_desc)):
+            if await client.blob_exists(desc.digest):
+                log.info("%s: %s blob %s is already there; not uploaded", ref, label, desc.digest)
                 continue
-            await client.upload_blob(digest, size, _file_chunks(path, size, label))
+            show = progress if progress is not None else sys.stderr.isatty() and desc.size >= PROGRESS_MIN_BYTES
+            bar = _Progress(label, desc.size, show)
+            fd = os.open(archive_dir / f"{label}.blob", os.O_RDONLY)
+            try:
+                chunks = chunk_bytes if desc.size > chunked_above else None
+                await client.upload_blob(desc.digest, desc.size, _file_reader(fd, bar), chunk_bytes=chunks)
+            finally:
+                os.close(fd)
+                bar.close()
         notes = {CREATED_ANNOTATION: created_timestamp(created)}
         notes.update(annotations or {})
         manifest = build_manifest(index_desc, data_desc, notes)

@@ -133,20 +133,23 @@ async def open_registry(
             index = meta.get_blob(index_digest.hex, isize) if meta is not None else None
             if index is None:
                 _online(offline, ref, "its index blob")
-                index = await endpoints.first(lambda c: c.get_blob(index_digest, isize, MAX_INDEX_BYTES))
-                if meta is not None:
-                    meta.put_blob(index_digest.hex, index)
             data_digest = Digest.parse(ddigest)
+            flag = f"ranges-ok {ref.registry} {data_digest}"  # probed once per cache
+            probe = bool(dsize) and not offline and not (meta is not None and meta.has_flag(flag))
+            index_fetched = index is None
+            index, probe_error = await _index_and_probe(
+                endpoints, index_digest, isize, data_digest, dsize, index=index, probe=probe
+            )
             log.info("%s: pinned to %s (index %d bytes, data %d bytes)", ref, digest, isize, dsize)
             data: RangeSource = RegistryBlobSource(ref, options, data_digest, dsize)
-            flag = f"ranges-ok {ref.registry} {data_digest}"
-            if dsize and not offline and not (meta is not None and meta.has_flag(flag)):
-                try:
-                    await endpoints.first(lambda c: c.read_range(data_digest, 0, 1, dsize))
-                    if meta is not None:
-                        meta.set_flag(flag)
-                except RangeNotSupported:
-                    data = await _whole_blob_fallback(endpoints.origin, data_digest, dsize, cache)
+            if meta is not None and index_fetched:
+                meta.put_blob(index_digest.hex, index)
+            if meta is not None and probe and probe_error is None:
+                meta.set_flag(flag)
+            if isinstance(probe_error, RangeNotSupported):
+                data = await _whole_blob_fallback(endpoints.origin, data_digest, dsize, cache)
+            elif probe_error is not None:
+                raise probe_error
     except trio.TooSlowError:
         raise SourceError(f"{ref}: registry did not answer within {options.timeout_s * 4:.0f} s") from None
     finally:
@@ -176,6 +179,45 @@ async def _resolve(ref: Reference, endpoints: Endpoints, meta: MetaStore | None,
     if meta is not None:
         meta.put_tag(key, str(digest))
     return digest
+
+
+async def _index_and_probe(
+    endpoints: Endpoints,
+    index_digest: Digest,
+    index_size: int,
+    data_digest: Digest,
+    data_size: int,
+    *,
+    index: bytes | None,
+    probe: bool,
+) -> tuple[bytes, BlobmountError | None]:
+    """The index blob (unless the cache had it: `index`) and a one-byte range of the data blob
+    (when `probe`) at the same time: a round trip less before the mount is ready. The probe's
+    error is returned, so the index's error is the one raised when both fail, and no
+    ExceptionGroup reaches the CLI's one-line errors."""
+    probe_error: list[BlobmountError] = []
+    index_error: list[BlobmountError] = []
+    if index is not None and not probe:
+        return index, None
+
+    async def probe_ranges() -> None:
+        try:
+            await endpoints.first(lambda c: c.read_range(data_digest, 0, 1, data_size))
+        except BlobmountError as exc:
+            probe_error.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        if probe and data_size:  # an empty data blob is never requested
+            nursery.start_soon(probe_ranges)
+        if index is None:
+            try:
+                index = await endpoints.first(lambda c: c.get_blob(index_digest, index_size, MAX_INDEX_BYTES))
+            except BlobmountError as exc:
+                index_error.append(exc)
+                nursery.cancel_scope.cancel()
+    if index_error or index is None:
+        raise index_error[0]
+    return index, probe_error[0] if probe_error else None
 
 
 async def _whole_blob_fallback(

@@ -32,6 +32,7 @@ from blobmount.errors import TransientError
 
 MAX_HEAD_BYTES = 64 << 10  # a status line plus headers larger than this is not a registry's
 RECEIVE_BYTES = 1 << 20  # per receive: amortizes the per-call cost, which dominates at 64 KiB
+HEAD_RECEIVE_BYTES = 16 << 10  # per receive until the headers are in
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -158,7 +159,9 @@ class WirePool:
     async def _read_head(self, conn: _Conn) -> WireResponse:
         buf = b""
         while b"\r\n\r\n" not in buf:
-            data = await conn.stream.receive_some(RECEIVE_BYTES)
+            # small receives: what comes with the headers is read before we know the answer is one
+            # we want (an unwanted body is dropped with the connection, not read)
+            data = await conn.stream.receive_some(HEAD_RECEIVE_BYTES)
             if not data:
                 raise TransientError(f"{self.netloc}: connection closed before a response")
             buf += data

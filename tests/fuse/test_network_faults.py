@@ -313,15 +313,16 @@ TOKEN_FAULTS: dict[str, tuple[Callable[[], Fault], int, bool]] = {  # fault, err
 
 @pytest.mark.parametrize("kind", list(TOKEN_FAULTS))
 def test_token_endpoint_fails(kind: str, proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
-    """Bearer tokens live 11 s, so the client (refreshing 10 s before expiry) asks for a new one
-    for nearly every request: a failing token endpoint is met by every read."""
+    """Bearer tokens live 2 s, so the client (refreshing a quarter of a short token's life before
+    it expires) asks for a new one for nearly every read: a failing token endpoint is met by every
+    read."""
     make, expect, brief = TOKEN_FAULTS[kind]
     proxy.state.bearer = True
-    proxy.state.token_lifetime_s = 11
+    proxy.state.token_lifetime_s = 2
     faults: list[Fault] = []
 
     def on() -> None:
-        time.sleep(1.1)  # let the current token age past its refresh point
+        time.sleep(1.6)  # let the current token age past its refresh point (1.5 s)
         fault = make()
         fault.match = path_prefix("/token")
         faults.append(proxy.add(fault))

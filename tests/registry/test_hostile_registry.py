@@ -71,12 +71,12 @@ CONTAINER_IMAGE = json.dumps(
 
 # name -> (manifest body, exit code, phrase of the one-line error)
 MANIFESTS: dict[str, tuple[bytes, int, str]] = {
-    "image index": (IMAGE_INDEX, 4, "names an image index"),
-    "container image": (CONTAINER_IMAGE, 4, "a container image or another artifact"),
+    "image index": (IMAGE_INDEX, 4, "image index (a list of images or artifacts), not a blob archive"),
+    "container image": (CONTAINER_IMAGE, 4, "names a container image"),
     "docker schema 2": (
         _doc(_set(["mediaType"], "application/vnd.docker.distribution.manifest.v2+json")),
         4,
-        "not an OCI image manifest",
+        "names a Docker container image",
     ),
     "wrong artifactType": (_doc(_set(["artifactType"], "application/x-other")), 4, "artifactType"),
     "extra layer": (_doc(lambda d: d["layers"].append(d["layers"][1])), 4, "exactly 2 layers (index, data), found 3"),

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from blobmount.registry.client import RegistryOptions
 from blobmount.registry.source import RegistryBlobSource, open_registry
 from blobmount.source import Archive
 from tests.helpers import FIXTURE_NAMES, FIXTURES, tree_files
-from tests.servers import QuirkProxy, Registry, start_registry
+from tests.servers import QuirkProxy, Registry
 
 
 def test_push_is_byte_identical_to_the_reference_manifest(registry: Registry, pushed: dict[str, str]) -> None:
@@ -91,15 +90,6 @@ def test_range_reads_fetch_only_what_is_asked(pushed: dict[str, str]) -> None:
     assert fetched == 4096
 
 
-@pytest.fixture
-def auth_registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = start_registry(tmp_path / "authreg", user="alice", password="s3cret pass")
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
 def test_basic_auth(
     auth_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,15 +122,6 @@ async def _push(ref: Reference, options: RegistryOptions) -> Digest:
     from blobmount.registry.push import push_archive
 
     return await push_archive(FIXTURES / "basic", ref, options, created="2024-01-02T03:04:05Z")
-
-
-@pytest.fixture
-def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
-    p = QuirkProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _read_through(proxy: QuirkProxy, name: str, start: int, end: int, **kw: object) -> bytes:
@@ -258,68 +239,3 @@ def test_password_stdin(
     assert main(["ls", str(ref), "--username", "alice", "--password-stdin"]) == 0
     assert "top.md" in capsys.readouterr().out
     assert main(["ls", str(ref), "--password-stdin"]) == 2  # a password without a user is a usage error
-
-
-@pytest.fixture
-def mirror(registry: Registry, tmp_path: Path) -> Iterator[Registry]:
-    """A pull-through cache (docker-registry in proxy mode) in front of the session registry."""
-    reg = start_registry(tmp_path / "mirror", proxy_of=registry.host)
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
-def _mirror_hits(mirror: Registry) -> list[str]:
-    log = (mirror.root / "registry.log").read_text(errors="replace")
-    return [line for line in log.splitlines() if '"GET /v2/fixtures/' in line or '"HEAD /v2/fixtures/' in line]
-
-
-def test_reads_go_through_a_mirror_first(
-    registry: Registry, mirror: Registry, pushed: dict[str, str], capsysbinary: pytest.CaptureFixture[bytes]
-) -> None:
-    files = tree_files("mixed")
-    path, f = next(iter(files.items()))
-    assert main(["cat", pushed["mixed"], os.fsdecode(path), "--mirror", mirror.host]) == 0
-    assert capsysbinary.readouterr().out == f.data
-    hits = _mirror_hits(mirror)
-    assert any("/manifests/" in h for h in hits)
-    assert any("/blobs/sha256:" in h for h in hits)
-
-
-def test_a_dead_mirror_falls_back_to_the_next_and_the_origin(
-    registry: Registry,
-    mirror: Registry,
-    pushed: dict[str, str],
-    capsysbinary: pytest.CaptureFixture[bytes],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from tests.servers import free_port
-
-    dead = f"127.0.0.1:{free_port()}"
-    path, f = next(iter(tree_files("basic").items()))
-    with caplog.at_level(logging.WARNING):
-        assert main(["cat", pushed["basic"], os.fsdecode(path), "--mirror", dead, "--mirror", mirror.host]) == 0
-    assert capsysbinary.readouterr().out == f.data
-    assert f"mirror {dead} failed" in caplog.text
-    assert _mirror_hits(mirror)
-    assert main(["cat", pushed["basic"], os.fsdecode(path), "--mirror", dead, "--timeout", "5"]) == 0
-    assert capsysbinary.readouterr().out == f.data  # origin, after the dead mirror
-
-
-def test_hosts_toml_mirrors(
-    registry: Registry,
-    mirror: Registry,
-    pushed: dict[str, str],
-    tmp_path: Path,
-    capsysbinary: pytest.CaptureFixture[bytes],
-) -> None:
-    conf = tmp_path / "certs.d" / registry.host
-    conf.mkdir(parents=True)
-    (conf / "hosts.toml").write_text(
-        f'server = "http://{registry.host}"\n\n[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-    path, f = next(iter(tree_files("unicode").items()))
-    assert main(["cat", pushed["unicode"], os.fsdecode(path), "--hosts-dir", str(tmp_path / "certs.d")]) == 0
-    assert capsysbinary.readouterr().out == f.data
-    assert _mirror_hits(mirror)

@@ -4,6 +4,8 @@ backoff and token lifetimes take no wall time. (The real-registry tests are in t
 from __future__ import annotations
 
 import json
+import ssl
+import time
 
 import httpx
 import pytest
@@ -221,3 +223,138 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
 
     with pytest.raises(TransientError, match="--timeout 2 s"):
         run_with_clock(go)
+
+
+def _token_server(
+    expires_in: int | None, token_status: int = 200, realm: str = "https://auth.test/token"
+) -> tuple[object, list[str], list[int]]:
+    """A MockTransport handler: a registry demanding bearer tokens and its token endpoint."""
+    tokens: list[str] = []
+    statuses: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            if token_status != 200:
+                return httpx.Response(token_status)
+            tokens.append(f"t{len(tokens)}")
+            doc: dict[str, object] = {"token": tokens[-1]}
+            if expires_in is not None:
+                doc["expires_in"] = expires_in
+            return httpx.Response(200, content=json.dumps(doc))
+        if not tokens or request.headers.get("authorization") != f"Bearer {tokens[-1]}":
+            statuses.append(401)
+            challenge = f'Bearer realm="{realm}",service="svc"'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        statuses.append(206)
+        return ranged(request)
+
+    return handler, tokens, statuses
+
+
+def test_a_token_endpoint_that_keeps_failing_is_a_bounded_error_naming_it() -> None:
+    handler, _, statuses = _token_server(300, token_status=500)
+
+    async def go() -> bytes:
+        c = client(handler)
+        try:
+            return await c.read_range(DIGEST, 0, 5, len(BLOB))
+        finally:
+            await c.aclose()
+
+    with pytest.raises(TransientError, match=r"token endpoint auth.test answered 500"):
+        run_with_clock(go)
+    assert 2 <= len(statuses) <= 40
+
+
+def test_short_lived_tokens_serve_most_of_their_life_without_a_storm() -> None:
+    """A 4 s token (shorter than the 10 s margin) is used for 3 s, then replaced before it expires:
+    neither a token per request nor a 401 per refresh."""
+    handler, tokens, statuses = _token_server(4)
+
+    async def go() -> None:
+        c = client(handler)
+        try:
+            for i in range(16):  # 8 s of reads every 0.5 s
+                assert await c.read_range(DIGEST, i, i + 5, len(BLOB)) == BLOB[i : i + 5]
+                await trio.sleep(0.5)
+        finally:
+            await c.aclose()
+
+    run_with_clock(go)
+    assert statuses.count(401) == 1  # only the first, anonymous request
+    assert 3 <= len(tokens) <= 4
+
+
+def test_clients_of_the_same_options_share_the_token() -> None:
+    """The daemon (a fork of the mount's parent) builds new clients from the same options: they
+    start with the parent's token instead of a 401 and a token round trip before the first read."""
+    handler, tokens, statuses = _token_server(300)
+
+    async def go() -> None:
+        options = RegistryOptions()
+        for _ in range(3):
+            c = RegistryClient(REF, options, transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+            try:
+                assert await c.read_range(DIGEST, 0, 5, len(BLOB)) == BLOB[:5]
+            finally:
+                await c.aclose()
+        other = client(handler)  # other options: nothing shared
+        try:
+            await other.read_range(DIGEST, 0, 5, len(BLOB))
+        finally:
+            await other.aclose()
+
+    run_with_clock(go)
+    assert len(tokens) == 2
+    assert statuses == [401, 206, 206, 206, 401, 206]
+    assert "Bearer" not in repr(RegistryOptions())  # the cache never shows its tokens
+
+
+def test_a_shared_challenge_fetches_a_fresh_token_without_a_401() -> None:
+    handler, tokens, statuses = _token_server(1)  # a token lives 1 s of real time
+
+    async def go() -> None:
+        options = RegistryOptions()
+        first = RegistryClient(REF, options, transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+        await first.read_range(DIGEST, 0, 5, len(BLOB))
+        await first.aclose()
+        await trio.to_thread.run_sync(time.sleep, 1.1)  # the shared entry uses the monotonic clock
+        second = RegistryClient(REF, options, transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+        await second.read_range(DIGEST, 0, 5, len(BLOB))
+        await second.aclose()
+
+    trio.run(go)
+    assert len(tokens) == 2
+    assert statuses == [401, 206, 206]
+
+
+def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blobmount.registry import client as client_module
+
+    built: list[str | None] = []
+    real = client_module.tls_context
+
+    def counting(ca_file: str | None) -> ssl.SSLContext:
+        built.append(ca_file)
+        return real(ca_file)
+
+    monkeypatch.setattr(client_module, "tls_context", counting)
+
+    async def go() -> None:
+        local = RegistryClient(Reference.parse("127.0.0.1:5000/a/b"), transport=httpx.MockTransport(ranged))
+        await local.read_range(DIGEST, 0, 5, len(BLOB))
+        await local.aclose()
+        assert built == []
+        # a token realm on another host over plain HTTP needs no TLS context either
+        handler, tokens, _ = _token_server(300, realm="http://auth.test/token")
+        plain_realm = RegistryClient(Reference.parse("127.0.0.1:5000/a/b"), transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+        await plain_realm.read_range(DIGEST, 0, 5, len(BLOB))
+        await plain_realm.aclose()
+        assert tokens
+        assert built == []
+        remote = RegistryClient(REF, transport=httpx.MockTransport(ranged))
+        await remote.read_range(DIGEST, 0, 5, len(BLOB))
+        await remote.aclose()
+        assert built == [None]
+
+    trio.run(go)

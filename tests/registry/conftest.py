@@ -1,0 +1,91 @@
+"""Registry variants for tests/registry: a docker-registry that trusts a token issuer's JWTs."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from blobmount.reference import Reference
+from blobmount.registry.auth import Credentials
+from blobmount.registry.client import RegistryOptions
+from blobmount.registry.push import push_archive
+from tests.helpers import FIXTURES
+from tests.servers import QuirkProxy, Registry, SigningKey, TokenIssuer, start_registry
+
+TOKEN_USER = "alice"
+TOKEN_PASSWORD = "tok s3cret"  # a space and digits: quoting mistakes show up
+TOKEN_PUSHED = ("basic", "mixed")
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> SigningKey:
+    return SigningKey.create(tmp_path_factory.mktemp("issuer-key"))
+
+
+@pytest.fixture(scope="session")
+def _token_registry(tmp_path_factory: pytest.TempPathFactory, signing_key: SigningKey) -> Iterator[Registry]:
+    issuer = TokenIssuer(signing_key)
+    issuer.state.users[TOKEN_USER] = TOKEN_PASSWORD
+    try:
+        reg = start_registry(tmp_path_factory.mktemp("token-registry"), token=issuer, access_log=True)
+        try:
+            options = RegistryOptions(credentials=Credentials(TOKEN_USER, TOKEN_PASSWORD))
+            for name in TOKEN_PUSHED:
+                ref = Reference.parse(f"{reg.host}/tok/{name}:v1")
+                trio.run(functools.partial(push_archive, FIXTURES / name, ref, options, created="2024-01-02T03:04:05Z"))
+            yield reg
+        finally:
+            reg.stop()
+    finally:
+        issuer.stop()
+
+
+@pytest.fixture
+def token_registry(_token_registry: Registry) -> Iterator[Registry]:
+    """docker-registry with `auth: token` (fixtures basic and mixed pushed as tok/NAME:v1); the
+    issuer's behaviour is reset for every test."""
+    assert _token_registry.token is not None
+    _token_registry.token.reset()
+    try:
+        yield _token_registry
+    finally:
+        _token_registry.token.reset()
+
+
+@pytest.fixture
+def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
+    """A quirk proxy in front of the session registry (the fixtures pushed)."""
+    p = QuirkProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[Registry]:
+    """docker-registry with htpasswd basic auth: alice / "s3cret pass"."""
+    reg = start_registry(tmp_path / "authreg", user="alice", password="s3cret pass")
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+def access_log_mark(reg: Registry) -> int:
+    return len((reg.root / "registry.log").read_bytes())
+
+
+def statuses_since(reg: Registry, mark: int) -> list[int]:
+    """HTTP statuses of the requests the registry logged after `mark` (its access log)."""
+    text = (reg.root / "registry.log").read_bytes()[mark:].decode(errors="replace")
+    out = []
+    for line in text.splitlines():
+        if '" ' in line and "HTTP/1.1" in line:
+            after = line.split('HTTP/1.1" ', 1)[1]
+            out.append(int(after.split(" ", 1)[0]))
+    return out
