@@ -10,7 +10,7 @@ This package never imports registry/ or fetch.py: it stores bytes and knows noth
 come from (DESIGN §2).
 """
 
-from blobmount.cache.chunks import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MEMORY_BYTES, ChunkStore, chunk_digest
+from blobmount.cache.chunks import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MEMORY_BYTES, ChunkStore, WholeBlob, chunk_digest
 from blobmount.cache.content import ContentStore, StoreUnavailable
 from blobmount.cache.meta import MetaStore
 from blobmount.cache.space import DEFAULT_CACHE_SIZE_BYTES, CacheDir, Usage, default_cache_dir, prepare_cache_dir
@@ -25,6 +25,7 @@ __all__ = [
     "MetaStore",
     "StoreUnavailable",
     "Usage",
+    "WholeBlob",
     "chunk_digest",
     "default_cache_dir",
     "prepare_cache_dir",

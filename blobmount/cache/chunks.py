@@ -31,6 +31,7 @@ import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 import xxhash
 
@@ -281,3 +282,48 @@ class ChunkStore:
                 why,
                 self.memory_bytes >> 20,
             )
+
+
+class WholeBlob:
+    """A data blob kept whole in the cache (``chunks/<digest hex>-whole``): the fallback for a
+    registry that answers ranges with the whole body. The caller streams the body in (on worker
+    threads) and commits only once the digest checked out; the budget counts it like any chunk,
+    and the file, renamed into place, is never half there."""
+
+    def __init__(self, cache: CacheDir, blob_hex: str, size: int) -> None:
+        self.cache = cache
+        self.size = size
+        self.path = cache.root / "chunks" / f"{blob_hex}-whole"
+        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        self._file: BinaryIO | None = None
+
+    def present(self) -> bool:
+        return self.path.exists()
+
+    def begin(self) -> bool:
+        """Reserve the space and open the temp file; False when the blob cannot fit."""
+        if not self.cache.reserve(self.size):
+            return False
+        self.cache.subdir("chunks")
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or abort()
+        return True
+
+    def write(self, block: bytes) -> None:
+        assert self._file is not None
+        self._file.write(block)
+
+    def commit(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        self.cache.commit(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Undo begin() (the body broke, or did not hash to its digest)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            self._tmp.unlink()
+        self.cache.release(self.size)

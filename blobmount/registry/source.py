@@ -15,13 +15,12 @@ otherwise the mount is refused with a clear error. An empty data blob is never r
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import trio
 
-from blobmount.cache import CacheDir, MetaStore
+from blobmount.cache import CacheDir, MetaStore, WholeBlob
 from blobmount.errors import BlobmountError, LimitExceeded, SourceError, TransientError
 from blobmount.manifest import MAX_INDEX_BYTES, parse_manifest
 from blobmount.reference import Digest, Reference
@@ -230,31 +229,29 @@ async def _whole_blob_fallback(
             f"{client.ref}: the registry ignores range requests and the {size}-byte data blob does not fit"
             f" the {limit}-byte cache (--cache-size)"
         )
-    directory = cache.subdir("chunks")
-    target = directory / f"{digest.hex}-whole"
-    if not target.exists():
+    whole = WholeBlob(cache, digest.hex, size)
+    if not whole.present():
         log.warning(
             "%s: the registry ignores range requests; downloading the whole %d-byte data blob into the cache",
             client.ref,
             size,
         )
-        if not await trio.to_thread.run_sync(cache.reserve, size):
-            raise LimitExceeded(f"{client.ref}: no room in the cache for the whole {size}-byte data blob")
-        tmp = directory / f"{digest.hex}-whole.{os.getpid()}.tmp"
+        try:
+            if not await trio.to_thread.run_sync(whole.begin):
+                raise LimitExceeded(f"{client.ref}: no room in the cache for the whole {size}-byte data blob")
+        except OSError as exc:
+            raise SourceError(f"{client.ref}: cannot keep the data blob in the cache: {exc.strerror}") from exc
         done = False
         try:
-            async with await trio.open_file(tmp, "wb") as out:
-                async for block in client.stream_blob(digest, size):
-                    await out.write(block)
-            os.rename(tmp, target)  # only after stream_blob verified the digest
+            async for block in client.stream_blob(digest, size):
+                await trio.to_thread.run_sync(whole.write, block)
+            await trio.to_thread.run_sync(whole.commit)  # only after stream_blob verified the digest
             done = True
         except OSError as exc:
-            raise SourceError(f"{client.ref}: cannot keep the data blob in {directory}: {exc.strerror}") from exc
-        except BlobmountError:
-            raise
+            raise SourceError(f"{client.ref}: cannot keep the data blob in the cache: {exc.strerror}") from exc
         finally:
             if not done:
-                tmp.unlink(missing_ok=True)
-                await trio.to_thread.run_sync(cache.release, size)
-    cache.pin(target)
-    return LocalFileSource(target)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(whole.abort)
+    cache.pin(whole.path)
+    return LocalFileSource(whole.path)
