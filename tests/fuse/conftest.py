@@ -5,9 +5,11 @@ a green run that mounted nothing would be a lie."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pytest
 
 MOUNT_WAIT_S = 30.0  # hang guard: a mount is normally ready in well under a second
 STOP_WAIT_S = 15.0
+READY_POLL_S = 0.1  # how often the wait for READY=1 looks at the daemon
 
 
 def require_fuse() -> None:
@@ -58,6 +61,34 @@ def unmount(path: Path) -> None:
         time.sleep(0.05)
 
 
+def _wait_ready(mount: Mount, ready: socket.socket, notified: bool) -> None:
+    """Until the daemon itself says READY=1 (systemd's protocol, on a socket of our own), not merely
+    until the mount shows in mountinfo: the daemon stats its own mountpoint before READY, and an
+    unmount racing with that stat fails with EBUSY. The socket is closed right after, so later
+    STATUS lines go nowhere instead of filling a queue nobody reads."""
+    deadline = time.monotonic() + MOUNT_WAIT_S
+    while True:
+        if mount.proc.poll() is not None:
+            pytest.fail(f"daemon exited {mount.proc.returncode} before mounting:\n{mount.log()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"mount not ready after {MOUNT_WAIT_S} s:\n{mount.log()}")
+        if not notified:  # the caller brought its own NOTIFY_SOCKET: mountinfo is all we have
+            if _is_mounted(mount.path):
+                return
+            time.sleep(0.02)
+            continue
+        try:
+            message = ready.recv(4096)
+        except TimeoutError:
+            continue
+        if b"READY=1" in message.split(b"\n"):
+            assert _is_mounted(mount.path), "READY=1 before the mount showed in mountinfo"
+            return
+
+
+_serial = itertools.count()
+
+
 @contextlib.contextmanager
 def mounted(
     source: str, mnt: Path, *args: str, cache_dir: Path | None = None, env: dict[str, str] | None = None
@@ -68,17 +99,18 @@ def mounted(
     cache = cache_dir or mnt.parent / f"{mnt.name}-cache"
     log_path = mnt.parent / f"{mnt.name}.log"
     cmd = blobmount_cmd("mount", "-f", source, str(mnt), "--cache-dir", str(cache), *args)
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    name = f"@blobmount-test-{os.getpid()}-{next(_serial)}"
+    ready.bind("\0" + name[1:])
+    ready.settimeout(READY_POLL_S)
+    env = dict(os.environ if env is None else env)
+    env.setdefault("NOTIFY_SOCKET", name)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     mount = Mount(proc, mnt, log_path)
     try:
-        deadline = time.monotonic() + MOUNT_WAIT_S
-        while not _is_mounted(mnt):
-            if proc.poll() is not None:
-                pytest.fail(f"daemon exited {proc.returncode} before mounting:\n{mount.log()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mount not ready after {MOUNT_WAIT_S} s:\n{mount.log()}")
-            time.sleep(0.02)
+        with ready:
+            _wait_ready(mount, ready, env["NOTIFY_SOCKET"] == name)
         os.stat(mnt)
         yield mount
     finally:
