@@ -234,6 +234,7 @@ class RegistryClient:
         self._resolved_body: tuple[Digest, bytes] | None = None
         self._wire: dict[str, WirePool] = {}
         self._retry_streak = 0  # retries since the last good answer: log levels escalate on it
+        self.last_error: BlobmountError | None = None  # what the last retry was for (timeout messages)
 
     @property
     def _http(self) -> httpx.AsyncClient:
@@ -520,6 +521,7 @@ class RegistryClient:
         # A retry is news once it repeats: by this loop's count, or by the streak of failures with
         # no good answer between them (nested retry loops restart `attempt`, not the streak).
         self._retry_streak += 1
+        self.last_error = exc
         level = logging.DEBUG if attempt < 3 and self._retry_streak < 3 else logging.WARNING
         metrics.HTTP_RETRIES.inc()
         log.log(level, "%s; retry %d in %.2f s", exc, attempt, delay)

@@ -129,6 +129,10 @@ class Endpoints:
                     log.warning("mirror %s failed (%s); trying the next endpoint", client.host, exc)
         raise AssertionError("unreachable: the origin is always tried")  # pragma: no cover
 
+    def last_error(self) -> BlobmountError | None:
+        """The origin's last retried failure, else a mirror's: what an overall timeout was spent on."""
+        return next((c.last_error for c in reversed(self.clients) if c.last_error is not None), None)
+
     async def aclose(self) -> None:
         for client in self.clients:
             await client.aclose()

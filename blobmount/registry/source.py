@@ -150,7 +150,9 @@ async def open_registry(
             elif probe_error is not None:
                 raise probe_error
     except trio.TooSlowError:
-        raise SourceError(f"{ref}: registry did not answer within {options.timeout_s * 4:.0f} s") from None
+        last = endpoints.last_error()
+        why = f" (last: {last})" if last is not None else ""
+        raise SourceError(f"{ref}: registry did not answer within {options.timeout_s * 4:.0f} s{why}") from None
     finally:
         with trio.CancelScope(shield=True):
             await endpoints.aclose()

@@ -358,3 +358,26 @@ def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPa
         assert built == [None]
 
     trio.run(go)
+
+
+def test_an_open_that_runs_out_of_time_names_what_it_was_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry answering 503 to everything: the one-line error says so, not only "no answer"."""
+    from blobmount.registry import mirrors, source
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    def endpoints(ref: Reference, options: RegistryOptions) -> mirrors.Endpoints:
+        origin = RegistryClient(ref, options, transport=httpx.MockTransport(handler), max_attempts=1000)
+        return mirrors.Endpoints(ref, options, origin=origin)
+
+    monkeypatch.setattr(source, "Endpoints", endpoints)
+
+    async def go() -> None:
+        await source.open_registry(str(REF), RegistryOptions(timeout_s=2.0))
+
+    with pytest.raises(SourceError) as err:
+        run_with_clock(go)
+    message = str(err.value)
+    assert "did not answer within 8 s" in message
+    assert "answered 503" in message
