@@ -261,6 +261,17 @@ class RegistryClient:
             )
         return self._storage_client
 
+    def _plain_allowed(self, url: str) -> bool:
+        """Whether credentials may travel to `url`: HTTPS, or plain HTTP on loopback or to a host the
+        user named with --plain-http. A challenge can point anywhere; a realm on plain HTTP elsewhere
+        would put the password on the wire in clear."""
+        parts = urlsplit(url)
+        if parts.scheme == "https":
+            return True
+        host = parts.netloc
+        loopback = Reference(host, self.ref.repository, None, None).plain_http_default
+        return loopback or any(host_matches(h, host) for h in self.options.plain_http)
+
     def _same_origin(self, url: str) -> bool:
         """Whether `url` is this registry (scheme and host:port): only then our client, its TLS
         settings and our Authorization header are used."""
@@ -354,6 +365,12 @@ class RegistryClient:
         if challenge.params.get("service"):
             form["service"] = challenge.params["service"]
         creds = self._credentials()
+        if creds is not None and not self._plain_allowed(realm):
+            netloc = urlsplit(realm).netloc
+            raise AuthError(
+                f"{where} is plain http://: refusing to send credentials over it"
+                f" (--plain-http {netloc} if that is intended)"
+            )
         headers = {"Accept": "application/json"}
         if creds is not None and creds.identity_token:
             method, url = "POST", realm

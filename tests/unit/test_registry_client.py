@@ -381,3 +381,34 @@ def test_an_open_that_runs_out_of_time_names_what_it_was_retrying(monkeypatch: p
     message = str(err.value)
     assert "did not answer within 8 s" in message
     assert "answered 503" in message
+
+
+@pytest.mark.parametrize("plain_http", [(), ("auth.test",)])
+def test_credentials_never_go_to_a_plain_http_realm_unless_named(plain_http: tuple[str, ...]) -> None:
+    from blobmount.registry.auth import Credentials
+
+    token_requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            token_requests.append(request)
+            return httpx.Response(200, json={"token": "t"})
+        if request.headers.get("authorization") != "Bearer t":
+            challenge = 'Bearer realm="http://auth.test/token",service="registry.test"'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        return ranged(request)
+
+    async def go() -> bytes:
+        c = client(handler, credentials=Credentials("u", "hunter2"), plain_http=plain_http)
+        try:
+            return await c.read_range(DIGEST, 0, 5, len(BLOB))
+        finally:
+            await c.aclose()
+
+    if plain_http:
+        assert run_with_clock(go)[0] == BLOB[:5]
+        assert token_requests[0].headers["authorization"].startswith("Basic ")
+    else:
+        with pytest.raises(AuthError, match="plain http://: refusing to send credentials"):
+            run_with_clock(go)
+        assert token_requests == []
