@@ -243,7 +243,17 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for s in doc.get("scale", []):
         if s.get("kind") == "tree" and s.get("entries") == 1_000_000 and "reps" in s:
             ready = statistics.median(r["ready_s"] for r in s["reps"])
-            add("8", "1M entries: mount-ready with the index local (s)", ready, 1.0, False, "s")
+            add("8", "1M entries: mount-ready with the index local, first mount (s)", ready, 1.0, False, "s")
+            again = [r["ready_remount_s"] for r in s["reps"] if "ready_remount_s" in r]
+            if again:
+                add(
+                    "8",
+                    "1M entries: mount-ready with the index local, remount (s)",
+                    statistics.median(again),
+                    1.0,
+                    False,
+                    "s",
+                )
             rss = max(r["rss_bytes"] or 0 for r in s["reps"])
             add("8", "1M entries: daemon RSS − index size (MB)", (rss - s["index_bytes"]) / 1e6, 100.0, False, "MB")
     return out
@@ -251,7 +261,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def scale_table(doc: dict[str, Any]) -> list[str]:
     lines = [
-        "| archive | entries | index MiB | mount-ready s | stat cold p50/p99 µs | stat warm p50/p99 µs"
+        "| archive | entries | index MiB | mount-ready s (remount) | stat cold p50/p99 µs | stat warm p50/p99 µs"
         " | readdir of big dir | find s | RSS MiB | RSS − index MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -267,7 +277,8 @@ def scale_table(doc: dict[str, Any]) -> list[str]:
         rss = max(r["rss_bytes"] or 0 for r in rs)
         lines.append(
             f"| {s['kind']} | {s['entries']:,} | {s['index_bytes'] / 2**20:.1f} | {med(lambda r: r['ready_s']):.3f}"
-            f" | {med(lambda r: r['lookup_cold_us']['median']):.0f}/{med(lambda r: r['lookup_cold_us']['p99']):.0f}"
+            + (f" ({med(lambda r: r['ready_remount_s']):.3f})" if all("ready_remount_s" in r for r in rs) else "")
+            + f" | {med(lambda r: r['lookup_cold_us']['median']):.0f}/{med(lambda r: r['lookup_cold_us']['p99']):.0f}"
             f" | {med(lambda r: r['lookup_warm_us']['median']):.1f}/{med(lambda r: r['lookup_warm_us']['p99']):.1f}"
             f" | {rs[0]['readdir_entries']:,} in {med(lambda r: r['readdir_s']):.3f} s"
             f" | {med(lambda r: r['find_s']):.2f} | {rss / 2**20:.0f} | {(rss - s['index_bytes']) / 2**20:.0f} |"
