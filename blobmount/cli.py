@@ -13,9 +13,9 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from blobmount import __version__
 from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, UsageError, exit_code_for
@@ -351,14 +351,54 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
     import tempfile
 
-    import trio
-
     # Decoded zstd content is spooled to a private temp dir: verified before the first byte leaves.
     with tempfile.TemporaryDirectory(prefix="blobmount-cat-") as tmp:
         os.chmod(tmp, 0o700)
-        trio.run(run, Path(tmp))
+        run_interruptible(run, Path(tmp))
     archive.data.close()
     return EXIT_OK
+
+
+_T = TypeVar("_T")
+
+
+def run_interruptible(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+    """``trio.run(fn, *args)`` for the commands that talk to a registry for long (push, cat,
+    prefetch), with Ctrl-C turned into an orderly cancellation and KeyboardInterrupt (exit 130)
+    once everything has unwound. trio's default raises KeyboardInterrupt wherever the code happens
+    to be; inside an HTTP library's critical section that can leave a lock held that a later
+    shielded clean-up then waits for: a push interrupted during a stalled upload once hung so."""
+    import signal
+
+    import trio
+
+    async def main() -> _T:
+        interrupted = False
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def watch() -> None:
+                        nonlocal interrupted
+                        async for _ in signals:
+                            interrupted = True
+                            nursery.cancel_scope.cancel()
+                            return
+
+                    nursery.start_soon(watch)
+                    result = await fn(*args)
+                    nursery.cancel_scope.cancel()
+            except BaseException as exc:
+                if interrupted:
+                    raise KeyboardInterrupt from None
+                if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                    raise exc.exceptions[0] from None  # fn's own error (watch never raises)
+                raise
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    return trio.run(main)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -381,12 +421,11 @@ def cmd_push(args: argparse.Namespace) -> int:
         if args.ref.startswith("oci:"):
             print(f"{args.ref}@{_push_oci(archive_dir, args.ref[4:], args.created, notes)}")
             return EXIT_OK
-        import trio
 
         from blobmount.reference import Reference
 
         ref = Reference.parse(args.ref)
-        digest = trio.run(_push, archive_dir, ref, registry_options(args), args.created, notes, args.progress)
+        digest = run_interruptible(_push, archive_dir, ref, registry_options(args), args.created, notes, args.progress)
     print(f"{ref.registry}/{ref.repository}@{digest}")
     return EXIT_OK
 
@@ -462,7 +501,6 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    import trio
 
     from blobmount.cache import CacheDir
     from blobmount.config import parse_size
@@ -503,7 +541,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 print(file=sys.stderr)
             await data.aclose()
 
-    fetched, total = trio.run(run)
+    fetched, total = run_interruptible(run)
     print(f"{total} bytes in the cache ({fetched} fetched, {time.monotonic() - started:.2f} s)")
     return EXIT_OK
 

@@ -117,3 +117,40 @@ def test_push_to_an_oci_layout_then_read_it(tmp_path: Path, capsysbinary: pytest
         assert (b"top.md" in listed) == (name == "basic")
     assert main(["cat", f"oci:{layout}:v1", "top.md"]) == 0
     assert capsysbinary.readouterr().out == tree_files("basic")[b"top.md"].data
+
+
+def test_ctrl_c_in_a_long_command_unwinds_in_order_then_is_keyboard_interrupt() -> None:
+    """run_interruptible: SIGINT cancels the work at a checkpoint (its clean-up runs) and only then
+    surfaces as KeyboardInterrupt (exit 130); the work's own errors come out as themselves."""
+    import signal
+
+    import trio
+
+    from blobmount.cli import run_interruptible
+    from blobmount.errors import SourceError
+
+    cleaned: list[str] = []
+
+    async def work() -> None:
+        signal.raise_signal(signal.SIGINT)
+        try:
+            await trio.sleep(30)  # hang guard: the signal ends it at once
+        finally:
+            cleaned.append("done")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptible(work)
+    assert cleaned == ["done"]
+
+    async def fails(message: str) -> None:
+        await trio.lowlevel.checkpoint()
+        raise SourceError(message)
+
+    with pytest.raises(SourceError, match="registry said no"):
+        run_interruptible(fails, "registry said no")
+
+    async def answers() -> int:
+        await trio.lowlevel.checkpoint()
+        return 7
+
+    assert run_interruptible(answers) == 7
