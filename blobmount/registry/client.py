@@ -50,9 +50,9 @@ from blobmount.errors import (
 from blobmount.reference import Digest, Reference, host_matches
 from blobmount.registry.auth import Challenge, Credentials, find_credentials, parse_www_authenticate
 from blobmount.registry.options import DEFAULT_TIMEOUT_S, Endpoint, RegistryOptions
+from blobmount.registry.wire import WirePool, WireResponse
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Endpoint", "RangeNotSupported", "RegistryClient", "RegistryOptions"]
-from blobmount.registry.wire import WirePool, WireResponse
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def bytes_reader(data: bytes) -> BlobReader:
     return read_at
 
 
-async def _stream(read_at: BlobReader, size: int, block: int) -> AsyncIterator[bytes]:
+async def _stream(read_at: BlobReader, size: int, block: int) -> AsyncGenerator[bytes, None]:
     offset = 0
     while offset < size:
         data = await read_at(offset, min(block, size - offset))
@@ -204,8 +204,7 @@ class RegistryClient:
         self.options = options or RegistryOptions()
         self.max_attempts = max_attempts  # mirrors get 1: the next endpoint is the retry
         host = endpoint.host if endpoint else ref.api_host
-        loopback = Reference(host, ref.repository, None, None).plain_http_default
-        plain = loopback or any(host_matches(h, host) for h in self.options.plain_http)
+        plain = self._plain_ok(host)
         if endpoint is not None and endpoint.plain_http is not None:
             plain = endpoint.plain_http
         self.base = f"{'http' if plain else 'https'}://{host}"
@@ -261,16 +260,17 @@ class RegistryClient:
             )
         return self._storage_client
 
-    def _plain_allowed(self, url: str) -> bool:
-        """Whether credentials may travel to `url`: HTTPS, or plain HTTP on loopback or to a host the
-        user named with --plain-http. A challenge can point anywhere; a realm on plain HTTP elsewhere
-        would put the password on the wire in clear."""
-        parts = urlsplit(url)
-        if parts.scheme == "https":
-            return True
-        host = parts.netloc
+    def _plain_ok(self, host: str) -> bool:
+        """Whether plain HTTP is right for `host` (host[:port]): loopback, or named with --plain-http.
+        The one rule for the registry's scheme and for where credentials may go in clear."""
         loopback = Reference(host, self.ref.repository, None, None).plain_http_default
         return loopback or any(host_matches(h, host) for h in self.options.plain_http)
+
+    def _plain_allowed(self, url: str) -> bool:
+        """Whether credentials may travel to `url`. A challenge can point anywhere; a realm on plain
+        HTTP elsewhere would put the password on the wire in clear."""
+        parts = urlsplit(url)
+        return parts.scheme == "https" or self._plain_ok(parts.netloc)
 
     def _same_origin(self, url: str) -> bool:
         """Whether `url` is this registry (scheme and host:port): only then our client, its TLS
@@ -923,26 +923,26 @@ class RegistryClient:
     async def _patch_chunks(self, location: str, size: int, read_at: BlobReader, chunk_bytes: int) -> str:
         """PATCH the blob in order, one chunk per request; returns the session's last Location."""
         offset = 0
-        while offset < size:
-            data = await read_at(offset, min(chunk_bytes, size - offset))
-            if not data:
-                raise SourceError(f"{self.ref}: blob source ended at {offset} of {size} bytes")
-            end = offset + len(data) - 1
-            headers = {
-                "Content-Type": "application/octet-stream",
-                "Content-Range": f"{offset}-{end}",
-                "Content-Length": str(len(data)),
-            }
-            response = await self._request("PATCH", location, headers=headers, content=data, kind="upload-chunk")
-            await _release(response)
-            if response.status_code in (400, 404, 416):
-                raise _UploadLost(f"{self.ref}: upload session refused the chunk at {offset} ({response.status_code})")
-            if response.status_code != 202:
-                raise SourceError(f"{self.ref}: uploading a chunk answered {response.status_code}")
-            if response.headers.get("range", f"0-{end}") != f"0-{end}":
-                raise _UploadLost(f"{self.ref}: upload session holds {response.headers['range']}, not 0-{end}")
-            location = self._upload_location(response)
-            offset = end + 1
+        async with contextlib.aclosing(_stream(read_at, size, chunk_bytes)) as blocks:
+            async for data in blocks:
+                end = offset + len(data) - 1
+                headers = {
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{offset}-{end}",
+                    "Content-Length": str(len(data)),
+                }
+                response = await self._request("PATCH", location, headers=headers, content=data, kind="upload-chunk")
+                await _release(response)
+                if response.status_code in (400, 404, 416):
+                    raise _UploadLost(
+                        f"{self.ref}: upload session refused the chunk at {offset} ({response.status_code})"
+                    )
+                if response.status_code != 202:
+                    raise SourceError(f"{self.ref}: uploading a chunk answered {response.status_code}")
+                if response.headers.get("range", f"0-{end}") != f"0-{end}":
+                    raise _UploadLost(f"{self.ref}: upload session holds {response.headers['range']}, not 0-{end}")
+                location = self._upload_location(response)
+                offset = end + 1
         return location
 
     async def _finish_upload(self, location: str, digest: Digest, body: Any, headers: dict[str, str]) -> None:
