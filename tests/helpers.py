@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "go-reference"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "go-reference"
 FIXTURE_NAMES = ("basic", "uncompressed", "unicode", "empty", "mixed")
 
 

@@ -22,7 +22,7 @@ from blobmount.index import IndexView
 from blobmount.reader import Reader
 from blobmount.source import open_directory
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "go-reference"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
 T = TypeVar("T")
 
 
