@@ -273,6 +273,7 @@ def _daemon_logging(config: MountConfig) -> None:
 
 def serve(prep: Prepared, ready_fd: int | None) -> int:
     config = prep.config
+    logs.quiet_one_shot(False)  # the daemon's log is where a failing registry or file shows
     reader = Reader(
         prep.archive.data,
         prep.store,
