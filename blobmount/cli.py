@@ -152,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, prefetch=, "
-        "allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options are ignored",
+        help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, nonempty, "
+        "prefetch=, allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options are ignored",
     )
     cache_args(m)
     m.add_argument(
@@ -168,6 +168,11 @@ def _parser() -> argparse.ArgumentParser:
         "--offline",
         action="store_true",
         help="never touch the network: serve what the cache holds (a tag resolves as it did last time)",
+    )
+    m.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount even if MOUNTPOINT has entries (the mount hides them while it lasts)",
     )
     m.add_argument(
         "--prefetch",
@@ -637,6 +642,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         verify_threshold=parse_size(threshold_text),
         chunk_size=_chunk_size(args.chunk_size or ours.get("chunk_size")),
         offline=args.offline or "offline" in ours,
+        nonempty=args.nonempty or "nonempty" in ours,
         prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
         read_ahead_kb=_read_ahead(args.read_ahead_kb, ours.get("read_ahead_kb")),
         uid=uid,
