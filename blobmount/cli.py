@@ -152,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, nonempty, "
-        "prefetch=, allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options are ignored",
+        help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, no_stale_tag, "
+        "nonempty, prefetch=, allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options "
+        "are ignored",
     )
     cache_args(m)
     m.add_argument(
@@ -168,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
         "--offline",
         action="store_true",
         help="never touch the network: serve what the cache holds (a tag resolves as it did last time)",
+    )
+    m.add_argument(
+        "--no-stale-tag",
+        action="store_true",
+        help="when the registry does not answer, fail instead of mounting the digest the cache remembers for the tag",
     )
     m.add_argument(
         "--nonempty",
@@ -642,6 +648,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         verify_threshold=parse_size(threshold_text),
         chunk_size=_chunk_size(args.chunk_size or ours.get("chunk_size")),
         offline=args.offline or "offline" in ours,
+        stale_tag=not (args.no_stale_tag or "no_stale_tag" in ours),
         nonempty=args.nonempty or "nonempty" in ours,
         prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
         read_ahead_kb=_read_ahead(args.read_ahead_kb, ours.get("read_ahead_kb")),
@@ -663,6 +670,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_size=config.cache_size,
         chunk_size=config.chunk_size,
         offline=config.offline,
+        stale_tag=config.stale_tag,
     )
     opening.wait_talking()
     from blobmount.mount import run_mount
