@@ -648,7 +648,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         verify_threshold=parse_size(threshold_text),
         chunk_size=_chunk_size(args.chunk_size or ours.get("chunk_size")),
         offline=args.offline or "offline" in ours,
-        stale_tag=not (args.no_stale_tag or "no_stale_tag" in ours),
+        no_stale_tag=args.no_stale_tag or "no_stale_tag" in ours,
         nonempty=args.nonempty or "nonempty" in ours,
         prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
         read_ahead_kb=_read_ahead(args.read_ahead_kb, ours.get("read_ahead_kb")),
@@ -670,7 +670,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_size=config.cache_size,
         chunk_size=config.chunk_size,
         offline=config.offline,
-        stale_tag=config.stale_tag,
+        stale_tag=not config.no_stale_tag,
     )
     opening.wait_talking()
     from blobmount.mount import run_mount

@@ -37,7 +37,7 @@ class MountConfig:
     chunk_size: int | None = None  # None: the chunk store's default (not imported here: the mount path
     # imports this module before it starts opening the source, and the cache package is not cheap)
     offline: bool = False
-    stale_tag: bool = True  # registry down: mount the tag's cached resolution (False: --no-stale-tag)
+    no_stale_tag: bool = False  # registry down: fail rather than mount the tag's cached resolution
     nonempty: bool = False  # mount over a directory that has entries (hiding them)
     prefetch: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
     read_ahead_kb: int = 1024  # the kernel's read-ahead for the mount (0: leave its default)

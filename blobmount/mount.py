@@ -135,7 +135,7 @@ def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
         archive, cache = opening.result()
     else:
         cache = CacheDir(config.cache_dir or default_cache_dir(), config.cache_size)
-        settings = RemoteSettings(cache, config.chunk_size, config.offline, config.stale_tag)
+        settings = RemoteSettings(cache, config.chunk_size, config.offline, not config.no_stale_tag)
         archive = open_archive(config.source, config.registry, settings)
     store = ContentStore(cache)
     notify(f"STATUS=checking the index of {archive.name}")
