@@ -4,7 +4,10 @@ Pull side (issue: registries): resolve the tag once (HEAD, GET when HEAD is refu
 manifest by digest and check ``sha256(body)``, check it is a blob archive (manifest.parse_manifest),
 fetch the index and check digest and size. Manifests and index blobs are kept in the cache by
 digest (cache/meta.py), so a digest remount needs no request at all and a tag remount one HEAD;
-``--offline`` never touches the network (a tag then resolves to the digest it had last time).
+``--offline`` never touches the network (a tag then resolves to the digest it had last time). A tag
+lookup the registry does not answer (a TransientError, or silence for ``--timeout``) falls back to
+that same remembered digest with one warning, unless ``--no-stale-tag``; an answer such as "no
+such tag" is believed.
 
 The data blob is probed once with a one-byte range (and the answer remembered in the cache): a
 registry that answers ranges with the whole body is detected here, at mount time, and the whole
@@ -203,7 +206,7 @@ async def _resolve(
     try:
         # with a resolution to fall back on, a registry that does not answer costs one --timeout,
         # not the whole open's budget
-        with trio.fail_after(timeout_s if known is not None else math.inf):
+        with trio.fail_after(timeout_s if known is not None and stale_ok else math.inf):
             digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
     except (TransientError, trio.TooSlowError) as exc:
         if known is None:
