@@ -29,7 +29,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("blobmount")
 
 
-def _common_parent(top: bool) -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what is wrong and where the help is, not the whole usage
+    (the usage of `mount` alone is 16 lines, which buried the one that mattered). Exit 2 as ever;
+    subparsers are made of this class too (argparse's parser_class default)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"blobmount: {message} (see `{self.prog} --help`)\n")
+
+
+def _common_parent(top: bool) -> _Parser:
     """Options every command takes, before or after the command name (subcommands' copies default to
     SUPPRESS so they never overwrite a value given before the command)."""
     from blobmount.logs import FORMATS, LEVELS
@@ -37,7 +46,7 @@ def _common_parent(top: bool) -> argparse.ArgumentParser:
     def dflt(value: object) -> object:
         return value if top else argparse.SUPPRESS
 
-    c = argparse.ArgumentParser(add_help=False)
+    c = _Parser(add_help=False)
     g = c.add_argument_group("logging and configuration")
     g.add_argument("-v", "--verbose", action="count", default=dflt(0), help="more log output (-vv: debug)")
     g.add_argument(
@@ -50,8 +59,8 @@ def _common_parent(top: bool) -> argparse.ArgumentParser:
     return c
 
 
-def _registry_parent() -> argparse.ArgumentParser:
-    r = argparse.ArgumentParser(add_help=False)
+def _registry_parent() -> _Parser:
+    r = _Parser(add_help=False)
     g = r.add_argument_group("registry")
     g.add_argument(
         "--plain-http",
@@ -123,7 +132,7 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
 def _parser() -> argparse.ArgumentParser:
     reg = _registry_parent()
     common = _common_parent(top=False)
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="blobmount",
         parents=[_common_parent(top=True)],
         description="Mount a blob archive read-only; only the bytes read are fetched.",
@@ -143,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, prefetch=, "
-        "allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options are ignored",
+        help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, no_stale_tag, "
+        "nonempty, prefetch=, allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options "
+        "are ignored",
     )
     cache_args(m)
     m.add_argument(
@@ -159,6 +169,16 @@ def _parser() -> argparse.ArgumentParser:
         "--offline",
         action="store_true",
         help="never touch the network: serve what the cache holds (a tag resolves as it did last time)",
+    )
+    m.add_argument(
+        "--no-stale-tag",
+        action="store_true",
+        help="when the registry does not answer, fail instead of mounting the digest the cache remembers for the tag",
+    )
+    m.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount even if MOUNTPOINT has entries (the mount hides them while it lasts)",
     )
     m.add_argument(
         "--prefetch",
@@ -391,14 +411,35 @@ def run_interruptible(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
             except BaseException as exc:
                 if interrupted:
                     raise KeyboardInterrupt from None
-                if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                    raise exc.exceptions[0] from None  # fn's own error (watch never raises)
-                raise
+                raise _unwrapped(exc) from None  # fn's own error (watch never raises)
         if interrupted:
             raise KeyboardInterrupt
         return result
 
     return trio.run(main)
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The error inside the groups trio's nurseries wrap it in: a command's own nursery, then the
+    chunk fetcher's (`cat` of a registry file that failed verification once printed the two groups'
+    53-line traceback and exited 1, where IntegrityError means exit 5). A group of several errors
+    that are all ours stands for its first; anything else stays as it is (a bug shows in full)."""
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = _leaves(exc)
+        if len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        elif leaves and all(isinstance(e, BlobmountError) for e in leaves):
+            return leaves[0]
+        else:
+            return exc
+    return exc
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -607,6 +648,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         verify_threshold=parse_size(threshold_text),
         chunk_size=_chunk_size(args.chunk_size or ours.get("chunk_size")),
         offline=args.offline or "offline" in ours,
+        no_stale_tag=args.no_stale_tag or "no_stale_tag" in ours,
+        nonempty=args.nonempty or "nonempty" in ours,
         prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
         read_ahead_kb=_read_ahead(args.read_ahead_kb, ours.get("read_ahead_kb")),
         uid=uid,
@@ -627,6 +670,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_size=config.cache_size,
         chunk_size=config.chunk_size,
         offline=config.offline,
+        stale_tag=not config.no_stale_tag,
     )
     opening.wait_talking()
     from blobmount.mount import run_mount
@@ -671,8 +715,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": cmd_cache,
         "status": cmd_status,
     }
+    logs.quiet_one_shot(args.command in _ONE_SHOT)
     try:
-        code: int = handlers[args.command](args)
+        try:
+            code: int = handlers[args.command](args)
+        except BaseExceptionGroup as group:  # a nursery's: the error inside is what happened
+            raise _unwrapped(group) from None
         return code
     except BlobmountError as exc:
         print(f"blobmount: {exc}", file=sys.stderr)
@@ -681,6 +729,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except KeyboardInterrupt:
         return 130
+    finally:
+        logs.quiet_one_shot(False)
+
+
+# Commands whose retry and verification lines are not shown (logs.quiet_one_shot): their error
+# line is the news. `mount` only until its daemon serves (mount.py shows them from there on).
+_ONE_SHOT = frozenset({"ls", "cat", "inspect", "mount"})
 
 
 def mount_helper(argv: Sequence[str] | None = None) -> int:

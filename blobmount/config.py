@@ -37,6 +37,8 @@ class MountConfig:
     chunk_size: int | None = None  # None: the chunk store's default (not imported here: the mount path
     # imports this module before it starts opening the source, and the cache package is not cheap)
     offline: bool = False
+    no_stale_tag: bool = False  # registry down: fail rather than mount the tag's cached resolution
+    nonempty: bool = False  # mount over a directory that has entries (hiding them)
     prefetch: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
     read_ahead_kb: int = 1024  # the kernel's read-ahead for the mount (0: leave its default)
     uid: int | None = None
@@ -58,6 +60,8 @@ O_KEYS: dict[str, tuple[str, bool]] = {
     "gid": ("gid", True),
     "chunk_size": ("chunk_size", True),
     "offline": ("offline", False),
+    "no_stale_tag": ("no_stale_tag", False),
+    "nonempty": ("nonempty", False),
     "prefetch": ("prefetch", True),
     "read_ahead_kb": ("read_ahead_kb", True),
 }

@@ -47,7 +47,7 @@ BLOCK_SIZE_BYTES = 4096  # statfs unit
 IO_BLOCK_BYTES = 128 << 10  # st_blksize: matches the kernel's FUSE read size, so cp/cat ask for it
 DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (FORMAT.md)
 XATTR_PREFIX = b"user.blobmount."
-XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")
+XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")  # and cached_bytes: by name only
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -321,11 +321,12 @@ class BlobFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        """None are listed, though getxattr answers every one by name: `cp -a`, `rsync -aX` and
+        `tar --xattrs` copy what is listed, and on a copy `user.blobmount.verified` and the rest
+        would be stale claims about bytes that no longer live under a mount."""
         if self._entry_of(inode) is None:
             self._dir_of(inode)
-            return []
-        names = [XATTR_PREFIX + name for name in XATTRS]
-        return [*names, XATTR_PREFIX + b"cached_bytes"] if self.cached_bytes is not None else names
+        return []
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import glob
 import hashlib
@@ -32,6 +33,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,30 +165,66 @@ class DaemonState:
         return False
 
 
-def _bind_unix(path: Path) -> socket.socket:
+@contextlib.contextmanager
+def _dir_locked(directory: Path) -> Iterator[None]:
+    """Serialise binding and removing control sockets in `directory` among the daemons sharing it.
+
+    A daemon lazily unmounted (``fusermount3 -uz``) lives on while files are open; a new daemon
+    mounted at the same place takes the socket name over. Without the lock the old one, exiting,
+    could check that the name is still its own, lose the processor, and remove its successor's
+    socket. The lock is held for a bind or an unlink only: microseconds."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
+    """The listening socket at `path` and the (device, inode) of its file: the daemon removes the
+    name on exit only while it is still this file (:func:`_unlink_own`)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.parent.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         # e.g. a /tmp/blobmount-UID another user created first: they could swap our socket
         raise OSError(errno.EPERM, f"{path.parent} is not a private directory of ours")
-    if path.exists() or path.is_symlink():
-        # mount.py refused a live mount at this mountpoint: a socket here belongs to a dead daemon
-        path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
     try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(16)
-    return sock
+        with _dir_locked(path.parent):
+            if path.exists() or path.is_symlink():
+                # mount.py refused a live mount at this mountpoint: a socket here belongs to a dead
+                # daemon, or to one lazily unmounted that still serves its open files (the name
+                # is ours now: `status MNT` asks whoever serves MNT)
+                path.unlink()
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old)
+            own = path.lstat()
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (own.st_dev, own.st_ino)
+
+
+def _unlink_own(path: Path, own: tuple[int, int]) -> None:
+    """Remove the socket name if it is still the file this daemon bound, never a successor's."""
+    with contextlib.suppress(OSError), _dir_locked(path.parent):
+        st = path.lstat()
+        if (st.st_dev, st.st_ino) == own:
+            path.unlink()
+        else:
+            log.debug("control socket %s belongs to another daemon now; left in place", path)
 
 
 async def serve_control(state: DaemonState, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
     """Long-lived task: answer `blobmount status` on the control socket until cancelled."""
     path = runtime_dir() / socket_name(state.mountpoint)
     try:
-        raw = _bind_unix(path)
+        raw, own = _bind_unix(path)
     except OSError as exc:  # no runtime dir we may write: status is unavailable, the mount is not
         log.warning("control socket %s: %s; `blobmount status` will not find this daemon", path, exc)
         task_status.started(path)
@@ -198,8 +236,7 @@ async def serve_control(state: DaemonState, *, task_status: trio.TaskStatus[Path
         task_status.started(path)
         await trio.serve_listeners(functools.partial(_control_client, state=state), [listener])
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        _unlink_own(path, own)
 
 
 async def _control_client(stream: trio.SocketStream, state: DaemonState) -> None:

@@ -24,9 +24,12 @@ from typing import TextIO
 __all__ = [
     "FORMATS",
     "LEVELS",
+    "ONE_SHOT_QUIET",
+    "RETRY_LOGGER",
     "JournalFormatter",
     "JsonFormatter",
     "level_for",
+    "quiet_one_shot",
     "setup",
     "stream_is_journal",
     "syslog_formatter",
@@ -39,6 +42,12 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 TEXT_FORMAT = "blobmount: %(levelname)s: %(message)s"
 _HANDLER_NAME = "blobmount"
 _format = "text"  # what setup() chose, for the daemon's syslog handler
+RETRY_LOGGER = "blobmount.registry.client.retry"  # the registry client's "...; retry N in S s" lines
+# What a one-shot command (ls, cat, inspect, a mount until its daemon serves) does not show at the
+# default level: retries, and the reader's verification reports. A daemon logs them (in a long
+# life they are news); a command's own error line says how it ended, and printing them as well
+# made one unreachable registry four lines, one corrupt file three.
+ONE_SHOT_QUIET = (RETRY_LOGGER, "blobmount.reader")
 
 
 def level_for(level: str | None, verbose: int = 0) -> int:
@@ -123,6 +132,14 @@ def setup(
     root.setLevel(level_for(level, verbose))
     global _format
     _format = fmt
+
+
+def quiet_one_shot(quiet: bool) -> None:
+    """`quiet`: the ONE_SHOT_QUIET loggers are silenced unless -v/--log-level asked for more than
+    the default; False: they log as ever (cli.py once a command ends, mount.py once it serves)."""
+    level = logging.CRITICAL if quiet and logging.getLogger().getEffectiveLevel() >= logging.WARNING else 0
+    for name in ONE_SHOT_QUIET:
+        logging.getLogger(name).setLevel(level)
 
 
 def syslog_formatter() -> logging.Formatter:

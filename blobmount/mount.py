@@ -65,8 +65,10 @@ def fuse_fd(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def check_mountpoint(path: Path) -> None:
-    """Refuse a missing or live mountpoint; lazily unmount a stale one (ENOTCONN after a crash).
+def check_mountpoint(path: Path, nonempty: bool = False) -> None:
+    """Refuse a missing or live mountpoint; lazily unmount a stale one (ENOTCONN after a crash);
+    refuse a directory with entries unless `nonempty` (-o nonempty): mounting over it would hide
+    them, silently (libfuse 3 no longer checks).
 
     A dead FUSE mount can still answer ``stat`` from attributes the kernel cached, so liveness is
     probed with ``statvfs``, which always reaches the daemon."""
@@ -96,8 +98,23 @@ def check_mountpoint(path: Path) -> None:
         _lazy_unmount(path)
     if not os.path.isdir(path):
         raise UsageError(f"mountpoint {path}: not a directory")
+    if not nonempty and _has_entries(path):
+        raise UsageError(
+            f"mountpoint {path}: not empty (a mount would hide its files); pass -o nonempty to mount over them"
+        )
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse does not exist: load the fuse module or pass --device /dev/fuse to the container")
+
+
+def _has_entries(path: Path) -> bool:
+    """Whether the directory holds anything (one entry read, however large it is). A directory
+    we may not list is left to the mount itself to judge."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
+    except OSError as exc:
+        log.debug("mountpoint %s: cannot list it (%s); not checked for entries", path, exc.strerror)
+        return False
 
 
 def _lazy_unmount(path: Path) -> None:
@@ -111,14 +128,14 @@ def _lazy_unmount(path: Path) -> None:
 def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
     """`opening`: the source already being opened on a thread (cli.py starts it before importing
     this module); None opens it here."""
-    check_mountpoint(config.mountpoint)
+    check_mountpoint(config.mountpoint, config.nonempty)
     metrics_socket = introspect.open_metrics_socket(config.metrics) if config.metrics else None
     notify(f"STATUS=opening {config.source}")
     if opening is not None:
         archive, cache = opening.result()
     else:
         cache = CacheDir(config.cache_dir or default_cache_dir(), config.cache_size)
-        settings = RemoteSettings(cache, config.chunk_size, config.offline)
+        settings = RemoteSettings(cache, config.chunk_size, config.offline, not config.no_stale_tag)
         archive = open_archive(config.source, config.registry, settings)
     store = ContentStore(cache)
     notify(f"STATUS=checking the index of {archive.name}")
@@ -273,6 +290,7 @@ def _daemon_logging(config: MountConfig) -> None:
 
 def serve(prep: Prepared, ready_fd: int | None) -> int:
     config = prep.config
+    logs.quiet_one_shot(False)  # the daemon's log is where a failing registry or file shows
     reader = Reader(
         prep.archive.data,
         prep.store,

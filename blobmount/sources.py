@@ -35,6 +35,7 @@ class RemoteSettings:
     cache: CacheDir | None = None
     chunk_size: int | None = None  # None: the chunk store's default
     offline: bool = False
+    stale_tag: bool = True  # the registry does not answer: open the tag's last resolution (cached)
 
 
 def is_local(spec: str) -> bool:
@@ -60,7 +61,9 @@ async def open_remote(spec: str, options: RegistryOptions, settings: RemoteSetti
     from blobmount.registry.source import RegistryBlobSource, open_registry
     from blobmount.source import Archive
 
-    archive = await open_registry(spec, options, cache=settings.cache, offline=settings.offline)
+    archive = await open_registry(
+        spec, options, cache=settings.cache, offline=settings.offline, stale_tag=settings.stale_tag
+    )
     remote = archive.data
     if not isinstance(remote, RegistryBlobSource):
         return archive  # a registry that ignores ranges: the whole blob is a local file now
@@ -92,9 +95,10 @@ class Opening:
         cache_size: int,
         chunk_size: int | None = None,
         offline: bool = False,
+        stale_tag: bool = True,
     ) -> None:
         self._spec, self._options = spec, options
-        self._cache_args = (cache_dir, cache_size, chunk_size, offline)
+        self._cache_args = (cache_dir, cache_size, chunk_size, offline, stale_tag)
         self.cache: CacheDir | None = None
         self._archive: Archive | None = None
         self._error: BaseException | None = None
@@ -104,7 +108,7 @@ class Opening:
         self._thread.start()
 
     def _run(self) -> None:
-        cache_dir, cache_size, chunk_size, offline = self._cache_args
+        cache_dir, cache_size, chunk_size, offline, stale_tag = self._cache_args
         try:
             if not is_local(self._spec):
                 import blobmount.registry.source  # noqa: F401  the HTTP stack, before the first request
@@ -112,7 +116,7 @@ class Opening:
 
             self.cache = CacheDir(cache_dir or default_cache_dir(), cache_size)
             self._talking.set()
-            settings = RemoteSettings(self.cache, chunk_size, offline)
+            settings = RemoteSettings(self.cache, chunk_size, offline, stale_tag)
             self._archive = open_archive(self._spec, self._options, settings)
         except BaseException as exc:  # handed to the main thread by result()
             self._error = exc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +40,17 @@ def _no_remote_names(monkeypatch: pytest.MonkeyPatch) -> None:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """An anonymous docker-registry for the whole session."""
     reg = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def own_registry(tmp_path: Path) -> Iterator[Registry]:
+    """An anonymous docker-registry of this test's own, which the test may stop (`.stop()`) to
+    take the registry away while its address stays the same (a cache is keyed by it)."""
+    reg = start_registry(tmp_path / "own-registry")
     try:
         yield reg
     finally:

@@ -12,7 +12,7 @@ come from (DESIGN §2).
 
 from blobmount.cache.chunks import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MEMORY_BYTES, ChunkStore, WholeBlob, chunk_digest
 from blobmount.cache.content import ContentStore, StoreUnavailable
-from blobmount.cache.meta import MetaStore
+from blobmount.cache.meta import MetaStore, TagRecord
 from blobmount.cache.space import DEFAULT_CACHE_SIZE_BYTES, CacheDir, Usage, default_cache_dir, prepare_cache_dir
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ContentStore",
     "MetaStore",
     "StoreUnavailable",
+    "TagRecord",
     "Usage",
     "WholeBlob",
     "chunk_digest",

@@ -19,6 +19,7 @@ import os
 import struct
 import time
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 from blobmount.cache.space import CacheDir
@@ -41,6 +42,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _hex_ok(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    """A tag's last resolution kept in the cache."""
+
+    digest: str  # sha256:<hex> of the manifest
+    resolved_at: float  # seconds since the epoch
 
 
 class MetaStore:
@@ -82,13 +91,19 @@ class MetaStore:
     def _tag_name(reference: str) -> str:
         return hashlib.sha256(reference.encode()).hexdigest()
 
-    def get_tag(self, reference: str) -> str | None:
-        """The digest `reference` (registry/repo:tag) resolved to last time, for --offline."""
+    def get_tag(self, reference: str) -> TagRecord | None:
+        """The digest `reference` (registry/repo:tag) resolved to last time, and when: for
+        --offline, and for a mount while the registry does not answer."""
+        path = self.root / "tags" / self._tag_name(reference)
         try:
-            text = (self.root / "tags" / self._tag_name(reference)).read_text().strip()
+            with open(path, "rb") as f:
+                text = f.read(128).decode("ascii", "replace").strip()
+                resolved_at = os.fstat(f.fileno()).st_mtime  # put_tag writes a new file every time
         except OSError:
             return None
-        return text if text.startswith("sha256:") and _hex_ok(text[7:]) else None
+        if not (text.startswith("sha256:") and _hex_ok(text[7:])):
+            return None
+        return TagRecord(text, resolved_at)
 
     def put_tag(self, reference: str, digest: str) -> None:
         try:

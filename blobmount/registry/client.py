@@ -37,7 +37,7 @@ import httpcore  # noqa: F401  httpx loads it with the first client; here it is 
 import httpx
 import trio
 
-from blobmount import __version__, metrics
+from blobmount import __version__, logs, metrics
 from blobmount.errors import (
     AuthError,
     BlobmountError,
@@ -55,6 +55,7 @@ from blobmount.registry.wire import WirePool, WireResponse
 __all__ = ["DEFAULT_TIMEOUT_S", "Endpoint", "RangeNotSupported", "RegistryClient", "RegistryOptions"]
 
 log = logging.getLogger(__name__)
+retry_log = logging.getLogger(logs.RETRY_LOGGER)  # a child of `log`; one-shot commands quiet it (logs.py)
 
 MANIFEST_ACCEPT = ", ".join(
     (
@@ -541,7 +542,7 @@ class RegistryClient:
         self.last_error = exc
         level = logging.DEBUG if attempt < 3 and self._retry_streak < 3 else logging.WARNING
         metrics.HTTP_RETRIES.inc()
-        log.log(level, "%s; retry %d in %.2f s", exc, attempt, delay)
+        retry_log.log(level, "%s; retry %d in %.2f s", exc, attempt, delay)
         await trio.sleep(delay)
 
     # -- manifests -----------------------------------------------------------------------------

@@ -4,7 +4,10 @@ Pull side (issue: registries): resolve the tag once (HEAD, GET when HEAD is refu
 manifest by digest and check ``sha256(body)``, check it is a blob archive (manifest.parse_manifest),
 fetch the index and check digest and size. Manifests and index blobs are kept in the cache by
 digest (cache/meta.py), so a digest remount needs no request at all and a tag remount one HEAD;
-``--offline`` never touches the network (a tag then resolves to the digest it had last time).
+``--offline`` never touches the network (a tag then resolves to the digest it had last time). A tag
+lookup the registry does not answer (a TransientError, or silence for ``--timeout``) falls back to
+that same remembered digest with one warning, unless ``--no-stale-tag``; an answer such as "no
+such tag" is believed.
 
 The data blob is probed once with a one-byte range (and the answer remembered in the cache): a
 registry that answers ranges with the whole body is detected here, at mount time, and the whole
@@ -15,6 +18,8 @@ otherwise the mount is refused with a clear error. An empty data blob is never r
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -111,19 +116,27 @@ async def _opened(blocks: AsyncGenerator[bytes, None]) -> tuple[AsyncGenerator[b
 
 
 async def open_registry(
-    spec: str, options: RegistryOptions, *, cache: CacheDir | None = None, offline: bool = False
+    spec: str,
+    options: RegistryOptions,
+    *,
+    cache: CacheDir | None = None,
+    offline: bool = False,
+    stale_tag: bool = True,
 ) -> Archive:
     """Resolve, fetch and check manifest and index (from the cache when it has them); return the
-    archive with its data source (the raw registry source: the caller puts the chunk cache in front)."""
+    archive with its data source (the raw registry source: the caller puts the chunk cache in front).
+    `stale_tag`: when the registry does not answer the tag lookup, open the digest the cache
+    remembers for the tag (one warning) instead of failing."""
     ref = Reference.parse(spec)
     meta = MetaStore(cache) if cache is not None else None
     endpoints = Endpoints(ref, options)
     try:
         with trio.fail_after(options.timeout_s * 4):  # the whole open: a few round trips per endpoint
-            digest = await _resolve(ref, endpoints, meta, offline)
+            digest, stale = await _resolve(ref, endpoints, meta, offline, stale_tag and not offline, options.timeout_s)
+            cached_only = offline or stale  # a registry that did not answer the tag is not asked again
             manifest = meta.get_blob(digest.hex) if meta is not None else None
             if manifest is None:
-                _online(offline, ref, "its manifest")
+                _online(offline, ref, "its manifest", stale)
                 manifest = await endpoints.first(lambda c: c.get_manifest(digest))
                 if meta is not None:
                     meta.put_blob(digest.hex, manifest)
@@ -131,10 +144,10 @@ async def open_registry(
             index_digest = Digest.parse(idigest)
             index = meta.get_blob(index_digest.hex, isize) if meta is not None else None
             if index is None:
-                _online(offline, ref, "its index blob")
+                _online(offline, ref, "its index blob", stale)
             data_digest = Digest.parse(ddigest)
             flag = f"ranges-ok {ref.registry} {data_digest}"  # probed once per cache
-            probe = bool(dsize) and not offline and not (meta is not None and meta.has_flag(flag))
+            probe = bool(dsize) and not cached_only and not (meta is not None and meta.has_flag(flag))
             index_fetched = index is None
             index, probe_error = await _index_and_probe(
                 endpoints, index_digest, isize, data_digest, dsize, index=index, probe=probe
@@ -160,26 +173,62 @@ async def open_registry(
     return Archive(name, index, data, idigest)
 
 
-def _online(offline: bool, ref: Reference, what: str) -> None:
+def _online(offline: bool, ref: Reference, what: str, stale: bool = False) -> None:
     if offline:
         raise SourceError(f"{ref}: --offline, and {what} is not in the cache")
+    if stale:
+        raise SourceError(f"{ref}: the registry does not answer, and {what} is not in the cache")
 
 
-async def _resolve(ref: Reference, endpoints: Endpoints, meta: MetaStore | None, offline: bool) -> Digest:
-    """The manifest digest: the reference's own, else the tag resolved once (and remembered)."""
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+async def _resolve(
+    ref: Reference, endpoints: Endpoints, meta: MetaStore | None, offline: bool, stale_ok: bool, timeout_s: float
+) -> tuple[Digest, bool]:
+    """The manifest digest: the reference's own, else the tag resolved once (and remembered); and
+    whether it is the cache's memory of the tag because the registry did not answer (`stale_ok`)."""
     if ref.digest is not None:
-        return ref.digest
+        return ref.digest, False
     key = f"{ref.registry}/{ref.repository}:{ref.ref_for_manifest}"
+    known = meta.get_tag(key) if meta is not None else None
     if offline:
-        known = meta.get_tag(key) if meta is not None else None
         if known is None:
             raise SourceError(f"{ref}: --offline, and this tag was never resolved with this cache")
-        log.warning("%s: --offline: using the digest this tag had last time, %s", ref, known)
-        return Digest.parse(known)
-    digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
+        log.warning(
+            "%s: --offline: using the digest this tag had last time, %s (resolved %s)",
+            ref,
+            known.digest,
+            _when(known.resolved_at),
+        )
+        return Digest.parse(known.digest), False
+    try:
+        # with a resolution to fall back on, a registry that does not answer costs one --timeout,
+        # not the whole open's budget
+        with trio.fail_after(timeout_s if known is not None and stale_ok else math.inf):
+            digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
+    except (TransientError, trio.TooSlowError) as exc:
+        if known is None:
+            raise
+        why = str(exc) if isinstance(exc, TransientError) else f"no answer within --timeout {timeout_s:g} s"
+        if not stale_ok:
+            raise TransientError(
+                f"{why}; the cache holds {known.digest} for {ref} (resolved {_when(known.resolved_at)}),"
+                " not used: --no-stale-tag"
+            ) from exc
+        log.warning(
+            "%s: the registry does not answer (%s); using %s, the digest this tag had when resolved %s"
+            " (cached; --no-stale-tag refuses)",
+            ref,
+            why,
+            known.digest,
+            _when(known.resolved_at),
+        )
+        return Digest.parse(known.digest), True
     if meta is not None:
         meta.put_tag(key, str(digest))
-    return digest
+    return digest, False
 
 
 async def _index_and_probe(

@@ -203,11 +203,11 @@ def test_hostile_entries_are_isolated(hostile_source: tuple[str, Path], tmp_path
     assert {p.relative_to(cache).parts[0] for p in cached} <= layout, cached
 
 
-def _refused(tmp_path: Path, source: str) -> str:
+def _refused(tmp_path: Path, source: str, *args: str) -> str:
     mnt = tmp_path / "mnt"
     mnt.mkdir(exist_ok=True)
     out = subprocess.run(
-        blobmount_cmd(source, str(mnt), "--cache-dir", str(tmp_path / "c")),
+        blobmount_cmd(source, str(mnt), "--cache-dir", str(tmp_path / "c"), *args),
         capture_output=True,
         text=True,
         timeout=120,
@@ -255,7 +255,7 @@ def test_a_refused_archive_leaves_the_mountpoint_as_it_was(tmp_path: Path) -> No
     WHOLE["duplicate paths"][0](out)
     (tmp_path / "mnt").mkdir()
     (tmp_path / "mnt" / "keep.txt").write_text("untouched\n")
-    _refused(tmp_path, f"dir:{out}")
+    _refused(tmp_path, f"dir:{out}", "-o", "nonempty")  # else the entry alone is refused (exit 2)
     assert os.listdir(tmp_path / "mnt") == ["keep.txt"]
 
 

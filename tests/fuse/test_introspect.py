@@ -137,3 +137,32 @@ def test_metrics_address_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert out.stderr.count("\n") == 1
     assert "cannot listen" in out.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_a_lazily_unmounted_daemon_spares_its_successors_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon A is lazily unmounted while a file is open (it lives on to serve it); daemon B mounts
+    at the same place and takes the socket name over. When A finally exits it must not remove B's
+    socket: `status MNT` goes on answering for B (it once said "no blobmount daemon answers")."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
+    mnt = tmp_path / "mnt"
+    with mounted(f"dir:{FIXTURES / 'basic'}", mnt) as a:
+        held = open(mnt / "top.md", "rb")
+        try:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=True, timeout=30)
+            with mounted(f"dir:{FIXTURES / 'unicode'}", mnt, cache_dir=tmp_path / "b-cache") as b:
+                assert a.proc.poll() is None, "A should live on while its file is open"
+                first = status(mnt, "--json")
+                assert first.returncode == 0, first.stderr
+                assert json.loads(first.stdout)["pid"] == b.proc.pid
+                assert held.read() == tree_files("basic")[b"top.md"].data  # A still serves it
+                held.close()
+                assert a.proc.wait(WAIT_S) == 0  # its last file closed: A's session ends
+                after = status(mnt, "--json")
+                assert after.returncode == 0, after.stderr
+                st = json.loads(after.stdout)
+                assert st["pid"] == b.proc.pid
+                assert st["source"] == f"dir:{FIXTURES / 'unicode'}"
+        finally:
+            held.close()

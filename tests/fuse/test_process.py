@@ -123,6 +123,29 @@ def test_one_line_errors_leave_nothing_mounted(tmp_path: Path) -> None:
         assert "already mounted" in _fails(tmp_path, BASIC, mnt, 2, live=True)
 
 
+@pytest.mark.parametrize("allow", [("-o", "nonempty"), ("--nonempty",), ("env",)])
+def test_a_mountpoint_with_entries_is_refused_unless_nonempty(allow: tuple[str, ...], tmp_path: Path) -> None:
+    """Mounting over a directory's entries hides them; libfuse 3 does it without a word, so the
+    mount refuses with one line (exit 2) unless asked: -o nonempty, --nonempty or BLOBMOUNT_NONEMPTY."""
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "mine.txt").write_text("was here first\n")
+    try:
+        err = _fails(tmp_path, BASIC, mnt, 2)
+    finally:
+        unmount(mnt)  # a mount that should not have happened (backgrounded: it would linger)
+    assert f"mountpoint {mnt}: not empty" in err
+    assert "-o nonempty" in err
+    assert os.listdir(mnt) == ["mine.txt"]
+    env = {"BLOBMOUNT_NONEMPTY": "1"} if allow == ("env",) else {}
+    args = () if allow == ("env",) else allow
+    with mounted(BASIC, mnt, *args, env={**os.environ, **env}) as m:
+        assert "top.md" in os.listdir(m.path)
+        assert "mine.txt" not in os.listdir(m.path)  # hidden while mounted, as asked
+    assert os.listdir(mnt) == ["mine.txt"]
+
+
 def test_stale_mount_is_recovered(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     with mounted(BASIC, mnt) as m:

@@ -154,3 +154,27 @@ def test_ctrl_c_in_a_long_command_unwinds_in_order_then_is_keyboard_interrupt() 
         return 7
 
     assert run_interruptible(answers) == 7
+
+
+def test_errors_inside_nursery_groups_reach_the_user_as_themselves() -> None:
+    """trio wraps an error in a group per nursery it crosses (a command's, the chunk fetcher's):
+    the CLI prints the error inside, with its exit code; a group holding something that is not
+    ours stays whole, so a bug still shows in full."""
+    from blobmount.cli import _unwrapped
+    from blobmount.errors import IntegrityError, SourceError
+
+    inner = IntegrityError("'a': sha256 mismatch")
+    assert _unwrapped(ExceptionGroup("outer", [ExceptionGroup("fetcher", [inner])])) is inner
+    first, second = SourceError("one"), SourceError("two")
+    assert _unwrapped(ExceptionGroup("both", [first, ExceptionGroup("x", [second])])) is first
+    mixed = ExceptionGroup("mixed", [SourceError("ours"), ValueError("a bug")])
+    assert _unwrapped(ExceptionGroup("outer", [mixed])) is mixed
+    assert _unwrapped(inner) is inner
+
+
+def test_a_bad_flag_is_one_line_naming_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["mount", "--verify", "bogus", "a", "b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--verify" in err
+    assert "blobmount mount --help" in err

@@ -43,12 +43,31 @@ def test_control_socket_refuses_a_directory_others_can_write(tmp_path: Path) -> 
     with pytest.raises(PermissionError, match="not a private directory"):
         introspect._bind_unix(shared / "mnt-x.sock")
     private = tmp_path / "private"
-    sock = introspect._bind_unix(private / "mnt-x.sock")
+    sock, _ = introspect._bind_unix(private / "mnt-x.sock")
     try:
         assert (private / "mnt-x.sock").stat().st_mode & 0o777 == 0o600
         assert private.stat().st_mode & 0o777 == 0o700
     finally:
         sock.close()
+
+
+def test_an_exiting_daemon_removes_its_own_socket_only(tmp_path: Path) -> None:
+    """A successor bound the same name (the first daemon was lazily unmounted and lived on): the
+    first one's exit leaves the successor's socket alone; the successor's exit removes it."""
+    path = tmp_path / "run" / "mnt-x.sock"
+    first, first_own = introspect._bind_unix(path)
+    second, second_own = introspect._bind_unix(path)  # takes the name over
+    try:
+        assert first_own != second_own
+        introspect._unlink_own(path, first_own)
+        assert path.exists()
+        assert (path.lstat().st_dev, path.lstat().st_ino) == second_own
+        introspect._unlink_own(path, second_own)
+        assert not path.exists()
+        introspect._unlink_own(path, second_own)  # gone already: nothing to do, no error
+    finally:
+        first.close()
+        second.close()
 
 
 def test_summary_is_one_fact_per_line() -> None:

@@ -114,3 +114,34 @@ def test_levels() -> None:
     assert logs.level_for(None, 1) == logging.INFO
     assert logs.level_for(None, 2) == logging.DEBUG
     assert logs.level_for("error", 2) == logging.ERROR  # --log-level wins over -v
+
+
+def test_one_shot_commands_quiet_retries_and_reader_reports_at_the_default_level_only(
+    root_logger: logging.Logger,
+) -> None:
+    """A one-shot command's error line says how it ended; the retries and verification reports
+    that led there are shown only when -v/--log-level asks for more (the daemon always logs them)."""
+    out = io.StringIO()
+    logs.setup("warning", stream=out, force=True)
+    try:
+        logs.quiet_one_shot(True)
+        logging.getLogger(logs.RETRY_LOGGER).warning("refused; retry 3 in 1.00 s")
+        logging.getLogger("blobmount.reader").error("'a': sha256 mismatch")
+        logging.getLogger("blobmount.registry.source").warning("still shown")
+        assert out.getvalue() == "blobmount: WARNING: still shown\n"
+        logs.quiet_one_shot(False)
+        logging.getLogger(logs.RETRY_LOGGER).warning("refused; retry 3 in 1.00 s")
+        assert "retry 3" in out.getvalue()
+        logs.setup("info", stream=out, force=True)  # -v: the user asked to see what happens
+        logs.quiet_one_shot(True)
+        logging.getLogger(logs.RETRY_LOGGER).warning("refused; retry 4 in 2.00 s")
+        assert "retry 4" in out.getvalue()
+    finally:
+        logs.quiet_one_shot(False)
+    assert logs.RETRY_LOGGER.startswith("blobmount.registry.client.")  # caplog on the client sees it
+
+
+def test_the_client_logs_its_retries_on_the_retry_logger() -> None:
+    from blobmount.registry import client
+
+    assert client.retry_log.name == logs.RETRY_LOGGER
