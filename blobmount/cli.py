@@ -381,7 +381,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 def cmd_cp(args: argparse.Namespace) -> int:
     from blobmount.config import parse_size
-    from blobmount.extract import CopyOptions, check_clean_dest, copy_items, plan
+    from blobmount.extract import CopyOptions, check_clean_dest, copy_items, first_error, plan
 
     if args.concurrency < 1:
         raise UsageError("--concurrency: at least 1")
@@ -418,10 +418,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
         try:
             view = IndexView(archive.index_bytes, blob_size=data.size)
             items = plan(view, [os.fsencode(p) for p in args.paths])  # nothing is written before this
-            async with contextlib.AsyncExitStack() as stack:
-                if isinstance(data, ChunkedSource):
-                    await stack.enter_async_context(data.serving())
-                result = await copy_items(data, items, dest, options, cache_dir=cache_dir)
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    if isinstance(data, ChunkedSource):
+                        await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
+                    result = await copy_items(data, items, dest, options, cache_dir=cache_dir)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             return result.files, result.skipped, result.bytes
         finally:
             await data.aclose()

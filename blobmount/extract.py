@@ -420,7 +420,7 @@ class _Copier:
                 for _ in range(max(1, self.options.concurrency)):
                     nursery.start_soon(worker)
         except BaseExceptionGroup as group:
-            raise _first_error(group) from None
+            raise first_error(group) from None
 
     async def _piece(self, piece: _Piece) -> None:
         try:
@@ -560,7 +560,7 @@ class _Copier:
             self._discard(f)
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report from a failed pipeline: the first of ours (the others are the
     cancellations it caused), else the group as it is."""
     leaves: list[BaseException] = []
@@ -672,5 +672,6 @@ __all__ = [
     "check_clean_dest",
     "copy_items",
     "directory_mtime_ns",
+    "first_error",
     "plan",
 ]
