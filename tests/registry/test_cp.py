@@ -120,7 +120,7 @@ def test_an_integrity_failure_through_the_proxy_is_exit_5_and_leaves_no_file(
 def test_a_fault_that_clears_is_read_again_and_the_copy_succeeds(
     faults: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path, at = _victim()
+    _, at = _victim()
     fault = faults.add(Fault(Kind.FLIP, blob(DATA_DIGEST, at, at + 1), at=at, times=1))
     dest = tmp_path / "out"
     ref = f"{faults.host}/fixtures/mixed:v1"
