@@ -31,6 +31,7 @@ the disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -40,6 +41,7 @@ import secrets
 import shutil
 import stat
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -197,6 +199,8 @@ class _Dest:
         except OSError as exc:
             raise DestinationError(f"{os.fsdecode(dest)}: {exc.strerror}") from exc
         self._fds: OrderedDict[bytes, int] = OrderedDict()
+        self._pins: dict[bytes, int] = {}
+        self._lock = threading.RLock()  # worker threads open and rename files too
 
     def show(self, rel: bytes) -> str:
         return show(os.path.join(self.dest, rel) if rel else self.dest, limit=240)
@@ -220,8 +224,28 @@ class _Dest:
                 raise DestinationError(f"--clean-dest: {self.show(name)}: {exc.strerror}") from exc
 
     def dir_fd(self, rel: bytes, create: bool = False) -> int:
-        """The descriptor of directory DEST/`rel`, creating it (and its parents) when asked.
-        Call and use it on one thread without a checkpoint between: the LRU may close it later."""
+        """The descriptor of directory DEST/`rel`, creating it (and its parents) when asked. Only
+        for the single-threaded set-up; the copy itself holds descriptors through :meth:`use`."""
+        with self._lock:
+            return self._open(rel, create)
+
+    @contextlib.contextmanager
+    def use(self, rel: bytes) -> Iterator[int]:
+        """DEST/`rel`'s descriptor, pinned (never closed by the LRU) while the caller uses it, on
+        whichever thread."""
+        with self._lock:
+            fd = self._open(rel, False)
+            self._pins[rel] = self._pins.get(rel, 0) + 1
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                left = self._pins.pop(rel) - 1
+                if left:
+                    self._pins[rel] = left
+                self._evict()
+
+    def _open(self, rel: bytes, create: bool) -> int:
         if not rel:
             return self.root
         fd = self._fds.get(rel)
@@ -229,7 +253,7 @@ class _Dest:
             self._fds.move_to_end(rel)
             return fd
         parent_rel, _, name = rel.rpartition(b"/")
-        parent = self.dir_fd(parent_rel, create)
+        parent = self._open(parent_rel, create)
         if create:
             try:
                 os.mkdir(name, 0o777, dir_fd=parent)
@@ -245,9 +269,18 @@ class _Dest:
                 raise DestinationError(f"{self.show(rel)}: {what} in the way; cp never follows or replaces it") from exc
             raise DestinationError(f"{self.show(rel)}: {exc.strerror}") from exc
         self._fds[rel] = fd
-        while len(self._fds) > DIR_FDS:
-            os.close(self._fds.popitem(last=False)[1])
+        self._evict()
         return fd
+
+    def _evict(self) -> None:
+        """Close the least recently used descriptors over DIR_FDS that nobody holds."""
+        if len(self._fds) <= DIR_FDS:
+            return
+        for old in list(self._fds):
+            if len(self._fds) <= DIR_FDS:
+                return
+            if old not in self._pins:
+                os.close(self._fds.pop(old))
 
     def exists(self, rel: bytes) -> bool:
         parent_rel, _, name = rel.rpartition(b"/")
@@ -396,6 +429,7 @@ class _Copier:
         self.file_mode = 0o666 & ~umask
         self.result = CopyResult()
         self.temps: dict[_File, None] = {}  # open temporaries, removed if the copy fails
+        self._counting = threading.Lock()  # files finish on worker threads too
         self.mismatched: list[_File] = []
 
     async def run(self, items: list[Item]) -> None:
@@ -430,42 +464,62 @@ class _Copier:
             more = f" (and {len(piece.parts) - 1} more files in the same read)" if len(piece.parts) > 1 else ""
             raise type(exc)(f"{show(first)}{more}: {exc}") from exc
         view = memoryview(data)
-        for f, a, b, number in piece.parts:
-            await self._feed(f, number, view[a - piece.start : b - piece.start])
-
-    async def _feed(self, f: _File, number: int, data: memoryview) -> None:
+        # Decoding, hashing and writing run on a worker thread when there is enough of it: the
+        # decoder, the hash and the write release the GIL, so the second core works while this
+        # thread receives the next pieces.
+        threaded = piece.size >= THREAD_MIN_BYTES or self.options.fsync
+        if len(piece.parts) > 1:  # a batch: every file whole, in this piece only (no turns)
+            if threaded:
+                await trio.to_thread.run_sync(self._batch, piece, view)
+            else:
+                self._batch(piece, view)
+            return
+        f, a, b, number = piece.parts[0]
         while f.fed != number:  # a younger piece of a large file read first waits for its turn
             await f.turn.wait()
+        try:
+            if threaded:
+                await trio.to_thread.run_sync(self._feed, f, view[a - piece.start : b - piece.start])
+            else:
+                self._feed(f, view[a - piece.start : b - piece.start])
+        finally:
+            f.turn.set()
+            f.turn = trio.Event()
+
+    def _batch(self, piece: _Piece, view: memoryview) -> None:
+        for f, a, b, _ in piece.parts:
+            self._feed(f, view[a - piece.start : b - piece.start])
+
+    def _feed(self, f: _File, data: memoryview) -> None:
+        """The next piece of `f`: decoded, hashed, written; the file finished after its last. On
+        the trio thread or a worker thread (it touches only `f`, DEST through pinned
+        descriptors, and the counters)."""
         try:
             if f.failed is None:
                 if f.fd < 0:
                     self._open_temp(f)
-                if len(data) >= THREAD_MIN_BYTES:
-                    await trio.to_thread.run_sync(self._consume, f, data)
-                else:
-                    self._consume(f, data)
+                self._consume(f, data)
         except (IntegrityError, InvalidArchive) as exc:
             f.failed = exc
         finally:
             f.fed += 1
-            f.turn.set()
-            f.turn = trio.Event()
         if f.fed == f.pieces:
-            await self._finish(f)
+            self._finish(f)
 
     def _open_temp(self, f: _File) -> None:
         parent_rel = f.item.rel.rpartition(b"/")[0]
-        for _ in range(8):  # bounded: a name collision is a 2^-48 event
-            f.tmp = b".blobmount-cp." + secrets.token_hex(6).encode()
-            try:
-                f.fd = os.open(f.tmp, _O_TMP, 0o600, dir_fd=self.dest.dir_fd(parent_rel))
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise DestinationError(f"{self.dest.show(f.item.rel)}: cannot create it: {exc.strerror}") from exc
-        else:  # pragma: no cover
-            raise DestinationError(f"{self.dest.show(f.item.rel)}: no free temporary name")
+        with self.dest.use(parent_rel) as parent:
+            for _ in range(8):  # bounded: a name collision is a 2^-48 event
+                f.tmp = b".blobmount-cp." + secrets.token_hex(6).encode()
+                try:
+                    f.fd = os.open(f.tmp, _O_TMP, 0o600, dir_fd=parent)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise DestinationError(f"{self.dest.show(f.item.rel)}: cannot create it: {exc.strerror}") from exc
+            else:  # pragma: no cover
+                raise DestinationError(f"{self.dest.show(f.item.rel)}: no free temporary name")
         self.temps[f] = None
         e = f.item.entry
         if e.compression == COMPRESSION_ZSTD and e.original_size > SMALL_DECODE_BYTES:
@@ -505,7 +559,7 @@ class _Copier:
                 raise DestinationError(f"{self.dest.show(f.item.rel)}: write failed: {exc.strerror}") from exc
             data = data[n:]
 
-    async def _finish(self, f: _File) -> None:
+    def _finish(self, f: _File) -> None:
         e = f.item.entry
         if f.failed is None and f.fd < 0:
             self._open_temp(f)  # an empty file: no piece had bytes for it
@@ -530,18 +584,19 @@ class _Copier:
             if self.options.preserve_times:
                 os.utime(f.fd, ns=(e.mtime_ns, e.mtime_ns))
             if self.options.fsync:
-                await trio.to_thread.run_sync(os.fsync, f.fd)
+                os.fsync(f.fd)  # on a worker thread (see _piece)
             os.close(f.fd)
             f.fd = -1
-            parent = self.dest.dir_fd(rel.rpartition(b"/")[0])
-            os.rename(f.tmp, rel.rpartition(b"/")[2], src_dir_fd=parent, dst_dir_fd=parent)
+            with self.dest.use(rel.rpartition(b"/")[0]) as parent:
+                os.rename(f.tmp, rel.rpartition(b"/")[2], src_dir_fd=parent, dst_dir_fd=parent)
         except OSError as exc:
             self._discard(f)
             raise DestinationError(f"{self.dest.show(rel)}: {exc.strerror}") from exc
         self.temps.pop(f, None)
-        self.result.files += 1
-        self.result.bytes += e.original_size
-        self.progress.advance(e.original_size)
+        with self._counting:
+            self.result.files += 1
+            self.result.bytes += e.original_size
+            self.progress.advance(e.original_size)
 
     def _discard(self, f: _File) -> None:
         """Close and remove a file's temporary (a failure leaves nothing behind)."""
@@ -550,7 +605,8 @@ class _Copier:
             f.fd = -1
         if f.tmp and f in self.temps:
             try:
-                os.unlink(f.tmp, dir_fd=self.dest.dir_fd(f.item.rel.rpartition(b"/")[0]))
+                with self.dest.use(f.item.rel.rpartition(b"/")[0]) as parent:
+                    os.unlink(f.tmp, dir_fd=parent)
             except (OSError, BlobmountError) as exc:
                 log.warning("%s: could not remove %s: %s", self.dest.show(f.item.rel), f.tmp, exc)
         self.temps.pop(f, None)
