@@ -177,3 +177,46 @@ def test_concurrent_range_reads_overlap(
         assert p.peak >= 2
         assert p.peak <= concurrency
     assert _files_under(dest) == {p: f.data for p, f in tree_files("mixed").items()}
+
+
+def test_a_network_failure_names_a_file_and_leaves_no_temporaries(
+    faults: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    size = (FIXTURES / "mixed" / "data.blob").stat().st_size
+    fault = faults.add(Fault(Kind.RESET, blob(DATA_DIGEST, 1, size)))  # every read but the open's probe
+    dest = tmp_path / "out"
+    ref = f"{faults.host}/fixtures/mixed:v1"
+    assert main(["cp", ref, ".", str(dest), "--cache-dir", str(tmp_path / "cache"), "--timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "blobmount: 'd0" in err  # the first file of the read that failed
+    assert fault.hits >= 1
+    assert _files_under(dest) == {}
+
+
+def test_the_buffer_bounds_fetched_bytes_beyond_what_the_readers_hold(
+    registry: Registry, pushed: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight readers of 64 KiB pieces could hold 512 KiB; --buffer 256K keeps them to 256 KiB (the
+    proxy holds each request, so all eight readers are waiting at once if the budget lets them)."""
+    from blobmount import extract
+
+    peak = 0
+    acquire = extract._Budget.acquire
+
+    async def counting(self: extract._Budget, n: int) -> None:
+        nonlocal peak
+        await acquire(self, n)
+        peak = max(peak, self.used)
+
+    monkeypatch.setattr(extract._Budget, "acquire", counting)
+    p = _CountingProxy(registry.host)
+    try:
+        args = ["cp", f"{p.host}/fixtures/mixed:v1", ".", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
+        args += ["--chunk-size", "4K", "--buffer", "256K", "--concurrency", "8", "--max-connections", "8"]
+        assert main(args) == 0
+    finally:
+        p.stop()
+    assert p.peak >= 2
+    assert 0 < peak <= 256 << 10
+    assert _files_under(tmp_path / "out") == {p: f.data for p, f in tree_files("mixed").items()}

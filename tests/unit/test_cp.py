@@ -399,3 +399,32 @@ def test_compressed_small_files_are_verified_too(tmp_path: Path, capsys: pytest.
     assert main(["cp", str(arc), ".", str(dest)]) == 5
     assert "'b.txt'" in capsys.readouterr().err
     assert _files_under(dest) == {b"a.txt": good}
+
+
+def test_memory_held_stays_under_the_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However large the files, the fetched bytes not yet written stay within --buffer."""
+    from blobmount import extract
+
+    peak = 0
+    acquire = extract._Budget.acquire
+
+    async def counting(self: extract._Budget, n: int) -> None:
+        nonlocal peak
+        await acquire(self, n)
+        peak = max(peak, self.used)
+
+    monkeypatch.setattr(extract._Budget, "acquire", counting)
+    big = os.urandom(1 << 20) * 12
+    arc = tmp_path / "arc"
+    write_archive(arc, [Spec(b"big.bin", big), Spec(b"big.txt", b"text " * (2 << 20), zstd=True)])
+    assert main(["cp", str(arc), ".", str(tmp_path / "out"), "--buffer", "1M", "--concurrency", "4"]) == 0
+    assert 0 < peak <= 1 << 20
+    assert (tmp_path / "out" / "big.bin").read_bytes() == big
+
+
+def test_progress_and_fsync(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cp", str(FIXTURES / "mixed"), ".", str(tmp_path / "out"), "--progress", "--fsync"]) == 0
+    err = capsys.readouterr().err
+    assert "\rcp [" in err
+    assert "300/300 files" in err
+    assert len(_files_under(tmp_path / "out")) == 300
