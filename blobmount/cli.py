@@ -231,6 +231,26 @@ def _parser() -> argparse.ArgumentParser:
     cat.add_argument("archive")
     cat.add_argument("path")
 
+    cpp = sub.add_parser(
+        "cp",
+        help="copy files or a directory of an archive into DEST (sha256-verified, no mount)",
+        parents=[reg, common],
+        description="cp SOURCE PATH... DEST: each file lands at DEST/<its path in the archive>. "
+        "cp SOURCE DIR DEST: the directory's files land at DEST/<path below DIR> ('.' is the whole archive).",
+    )
+    cpp.add_argument("archive", metavar="SOURCE")
+    cpp.add_argument("paths", nargs="+", metavar="PATH", help="files, or one directory")
+    cpp.add_argument("dest", metavar="DEST")
+    cpp.add_argument("--concurrency", type=int, default=4, help="range reads in flight (default 4)")
+    cpp.add_argument("--buffer", default="64M", help="fetched bytes held in memory at most (default 64M)")
+    cpp.add_argument("--overwrite", action="store_true", help="replace files already in DEST (default: skip them)")
+    cpp.add_argument("--preserve-mode", action="store_true", help="the archive's permission bits (default: umask)")
+    cpp.add_argument("--preserve-times", action="store_true", help="the archive's mtimes (directories: as mounted)")
+    cpp.add_argument("--fsync", action="store_true", help="fsync each file before renaming it into place")
+    cpp.add_argument("--clean-dest", action="store_true", help="empty DEST first (refused for /, the cwd, the cache)")
+    cpp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a terminal")
+    cache_args(cpp)
+
     push = sub.add_parser("push", help="create an archive from SRC_DIR and push it to REF", parents=[reg, common])
     push.add_argument("src", help="source directory (or, with --archive, an archive directory)")
     push.add_argument("ref")
@@ -376,6 +396,66 @@ def cmd_cat(args: argparse.Namespace) -> int:
         os.chmod(tmp, 0o700)
         run_interruptible(run, Path(tmp))
     archive.data.close()
+    return EXIT_OK
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from blobmount.config import parse_size
+    from blobmount.extract import CopyOptions, check_clean_dest, copy_items, first_error, plan
+
+    if args.concurrency < 1:
+        raise UsageError("--concurrency: at least 1")
+    options = CopyOptions(
+        concurrency=args.concurrency,
+        buffer_bytes=parse_size(args.buffer),
+        overwrite=args.overwrite,
+        preserve_mode=args.preserve_mode,
+        preserve_times=args.preserve_times,
+        fsync=args.fsync,
+        clean_dest=args.clean_dest,
+        progress=args.progress,
+    )
+    dest = os.fsencode(args.dest)
+    cache_dir = os.fsencode(_cache_dir(args))
+    if options.clean_dest:
+        check_clean_dest(dest, cache_dir)  # refused before the archive is even opened
+    started = time.monotonic()
+
+    async def run() -> tuple[int, int, int]:
+        from blobmount.cache import CacheDir
+        from blobmount.fetch import ChunkedSource
+        from blobmount.index import IndexView
+        from blobmount.source import open_local
+        from blobmount.sources import RemoteSettings, is_local, open_remote
+
+        if is_local(args.archive):
+            archive = open_local(args.archive)
+        else:
+            cache = CacheDir(Path(os.fsdecode(cache_dir)), parse_size(args.cache_size or "10G"))
+            settings = RemoteSettings(cache, _chunk_size(args.chunk_size))
+            archive = await open_remote(args.archive, registry_options(args), settings)
+        data = archive.data
+        try:
+            view = IndexView(archive.index_bytes, blob_size=data.size)
+            items = plan(view, [os.fsencode(p) for p in args.paths])  # nothing is written before this
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    if isinstance(data, ChunkedSource):
+                        await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
+                    result = await copy_items(data, items, dest, options, cache_dir=cache_dir)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+            return result.files, result.skipped, result.bytes
+        finally:
+            await data.aclose()
+            data.close()
+
+    files, skipped, nbytes = run_interruptible(run)
+    print(
+        f"{files} files, {nbytes} bytes written to {args.dest}"
+        + (f", {skipped} already there (skipped)" if skipped else "")
+        + f" ({time.monotonic() - started:.2f} s)"
+    )
     return EXIT_OK
 
 
@@ -708,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "create": cmd_create,
         "ls": cmd_ls,
         "cat": cmd_cat,
+        "cp": cmd_cp,
         "mount": cmd_mount,
         "push": cmd_push,
         "inspect": cmd_inspect,
