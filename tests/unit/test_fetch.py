@@ -196,7 +196,7 @@ def test_a_stalled_body_is_resumed_and_a_read_never_waits_past_the_timeout(tmp_p
             with pytest.raises(TransientError, match="--timeout 2 s"):
                 await src.read_range(0, 100)
             assert trio.current_time() - started == pytest.approx(2.0, abs=0.01)
-            # ... while the fetch resumes in the background with a second request
+            # ... and takes the stalled request with it: the next read sends a second one
             await trio.sleep(1)
             assert await src.read_range(0, 100) == BLOB[:100]
             assert len(remote.requests) == 2
