@@ -64,6 +64,8 @@ DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified be
 DIR_HINTS = 256  # directories whose small-file reads are followed for prefetch (LRU)
 EARLY_BYTES = 16 << 20  # per file being verified lazily: out-of-order reads kept until hashable
 KEPT_PROGRESS = 256  # lazily served files whose hash state outlives their last handle (LRU)
+COMPLETE_BYTES = 64 << 20  # a file served in part and closed is hashed to its end, from the cache,
+# when at most this much of it is left (bounded background work; never a fetch)
 INLINE_DECODE_BYTES = 128 << 10  # zstd frames this small are decoded on the trio thread: measured,
 # a worker-thread hop (~60 us) cost more than decoding and hashing a typical source file
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -242,6 +244,9 @@ class Reader:
         progress.early.clear()
         progress.early_bytes = 0
         self._kept[entry.number] = entry
+        rest = entry.original_size - progress.hashed_upto
+        if rest <= COMPLETE_BYTES and self._nursery is not None and not progress.finishing:
+            self._nursery.start_soon(self._complete, entry, progress)
         while len(self._kept) > KEPT_PROGRESS:
             number, old = self._kept.popitem(last=False)
             del self._progress[number]
@@ -298,6 +303,23 @@ class Reader:
                 if progress is not None:
                     await self._advance(entry, progress, offset, data)
         return data
+
+    async def _complete(self, entry: Entry, progress: _Progress) -> None:
+        """A file served in part and closed: if the rest is at hand (in the chunk cache, or a
+        local blob) and small (``COMPLETE_BYTES``), hash it now, so the file is verified (or
+        distrusted, its pages dropped) without waiting for another reader. Never fetches: only
+        the bytes read cross the network."""
+        start, end = entry.data_offset + progress.hashed_upto, entry.data_offset + entry.original_size
+        if self.remote is not None and self.remote.cached_bytes(start, end) < end - start:
+            return
+        if self._progress.get(entry.number) is not progress or progress.users or progress.finishing:
+            return  # reopened, distrusted or finishing meanwhile: the reads take it from here
+        progress.covered = _merge(progress.covered, (progress.hashed_upto, entry.original_size))
+        try:
+            await self._finish(entry, progress, "it was read in part and closed")
+        except BlobmountError as exc:  # a mismatch is logged (and handled) by _finish
+            if not isinstance(exc, IntegrityError):
+                log.debug("%s: completing its hash stopped: %s (it resumes as the file is read)", show(entry.path), exc)
 
     def _check_generation(self, handle: Handle) -> None:
         """A handle opened before the file was distrusted may have been given wrong bytes (or the
@@ -425,6 +447,11 @@ class Reader:
             progress.covered, progress.hashed_upto, entry.original_size
         ):
             return
+        await self._finish(entry, progress, "the read fails (EIO)")
+
+    async def _finish(self, entry: Entry, progress: _Progress, outcome: str) -> None:
+        """Every byte was served: hash what was not hashed in order (from the source) and decide.
+        A mismatch distrusts the file and raises (`outcome` says what the log line promises)."""
         progress.finishing = True
         if progress.hashed_upto < entry.original_size:
             try:
@@ -446,9 +473,10 @@ class Reader:
         # them. One more read from the origin decides between a transient fault and a bad archive.
         _MISMATCH.inc()
         log.warning(
-            "%s: sha256 mismatch after reading it all (got %s): the read fails (EIO); reading it again from the origin",
+            "%s: sha256 mismatch after reading it all (got %s): %s; reading it again from the origin",
             show(entry.path),
             digest.hex(),
+            outcome,
         )
         self._distrust(entry)
         raise IntegrityError(f"{show(entry.path)}: sha256 mismatch after reading it all; not served")
