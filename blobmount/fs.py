@@ -290,8 +290,8 @@ class BlobFS(pyfuse3.Operations):
         if entry is None:
             self._dir_of(inode)
             raise IsADirectory(f"inode {inode}: is a directory")
-        keep = await self._pages_dropped(inode)
         handle = await self.reader.open(entry)
+        keep = await self._pages_dropped(inode)  # after open: a drop queued while it waited counts
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
@@ -368,8 +368,8 @@ class BlobFS(pyfuse3.Operations):
         self._invalidating[ino] = (queued + 1, done)
 
     async def _pages_dropped(self, ino: int) -> bool:
-        """Before an open: wait (bounded) until pages queued for dropping are gone. Returns whether
-        the open may keep the kernel's pages (False after a drop: none of them is to be trusted)."""
+        """Before an open is answered: wait (bounded) until pages queued for dropping are gone; whether
+        the open may keep the kernel's pages (not after a drop: none of them is to be trusted)."""
         pending = self._invalidating.get(ino)
         if pending is None:
             return True

@@ -307,8 +307,8 @@ class Reader:
     async def _complete(self, entry: Entry, progress: _Progress) -> None:
         """A file served in part and closed: if the rest is at hand (in the chunk cache, or a
         local blob) and small (``COMPLETE_BYTES``), hash it now, so the file is verified (or
-        distrusted, its pages dropped) without waiting for another reader. Never fetches: only
-        the bytes read cross the network."""
+        distrusted, its pages dropped) without waiting for another reader. Not started when the
+        rest would have to be fetched: only the bytes read cross the network."""
         start, end = entry.data_offset + progress.hashed_upto, entry.data_offset + entry.original_size
         if self.remote is not None and self.remote.cached_bytes(start, end) < end - start:
             return

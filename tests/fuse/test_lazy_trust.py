@@ -133,15 +133,18 @@ def _settle() -> None:
     time.sleep(0.3)
 
 
-@pytest.mark.parametrize("program", ["cp", "sha256sum"])
+@pytest.mark.parametrize(
+    ("program", "policy"), [("cp", "lazy"), ("sha256sum", "lazy"), ("cp", "background"), ("cp", "strict")]
+)
 def test_one_flip_in_one_full_read(
-    program: str, proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
+    program: str, policy: str, proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
 ) -> None:
     arc = trust_archive
     name = "one.bin"
     data = arc.placed[name.encode()].data
     want = hashlib.sha256(data).hexdigest()
-    with _mount(proxy, tmp_path / "mnt", tmp_path / "cache") as m:
+    source = f"{proxy.host}/{REPO}"
+    with mounted(source, tmp_path / "mnt", *ARGS, "--verify", policy, cache_dir=tmp_path / "cache") as m:
         fault, _ = _flip(proxy, arc, name, 0.5)
         path = m.path / name
         if program == "cp":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -412,7 +412,7 @@ class _Blackhole(FakeRemote):
 
     dead = True
 
-    async def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncIterator[bytes]:
+    async def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncGenerator[bytes, None]:
         if self.dead:
             self.requests.append((start, end, origin_only))
             await trio.sleep_forever()
