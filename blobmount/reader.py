@@ -66,6 +66,7 @@ EARLY_BYTES = 16 << 20  # per file being verified lazily: out-of-order reads kep
 KEPT_PROGRESS = 256  # lazily served files whose hash state outlives their last handle (LRU)
 COMPLETE_BYTES = 64 << 20  # a file served in part and closed is hashed to its end, from the cache,
 # when at most this much of it is left (bounded background work; never a fetch)
+COMPLETE_QUEUE = 16  # such completions waiting at most (one runs at a time); more are not started
 INLINE_DECODE_BYTES = 128 << 10  # zstd frames this small are decoded on the trio thread: measured,
 # a worker-thread hop (~60 us) cost more than decoding and hashing a typical source file
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -161,6 +162,8 @@ class Reader:
         self._kept: OrderedDict[int, Entry] = OrderedDict()  # progress of files with no handle (LRU)
         self._generation: dict[int, int] = {}  # entry -> distrusts so far (see _distrust)
         self._suspect: set[int] = set()  # purged and read whole from the origin before served again
+        self._completing = trio.CapacityLimiter(1)  # hashes of files read in part and closed
+        self._completions = 0  # started or waiting
         self._verifying: dict[int, trio.Event] = {}
         self._decoded: OrderedDict[bytes, bytes] = OrderedDict()  # sha256 -> content (LRU)
         self._decoded_bytes = 0
@@ -309,17 +312,23 @@ class Reader:
         local blob) and small (``COMPLETE_BYTES``), hash it now, so the file is verified (or
         distrusted, its pages dropped) without waiting for another reader. Not started when the
         rest would have to be fetched: only the bytes read cross the network."""
-        start, end = entry.data_offset + progress.hashed_upto, entry.data_offset + entry.original_size
-        if self.remote is not None and self.remote.cached_bytes(start, end) < end - start:
-            return
-        if self._progress.get(entry.number) is not progress or progress.users or progress.finishing:
-            return  # reopened, distrusted or finishing meanwhile: the reads take it from here
-        progress.covered = _merge(progress.covered, (progress.hashed_upto, entry.original_size))
+        if self._completions >= COMPLETE_QUEUE:
+            return  # many files closed at once: the rest stay kept, hashed as they are read
+        self._completions += 1
         try:
-            await self._finish(entry, progress, "it was read in part and closed")
+            async with self._completing:  # one at a time: bounded disk and CPU
+                start, end = entry.data_offset + progress.hashed_upto, entry.data_offset + entry.original_size
+                if self._progress.get(entry.number) is not progress or progress.users or progress.finishing:
+                    return  # reopened, distrusted or finishing meanwhile: the reads take it from here
+                if self.remote is not None and self.remote.cached_bytes(start, end) < end - start:
+                    return
+                progress.covered = _merge(progress.covered, (progress.hashed_upto, entry.original_size))
+                await self._finish(entry, progress, "it was read in part and closed")
         except BlobmountError as exc:  # a mismatch is logged (and handled) by _finish
             if not isinstance(exc, IntegrityError):
                 log.debug("%s: completing its hash stopped: %s (it resumes as the file is read)", show(entry.path), exc)
+        finally:
+            self._completions -= 1
 
     def _check_generation(self, handle: Handle) -> None:
         """A handle opened before the file was distrusted may have been given wrong bytes (or the
