@@ -21,9 +21,10 @@ from the network, and the network part is where this module earns its keep:
 - **Budgets.** Requests in flight are bounded by ``max_requests``, of which read-ahead may use all
   but ``DEMAND_RESERVED_REQUESTS`` (a reader's miss never queues behind a window); read-ahead stops
   growing while ``inflight_bytes`` are on their way.
-- **Deadlines.** A read waits at most ``--timeout`` (then EIO; a later read tries afresh). A request
-  that delivers no chunk for ``--timeout`` is a stall: it is abandoned and resumed from the first
-  undelivered chunk, at most ``MAX_ATTEMPTS`` times.
+- **Deadlines.** A read waits at most ``--timeout`` (then EIO; a later read tries afresh: the
+  requests it waited for that landed nothing meanwhile are abandoned with it, so no later read joins
+  a dead connection). A request that delivers no chunk for ``--timeout`` is a stall: it is abandoned
+  and resumed from the first undelivered chunk, at most ``MAX_ATTEMPTS`` times.
 
 Concurrency contract: everything here runs on the trio thread except the store's disk methods,
 which run through ``trio.to_thread``. ``_flights`` maps a chunk to the one task that will deliver
@@ -137,6 +138,8 @@ class _Run:
     ahead: bool
     epoch: int
     next: int = -1
+    landed_at: float = float("-inf")  # trio clock: when it last landed a chunk
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # abandoning it cancels this
 
     def __post_init__(self) -> None:
         self.next = self.first
@@ -230,6 +233,7 @@ class ChunkedSource:
         self.stats.reads += 1
         self.stats.bytes_served += end - start
         since = next(_FLIGHT_SEQ)  # flights from here on serve this read; older ones it joined
+        waiting_since = trio.current_time()
         missed = self._schedule(range(first, last + 1), ahead=False)
         if hint is not None:
             self._read_ahead(hint, start, end, missed)
@@ -248,9 +252,11 @@ class ChunkedSource:
                 hi = min(end - index * cs, len(data))
                 parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
             return b"".join(parts)
-        raise TransientError(
+        error = TransientError(
             f"bytes {start}-{end} of the data blob did not arrive within --timeout {self.timeout_s:g} s"
         )
+        self._abandon_silent(first, last, waiting_since, error)
+        raise error
 
     def prefetch(self, start: int, end: int) -> None:
         """Fetch [start, end) in the background, within the read-ahead budget (best effort)."""
@@ -552,38 +558,62 @@ class ChunkedSource:
     async def _fetch_run(self, run: _Run) -> None:
         error: BlobmountError = SourceError("fetch cancelled")
         try:
-            async with self._requests:
-                if run.ahead:
-                    await self._ahead.acquire_on_behalf_of(run)
-                try:
-                    for attempt in range(1, MAX_ATTEMPTS + 1):
-                        try:
-                            await self._stream(run)
-                            return
-                        except BlobmountError as exc:
-                            error = exc
-                            if not isinstance(exc, TransientError) or attempt == MAX_ATTEMPTS:
-                                self.stats.failures += 1
-                                log.warning("data blob bytes %d-%d: %s", *self._bytes(run.next, run.last), exc)
-                                return
-                            self.stats.retries += 1
-                            pause = RETRY_PAUSE_S * (2 ** (attempt - 1)) * (0.5 + random.random())
-                            log.debug(
-                                "data blob bytes %d-%d: %s; resuming in %.2f s",
-                                *self._bytes(run.next, run.last),
-                                exc,
-                                pause,
-                            )
-                            await trio.sleep(pause)
-                finally:
-                    if run.ahead:
-                        self._ahead.release_on_behalf_of(run)
+            with run.scope:  # cancelled only by _abandon_silent, which settles the flights itself
+                error = await self._fetch_attempts(run) or error
         except Exception as exc:  # a bug must cost one read, never the mount (this task is the nursery's)
             log.exception("fetching data blob bytes %d-%d failed unexpectedly", *self._bytes(run.next, run.last))
             error = SourceError(f"internal error while fetching: {exc!r}")
         finally:
             if run.next <= run.last:
                 self._fail(run, error)
+
+    async def _fetch_attempts(self, run: _Run) -> BlobmountError | None:
+        """Up to MAX_ATTEMPTS requests, each resuming at the first undelivered chunk; returns the
+        last error (None once everything landed)."""
+        async with self._requests:
+            if run.ahead:
+                await self._ahead.acquire_on_behalf_of(run)
+            try:
+                for attempt in range(1, MAX_ATTEMPTS + 1):
+                    try:
+                        await self._stream(run)
+                        return None
+                    except BlobmountError as exc:
+                        if not isinstance(exc, TransientError) or attempt == MAX_ATTEMPTS:
+                            self.stats.failures += 1
+                            log.warning("data blob bytes %d-%d: %s", *self._bytes(run.next, run.last), exc)
+                            return exc
+                        self.stats.retries += 1
+                        pause = RETRY_PAUSE_S * (2 ** (attempt - 1)) * (0.5 + random.random())
+                        log.debug(
+                            "data blob bytes %d-%d: %s; resuming in %.2f s",
+                            *self._bytes(run.next, run.last),
+                            exc,
+                            pause,
+                        )
+                        await trio.sleep(pause)
+            finally:
+                if run.ahead:
+                    self._ahead.release_on_behalf_of(run)
+        return None  # pragma: no cover - the loop always returns
+
+    def _abandon_silent(self, first: int, last: int, since: float, error: BlobmountError) -> None:
+        """A read gave up on chunks [first, last]: the requests that were to bring them and landed
+        nothing while it waited are stalled (a dead connection answers nothing, whatever the
+        origin does now), so they are abandoned with the read, not left to wait out their own
+        deadlines and retries. Otherwise the next read would join such a request and wait with
+        it: re-reading a stalled file once the origin answered again took ~25 s (--timeout 30).
+        Their waiters get `error`; a read that joined them gets a request of its own (_chunk)."""
+        for index in range(first, last + 1):
+            flight = self._flights.get(index)
+            run = flight.owner if flight is not None else None
+            if isinstance(run, _Run) and run.landed_at < since and run.next <= run.last:
+                log.debug(
+                    "data blob bytes %d-%d: abandoned with the read that waited for it",
+                    *self._bytes(run.next, run.last),
+                )
+                self._fail(run, error)
+                run.scope.cancel()
 
     def _bytes(self, first: int, last: int) -> tuple[int, int]:
         return self.store.span(first)[0], self.store.span(last)[1]
@@ -616,6 +646,7 @@ class ChunkedSource:
                         await self._unsaved_slots.acquire()  # the disk sets the pace when it is slower
                         self._land(run, bytes(data))
                         run.next += 1
+                        run.landed_at = trio.current_time()
                         scope.deadline = trio.current_time() + self.timeout_s
         if scope.cancelled_caught:
             self.stats.stalls += 1

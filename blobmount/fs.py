@@ -48,6 +48,7 @@ IO_BLOCK_BYTES = 128 << 10  # st_blksize: matches the kernel's FUSE read size, s
 DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (FORMAT.md)
 XATTR_PREFIX = b"user.blobmount."
 XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")  # and cached_bytes: by name only
+INVALIDATE_WAIT_S = 5.0  # an open waits at most this for a queued page drop (normally microseconds)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -125,6 +126,7 @@ class BlobFS(pyfuse3.Operations):
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
+        self._invalidating: dict[int, tuple[int, trio.Event]] = {}  # ino -> (queued, set when done)
         # Hook for the chunk store: bytes of a file's data held in the local cache, exported as the
         # xattr user.blobmount.cached_bytes. mount.py sets it once a store can answer; while None
         # the xattr is absent (not listed, ENODATA).
@@ -289,11 +291,12 @@ class BlobFS(pyfuse3.Operations):
             self._dir_of(inode)
             raise IsADirectory(f"inode {inode}: is a directory")
         handle = await self.reader.open(entry)
+        keep = await self._pages_dropped(inode)  # after open: a drop queued while it waited counts
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
-        # Immutable content: let the kernel keep pages across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # Immutable content: let the kernel keep pages across opens (unless some were wrong).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -350,23 +353,45 @@ class BlobFS(pyfuse3.Operations):
     # -- integrity -----------------------------------------------------------------------------
 
     def _poisoned(self, entry: Entry) -> None:
-        """Reader callback: pages of this file already in the kernel may be wrong; drop them.
+        """Reader callback: pages of this file already in the kernel may be wrong (or were served
+        under a hash state the reader gave up); drop them.
 
         Called inside a read handler, so the invalidation is queued for :meth:`invalidator`
-        (invalidating an inode from its own read request would deadlock on its page locks)."""
+        (invalidating an inode from its own read request would deadlock on its page locks); an
+        open of the file waits for it (:meth:`_pages_dropped`)."""
+        ino = FILE_INO_BASE + entry.number
         try:
-            self._invalidate_send.send_nowait(FILE_INO_BASE + entry.number)
+            self._invalidate_send.send_nowait(ino)
         except trio.WouldBlock:
             log.warning("%s: invalidation queue full; cached pages may linger", show(entry.path))
+            return
+        queued, done = self._invalidating.get(ino, (0, trio.Event()))
+        self._invalidating[ino] = (queued + 1, done)
+
+    async def _pages_dropped(self, ino: int) -> bool:
+        """Before an open is answered: wait (bounded) until pages queued for dropping are gone; whether
+        the open may keep the kernel's pages (not after a drop: none of them is to be trusted)."""
+        pending = self._invalidating.get(ino)
+        if pending is None:
+            return True
+        with trio.move_on_after(INVALIDATE_WAIT_S):
+            await pending[1].wait()
+        return False
 
     async def invalidator(self) -> None:
-        """Long-lived task (started by mount.py in its nursery): drop poisoned files' pages."""
+        """Long-lived task (started by mount.py in its nursery): drop distrusted files' pages."""
         async for ino in self._invalidate_recv:
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:  # ENOENT: the kernel no longer knows the inode
                     log.warning("invalidate inode %d: %s", ino, exc)
+            finally:
+                queued, done = self._invalidating.pop(ino, (1, trio.Event()))
+                if queued > 1:
+                    self._invalidating[ino] = (queued - 1, done)
+                else:
+                    done.set()
 
     # -- writes: all refused -------------------------------------------------------------------
 

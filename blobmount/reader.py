@@ -6,12 +6,20 @@ Policy, per file:
 - raw, at most ``verify_threshold`` bytes, or any raw file under ``verify="strict"``: the whole file
   is hashed on the first read, before a byte is returned.
 - larger raw files under ``verify="lazy"`` (the default): served as read; hashed as the reads arrive
-  in order (out-of-order reads are caught up from the source once everything has been read). On a
-  mismatch ``on_poison`` lets the filesystem drop the pages the kernel already holds, a remote
-  source forgets the file's chunks, and the file is read again once (from the origin, never a
-  mirror); if it still mismatches, it is poisoned for the life of this reader (every read EIO).
-  One log line names the path and both hashes. ``verify="background"`` also reads the rest of such
-  a file in the background once it is opened, so it is verified without waiting for the reader.
+  in order (out-of-order reads are caught up from the source once everything has been read). The
+  hash state is per file, not per open: it outlives the handles (``KEPT_PROGRESS`` files), because
+  with ``keep_cache`` the kernel serves pages an earlier open was given without asking again, so
+  a file read in pieces by several opens or processes is still verified once all of it was served;
+  a state given up drops the file's pages with it (a later read is then hashed from byte 0).
+- a mismatch found that way means bytes already served were wrong (*distrust*): the read that
+  found it fails (EIO), and so does every later read through a handle opened before (its process
+  may hold wrong bytes: a program that reads a file to its end never finishes with success and
+  wrong bytes); ``on_poison`` lets the filesystem drop the pages the kernel holds; the file's chunks
+  are purged and it is read whole once more from the origin (never a mirror, in the background and
+  by the next read, which waits for it) before another byte is served. If that still mismatches it
+  is poisoned for the life of this reader (every read EIO), one log line naming path and hashes.
+  ``verify="background"`` also reads the rest of such a file in the background once it is opened,
+  so it is verified without waiting for the reader (a mismatch found so is a distrust too).
 - a remote source remembers which large files it verified, with the chunks they were read from
   (fetch.py), so a remount does not hash them again.
 
@@ -55,6 +63,10 @@ SPILL_DECODE_BYTES = 256 << 20  # a zstd file the content store cannot take (dis
 DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified before the first byte
 DIR_HINTS = 256  # directories whose small-file reads are followed for prefetch (LRU)
 EARLY_BYTES = 16 << 20  # per file being verified lazily: out-of-order reads kept until hashable
+KEPT_PROGRESS = 256  # lazily served files whose hash state outlives their last handle (LRU)
+COMPLETE_BYTES = 64 << 20  # a file served in part and closed is hashed to its end, from the cache,
+# when at most this much of it is left (bounded background work; never a fetch)
+COMPLETE_QUEUE = 16  # such completions waiting at most (one runs at a time); more are not started
 INLINE_DECODE_BYTES = 128 << 10  # zstd frames this small are decoded on the trio thread: measured,
 # a worker-thread hop (~60 us) cost more than decoding and hashing a typical source file
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -70,7 +82,7 @@ class ReaderConfig:
 
 @dataclass(slots=True)
 class _Progress:
-    """Lazy verification state of one raw file while it has open handles."""
+    """Lazy verification state of one raw file: what of it was served, and hashed so far."""
 
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     hashed_upto: int = 0
@@ -91,6 +103,7 @@ class Handle:
     small: bool = False  # original_size <= SMALL_DECODE_BYTES: served from `content`
     loading: trio.Event | None = None  # set while one read loads `content`
     hint: ReadHint | None = None  # read-ahead state of a large raw file
+    generation: int = 0  # the file's distrust count at open: a later distrust fails this handle
 
 
 def _mismatch(entry: Entry, actual: bytes) -> IntegrityError:
@@ -146,6 +159,11 @@ class Reader:
         self._verified: set[int] = set()
         self._poisoned: set[int] = set()
         self._progress: dict[int, _Progress] = {}
+        self._kept: OrderedDict[int, Entry] = OrderedDict()  # progress of files with no handle (LRU)
+        self._generation: dict[int, int] = {}  # entry -> distrusts so far (see _distrust)
+        self._suspect: set[int] = set()  # purged and read whole from the origin before served again
+        self._completing = trio.CapacityLimiter(1)  # hashes of files read in part and closed
+        self._completions = 0  # started or waiting
         self._verifying: dict[int, trio.Event] = {}
         self._decoded: OrderedDict[bytes, bytes] = OrderedDict()  # sha256 -> content (LRU)
         self._decoded_bytes = 0
@@ -187,11 +205,14 @@ class Reader:
             if (
                 self.remote is not None
                 and entry.number not in self._verified
+                and entry.number not in self._suspect
                 and await self.remote.was_verified(start, end, entry.hash)
             ):
                 self._verified.add(entry.number)
             if not self._upfront(entry):
+                handle.generation = self._generation.get(entry.number, 0)
                 progress = self._progress.setdefault(entry.number, _Progress())
+                self._kept.pop(entry.number, None)
                 progress.users += 1
                 if (
                     self.config.verify == "background"
@@ -212,7 +233,27 @@ class Reader:
             if progress is not None:
                 progress.users -= 1
                 if progress.users <= 0:
-                    del self._progress[entry.number]
+                    self._last_close(entry, progress)
+
+    def _last_close(self, entry: Entry, progress: _Progress) -> None:
+        """Keep the hash state of a file that was served in part (the kernel keeps those pages
+        for the next open); forget it when nothing is left to check."""
+        served = progress.hashed_upto or progress.covered or progress.early
+        if entry.number in self._verified or entry.number in self._poisoned or not served:
+            del self._progress[entry.number]
+            return
+        for offset, data in progress.early.items():  # no bytes kept for a file nobody reads
+            progress.covered = _merge(progress.covered, (offset, offset + len(data)))
+        progress.early.clear()
+        progress.early_bytes = 0
+        self._kept[entry.number] = entry
+        rest = entry.original_size - progress.hashed_upto
+        if rest <= COMPLETE_BYTES and self._nursery is not None and not progress.finishing:
+            self._nursery.start_soon(self._complete, entry, progress)
+        while len(self._kept) > KEPT_PROGRESS:
+            number, old = self._kept.popitem(last=False)
+            del self._progress[number]
+            self._notify_poison(old)  # its served pages go too: a later read starts at byte 0
 
     def _upfront(self, entry: Entry) -> bool:
         """Whether this raw file is verified whole before its first byte is served."""
@@ -252,14 +293,51 @@ class Reader:
             return await trio.to_thread.run_sync(os.pread, fd, end - offset, offset)
         if entry.original_size == 0:
             return b""
-        if entry.number not in self._verified and self._upfront(entry):
+        upfront = self._upfront(entry)
+        if not upfront:
+            self._check_generation(handle)
+        if entry.number not in self._verified and (upfront or entry.number in self._suspect):
             await self._verify_whole(entry)
         data = await self.source.read_range(entry.data_offset + offset, entry.data_offset + end, handle.hint)
-        if entry.number not in self._verified:
-            progress = self._progress.get(entry.number)
-            if progress is not None:
-                await self._advance(entry, progress, offset, data)
+        if not upfront:
+            self._check_generation(handle)  # distrusted while this read waited: not served
+            if entry.number not in self._verified:
+                progress = self._progress.get(entry.number)
+                if progress is not None:
+                    await self._advance(entry, progress, offset, data)
         return data
+
+    async def _complete(self, entry: Entry, progress: _Progress) -> None:
+        """A file served in part and closed: if the rest is at hand (in the chunk cache, or a
+        local blob) and small (``COMPLETE_BYTES``), hash it now, so the file is verified (or
+        distrusted, its pages dropped) without waiting for another reader. Not started when the
+        rest would have to be fetched: only the bytes read cross the network."""
+        if self._completions >= COMPLETE_QUEUE:
+            return  # many files closed at once: the rest stay kept, hashed as they are read
+        self._completions += 1
+        try:
+            async with self._completing:  # one at a time: bounded disk and CPU
+                start, end = entry.data_offset + progress.hashed_upto, entry.data_offset + entry.original_size
+                if self._progress.get(entry.number) is not progress or progress.users or progress.finishing:
+                    return  # reopened, distrusted or finishing meanwhile: the reads take it from here
+                if self.remote is not None and self.remote.cached_bytes(start, end) < end - start:
+                    return
+                progress.covered = _merge(progress.covered, (progress.hashed_upto, entry.original_size))
+                await self._finish(entry, progress, "it was read in part and closed")
+        except BlobmountError as exc:  # a mismatch is logged (and handled) by _finish
+            if not isinstance(exc, IntegrityError):
+                log.debug("%s: completing its hash stopped: %s (it resumes as the file is read)", show(entry.path), exc)
+        finally:
+            self._completions -= 1
+
+    def _check_generation(self, handle: Handle) -> None:
+        """A handle opened before the file was distrusted may have been given wrong bytes (or the
+        kernel may have, from pages it held): its reads fail from then on, so the program sees
+        an error; a new open reads the verified bytes."""
+        if handle.generation != self._generation.get(handle.entry.number, 0):
+            raise IntegrityError(
+                f"{show(handle.entry.path)}: failed verification while this open was reading it; open it again"
+            )
 
     # -- verification --------------------------------------------------------------------------
 
@@ -294,29 +372,67 @@ class Reader:
 
     async def _verify_whole(self, entry: Entry) -> None:
         """Hash the whole file before serving it; single-flight per entry. A mismatch is read once
-        more (a transient fault must not poison a file) before the file is poisoned."""
-        while (pending := self._verifying.get(entry.number)) is not None:
+        more (a transient fault must not poison a file) before the file is poisoned; a suspect
+        file (distrusted) is purged and read from the origin, and a mismatch then poisons it."""
+        number = entry.number
+        while (pending := self._verifying.get(number)) is not None:
             await pending.wait()
             self._check_poison(entry)
-            if entry.number in self._verified:
+            if number in self._verified:
                 return
-        done = self._verifying[entry.number] = trio.Event()
+        done = self._verifying[number] = trio.Event()
         try:
-            for attempt in range(2):
+            for _ in range(2):
+                suspect = number in self._suspect
+                if suspect:
+                    await self._forget_remote(entry)  # its chunks, from the origin next
                 hasher = hashlib.sha256()
                 await self._hash_range(entry, 0, hasher)
                 if hasher.digest() == entry.hash:
+                    if number in self._suspect and not suspect:
+                        continue  # distrusted while this read the old chunks: once more, purged
+                    self._suspect.discard(number)
                     self._hashed_ok(entry)
                     await self._remember(entry)
                     return
-                if attempt == 0:
-                    _MISMATCH.inc()
-                    log.warning("%s: sha256 mismatch; reading it again", show(entry.path))
-                    await self._forget_remote(entry)
+                if suspect:
+                    break
+                _MISMATCH.inc()
+                log.warning("%s: sha256 mismatch; reading it again from the origin", show(entry.path))
+                if self._upfront(entry):
+                    self._suspect.add(number)  # nothing of it was served
+                else:
+                    self._distrust(entry, reverify=False)  # served as read meanwhile (background)
             self._poison(entry, hasher.digest())
         finally:
-            del self._verifying[entry.number]
+            del self._verifying[number]
             done.set()
+
+    def _distrust(self, entry: Entry, *, reverify: bool = True) -> None:
+        """Bytes of this file served so far may be wrong: fail every handle opened until now
+        (:meth:`_check_generation`), drop the kernel's pages, start the hash over, and purge and
+        read the file whole from the origin before another byte of it is served (``reverify``:
+        now, in the background, so the next open finds it done; else by the next read)."""
+        number = entry.number
+        self._generation[number] = self._generation.get(number, 0) + 1
+        self._verified.discard(number)
+        self._suspect.add(number)
+        old = self._progress.get(number)
+        if old is not None:
+            self._progress[number] = _Progress(users=old.users)
+        self._notify_poison(entry)
+        if reverify and self._nursery is not None:
+            self._nursery.start_soon(self._reverify, entry)
+
+    async def _reverify(self, entry: Entry) -> None:
+        try:
+            await self._verify_whole(entry)
+        except IntegrityError:
+            pass  # logged once by _poison; the file is EIO from now on
+        except BlobmountError as exc:
+            log.warning(
+                "%s: reading it again from the origin stopped: %s (the next read tries again)", show(entry.path), exc
+            )
 
     async def _advance(self, entry: Entry, progress: _Progress, offset: int, data: bytes) -> None:
         if progress.finishing:
@@ -340,6 +456,11 @@ class Reader:
             progress.covered, progress.hashed_upto, entry.original_size
         ):
             return
+        await self._finish(entry, progress, "the read fails (EIO)")
+
+    async def _finish(self, entry: Entry, progress: _Progress, outcome: str) -> None:
+        """Every byte was served: hash what was not hashed in order (from the source) and decide.
+        A mismatch distrusts the file and raises (`outcome` says what the log line promises)."""
         progress.finishing = True
         if progress.hashed_upto < entry.original_size:
             try:
@@ -357,18 +478,17 @@ class Reader:
             self._hashed_ok(entry)
             await self._remember(entry)
             return
-        # One more read from the source decides between a transient fault and a bad archive.
+        # Bytes already served were wrong: this read fails, and so does every handle that may hold
+        # them. One more read from the origin decides between a transient fault and a bad archive.
         _MISMATCH.inc()
-        log.warning("%s: sha256 mismatch after reading it all; reading it again", show(entry.path))
-        self._notify_poison(entry)  # pages already served may be wrong: drop them either way
-        await self._forget_remote(entry)
-        retry = hashlib.sha256()
-        await self._hash_range(entry, 0, retry)
-        if retry.digest() != entry.hash:
-            self._poison(entry, retry.digest())
-        self._hashed_ok(entry)
-        await self._remember(entry)
-        log.warning("%s: verified on the second read", show(entry.path))
+        log.warning(
+            "%s: sha256 mismatch after reading it all (got %s): %s; reading it again from the origin",
+            show(entry.path),
+            digest.hex(),
+            outcome,
+        )
+        self._distrust(entry)
+        raise IntegrityError(f"{show(entry.path)}: sha256 mismatch after reading it all; not served")
 
     @staticmethod
     def _drain_early(progress: _Progress) -> None:
@@ -392,6 +512,7 @@ class Reader:
         metrics.VERIFY_FILES.labels(result="poisoned").inc()
         metrics.VERIFY_FAILURES.labels(what="file").inc()
         self._poisoned.add(entry.number)
+        self._suspect.discard(entry.number)
         err = _mismatch(entry, actual)
         log.error("%s", err)
         self._notify_poison(entry)

@@ -23,6 +23,7 @@ import enum
 import http.server
 import os
 import random
+import select
 import socket
 import struct
 import threading
@@ -121,7 +122,10 @@ class Fault:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     at: int | None = None  # FLIP: the blob offset whose bit flips (when the body covers it)
+    outlives_clear: bool = False  # STALL/STALL_BODY: a dead connection (a blackholed link): clear()
+    # lets new requests through but does not end this stall; it lasts `stall_s` (or until stop())
     hits: int = 0
+    stalled: int = 0  # STALL/STALL_BODY: answers being held right now (the client hung up: not held)
 
 
 @dataclass(slots=True)
@@ -137,6 +141,7 @@ class FaultProxy(QuirkProxy):
 
     def __init__(self, upstream: str, *, seed: int = 0, **kwargs: Any) -> None:
         self._active = _Active()
+        self._stopped = threading.Event()  # ends every stall, those that outlive clear() too
         self._rng = random.Random(seed)
         self.is_down = False
         super().__init__(upstream, **kwargs)
@@ -176,6 +181,7 @@ class FaultProxy(QuirkProxy):
             self.is_down = False
 
     def stop(self) -> None:
+        self._stopped.set()
         self.clear()
         if not self.is_down:
             super().stop()
@@ -200,7 +206,7 @@ class FaultProxy(QuirkProxy):
                 if fault.times is not None:
                     fault.times -= 1
                 fault.hits += 1
-                return fault, active.release
+                return fault, self._stopped if fault.outlives_clear else active.release
         return None, active.release
 
     # -- serving -------------------------------------------------------------------------------
@@ -219,7 +225,7 @@ class FaultProxy(QuirkProxy):
                 headers["Retry-After"] = fault.retry_after
             self._reply(h, fault.status, headers, fault.body)
         elif fault.kind is Kind.STALL:
-            release.wait(min(fault.stall_s, STALL_MAX_S))
+            self._stall(h, fault, release)
         elif fault.kind is Kind.REDIRECT_LOOP:
             self._reply(h, 307, {"Location": h.path}, b"")
         # Kind.CLOSE: nothing at all; the connection closes when the handler returns
@@ -268,9 +274,23 @@ class FaultProxy(QuirkProxy):
                 h.wfile.write(body[:half])
             elif kind is Kind.STALL_BODY:
                 h.wfile.write(body[:half])
-                release.wait(min(fault.stall_s, STALL_MAX_S))
+                self._stall(h, fault, release)
             elif kind is Kind.DRIP:
                 self._drip(h, body, fault.rate_bps, release)
+
+    def _stall(self, h: http.server.BaseHTTPRequestHandler, fault: Fault, release: threading.Event) -> None:
+        """Hold the answer until released, `stall_s` passed, or the client hung up (counted in
+        ``fault.stalled`` meanwhile: a test sees which requests a client still waits on)."""
+        with self.state.lock:
+            fault.stalled += 1
+        deadline = time.monotonic() + min(fault.stall_s, STALL_MAX_S)
+        try:
+            while not release.wait(0.02) and time.monotonic() < deadline:
+                if _hung_up(h.connection):
+                    return
+        finally:
+            with self.state.lock:
+                fault.stalled -= 1
 
     def _drip(
         self, h: http.server.BaseHTTPRequestHandler, body: bytes, rate_bps: int, release: threading.Event
@@ -281,6 +301,15 @@ class FaultProxy(QuirkProxy):
             h.wfile.write(body[pos : pos + block])
             if release.wait(block / rate_bps) or time.monotonic() > deadline:
                 return
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed the connection (readable, and nothing to read)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _shift_range(value: str) -> str:

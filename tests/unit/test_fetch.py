@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,7 @@ def test_a_stalled_body_is_resumed_and_a_read_never_waits_past_the_timeout(tmp_p
             with pytest.raises(TransientError, match="--timeout 2 s"):
                 await src.read_range(0, 100)
             assert trio.current_time() - started == pytest.approx(2.0, abs=0.01)
-            # ... while the fetch resumes in the background with a second request
+            # ... and takes the stalled request with it: the next read sends a second one
             await trio.sleep(1)
             assert await src.read_range(0, 100) == BLOB[:100]
             assert len(remote.requests) == 2
@@ -404,3 +404,35 @@ def test_a_chunk_that_changed_since_verification_is_refused(tmp_path: Path) -> N
             assert src.stats.changed_chunks >= 1
 
     run(go)
+
+
+class _Blackhole(FakeRemote):
+    """Requests sent while `dead` is set never answer, even after it is cleared (a blackholed
+    link: the connection stays dead); requests sent afterwards behave."""
+
+    dead = True
+
+    async def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncGenerator[bytes, None]:
+        if self.dead:
+            self.requests.append((start, end, origin_only))
+            await trio.sleep_forever()
+        async for block in super().iter_range(start, end, origin_only=origin_only):
+            yield block
+
+
+def test_a_read_after_a_stall_cleared_does_not_wait_for_the_dead_request(tmp_path: Path) -> None:
+    """A read that gave up after --timeout abandons the request it waited for: the next read
+    sends its own at once instead of joining a retry that is stuck on a dead connection."""
+    remote = _Blackhole(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(remote, None, timeout_s=2.0)) as src:
+            with pytest.raises(TransientError, match="--timeout 2 s"):
+                await src.read_range(0, 100)
+            await trio.sleep(1)  # a retry of the stalled request would be under way now
+            remote.dead = False
+            with trio.fail_after(0.5):  # virtual time: well before any retry's own deadline
+                assert await src.read_range(0, 100) == BLOB[:100]
+            assert not any(f.owner is not None and f.data is None for f in src._flights.values())
+
+    run_jumping(go)
