@@ -590,6 +590,19 @@ class IndexView:
         self._entries_cache[i] = entry
         return entry
 
+    def mtime_ns(self, i: int) -> int:
+        """Entry `i`'s stored mtime alone (0 when absent), bounds-checked like every read.
+
+        For directory times (fs.py): the newest mtime of a directory's files is computed over all
+        of them at its first stat, and :meth:`entry`'s full validation costs ~35 us per entry
+        against ~1 us for this read (a 100,000-file directory: 3.8 s instead of 0.4 s). The
+        listing that yields `i` has already checked its path; an entry refused for another field
+        still lends the directory its time, which is only a timestamp, never data."""
+        table = self._entry_table(i)
+        pos = self._slot(table, _E_MTIME, 8, f"entry {i}: mtime_ns")
+        value: int = _i64(self._buf, pos)[0] if pos else 0
+        return value
+
     def entries(self) -> Iterator[Entry]:
         """Every entry in stored order, each validated (stops at the first invalid one)."""
         for i in range(self._n):
