@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -22,7 +23,8 @@ from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader
-from blobmount.source import open_directory
+from blobmount.source import open_directory, open_oci_layout
+from tests.helpers import make_oci_layout
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
 T = TypeVar("T")
@@ -241,3 +243,13 @@ def test_a_local_archive_is_dated_by_its_index_file(tmp_path: Path) -> None:
     shutil.copytree(FIXTURES / "mixed", arc)
     os.utime(arc / "index.blob", ns=(ARCHIVE_TIME_NS, ARCHIVE_TIME_NS))
     assert open_directory(arc).created_ns == ARCHIVE_TIME_NS
+
+
+def test_an_oci_layout_is_dated_by_its_manifest_else_its_index_json(tmp_path: Path) -> None:
+    layout = make_oci_layout(FIXTURES / "mixed", tmp_path / "with")
+    assert open_oci_layout(str(layout)).created_ns == 1_704_164_645_000_000_000  # 2024-01-02T03:04:05Z
+    doc = json.loads((FIXTURES / "mixed" / "oci-manifest.json").read_bytes())
+    del doc["annotations"]
+    bare = make_oci_layout(FIXTURES / "mixed", tmp_path / "without", manifest=json.dumps(doc).encode())
+    os.utime(bare / "index.json", ns=(ARCHIVE_TIME_NS, ARCHIVE_TIME_NS))
+    assert open_oci_layout(str(bare)).created_ns == ARCHIVE_TIME_NS
