@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -125,8 +126,12 @@ def first_stats(mounter: Mounter, kind: str, n: int, timeout_s: float) -> dict[s
     ds = Dataset(f"scale-{kind}-{n}", arc, arc, arc, arc, n, 0, "", f"synthetic {kind}")
     drop_caches()
     with mounter.mount(peer, ds) as m:
+        assert m.pid is not None
+        cpu = [_cpu_s(m.pid)]
         big = workloads.probe(["stat", str(m.root), str(bigfile)], timeout_s)
+        cpu.append(_cpu_s(m.pid))
         cold = workloads.probe(["stat", str(m.root), str(listfile)], timeout_s)
+        cpu.append(_cpu_s(m.pid))
         st = (m.root / big_dir).stat()
     big_us = big["latencies_us"]
     if cold["missing"] or big["missing"] or not isinstance(big_us, list):
@@ -139,7 +144,16 @@ def first_stats(mounter: Mounter, kind: str, n: int, timeout_s: float) -> dict[s
         "big_dir_first_stat_us": big_us[0],
         "big_dir_mtime_ns": st.st_mtime_ns,
         "lookup_cold_us": _lat(cold),
+        # the daemon's CPU (all threads, 10 ms ticks): to mount-ready, for the big directory's
+        # first stat, for the first lookups; steadier than wall time on a loaded machine
+        "daemon_cpu_s": {"ready": cpu[0], "big_dir": cpu[1] - cpu[0], "lookups": cpu[2] - cpu[1]},
     }
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _first_stat_main(argv: list[str]) -> int:
@@ -148,7 +162,6 @@ def _first_stat_main(argv: list[str]) -> int:
     daemons can be compared in one session with the same bench code (run it with each venv's
     python from this checkout). Work files under $BENCH_WORK_ROOT/first-stat."""
     import fcntl
-    import os
 
     from bench.janitor import WORK_ROOT, Janitor, fresh_dir
 
