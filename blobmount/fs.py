@@ -111,7 +111,10 @@ class BlobFS(pyfuse3.Operations):
         uid: int | None = None,
         gid: int | None = None,
         timeout_s: float = 86400.0,
+        dir_time_ns: int | None = None,
     ) -> None:
+        """`dir_time_ns`: the time of a directory with no file directly in it (the archive's
+        creation time; None: now)."""
         super().__init__()
         self.view = view
         self.reader = reader
@@ -121,7 +124,8 @@ class BlobFS(pyfuse3.Operations):
         self._next_dir_ino = FILE_INO_BASE + len(view)
         self._dir_ino: dict[bytes, int] = {b"": ROOT_INO}
         self._dir_path: dict[int, bytes] = {ROOT_INO: b""}
-        self._nlink: dict[int, int] = {}
+        self.dir_time_ns = time.time_ns() if dir_time_ns is None else dir_time_ns
+        self._dir_stats: dict[int, tuple[int, int]] = {}
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
@@ -161,13 +165,30 @@ class BlobFS(pyfuse3.Operations):
             raise NotFound(f"inode {ino}: unknown")
         return path
 
-    def _nlink_of(self, ino: int, path: bytes) -> int:
-        """2 + subdirectories, computed once per directory (find(1) relies on it)."""
-        count = self._nlink.get(ino)
-        if count is None:
-            count = 2 + sum(1 for c in self.view.children(path) if c.is_dir)
-            self._nlink[ino] = count
-        return count
+    def _dir_stats_of(self, ino: int, path: bytes) -> tuple[int, int]:
+        """(st_nlink, time) of a directory, from one pass over its children at its first stat and
+        kept for the mount: nlink is 2 + subdirectories (find(1) relies on it); the time is the
+        newest mtime of the files directly in it, else :attr:`dir_time_ns`. A directory of 0
+        (1970) is refused by zip and copied as such by tar and rsync -t; the newest file is what a
+        directory's mtime is after its files were written, and costs nothing beyond the pass nlink
+        needed already (a subdirectory's own time would need its subtree: not looked at)."""
+        known = self._dir_stats.get(ino)
+        if known is None:
+            subdirs, newest = 0, None
+            mtime_ns = self.view.mtime_ns
+            for child in self.view.children(path):
+                if child.is_dir:
+                    subdirs += 1
+                    continue
+                try:
+                    t = mtime_ns(child.entry)
+                except InvalidArchive:  # unusable entry: lookups refuse it; it lends no time
+                    continue
+                if newest is None or t > newest:
+                    newest = t
+            known = (2 + subdirs, self.dir_time_ns if newest is None else newest)
+            self._dir_stats[ino] = known
+        return known
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -189,12 +210,12 @@ class BlobFS(pyfuse3.Operations):
             return attr
         path = self._dir_of(ino)
         attr.st_mode = DIR_MODE
-        attr.st_nlink = self._nlink_of(ino, path)
+        attr.st_nlink, when = self._dir_stats_of(ino, path)
         attr.st_uid = 0 if self.uid is None else self.uid
         attr.st_gid = 0 if self.gid is None else self.gid
         attr.st_size = 0
         attr.st_blocks = 0
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = 0  # directories carry no times
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = when
         return attr
 
     def _child_path(self, parent: bytes, name: bytes) -> bytes:

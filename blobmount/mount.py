@@ -297,7 +297,14 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         ReaderConfig(config.verify, config.verify_threshold),  # type: ignore[arg-type]
         dir_span=prep.view.data_span,
     )
-    fs = BlobFS(prep.view, reader, uid=config.uid, gid=config.gid, timeout_s=config.attr_timeout_s)
+    fs = BlobFS(
+        prep.view,
+        reader,
+        uid=config.uid,
+        gid=config.gid,
+        timeout_s=config.attr_timeout_s,
+        dir_time_ns=prep.archive.created_ns,
+    )
     data = prep.archive.data
     if isinstance(data, ChunkedSource):
         fs.cached_bytes = lambda e: data.cached_bytes(e.data_offset, e.data_offset + e.data_size)

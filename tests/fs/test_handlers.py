@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import shutil
 import stat
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +23,8 @@ from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader
-from blobmount.source import open_directory
+from blobmount.source import open_directory, open_oci_layout
+from tests.helpers import make_oci_layout
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
 T = TypeVar("T")
@@ -171,3 +175,80 @@ def test_cached_bytes_xattr_hook(tmp_path: Path) -> None:
     fs.cached_bytes = lambda entry: entry.original_size // 2
     entry = fs.view.entry(ino - FILE_INO_BASE)
     assert run(fs.getxattr, ino, name, CTX) == str(entry.original_size // 2).encode()
+
+
+ARCHIVE_TIME_NS = 1_746_515_289_000_000_000  # 2025-05-06T07:08:09Z: no file of the fixtures has it
+
+
+def _dir_inode(fs: BlobFS, path: bytes) -> int:
+    ino = ROOT_INO
+    for name in path.split(b"/") if path else ():
+        ino = run(fs.lookup, ino, name, CTX).st_ino
+    return ino
+
+
+@pytest.mark.parametrize("fixture", ["basic", "mixed", "unicode"])
+def test_directory_times_are_their_newest_file_else_the_archive_time(tmp_path: Path, fixture: str) -> None:
+    archive = open_directory(FIXTURES / fixture)
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), dir_time_ns=ARCHIVE_TIME_NS)
+    entries = [view.entry(i) for i in range(len(view))]
+    dirs = {b"/".join(e.path.split(b"/")[:k]) for e in entries for k in range(e.path.count(b"/") + 1)}
+    want = {
+        d: max((e.mtime_ns for e in entries if e.path.rpartition(b"/")[0] == d), default=ARCHIVE_TIME_NS) for d in dirs
+    }
+    for d, expected_ns in want.items():
+        attr = run(fs.getattr, _dir_inode(fs, d), CTX)
+        assert (attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns) == (expected_ns,) * 3, d
+    if fixture == "basic":
+        # only subdirectories: the archive's time; a directory holding the one nanosecond mtime
+        # (newer than its siblings' 03:04:05 sharp) takes that file's time, not any file's
+        assert want[b"deeply"] == want[b"deeply/nested"] == ARCHIVE_TIME_NS
+        ns_file = next(e for e in entries if e.mtime_ns % 1_000_000_000)
+        parent = ns_file.path.rpartition(b"/")[0]
+        assert want[parent] == ns_file.mtime_ns
+        assert any(e.mtime_ns < ns_file.mtime_ns for e in entries if e.path.rpartition(b"/")[0] == parent)
+    if fixture == "mixed":
+        assert want[b""] == ARCHIVE_TIME_NS  # a root of directories only
+
+
+def test_directory_time_is_computed_once_per_directory(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    class CountingView(IndexView):
+        def mtime_ns(self, i: int) -> int:
+            calls.append(i)
+            return super().mtime_ns(i)
+
+    archive = open_directory(FIXTURES / "basic")
+    view = CountingView(archive.index_bytes, blob_size=archive.data.size)
+    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), dir_time_ns=ARCHIVE_TIME_NS)
+    a = run(fs.lookup, ROOT_INO, b"a", CTX)
+    first = len(calls)
+    assert first == sum(1 for c in view.children(b"a") if not c.is_dir)  # its files, nothing deeper
+    assert run(fs.getattr, a.st_ino, CTX).st_mtime_ns == a.st_mtime_ns
+    assert run(fs.lookup, ROOT_INO, b"a", CTX).st_mtime_ns == a.st_mtime_ns
+    assert len(calls) == first  # kept with the directory's inode
+
+
+def test_directory_time_defaults_to_now_without_an_archive_time(tmp_path: Path) -> None:
+    before = time.time_ns()
+    fs = make_fs(tmp_path, "mixed")  # a root holding only directories
+    assert before <= run(fs.getattr, ROOT_INO, CTX).st_mtime_ns <= time.time_ns()
+
+
+def test_a_local_archive_is_dated_by_its_index_file(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    shutil.copytree(FIXTURES / "mixed", arc)
+    os.utime(arc / "index.blob", ns=(ARCHIVE_TIME_NS, ARCHIVE_TIME_NS))
+    assert open_directory(arc).created_ns == ARCHIVE_TIME_NS
+
+
+def test_an_oci_layout_is_dated_by_its_manifest_else_its_index_json(tmp_path: Path) -> None:
+    layout = make_oci_layout(FIXTURES / "mixed", tmp_path / "with")
+    assert open_oci_layout(str(layout)).created_ns == 1_704_164_645_000_000_000  # 2024-01-02T03:04:05Z
+    doc = json.loads((FIXTURES / "mixed" / "oci-manifest.json").read_bytes())
+    del doc["annotations"]
+    bare = make_oci_layout(FIXTURES / "mixed", tmp_path / "without", manifest=json.dumps(doc).encode())
+    os.utime(bare / "index.json", ns=(ARCHIVE_TIME_NS, ARCHIVE_TIME_NS))
+    assert open_oci_layout(str(bare)).created_ns == ARCHIVE_TIME_NS
