@@ -442,7 +442,9 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 async with contextlib.AsyncExitStack() as stack:
                     if isinstance(data, ChunkedSource):
                         await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
-                    result = await copy_items(data, items, dest, options, cache_dir=cache_dir)
+                    result = await copy_items(
+                        data, items, dest, options, cache_dir=cache_dir, created_ns=archive.created_ns
+                    )
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             return result.files, result.skipped, result.bytes
