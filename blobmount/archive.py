@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import itertools
 import logging
 import os
 import stat
@@ -185,15 +184,27 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _blocks(f: BinaryIO, bufs: list[bytearray]) -> Iterator[memoryview]:
-    """Blocks of `f`, read into the buffers in turn: a block stays intact while the hashers, at
-    most one block behind, still read it."""
-    for i in itertools.count():
-        buf = bufs[i % len(bufs)]
-        n = f.readinto(buf)  # type: ignore[attr-defined]
-        if not n:
-            return
-        yield memoryview(buf)[:n]
+class _Ring:
+    """READ_BUFFERS read buffers, used in turn across files as well as within one.
+
+    The hashers lag at most one block behind the reader, and the blob's hasher may still be
+    hashing a file's last block when the next file's first block is read: restarting at the first
+    buffer for each file overwrote that block mid-hash (a data_hash that matched no blob and
+    changed from run to run). So the turn never restarts, and a read that finds the end of a
+    file, filling nothing, does not take a turn."""
+
+    def __init__(self) -> None:
+        self._bufs = [bytearray(BLOCK_BYTES) for _ in range(READ_BUFFERS)]
+        self._next = 0
+
+    def blocks(self, f: BinaryIO) -> Iterator[memoryview]:
+        while True:
+            buf = self._bufs[self._next]
+            n = f.readinto(buf)  # type: ignore[attr-defined]
+            if not n:
+                return
+            self._next = (self._next + 1) % len(self._bufs)
+            yield memoryview(buf)[:n]
 
 
 def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions | None = None) -> CreateResult:
@@ -218,14 +229,14 @@ def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions 
     data_tmp = out / f".{DATA_NAME}.tmp"
     index_tmp = out / f".{INDEX_NAME}.tmp"
     records: list[EntryRecord] = []
-    bufs = [bytearray(BLOCK_BYTES) for _ in range(READ_BUFFERS)]
+    ring = _Ring()
     blob_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blob-sha256")
     file_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="file-sha256")
     try:
         with open(data_tmp, "wb") as data_file:
             blob = _BlobWriter(data_file, blob_pool)
             for src_file in files:
-                records.append(_store(root, src_file, blob, _Hasher(file_pool), compressor, bufs, progress.advance))
+                records.append(_store(root, src_file, blob, _Hasher(file_pool), compressor, ring, progress.advance))
             data_hash = blob.hexdigest()
         progress.close()
         index = build_index(records, blob.size, bytes.fromhex(data_hash))
@@ -254,7 +265,7 @@ def _store(
     blob: _BlobWriter,
     digest: _Hasher,
     compressor: zstandard.ZstdCompressor | None,
-    bufs: list[bytearray],
+    ring: _Ring,
     advance: Callable[[int], None],
 ) -> EntryRecord:
     full = os.path.join(root, src.rel)
@@ -273,7 +284,7 @@ def _store(
         zstd = compressor is not None and wants_compression(src.rel, st.st_size)
         if zstd and compressor is not None:
             chunker = compressor.chunker(size=st.st_size, chunk_size=BLOCK_BYTES)
-            for block in _blocks(f, bufs):
+            for block in ring.blocks(f):
                 digest.update(block)
                 original += len(block)
                 advance(len(block))
@@ -283,7 +294,7 @@ def _store(
                 for out in chunker.finish():  # type: ignore[no-untyped-call]
                     blob.write(out)
         else:
-            for block in _blocks(f, bufs):
+            for block in ring.blocks(f):
                 digest.update(block)
                 original += len(block)
                 advance(len(block))
