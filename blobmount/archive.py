@@ -10,6 +10,7 @@ data blob, but every file and the blob itself carry sha256s, so it is refused, n
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from blobmount.errors import SourceError, UsageError
+from blobmount.errors import DestinationError, SourceError, UsageError
 from blobmount.index import COMPRESSION_NONE, COMPRESSION_ZSTD, EntryRecord, build_index
 from blobmount.index.paths import path_problem, show
 
@@ -197,10 +198,13 @@ class _Ring:
         self._bufs = [bytearray(BLOCK_BYTES) for _ in range(READ_BUFFERS)]
         self._next = 0
 
-    def blocks(self, f: BinaryIO) -> Iterator[memoryview]:
+    def blocks(self, f: BinaryIO, rel: bytes) -> Iterator[memoryview]:
         while True:
             buf = self._bufs[self._next]
-            n = f.readinto(buf)  # type: ignore[attr-defined]
+            try:
+                n = f.readinto(buf)  # type: ignore[attr-defined]
+            except OSError as exc:
+                raise SourceError(f"{show(rel)}: cannot read: {exc.strerror}") from exc
             if not n:
                 return
             self._next = (self._next + 1) % len(self._bufs)
@@ -216,7 +220,6 @@ def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions 
     if not os.path.isdir(root):
         raise UsageError(f"{os.fsdecode(root)}: not a directory")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files, skipped = walk_tree(root)
     total = sum(f.st.st_size for f in files)
     show_progress = (
@@ -233,6 +236,7 @@ def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions 
     blob_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blob-sha256")
     file_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="file-sha256")
     try:
+        _make_out_dir(out)
         with open(data_tmp, "wb") as data_file:
             blob = _BlobWriter(data_file, blob_pool)
             for src_file in files:
@@ -244,11 +248,14 @@ def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions 
             index_file.write(index)
         os.replace(data_tmp, out / DATA_NAME)
         os.replace(index_tmp, out / INDEX_NAME)
+    except OSError as exc:  # reading the sources raised SourceError: this is the output side
+        raise DestinationError(f"{out}: cannot write the archive: {exc.strerror or exc}") from exc
     finally:
         blob_pool.shutdown()
         file_pool.shutdown()
         for tmp in (data_tmp, index_tmp):
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not there, or a read-only OUT_DIR
+                tmp.unlink(missing_ok=True)
     return CreateResult(
         entries=len(records),
         data_size=blob.size,
@@ -257,6 +264,14 @@ def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions 
         index_sha256=hashlib.sha256(index).hexdigest(),
         skipped=skipped,
     )
+
+
+def _make_out_dir(out: Path) -> None:
+    """OUT_DIR and its parents; a file in the way is said so (mkdir's own words are "File exists")."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DestinationError(f"{out}: exists and is not a directory") from None
 
 
 def _store(
@@ -284,7 +299,7 @@ def _store(
         zstd = compressor is not None and wants_compression(src.rel, st.st_size)
         if zstd and compressor is not None:
             chunker = compressor.chunker(size=st.st_size, chunk_size=BLOCK_BYTES)
-            for block in ring.blocks(f):
+            for block in ring.blocks(f, src.rel):
                 digest.update(block)
                 original += len(block)
                 advance(len(block))
@@ -294,7 +309,7 @@ def _store(
                 for out in chunker.finish():  # type: ignore[no-untyped-call]
                     blob.write(out)
         else:
-            for block in ring.blocks(f):
+            for block in ring.blocks(f, src.rel):
                 digest.update(block)
                 original += len(block)
                 advance(len(block))

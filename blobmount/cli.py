@@ -431,11 +431,16 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _push_oci(archive_dir: Path, spec: str, created: str | None, notes: dict[str, str]) -> str:
+    from blobmount.errors import DestinationError
     from blobmount.manifest import CREATED_ANNOTATION, archive_manifest, created_timestamp
     from blobmount.source import write_oci_layout
 
     annotations = {CREATED_ANNOTATION: created_timestamp(created), **notes}
-    return write_oci_layout(archive_dir, spec, archive_manifest(archive_dir, annotations))
+    manifest = archive_manifest(archive_dir, annotations)
+    try:
+        return write_oci_layout(archive_dir, spec, manifest)
+    except OSError as exc:  # the archive was read above: this is the layout's side
+        raise DestinationError(f"oci:{spec}: cannot write the layout: {exc.strerror or exc}") from exc
 
 
 async def _push(

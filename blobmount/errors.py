@@ -17,6 +17,8 @@ a test can assert that every class is mapped::
     ├── SourceError                     the bytes could not be obtained (I/O, network)      -> EIO
     │   ├── TransientError              worth retrying: reset, timeout, 429, 5xx (registry/) -> EIO
     │   └── AuthError                   the registry refused our credentials (registry/)     -> EACCES
+    ├── DestinationError                `cp` cannot write where it must (extract.py): a
+    │                                   symbolic link in the way, a full disk          -> EIO
     └── UsageError                      bad command line or configuration (cli.py, config.py)
 
 The CLI prints ``str(exc)`` on one line and exits with :func:`exit_code_for`.
@@ -36,6 +38,7 @@ __all__ = [
     "EXIT_USAGE",
     "AuthError",
     "BlobmountError",
+    "DestinationError",
     "IntegrityError",
     "InvalidArchive",
     "IsADirectory",
@@ -98,6 +101,10 @@ class TransientError(SourceError):
 
 class AuthError(SourceError):
     """The registry refused the credentials (or anonymous access); exit status 6."""
+
+
+class DestinationError(BlobmountError):
+    """`cp` could not write into DEST (a link or file in the way, no space); exit status 1."""
 
 
 class UsageError(BlobmountError):
