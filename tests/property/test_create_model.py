@@ -4,7 +4,11 @@ entry's hash is its file's sha256 and reads back verified, and two runs write th
 File sizes cluster around every buffer and thread threshold of archive.py (the block size, the
 inline-hashing limit, the skip-compression minimum, the read-buffer ring), raw and zstd, with names
 the skip rule keeps raw; a wrong data_hash that changed from run to run (issue 13) came from a read
-buffer reused while a hashing thread still read it, and only trees crossing those thresholds show it."""
+buffer reused while a hashing thread still read it, and only trees crossing those thresholds show it.
+
+zstd runs on one thread and on several: the bytes must be the same. The parallel writer's limits
+(memory budget before spilling, the buffer of the file being written, the queue ahead) are drawn
+small as well as at their defaults, so that every path through it (memory, spool, waiting) runs."""
 
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ import hashlib
 import os
 import random
 import tempfile
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -46,6 +52,14 @@ sizes = st.one_of(st.sampled_from(EDGES), st.integers(0, _RING + _B))
 names = st.text(alphabet="abcdefgh", min_size=1, max_size=6)
 extensions = st.sampled_from(["", ".txt", ".c", ".png", ".GZ", ".zst"])
 kinds = st.sampled_from(["random", "text", "zeros"])
+limits = st.fixed_dictionaries(
+    {
+        "_PARALLEL_BUFFER_BYTES": st.sampled_from([0, _B // 2, _B + 1, archive._PARALLEL_BUFFER_BYTES]),
+        "_HEAD_BUFFER_BYTES": st.sampled_from([1, _B, archive._HEAD_BUFFER_BYTES]),
+        "_AHEAD": st.sampled_from([1, 2, archive._AHEAD]),
+    }
+)
+RUNS = (("none", 1), ("none", 1), ("zstd", 1), ("zstd", 2), ("zstd", 3))
 
 
 def content(kind: str, size: int, seed: int) -> bytes:
@@ -105,24 +119,29 @@ def read_back(out: Path, cache: Path) -> tuple[IndexView, dict[str, bytes], dict
 
 
 @TREES
-@given(spec=trees())
-def test_create_writes_the_hashes_of_what_it_wrote(spec: dict[str, tuple[str, int, int]]) -> None:
+@given(spec=trees(), patched=limits)
+def test_create_writes_the_hashes_of_what_it_wrote(
+    spec: dict[str, tuple[str, int, int]], patched: dict[str, int]
+) -> None:
     files = {path: content(*made) for path, made in spec.items()}
-    with tempfile.TemporaryDirectory(prefix="create-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="create-model-") as tmp, ExitStack() as stack:
+        for name, value in patched.items():
+            stack.enter_context(mock.patch.object(archive, name, value))
         work = Path(tmp)
         src = work / "src"
         src.mkdir()
         write_tree(src, files)
-        for compression in ("none", "zstd"):
-            outs = [work / f"{compression}-{run}" for run in (1, 2)]
-            for out in outs:
-                result = create_archive(src, out, CreateOptions(compression=compression))
-                data = (out / "data.blob").read_bytes()
-                assert result.data_sha256 == hashlib.sha256(data).hexdigest(), compression
-                view, hashes, got = read_back(out, work / f"cache-{out.name}")
-                assert view.data_hash == hashlib.sha256(data).digest(), compression
-                assert hashes == {p: hashlib.sha256(d).digest() for p, d in files.items()}, compression
-                assert got == files, compression
-            first, second = outs
-            for name in ("index.blob", "data.blob"):
-                assert (first / name).read_bytes() == (second / name).read_bytes(), (compression, name)
+        written: dict[str, tuple[bytes, bytes]] = {}
+        for run, (compression, threads) in enumerate(RUNS):
+            out = work / f"{run}-{compression}-{threads}"
+            result = create_archive(src, out, CreateOptions(compression=compression, threads=threads))
+            data = (out / "data.blob").read_bytes()
+            assert result.data_sha256 == hashlib.sha256(data).hexdigest(), (compression, threads)
+            view, hashes, got = read_back(out, work / f"cache-{run}")
+            assert view.data_hash == hashlib.sha256(data).digest(), (compression, threads)
+            assert hashes == {p: hashlib.sha256(d).digest() for p, d in files.items()}, (compression, threads)
+            assert got == files, (compression, threads)
+            index = (out / "index.blob").read_bytes()
+            # every run of one compression writes the same bytes, on one thread or several
+            assert written.setdefault(compression, (index, data)) == (index, data), (compression, threads)
+            assert sorted(p.name for p in out.iterdir()) == ["data.blob", "index.blob"]  # no spool left
