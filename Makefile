@@ -5,9 +5,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # squashfuse squashfs-tools httpfs2 nginx-light curl git: the peers of the benchmark smoke test (< 2 MB);
-# openssl: the test token issuer signs JWTs with its CLI (no crypto dependency)
+# openssl: the test token issuer signs JWTs with its CLI (no crypto dependency); zstd: bench.create_throughput's tar peer
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd \
-  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl
+  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl zstd
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 
