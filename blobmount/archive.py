@@ -117,14 +117,6 @@ class CreateResult:
     skipped: int
 
 
-def wants_compression(path: bytes, size: int) -> bool:
-    """The reference CLI's default skip rule: small files and known compressed extensions stay raw."""
-    return _DEFAULT_OPTIONS.compresses(path, size)
-
-
-_DEFAULT_OPTIONS = CreateOptions()
-
-
 @dataclass(frozen=True, slots=True)
 class _Source:
     rel: bytes
@@ -592,9 +584,11 @@ def _store_parallel(
     store_here: Callable[[_Source], _Stored],
     advance: Callable[[int], None],
 ) -> Generator[tuple[int, _Stored]]:
-    """Each file's blob offset and result in path order, its bytes written to `blob` first. Files to compress go to
-    `threads` workers up to _AHEAD files ahead; raw ones are read here when their turn comes (no
-    copy, the blob writer hashes them). The caller consumes it to the end or closes it."""
+    """Each file's blob offset and result in path order, its bytes written to `blob` first.
+
+    Files to compress go to `threads` workers, up to _AHEAD files ahead; raw ones are read here
+    when their turn comes (no copy: the blob writer hashes them). The caller consumes it to the end
+    or closes it (which stops the workers and drops what they made)."""
     pipe = _Pipeline(out_dir)
     local = threading.local()
 

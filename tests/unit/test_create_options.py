@@ -207,10 +207,21 @@ def change_after_first_block(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return targets
 
 
-@pytest.mark.parametrize(("compression", "threads"), [("none", 1), ("zstd", 1), ("zstd", 2)])
+@pytest.mark.parametrize(
+    ("compression", "threads", "budget"), [("none", 1, None), ("zstd", 1, None), ("zstd", 2, None), ("zstd", 2, 0)]
+)
 def test_strict_change_detection_names_the_changed_file(
-    compression: str, threads: int, tmp_path: Path, change_after_first_block: list[Path]
+    compression: str,
+    threads: int,
+    budget: int | None,
+    tmp_path: Path,
+    change_after_first_block: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Also with every file behind the failing one spilled to a spool file (budget 0): the workers
+    stop, and neither the temporary data blob nor a spool file is left."""
+    if budget is not None:
+        monkeypatch.setattr(archive, "_PARALLEL_BUFFER_BYTES", budget)
     rng = random.Random(7)
     files = {f"f{i:02d}.bin": rng.randbytes(3 << 20) for i in range(8)}
     src = tree(tmp_path / "src", files)
