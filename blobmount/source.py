@@ -229,8 +229,12 @@ def write_oci_layout(archive_dir: Path, spec: str, manifest: bytes) -> str:
             digest = hasher.hexdigest()
             if not (blobs / digest).exists():
                 tmp = blobs / f".{digest}.tmp"
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, blobs / digest)
+                try:
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, blobs / digest)
+                except OSError:  # a full disk: no partial blob left behind
+                    tmp.unlink(missing_ok=True)
+                    raise
         else:
             assert data is not None
             digest = hashlib.sha256(data).hexdigest()
