@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # squashfuse squashfs-tools httpfs2 nginx-light curl git: the peers of the benchmark smoke test (< 2 MB);
 # openssl: the test token issuer signs JWTs with its CLI (no crypto dependency)
+# iproute2 iptables: bench/netshape, the shaped namespace of the benchmark (tests/bench/test_netshape.py)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd \
-  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl
+  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl iproute2 iptables
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 
