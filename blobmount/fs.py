@@ -45,7 +45,7 @@ ROOT_INO = pyfuse3.ROOT_INODE
 FILE_INO_BASE = ROOT_INO + 1
 BLOCK_SIZE_BYTES = 4096  # statfs unit
 IO_BLOCK_BYTES = 128 << 10  # st_blksize: matches the kernel's FUSE read size, so cp/cat ask for it
-DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (FORMAT.md)
+DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (docs/FORMAT.md)
 XATTR_PREFIX = b"user.blobmount."
 XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")
 
