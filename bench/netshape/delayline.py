@@ -24,7 +24,6 @@ import argparse
 import collections
 import errno
 import gc
-import math
 import os
 import select
 import signal
@@ -85,6 +84,7 @@ class DelayLine:
         self.packets = 0
         self.max_held = 0
         self.overruns = 0  # ENOBUFS: the kernel could not deliver some messages (their packets drop)
+        self.refused = 0  # error answers from the kernel (a verdict it did not take)
         self.seq = 0
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
@@ -129,6 +129,9 @@ class DelayLine:
     def _take(self, data: bytes, now: int) -> None:
         due = now + self.delay_ns
         for kind, _seq, body_off, end in _messages(data):
+            if kind == NLMSG_ERROR:
+                self.refused += struct.unpack_from("=i", data, body_off)[0] != 0
+                continue
             if kind != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
                 continue
             off = body_off + _NFGENMSG.size
@@ -215,17 +218,14 @@ def run(queue: int, delay_us: int, pidfile: Path | None) -> int:
     line.bind()
     gc.disable()  # the loop makes no cycles; a collection pause would be a latency spike
     print(f"delayline: queue {queue} delay {delay_us} us ready", flush=True)
-    poller = select.poll()
-    poller.register(line.sock, select.POLLIN)
     checked = time.monotonic()
     me = str(os.getpid())
     seen = False  # the shaper writes the pid file just after starting us: absent at first is fine
     try:
         while not stop:
-            now = time.monotonic_ns()
-            # poll's timeout is in ms: round up so a packet is never released early
-            events = poller.poll(math.ceil(line.timeout_s(now) * 1000))
-            if events:
+            # select, not poll: its timeout has microsecond resolution (poll's is a millisecond)
+            readable, _, _ = select.select([line.sock], [], [], line.timeout_s(time.monotonic_ns()))
+            if readable:
                 line.read_some()
             line.release_due(time.monotonic_ns())
             if time.monotonic() - checked > IDLE_WAKE_S:
@@ -238,7 +238,8 @@ def run(queue: int, delay_us: int, pidfile: Path | None) -> int:
     finally:
         line.release_all()
         print(
-            f"delayline: exit packets={line.packets} max_held={line.max_held} overruns={line.overruns}",
+            f"delayline: exit packets={line.packets} max_held={line.max_held} overruns={line.overruns}"
+            f" refused={line.refused}",
             flush=True,
         )
         line.sock.close()
