@@ -28,7 +28,6 @@ from types import TracebackType
 from bench import netshape
 from bench.janitor import Janitor
 
-REPO = Path(__file__).resolve().parent.parent
 NETSHAPE_LOCK = netshape.LOCK_PATH
 NETNS = netshape.BENCH_LINK.ns
 NS_IP = netshape.BENCH_LINK.ns_ip
