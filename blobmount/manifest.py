@@ -1,4 +1,4 @@
-"""The blob-archive manifest (FORMAT.md): its media types, building it in the reference's exact
+"""The blob-archive manifest (docs/FORMAT.md): its media types, building it in the reference's exact
 bytes, and checking one we are handed. No I/O here."""
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def descriptor(obj: object, what: str) -> tuple[str, str, int]:
 
 
 def parse_manifest(body: bytes, what: str) -> tuple[tuple[str, int], tuple[str, int]]:
-    """Check a blob-archive manifest (FORMAT.md); return ((index digest, size), (data digest, size))."""
+    """Check a blob-archive manifest (docs/FORMAT.md); return ((index digest, size), (data digest, size))."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -7,7 +7,7 @@ accessors in ``_fb/`` are not used on this path: they check no bounds and cost s
 per field, and lookups here must stay in the tens of microseconds for millions of entries (the
 writer uses them, and the tests cross-check this view against them).
 
-Order (FORMAT.md, "Entry order"): at open one linear pass over the paths decides whether the entries
+Order (docs/FORMAT.md, "Entry order"): at open one linear pass over the paths decides whether the entries
 are strictly increasing in byte order, in walk order (the reference writer's component-wise order,
 which is byte order with ``/`` ranked below every other byte), or neither. Searches use the order
 found; for "neither" a sorted permutation is built once as an ``array('I')`` and duplicate paths are
@@ -54,7 +54,7 @@ _i32 = struct.Struct("<i").unpack_from
 _u64 = struct.Struct("<Q").unpack_from
 _i64 = struct.Struct("<q").unpack_from
 
-# Entry vtable slots (FORMAT.md schema)
+# Entry vtable slots (docs/FORMAT.md, "The index blob")
 _E_PATH, _E_OFFSET, _E_SIZE, _E_ORIG, _E_HASH, _E_MODE, _E_UID, _E_GID, _E_MTIME, _E_COMP = range(10)
 _MTIME_SLOT = 4 + 2 * _E_MTIME  # its offset within an entry's vtable
 # Index vtable slots
