@@ -7,6 +7,8 @@ for the life of the mount (so ``forget`` has nothing to free and st_ino is stabl
 Every handler runs inside :func:`_fuse_errors`: a :class:`BlobmountError` becomes its errno from the
 one table in errors.py; anything else is logged with its traceback and becomes EIO. Only FUSEError
 leaves a handler, so one bad request never takes the mount down. trio.Cancelled is never caught.
+Under a kernel FUSE request timeout the wrapper also answers EIO once a handler has had its share
+of it (``deadline_s``), so no request outlives the timeout and the kernel never aborts the mount.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -33,6 +36,7 @@ from blobmount.errors import (
     NotADirectory,
     NotFound,
     ReadOnly,
+    TransientError,
     errno_for,
 )
 from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
@@ -53,21 +57,31 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _fuse_errors(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Translate every exception of a handler at the FUSE boundary (the only place that does)."""
+def _fuse_errors(
+    func: Callable[Concatenate[BlobFS, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[BlobFS, P], Coroutine[Any, Any, R]]:
+    """Translate every exception of a handler at the FUSE boundary (the only place that does), and
+    answer within the filesystem's ``deadline_s`` of taking the request: past it the handler is
+    cancelled and the reader gets EIO. What it waited for (a fetch) goes on in the mount's nursery
+    or is dropped cleanly, so the next request tries afresh."""
 
     op = func.__name__
     requests, latency = metrics.FUSE_REQUESTS.labels(op=op), metrics.FUSE_LATENCY.labels(op=op)
 
     @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(fs: BlobFS, /, *args: P.args, **kwargs: P.kwargs) -> R:
         started = time.perf_counter()
         code = 0
         try:
-            result = await func(*args, **kwargs)
-            if op == "read":
-                metrics.FUSE_READ_BYTES.inc(len(result))  # type: ignore[arg-type]
-            return result
+            with trio.move_on_after(fs.deadline_s):
+                result = await func(fs, *args, **kwargs)
+                if op == "read":
+                    metrics.FUSE_READ_BYTES.inc(len(result))  # type: ignore[arg-type]
+                return result
+            raise TransientError(
+                f"{op}: not served within {fs.deadline_s:g} s, the bound under the kernel's FUSE"
+                " request timeout; answered EIO (the next request tries afresh)"
+            )
         except pyfuse3.FUSEError as exc:
             code = exc.errno
             raise
@@ -110,13 +124,17 @@ class BlobFS(pyfuse3.Operations):
         uid: int | None = None,
         gid: int | None = None,
         timeout_s: float = 86400.0,
+        deadline_s: float = math.inf,
     ) -> None:
+        """`deadline_s`: every handler answers within this many seconds of taking its request
+        (settings.request_bound: under the kernel's FUSE request timeout); inf: no bound."""
         super().__init__()
         self.view = view
         self.reader = reader
         self.uid = uid
         self.gid = gid
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         self._next_dir_ino = FILE_INO_BASE + len(view)
         self._dir_ino: dict[bytes, int] = {b"": ROOT_INO}
         self._dir_path: dict[int, bytes] = {ROOT_INO: b""}
