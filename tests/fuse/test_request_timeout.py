@@ -8,8 +8,8 @@ timeout itself (libfuse 3.14 and pyfuse3 do not) gets ``/proc/sys/fs/fuse/defaul
 capped by ``max_request_timeout``: fs/fuse/inode.c's process_init_reply() calls
 init_server_timeout(), which copies that value into the connection (``fc->timeout.req_timeout``)
 once, when the mount's INIT reply is processed; the sysctl is not read again for that connection
-(Documentation/admin-guide/sysctl/fs.rst: the default applies "if the server did not specify a
-timeout at mount"). The request's age counts from its creation, so time it spends queued in the
+(Documentation/admin-guide/sysctl/fs.rst: the default applies "in the event where the server did
+not specify a timeout at mount"). The request's age counts from its creation, so time it spends queued in the
 kernel before the daemon takes it counts too.
 
 The sysctl is host-wide: every FUSE mount made while it is set gets the timeout, other programs'
