@@ -771,6 +771,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.config import MountConfig, parse_size, split_o_options
+    from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound
 
     if not args.source or not args.mountpoint:
         raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
@@ -785,6 +786,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     gid = args.gid if args.gid is not None else int(ours["gid"]) if "gid" in ours else None
     if args.owner_self:
         uid, gid = os.getuid(), os.getgid()
+    kernel_s = kernel_request_timeout()  # before the source opens: its requests obey --timeout too
+    args.timeout, clamped = clamp_timeout(args.timeout, kernel_s)
+    if clamped:
+        log.warning("%s", clamped)
     config = MountConfig(
         source=args.source,
         mountpoint=Path(args.mountpoint),
@@ -805,6 +810,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         debug=args.debug,
         registry=registry_options(args),
         metrics=args.metrics,
+        request_bound_s=request_bound(kernel_s),
     )
     # the source is opened on a thread from here on: its round trips to a registry overlap the
     # imports below, which only the daemon needs (pyfuse3, the reader, the caches)

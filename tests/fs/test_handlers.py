@@ -23,8 +23,8 @@ from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader
-from blobmount.source import open_directory, open_oci_layout
-from tests.helpers import make_oci_layout
+from blobmount.source import LocalFileSource, ReadHint, open_directory, open_oci_layout
+from tests.helpers import make_oci_layout, tree_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
 T = TypeVar("T")
@@ -253,3 +253,116 @@ def test_an_oci_layout_is_dated_by_its_manifest_else_its_index_json(tmp_path: Pa
     bare = make_oci_layout(FIXTURES / "mixed", tmp_path / "without", manifest=json.dumps(doc).encode())
     os.utime(bare / "index.json", ns=(ARCHIVE_TIME_NS, ARCHIVE_TIME_NS))
     assert open_oci_layout(str(bare)).created_ns == ARCHIVE_TIME_NS
+
+
+class StalledSource:
+    """The fixture's data blob behind a registry that has stopped answering until `resume()`:
+    async only (no ``read_range_sync``), so the zstd decoder on its worker thread reads through
+    ``trio.from_thread``, as it does from a registry."""
+
+    def __init__(self, inner: LocalFileSource) -> None:
+        self.inner = inner
+        self.stalled = True
+        self.calls = 0
+        self._resumed: trio.Event | None = None  # made on the first read, inside trio.run
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def resume(self) -> None:
+        self.stalled = False
+        if self._resumed is not None:
+            self._resumed.set()
+
+    async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
+        self.calls += 1
+        if self.stalled:
+            if self._resumed is None:
+                self._resumed = trio.Event()
+            await self._resumed.wait()
+        return await self.inner.read_range(start, end, hint)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+DEADLINE_S = 0.3  # the handlers' deadline in the tests below
+DEADLINE_GUARD_S = 10.0  # hang guard: a handler past its deadline answers at once, not after this
+
+
+def stalled_fs(tmp_path: Path, fixture: str) -> tuple[BlobFS, StalledSource]:
+    archive = open_directory(FIXTURES / fixture)
+    assert isinstance(archive.data, LocalFileSource)
+    source = StalledSource(archive.data)
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    return BlobFS(view, Reader(source, ContentStore(tmp_path / "cache")), deadline_s=DEADLINE_S), source
+
+
+async def _answer(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> tuple[T | int, float]:
+    """The handler's result or the errno it answered, and how long it took."""
+    started = trio.current_time()
+    try:
+        result: T | int = await fn(*args)
+    except pyfuse3.FUSEError as exc:
+        result = exc.errno
+    return result, trio.current_time() - started
+
+
+def test_a_read_past_its_deadline_answers_eio_and_the_next_read_tries_afresh(tmp_path: Path) -> None:
+    """A small file is fetched whole on its first read; with the source stalled the read answers EIO
+    at its deadline (not whenever the source comes back), and the same handle reads right after."""
+    fs, source = stalled_fs(tmp_path, "basic")
+    ino = run(fs.lookup, ROOT_INO, b"top.md", CTX).st_ino
+    want = tree_files("basic")[b"top.md"].data
+
+    async def body() -> None:
+        fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+        with trio.fail_after(DEADLINE_GUARD_S):
+            first, took = await _answer(fs.read, fh, 0, 4096)
+            assert first == errno.EIO
+            assert took >= DEADLINE_S
+            source.resume()
+            second, _ = await _answer(fs.read, fh, 0, 4096)
+        assert second == want[:4096]
+        await fs.release(fh)
+
+    run(body)
+    assert source.calls >= 2
+
+
+def test_an_open_decoding_on_a_thread_past_its_deadline_is_cancelled_cleanly(tmp_path: Path) -> None:
+    """A large zstd file is decoded into the content store at open, on a worker thread that reads
+    the source through trio: the deadline reaches into that thread, the open answers EIO at it, and
+    a later open (the source back) decodes afresh and serves the right bytes; an open that waited
+    on the cancelled one's fill is not failed by it."""
+    fs, source = stalled_fs(tmp_path, "mixed")
+    number = fs.view.find(b"d02-et/sub0/f007-zstd.md")
+    assert number is not None
+    entry = fs.view.entry(number)
+    assert entry.compression == 1
+    assert entry.original_size > 1 << 20  # decoded into the content store at open
+    ino = FILE_INO_BASE + number
+
+    async def body() -> None:
+        with trio.fail_after(DEADLINE_GUARD_S):
+            async with trio.open_nursery() as nursery:
+                answers: list[object] = []
+
+                async def one(delay_s: float) -> None:
+                    await trio.sleep(delay_s)
+                    answers.append((await _answer(fs.open, ino, os.O_RDONLY, CTX))[0])
+
+                nursery.start_soon(one, 0.0)
+                nursery.start_soon(one, DEADLINE_S / 2)  # joins the first one's fill, outlives it
+            assert answers == [errno.EIO, errno.EIO]
+            source.resume()
+            info = await fs.open(ino, os.O_RDONLY, CTX)
+            data = await fs.read(info.fh, 0, entry.original_size + 1)
+            await fs.release(info.fh)
+        assert hashlib.sha256(data).digest() == entry.hash
+
+    run(body)
