@@ -288,6 +288,9 @@ async def use(
     if not isinstance(data, ChunkedSource):
         log.info("prefetch profile: %s is local (or fetched whole); nothing to prefetch", archive_name)
         return
+    if data.offline:
+        log.info("prefetch profile: --offline; not used")
+        return
     try:
         if setting == "auto":
             from blobmount.registry.referrers import newest_profile

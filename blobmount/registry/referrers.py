@@ -42,6 +42,7 @@ INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 MAX_REFERRERS_BYTES = 4 << 20  # an index of referrers: ~200 bytes a descriptor
 MAX_ARTIFACT_MANIFEST_BYTES = 64 << 10  # a profile's manifest is well under 1 KiB
 ENTRIES_ANNOTATION = "dev.blobmount.profile.entries"
+LOOKUP_ATTEMPTS = 2  # a profile is optional: its look-up gives up early, without retry warnings
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +185,7 @@ async def newest_profile(archive_name: str, options: RegistryOptions) -> tuple[R
     ref = Reference.parse(archive_name)
     if ref.digest is None:
         raise UsageError(f"{archive_name}: not pinned to a digest")
-    client = RegistryClient(ref, options)
+    client = RegistryClient(ref, options, max_attempts=LOOKUP_ATTEMPTS)
     try:
         found = [r for r in await list_referrers(client, ref.digest) if r.artifact_type == PROFILE_MEDIA_TYPE]
         if not found:

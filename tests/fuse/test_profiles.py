@@ -21,6 +21,7 @@ from blobmount import profile
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.referrers import fallback_tag, push_profile
+from tests.faults import Fault, FaultProxy, Kind, path_prefix
 from tests.fuse.conftest import Mount, blobmount_cmd, mounted
 from tests.servers import Registry, start_registry
 
@@ -204,3 +205,27 @@ def test_a_hostile_published_profile_is_one_warning_and_none_published_is_none(
     assert len(warnings) == 1, text
     assert "2099-01-01" in warnings[0], warnings[0]
     assert "created" in warnings[0], warnings[0]
+
+
+def test_auto_looks_up_after_ready_and_a_stalled_lookup_never_holds_the_mount(
+    registry: Registry, pushed: dict[str, str], tmp_path: Path
+) -> None:
+    proxy = FaultProxy(registry.host)
+    try:
+        stall = proxy.add(Fault(Kind.STALL, match=path_prefix("/v2/fixtures/basic/referrers/")))
+        ref = f"{proxy.host}/fixtures/basic:v1"
+        with mounted(ref, tmp_path / "m", "--prefetch-profile", "auto", "--timeout", "2") as m:
+            deadline = time.monotonic() + PREFETCH_WAIT_S
+            while stall.hits == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stall.hits >= 1, "the referrers look-up was never sent"
+            assert "prefetch profile" not in m.log()  # still waiting for the registry...
+            files = [p for p in m.path.rglob("*") if p.is_file()]
+            assert files
+            for p in files:  # ... and the mount serves all the same
+                p.read_bytes()
+            text = _wait_log(m, "prefetch profile not used")
+        warnings = [line for line in text.splitlines() if "WARNING" in line]
+        assert len(warnings) == 1, text
+    finally:
+        proxy.stop()
