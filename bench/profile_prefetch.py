@@ -7,7 +7,7 @@ The tree (built once into bench/.cache/profile-tree-<key>/, from this machine's 
 - ``py/``: the packages of this venv's site-packages (blobmount's dependencies, hypothesis, pytest...;
   not mypy, ruff or pip) with their bytecode; the ``import`` workload imports every module of them
   (``pkgutil.walk_packages``), each in order, failures ignored;
-- ``repo/``: a git repository whose history is 600 commits adding and editing files of this
+- ``repo/``: a git repository whose history is 4,000 commits adding and editing files of this
   Python's standard library (``git fast-import``, then packed); the ``gitlog`` workload is ``git -C
   MNT/repo log --stat``.
 
@@ -47,7 +47,7 @@ from bench.servers import NS_IP, NS_REGISTRY_PORT, Netshape, free_port, rtt_s, s
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench" / ".cache"
 WORK = Path(os.environ.get("BENCH_WORK_ROOT", "/var/tmp/blobmount-bench-profiles"))
-COMMITS = 600
+COMMITS = 4000
 FILES_PER_COMMIT = 4
 SKIP_PACKAGES = ("mypy", "mypyc", "ruff", "pip", "setuptools", "_distutils_hack", "blobmount", "__editable__")
 RUN_TIMEOUT_S = 600.0
@@ -90,9 +90,7 @@ def _history(repo: Path) -> None:
         out += b"commit refs/heads/main\n"
         out += f"committer bench <bench@localhost> {when + n * 60} +0000\n".encode()
         msg = f"commit {n}\n".encode()
-        out += b"data %d\n%s" % (len(msg), msg)
-        if n:
-            out += b"from refs/heads/main^0\n"
+        out += b"data %d\n%s" % (len(msg), msg)  # each commit continues the branch's last one
         for k in range(FILES_PER_COMMIT):
             src = files[(n * FILES_PER_COMMIT + k) % len(files)]
             body = src.read_bytes()

@@ -224,6 +224,10 @@ def test_auto_looks_up_after_ready_and_a_stalled_lookup_never_holds_the_mount(
             assert files
             for p in files:  # ... and the mount serves all the same
                 p.read_bytes()
+            refused = _cli("profile", "save", str(m.path), str(tmp_path / "p.json"))  # it records nothing
+            assert refused.returncode == 1, refused
+            assert refused.stderr.count("\n") == 1, refused.stderr
+            assert "--record-profile" in refused.stderr
             text = _wait_log(m, "prefetch profile not used")
         warnings = [line for line in text.splitlines() if "WARNING" in line]
         assert len(warnings) == 1, text
