@@ -154,3 +154,18 @@ def test_compressed_files_are_planned_whole(tmp_path: Path) -> None:
     a1 = _entry(view, b"a/f01")
     chosen = plan(view, parse(_doc([["a/f01", 100, 5]])), budget_bytes=1 << 30)
     assert chosen.batches == [[(a1.data_offset, a1.data_offset + a1.data_size)]]
+
+
+def test_the_mount_flags_and_profile_push_take_settings_from_every_layer() -> None:
+    """`profile push` is a nested subcommand: its registry flags come from BLOBMOUNT_* too (they
+    were left None, and `profile push` failed with a TypeError, before nested parsers were layered)."""
+    from blobmount.cli import _parser
+    from blobmount.settings import resolve
+
+    env = {"BLOBMOUNT_PREFETCH_PROFILE": "auto", "BLOBMOUNT_RECORD_PROFILE": "1", "BLOBMOUNT_TIMEOUT": "7"}
+    args = resolve(_parser(), ["mount", "src", "mnt"], env).args
+    assert (args.prefetch_profile, args.record_profile, args.timeout) == ("auto", True, 7.0)
+    args = resolve(_parser(), ["profile", "push", "reg/x:v1", "p.json"], env).args
+    assert args.timeout == 7.0
+    assert args.max_connections == 8  # the default, filled in
+    assert resolve(_parser(), ["cache", "prune", "--cache-dir", "/c"], {}).args.size == "0"
