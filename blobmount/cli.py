@@ -733,7 +733,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         record_profile=args.record_profile or "record_profile" in ours,
         record_seconds=_record_seconds(args.record_seconds, ours.get("record_seconds")),
-        prefetch_profile=args.prefetch_profile or ours.get("prefetch_profile") or "none",
+        prefetch_profile=_profile_setting(args.prefetch_profile or ours.get("prefetch_profile") or "none"),
     )
     # the source is opened on a thread from here on: its round trips to a registry overlap the
     # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
@@ -752,6 +752,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.mount import run_mount
 
     return run_mount(config, opening)
+
+
+def _profile_setting(value: str) -> str:
+    """auto, none, or a file made absolute: the daemon reads it later, wherever it runs from."""
+    return value if value in ("auto", "none") else os.path.abspath(value)
 
 
 def _record_seconds(flag: float | None, option: str | None) -> float:
