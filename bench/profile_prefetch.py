@@ -16,7 +16,9 @@ Per workload, each phase on its own mount, with the page cache dropped first:
    pushed (`profile push`) as a referrer of the archive;
 2. ``warm``: the same cache, full, remounted;
 3. ``profile``: a fresh cache, ``--prefetch-profile auto``; the workload starts as soon as the mount is
-   ready (the prefetch runs beside it).
+   ready (the prefetch runs beside it);
+4. ``profile_then_run``: the same, but the workload starts once the prefetch has finished (``wait_s``:
+   from READY to the prefetch's log line), separating the prefetch's cost from its interference.
 Bytes are counted at the registry's access log (the mount's whole life, the profile's look-up
 included). The checks the issue sets: profile time <= warm + profile bytes / link rate + 3 RTT;
 cold / profile >= 3; profile bytes <= 1.2 x cold bytes.
@@ -29,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -130,14 +133,18 @@ def dataset() -> tuple[Path, Path]:
     return tree, archive
 
 
-def workload(name: str, root: Path) -> float:
+def workload(name: str, root: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the workload's own process: user + system)."""
     if name == "import":
         cmd = [sys.executable, "-S", "-c", IMPORT_CODE, str(root / "py")]
     else:
         cmd = ["git", "-c", "safe.directory=*", "-C", str(root / "repo"), "log", "--stat"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     _run(cmd, stdin=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 class Bench:
@@ -172,19 +179,35 @@ class Bench:
                 unmount(self.mnt)
             self.janitor.wait_exit(proc, 20.0)
 
-    def run(self, wl: str, cache: Path, *flags: str, wait_for: str | None = None) -> dict[str, Any]:
+    def run(
+        self, wl: str, cache: Path, *flags: str, wait_for: str | None = None, first: bool = False
+    ) -> dict[str, Any]:
+        """One mount, one workload. `wait_for`: a log line to wait for (the prefetch's summary),
+        after the workload, or before it when `first` (then ``wait_s`` is how long it took)."""
         drop_caches()
         mark = self.registry.log.mark()
         with self.mount(cache, *flags) as log:
-            seconds = workload(wl, self.mnt)
-            line = None
-            if wait_for is not None:
-                deadline = time.monotonic() + PREFETCH_WAIT_S
-                while line is None and time.monotonic() < deadline:
-                    line = next((x for x in log.read_text(errors="replace").splitlines() if wait_for in x), None)
-                    time.sleep(0.1)
+            started = time.perf_counter()
+            line = _wait_line(log, wait_for) if wait_for is not None and first else None
+            waited = time.perf_counter() - started
+            seconds, cpu = workload(wl, self.mnt)
+            if wait_for is not None and not first:
+                line = _wait_line(log, wait_for)
             traffic = self.registry.log.since(mark)
-        return {"seconds": seconds, "bytes": traffic.bytes, "requests": traffic.requests, "log": line}
+        out = {"seconds": seconds, "cpu_s": cpu, "bytes": traffic.bytes, "requests": traffic.requests, "log": line}
+        if first:
+            out["wait_s"] = waited
+        return out
+
+
+def _wait_line(log: Path, needle: str) -> str | None:
+    deadline = time.monotonic() + PREFETCH_WAIT_S
+    while time.monotonic() < deadline:
+        line = next((x for x in log.read_text(errors="replace").splitlines() if needle in x), None)
+        if line is not None:
+            return line
+        time.sleep(0.02)
+    return None
 
 
 def measure(bench: Bench, wl: str) -> dict[str, Any]:
@@ -194,20 +217,24 @@ def measure(bench: Bench, wl: str) -> dict[str, Any]:
     drop_caches()
     mark = bench.registry.log.mark()
     with bench.mount(cold_cache, "--record-profile", "--record-seconds", "3600"):
-        cold_s = workload(wl, bench.mnt)
+        cold_s, cold_cpu = workload(wl, bench.mnt)
         _run([*blobmount_cmd(), "profile", "save", str(bench.mnt), str(saved)])
         cold_traffic = bench.registry.log.since(mark)
-    cold = {"seconds": cold_s, "bytes": cold_traffic.bytes, "requests": cold_traffic.requests}
+    cold = {"seconds": cold_s, "cpu_s": cold_cpu, "bytes": cold_traffic.bytes, "requests": cold_traffic.requests}
     _run([*blobmount_cmd(), "profile", "push", bench.ref, str(saved), *bench.plain])
     warm = bench.run(wl, cold_cache)
     prof = bench.run(wl, fresh_dir(caches / f"{wl}-profile"), "--prefetch-profile", "auto", wait_for="entries used")
     line = prof.pop("log") or ""
     warm.pop("log")
+    # the same, the workload started only once the prefetch is done: what the prefetch alone costs
+    after = bench.run(wl, fresh_dir(caches / f"{wl}-after"), "--prefetch-profile", "auto", wait_for="entries used",
+                      first=True)  # fmt: skip
+    after.pop("log")
     m = re.search(r"(\d+) bytes fetched in (\d+) requests", line)
     prof["profile_bytes"] = int(m.group(1)) if m else None
     prof["prefetch_requests"] = int(m.group(2)) if m else None
     prof["profile_entries"] = len(json.loads(saved.read_bytes())["entries"])
-    return {"cold": cold, "warm": warm, "profile": prof, "prefetch_log": line}
+    return {"cold": cold, "warm": warm, "profile": prof, "profile_then_run": after, "prefetch_log": line}
 
 
 def rate_bytes_s(rate: str) -> float:
@@ -267,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure(bench, wl)
                 result["checks"] = checks(result, rate_bytes_s(args.rate), rtt)
                 results[wl] = result
-                c, w, p = result["cold"], result["warm"], result["profile"]
+                c, w, p, a = result["cold"], result["warm"], result["profile"], result["profile_then_run"]
                 print(
-                    f"{wl}: cold {c['seconds']:.2f} s {c['bytes'] >> 20} MiB | warm {w['seconds']:.2f} s | profile "
-                    f"{p['seconds']:.2f} s {p['bytes'] >> 20} MiB ({p['prefetch_requests']} prefetch requests, "
-                    f"{p['profile_entries']} entries) | {json.dumps(result['checks'])}",
+                    f"{wl}: cold {c['seconds']:.2f} s (cpu {c['cpu_s']:.2f}) {c['bytes'] >> 20} MiB | warm "
+                    f"{w['seconds']:.2f} s (cpu {w['cpu_s']:.2f}) | profile {p['seconds']:.2f} s (cpu {p['cpu_s']:.2f})"
+                    f" {p['bytes'] >> 20} MiB ({p['prefetch_requests']} prefetch requests, "
+                    f"{p['profile_entries']} entries) | prefetch first: {a['wait_s']:.2f} s, then {a['seconds']:.2f} s"
+                    f" | {json.dumps(result['checks'])}",
                     flush=True,
                 )
     finally:
