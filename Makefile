@@ -5,9 +5,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # squashfuse squashfs-tools httpfs2 nginx-light curl git: the peers of the benchmark smoke test (< 2 MB);
-# openssl: the test token issuer signs JWTs with its CLI (no crypto dependency)
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd \
-  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl
+# openssl: the test token issuer signs JWTs with its CLI (no crypto dependency);
+# podman buildah runc mmdebstrap uidmap fuse-overlayfs: tests/fuse/test_sidecar.py builds and runs the image
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv docker-registry systemd \
+  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl \
+  podman buildah runc mmdebstrap uidmap fuse-overlayfs
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 
