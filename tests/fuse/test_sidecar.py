@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import faulthandler
 import functools
 import io
@@ -293,7 +294,7 @@ def _bootstrap(podman: Podman, line: str, target: Path) -> bool:
         for old in BASE_CACHE.glob("bookworm-minbase-*.tar"):
             old.unlink()
         partial = BASE_CACHE / f".{cached.name}.{os.getpid()}"
-        shutil.copyfile(target, partial)
+        _copy(target, partial)
         partial.rename(cached)  # atomic: a concurrent run sees the whole tarball or none
     except OSError as exc:  # no cache is a slower run, never a failure
         print(f"base not cached: {exc}")
@@ -347,7 +348,8 @@ def test_podman_builds_the_image_and_runs_it_as_a_sidecar(registry: Registry, tm
     """The README's podman lines as they stand. Between them: the archive is read from the host and
     from a container started before the sidecar mounted (rslave), byte for byte; the image's
     HEALTHCHECK says healthy while mounted and unhealthy where nothing is; `podman stop` exits 0
-    and leaves nothing mounted. Everything made is removed in `finally`, and that is checked."""
+    and leaves nothing mounted, a SIGKILL leaves a dead mount that `umount` clears. Everything
+    made is removed in `finally`, and that is checked."""
     require_fuse()
     faulthandler.dump_traceback_later(TEST_HANG_S, file=2)  # pytest cancels it after the test
     for tool in ("podman", "mmdebstrap"):
@@ -421,6 +423,20 @@ def test_podman_builds_the_image_and_runs_it_as_a_sidecar(registry: Registry, tm
         assert podman.inspect("assets", ".State.ExitCode") == "0"  # SIGTERM, not the grace period's SIGKILL
         assert not _is_mounted(shared / "blob")
         assert _mounts_under(shared) == [str(shared)]  # only the share itself, which the README made
+
+        # what the README says of a SIGKILL: the host keeps a dead mount until it is unmounted
+        podman.must("podman start assets")
+        deadline = time.monotonic() + MOUNT_WAIT_S
+        while not _is_mounted(shared / "blob"):
+            assert time.monotonic() < deadline, podman.must("podman logs assets")
+            time.sleep(0.5)
+        podman.must("podman kill assets && podman wait assets", MOUNT_WAIT_S)
+        assert _is_mounted(shared / "blob")
+        with pytest.raises(OSError) as dead:
+            os.statvfs(shared / "blob")
+        assert dead.value.errno == errno.ENOTCONN
+        podman.must(f"umount {shared}/blob")
+        assert _mounts_under(shared) == [str(shared)]
     finally:
         cleanup_failed = podman.remove_everything()
         _unmount_all_under(tmp_path)  # the README's share, and what a failure left on it
