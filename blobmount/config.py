@@ -48,6 +48,9 @@ class MountConfig:
     attr_timeout_s: float = 86400.0  # contents never change under a mount: let the kernel keep them
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (introspect.py); None: off
+    follow: bool = False  # re-resolve the tag and switch archives (follow.py)
+    follow_interval_s: float = 60.0
+    follow_keep: int = 2  # archives alive at most under --follow (generations.py)
 
 
 # `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.
@@ -64,6 +67,9 @@ O_KEYS: dict[str, tuple[str, bool]] = {
     "nonempty": ("nonempty", False),
     "prefetch": ("prefetch", True),
     "read_ahead_kb": ("read_ahead_kb", True),
+    "follow": ("follow", False),
+    "follow_interval": ("follow_interval", True),
+    "follow_keep": ("follow_keep", True),
 }
 # Passed through to the kernel/libfuse as given.
 FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "fsname", "subtype"})
