@@ -196,10 +196,7 @@ class Follower:
         except OSError as exc:
             raise SourceError(f"{self.config.source}: cannot read index.json: {exc.strerror}") from exc
         seen = hashlib.sha256(body).digest()
-        if self._seen_layout is None:  # the first look: what was mounted
-            self._seen_layout = seen
-            return None
-        if seen == self._seen_layout:
+        if seen == self._seen_layout:  # the first look is a candidate: opening it says if it moved
             return None
         self._seen_layout = seen
         return "index.json:" + seen.hex()
