@@ -134,6 +134,7 @@ class BlobFS(pyfuse3.Operations):
         self.current = Generation(0, archive, view, reader, when)
         self.generations: dict[int, Generation] = {0: self.current}
         self.keep = 2  # generations alive at most (mount.py sets --follow-keep)
+        self.follows = False  # --follow: the kernel's lookups are counted (nothing to free otherwise)
         self._retired: list[Generation] = []  # dropped, their data sources still to close
         self._handles: dict[int, tuple[Generation, Handle]] = {}
         self._dir_handles: dict[int, tuple[int, Generation]] = {}
@@ -224,6 +225,8 @@ class BlobFS(pyfuse3.Operations):
 
     def _looked_up(self, ino: int) -> None:
         """The kernel now holds one more reference to `ino` (a lookup, or a readdirplus entry)."""
+        if not self.follows:
+            return
         gen = self.generations.get(ino >> GEN_SHIFT)
         if gen is not None and ino >= gen.base and ino - gen.base < len(gen.view):
             gen.lookups[ino] = gen.lookups.get(ino, 0) + 1
@@ -341,6 +344,8 @@ class BlobFS(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Count down the kernel's lookups of file inodes (directory inodes live for the mount);
         an old generation the kernel no longer holds and nobody reads may go."""
+        if not self.follows:
+            return
         emptied = False
         for ino, count in inode_list:
             gen = self.generations.get(ino >> GEN_SHIFT)
@@ -377,6 +382,7 @@ class BlobFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._dir_handles[fh] = (inode, self.current)  # a listing continues in the archive it began in
+        self.current.handles += 1
         return fh
 
     @_fuse_errors
@@ -407,7 +413,11 @@ class BlobFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
+        held = self._dir_handles.pop(fh, None)
+        if held is not None:
+            held[1].handles -= 1
+            if not held[1].handles and held[1] is not self.current:
+                self._retire_unused()
 
     # -- files ---------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ class Generation:
     prev: Generation | None = None  # the generation before (bytes of unchanged files come from it)
     cached_bytes: Callable[[Entry], int] | None = None  # bytes of an entry in the local cache
     lookups: dict[int, int] = field(default_factory=dict)  # file inode -> the kernel's lookup count
-    handles: int = 0  # open files reading through this generation's reader
+    handles: int = 0  # open files reading through this generation's reader, and open directories
     dir_stats: dict[int, tuple[int, int]] = field(default_factory=dict)  # dir inode -> (nlink, time)
 
     @property

@@ -319,7 +319,7 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         dir_time_ns=prep.archive.created_ns,
         archive=prep.archive,
     )
-    fs.keep = config.follow_keep
+    fs.keep, fs.follows = config.follow_keep, config.follow
     fs.cached_bytes = cached_bytes_of(prep.archive.data)
     try:
         pyfuse3.init(fs, str(config.mountpoint), fuse_options(config, prep.archive.name))

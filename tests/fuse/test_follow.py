@@ -31,7 +31,8 @@ from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from blobmount.source import write_oci_layout
-from tests.fuse.conftest import blobmount_cmd, mounted
+from tests.fuse.conftest import _is_mounted, blobmount_cmd, mounted
+from tests.helpers import FIXTURES
 from tests.servers import QuirkProxy, Registry, free_port
 
 pytestmark = pytest.mark.fuse
@@ -199,6 +200,13 @@ def test_sighup_checks_at_once_under_follow(registry: Registry, tmp_path: Path) 
         _wait_served(m.path, d2, m.log_path)
         assert (m.path / "f.txt").read_bytes() == b"v2\n"
         assert m.proc.poll() is None  # still mounted: SIGHUP did not stop it
+
+
+def test_sighup_without_follow_still_unmounts(tmp_path: Path) -> None:
+    with mounted(str(FIXTURES / "basic"), tmp_path / "mnt") as m:
+        m.proc.send_signal(signal.SIGHUP)
+        assert m.proc.wait(60) == 0
+        assert not _is_mounted(m.path)
 
 
 def test_an_oci_layout_is_followed_through_its_index_json(tmp_path: Path) -> None:
