@@ -10,12 +10,14 @@ while v1 serves; SIGHUP checks at once."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -192,14 +194,27 @@ def test_sighup_checks_at_once_under_follow(registry: Registry, tmp_path: Path) 
     v1 = _archive(tmp_path, "v1", {"f.txt": b"v1\n"})
     v2 = _archive(tmp_path, "v2", {"f.txt": b"v2\n"})
     d1 = _push(registry.host, "follow/hup:cur", v1)
-    with mounted(f"{registry.host}/follow/hup:cur", tmp_path / "mnt", "--follow", "--follow-interval", "3600") as m:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(SWITCH_WAIT_S)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    args = ("--follow", "--follow-interval", "3600")
+    with sock, mounted(f"{registry.host}/follow/hup:cur", tmp_path / "mnt", *args, env=env) as m:
         d2 = _push(registry.host, "follow/hup:cur", v2)
         time.sleep(2)
         assert _served(m.path) == d1  # the interval is an hour: nothing checked yet
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while sock.recv(4096):  # what was said before the switch
+                pass
+        sock.settimeout(SWITCH_WAIT_S)
         m.proc.send_signal(signal.SIGHUP)
         _wait_served(m.path, d2, m.log_path)
         assert (m.path / "f.txt").read_bytes() == b"v2\n"
         assert m.proc.poll() is None  # still mounted: SIGHUP did not stop it
+        status = sock.recv(4096).decode()
+        assert status.startswith("STATUS=serving ")
+        assert d2 in status  # systemd's status line names the new digest
 
 
 def test_sighup_without_follow_still_unmounts(tmp_path: Path) -> None:
