@@ -25,7 +25,7 @@ import trio
 from blobmount import __version__, generations, metrics
 from blobmount.cache import CacheDir, ContentStore, MetaStore
 from blobmount.config import MountConfig
-from blobmount.errors import BlobmountError, SourceError, UsageError
+from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError, UsageError
 from blobmount.fetch import ChunkedSource
 from blobmount.fs import BlobFS
 from blobmount.index import Entry, IndexView
@@ -38,6 +38,9 @@ from blobmount.source import Archive, RangeSource
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 60.0
+# what refuses a new archive for good (its digest is not tried again); other errors (the registry
+# down, a timeout) are retried at the next check
+REFUSALS = (InvalidArchive, IntegrityError, LimitExceeded)
 
 
 def check_followable(source: str, offline: bool) -> None:
@@ -131,8 +134,12 @@ class Follower:
                     with trio.move_on_after(self.interval_s):
                         await self._wake.wait()
                     self._wake = trio.Event()
-                    await self.check()
-                    await self._close_retired()
+                    try:
+                        await self.check()
+                        await self._close_retired()
+                    except Exception:  # a bug here must not take the mount down: it keeps serving
+                        metrics.FOLLOW_CHECKS.labels(result="error").inc()
+                        log.exception("--follow: the check failed; still serving %s", self.fs.current.digest)
             finally:
                 if self._endpoints is not None:
                     with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -153,7 +160,8 @@ class Follower:
                 log.warning("--follow: checking %s: %s; still serving %s", source, why, served)
                 self._last_error = why
             return False
-        self._last_error = None
+        if found is None:
+            self._last_error = None  # the registry answers again (kept while opening a new one fails)
         if found is None or found == self._refused:
             metrics.FOLLOW_CHECKS.labels(result="unchanged").inc()
             return False
@@ -229,6 +237,12 @@ class Follower:
         except BlobmountError as exc:
             if archive is not None:
                 await _close(archive)
+            if not isinstance(exc, REFUSALS):  # the registry failed, not the archive: next time again
+                metrics.FOLLOW_CHECKS.labels(result="error").inc()
+                if str(exc) != self._last_error:
+                    log.warning("--follow: opening %s: %s; still serving %s", found, exc, old.digest)
+                    self._last_error = str(exc)
+                return False
             metrics.FOLLOW_CHECKS.labels(result="refused").inc()
             log.error(
                 "--follow: %s moved to %s, which is refused: %s; still serving %s",
@@ -257,6 +271,7 @@ class Follower:
         metrics.FOLLOW_ARCHIVES.set(len(fs.generations))
         self.info["switches"] += 1
         self._waiting = self.info["waiting"] = None
+        self._last_error = None
         publish(self.state, archive, view, self.config.mountpoint)
         invalidated = await fs.invalidate_switch(old, changed)
         log.info(

@@ -33,6 +33,7 @@ from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from blobmount.source import write_oci_layout
+from tests.faults import Fault, FaultProxy, Kind
 from tests.fuse.conftest import _is_mounted, blobmount_cmd, mounted
 from tests.helpers import FIXTURES
 from tests.servers import QuirkProxy, Registry, free_port
@@ -266,3 +267,33 @@ def test_follow_of_what_cannot_move_is_a_usage_error(
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
     assert "--follow" in out.stderr
+
+
+def test_a_registry_failing_while_the_new_archive_is_fetched_is_retried_not_refused(
+    registry: Registry, tmp_path: Path
+) -> None:
+    v1 = _archive(tmp_path, "v1", {"f.txt": b"v1\n"})
+    v2 = _archive(tmp_path, "v2", {"f.txt": b"v2\n"})
+    d1 = _push(registry.host, "follow/flaky:cur", v1)
+    index_path = "/blobs/sha256:" + hashlib.sha256((v2 / "index.blob").read_bytes()).hexdigest()
+    proxy = FaultProxy(registry.host)
+    try:
+        ref = f"127.0.0.1:{proxy.port}/follow/flaky:cur"
+        with mounted(ref, tmp_path / "mnt", "--follow", "--follow-interval", "1", "--timeout", "2") as m:
+            fault = proxy.add(Fault(Kind.STATUS, match=lambda r: r.path.endswith(index_path), status=503))
+            d2 = _push(registry.host, "follow/flaky:cur", v2)
+            started = time.monotonic()
+            while "--follow: opening" not in m.log():  # a check gave up on the new index
+                assert time.monotonic() - started < SWITCH_WAIT_S, m.log()
+                time.sleep(0.2)
+            assert fault.hits >= 1
+            assert _served(m.path) == d1
+            st = _status(m.path)
+            assert isinstance(st["follow"], dict)
+            assert st["follow"]["refused"] is None
+            proxy.clear()
+            _wait_served(m.path, d2, m.log_path)
+            assert (m.path / "f.txt").read_bytes() == b"v2\n"
+            assert "refused" not in m.log()
+    finally:
+        proxy.stop()
