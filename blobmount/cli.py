@@ -158,8 +158,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPT[,OPT...]",
         help="mount options: cache_dir=, cache_size=, chunk_size=, verify=, uid=, gid=, offline, no_stale_tag, "
-        "nonempty, prefetch=, allow_other, default_permissions, fsname=, subtype=; mount(8)'s generic options "
-        "are ignored",
+        "nonempty, prefetch=, follow, follow_interval=, follow_keep=, allow_other, default_permissions, fsname=, "
+        "subtype=; mount(8)'s generic options are ignored",
     )
     cache_args(m)
     m.add_argument(
@@ -179,6 +179,26 @@ def _parser() -> argparse.ArgumentParser:
         "--no-stale-tag",
         action="store_true",
         help="when the registry does not answer, fail instead of mounting the digest the cache remembers for the tag",
+    )
+    m.add_argument(
+        "--follow",
+        action="store_true",
+        help="re-resolve the tag every --follow-interval and switch to a new archive atomically "
+        "(open files keep reading the archive they were opened on); SIGHUP checks at once",
+    )
+    m.add_argument(
+        "--follow-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how often --follow checks the tag (default 60)",
+    )
+    m.add_argument(
+        "--follow-keep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="archives kept at most under --follow: the one served and older ones still open (default 2)",
     )
     m.add_argument(
         "--nonempty",
@@ -755,6 +775,20 @@ def _read_ahead(flag: int | None, option: str | None) -> int:
     return value
 
 
+def _positive(flag: str, value: float | None, option: str | None, default: float) -> float:
+    """A number > 0 from its flag, else its -o key, else the default."""
+    if value is None and option is not None:
+        try:
+            value = float(option)
+        except ValueError:
+            raise UsageError(f"-o {flag.lstrip('-').replace('-', '_')}={option}: a number") from None
+    if value is None:
+        return default
+    if not value > 0:
+        raise UsageError(f"{flag} {value:g}: must be more than 0")
+    return value
+
+
 def _cache_dir(args: argparse.Namespace) -> Path:
     from blobmount.cache import default_cache_dir
 
@@ -887,7 +921,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
         record_profile=args.record_profile or "record_profile" in ours,
         record_seconds=_record_seconds(args.record_seconds, ours.get("record_seconds")),
         prefetch_profile=_profile_setting(args.prefetch_profile or ours.get("prefetch_profile") or "none"),
+        follow=args.follow or "follow" in ours,
+        follow_interval_s=_positive("--follow-interval", args.follow_interval, ours.get("follow_interval"), 60.0),
+        follow_keep=int(_positive("--follow-keep", args.follow_keep, ours.get("follow_keep"), 2)),
     )
+    if config.follow_keep < 2:
+        raise UsageError("--follow-keep: at least 2 (the archive served and the one before it)")
+    if config.follow:
+        from blobmount.follow import check_followable
+
+        check_followable(config.source, config.offline)
     # the source is opened on a thread from here on: its round trips to a registry overlap the
     # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
     from blobmount.sources import Opening

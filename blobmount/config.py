@@ -53,6 +53,9 @@ class MountConfig:
     record_profile: bool = False  # record the order of first reads (profile.py), written on unmount
     record_seconds: float = 120.0  # ... for this long after the mount
     prefetch_profile: str = "none"  # auto (the newest referrer), a file, or none
+    follow: bool = False  # re-resolve the tag and switch archives (follow.py)
+    follow_interval_s: float = 60.0
+    follow_keep: int = 2  # archives alive at most under --follow (generations.py)
 
 
 # `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.
@@ -72,6 +75,9 @@ O_KEYS: dict[str, tuple[str, bool]] = {
     "record_profile": ("record_profile", False),
     "record_seconds": ("record_seconds", True),
     "prefetch_profile": ("prefetch_profile", True),
+    "follow": ("follow", False),
+    "follow_interval": ("follow_interval", True),
+    "follow_keep": ("follow_keep", True),
 }
 # Passed through to the kernel/libfuse as given.
 FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "fsname", "subtype"})

@@ -2,7 +2,9 @@
 
 Inodes (no per-entry objects): the root is 1; file inodes are ``FILE_INO_BASE + entry number``, so
 they need no table; directory inodes are allocated on first use above the last file inode and kept
-for the life of the mount (so ``forget`` has nothing to free and st_ino is stable and unique).
+for the life of the mount (st_ino is stable and unique). Under ``--follow`` each archive the mount
+switches to is a generation whose files are numbered in a space of their own (generations.py);
+``forget`` counts down the kernel's lookups so an old generation can be dropped.
 
 Every handler runs inside :func:`_fuse_errors`: a :class:`BlobmountError` becomes its errno from the
 one table in errors.py; anything else is logged with its traceback and becomes EIO. Only FUSEError
@@ -13,6 +15,7 @@ of it (``deadline_s``), so no request outlives the timeout and the kernel never 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -39,19 +42,22 @@ from blobmount.errors import (
     TransientError,
     errno_for,
 )
+from blobmount.generations import FILE_INO_BASE as FILE_INO_BASE
+from blobmount.generations import GEN_SHIFT, Changes, Generation
 from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
 from blobmount.index.paths import show
 from blobmount.reader import Handle, Reader
+from blobmount.source import Archive
 
 log = logging.getLogger(__name__)
 
 ROOT_INO = pyfuse3.ROOT_INODE
-FILE_INO_BASE = ROOT_INO + 1
 BLOCK_SIZE_BYTES = 4096  # statfs unit
 IO_BLOCK_BYTES = 128 << 10  # st_blksize: matches the kernel's FUSE read size, so cp/cat ask for it
 DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (docs/FORMAT.md)
 XATTR_PREFIX = b"user.blobmount."
 XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")  # and cached_bytes: by name only
+ROOT_XATTR_DIGEST = XATTR_PREFIX + b"digest"  # on the root: the archive being served (--follow moves it)
 INVALIDATE_WAIT_S = 5.0  # an open waits at most this for a queued page drop (normally microseconds)
 
 P = ParamSpec("P")
@@ -142,14 +148,13 @@ class BlobFS(pyfuse3.Operations):
         timeout_s: float = 86400.0,
         dir_time_ns: int | None = None,
         deadline_s: float = math.inf,
+        archive: Archive | None = None,
     ) -> None:
         """`dir_time_ns`: the time of a directory with no file directly in it (the archive's
         creation time; None: now). `deadline_s`: every handler answers within this many seconds
         of taking its request (settings.request_bound: under the kernel's FUSE request timeout);
-        inf: no bound."""
+        inf: no bound. `archive`: where `view` came from (names the digest served)."""
         super().__init__()
-        self.view = view
-        self.reader = reader
         self.uid = uid
         self.gid = gid
         self.timeout_s = timeout_s
@@ -157,18 +162,107 @@ class BlobFS(pyfuse3.Operations):
         self._next_dir_ino = FILE_INO_BASE + len(view)
         self._dir_ino: dict[bytes, int] = {b"": ROOT_INO}
         self._dir_path: dict[int, bytes] = {ROOT_INO: b""}
-        self.dir_time_ns = time.time_ns() if dir_time_ns is None else dir_time_ns
-        self._dir_stats: dict[int, tuple[int, int]] = {}
-        self._handles: dict[int, Handle] = {}
-        self._dir_handles: dict[int, int] = {}
+        when = time.time_ns() if dir_time_ns is None else dir_time_ns
+        # the archive served (generation 0 until --follow switches; generations.py)
+        self.current = Generation(0, archive, view, reader, when)
+        self.generations: dict[int, Generation] = {0: self.current}
+        self.keep = 2  # generations alive at most (mount.py sets --follow-keep)
+        self.follows = False  # --follow: the kernel's lookups are counted (nothing to free otherwise)
+        self._retired: list[Generation] = []  # dropped, their data sources still to close
+        self._handles: dict[int, tuple[Generation, Handle]] = {}
+        self._dir_handles: dict[int, tuple[int, Generation]] = {}
         self._next_fh = 1
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
         self._invalidating: dict[int, tuple[int, trio.Event]] = {}  # ino -> (queued, set when done)
-        # Hook for the chunk store: bytes of a file's data held in the local cache, exported as the
-        # xattr user.blobmount.cached_bytes. mount.py sets it once a store can answer; while None
-        # the xattr is absent (not listed, ENODATA).
-        self.cached_bytes: Callable[[Entry], int] | None = None
-        reader.on_poison = self._poisoned
+        reader.on_poison = functools.partial(self._poisoned, self.current)
+
+    # -- the archive served ----------------------------------------------------------------------
+
+    @property
+    def view(self) -> IndexView:
+        return self.current.view
+
+    @view.setter
+    def view(self, view: IndexView) -> None:
+        self.current.view = view
+
+    @property
+    def reader(self) -> Reader:
+        return self.current.reader
+
+    @property
+    def dir_time_ns(self) -> int:
+        return self.current.dir_time_ns
+
+    @property
+    def cached_bytes(self) -> Callable[[Entry], int] | None:
+        """Hook for the chunk store: bytes of a file's data held in the local cache, exported as the
+        xattr user.blobmount.cached_bytes. mount.py sets it once a store can answer; while None
+        the xattr is absent (not listed, ENODATA)."""
+        return self.current.cached_bytes
+
+    @cached_bytes.setter
+    def cached_bytes(self, func: Callable[[Entry], int] | None) -> None:
+        self.current.cached_bytes = func
+
+    def room_for_switch(self) -> bool:
+        """Whether a switch keeps at most :attr:`keep` generations: the current one stays (the
+        kernel holds its inodes until the invalidations after the switch), and so does every
+        older one that the kernel or an open file still uses."""
+        busy = sum(1 for g in self.generations.values() if g is not self.current and g.in_use())
+        return busy + 2 <= self.keep
+
+    def switch(
+        self, archive: Archive, view: IndexView, reader: Reader, cached_bytes: Callable[[Entry], int] | None
+    ) -> Generation:
+        """Serve `archive` from now on, in one step (nothing here awaits): new lookups, opens and
+        listings see it; inodes of older generations keep resolving to theirs. The caller checked
+        :meth:`room_for_switch` and then invalidates the kernel's caches (:meth:`invalidate_switch`)."""
+        old = self.current
+        gen = Generation(old.number + 1, archive, view, reader, archive.created_ns or old.dir_time_ns, prev=old)
+        gen.cached_bytes = cached_bytes
+        reader.on_poison = functools.partial(self._poisoned, gen)
+        self.generations[gen.number] = gen
+        self.current = gen
+        self._retire_unused()
+        return gen
+
+    def _retire_unused(self) -> None:
+        """Drop old generations nobody uses beyond the newest :attr:`keep` (their bytes served
+        unchanged files of newer ones: those then read from their own archive)."""
+        for number in sorted(self.generations):  # oldest first
+            gen = self.generations[number]
+            if len(self.generations) <= self.keep:
+                break
+            if gen is self.current or gen.in_use():
+                continue
+            del self.generations[number]
+            for other in self.generations.values():
+                if other.prev is gen:
+                    other.prev = None
+            self._retired.append(gen)
+            metrics.FOLLOW_ARCHIVES.set(len(self.generations))
+
+    def take_retired(self) -> list[Generation]:
+        """Generations dropped since the last call, for the caller to close their data sources."""
+        retired, self._retired = self._retired, []
+        return retired
+
+    def _file_of(self, ino: int) -> tuple[Generation, Entry] | None:
+        """The generation and entry of a file inode (None: not a file of a kept generation)."""
+        gen = self.generations.get(ino >> GEN_SHIFT)
+        if gen is None:
+            return None
+        entry = gen.entry_of(ino)
+        return None if entry is None else (gen, entry)
+
+    def _looked_up(self, ino: int) -> None:
+        """The kernel now holds one more reference to `ino` (a lookup, or a readdirplus entry)."""
+        if not self.follows:
+            return
+        gen = self.generations.get(ino >> GEN_SHIFT)
+        if gen is not None and ino >= gen.base and ino - gen.base < len(gen.view):
+            gen.lookups[ino] = gen.lookups.get(ino, 0) + 1
 
     # -- inode model ---------------------------------------------------------------------------
 
@@ -181,14 +275,12 @@ class BlobFS(pyfuse3.Operations):
             self._dir_path[ino] = path
         return ino
 
-    def _inode_for(self, kind: int, path: bytes) -> int:
-        return FILE_INO_BASE + kind if kind >= 0 else self._dir_inode(path)
+    def _inode_for(self, kind: int, path: bytes, gen: Generation | None = None) -> int:
+        return (gen or self.current).ino(kind) if kind >= 0 else self._dir_inode(path)
 
     def _entry_of(self, ino: int) -> Entry | None:
-        number = ino - FILE_INO_BASE
-        if 0 <= number < len(self.view):
-            return self.view.entry(number)
-        return None
+        found = self._file_of(ino)
+        return None if found is None else found[1]
 
     def _dir_of(self, ino: int) -> bytes:
         path = self._dir_path.get(ino)
@@ -205,11 +297,12 @@ class BlobFS(pyfuse3.Operations):
         (1970) is refused by zip and copied as such by tar and rsync -t; the newest file is what a
         directory's mtime is after its files were written, and costs nothing beyond the pass nlink
         needed already (a subdirectory's own time would need its subtree: not looked at)."""
-        known = self._dir_stats.get(ino)
+        gen = self.current
+        known = gen.dir_stats.get(ino)
         if known is None:
             subdirs, newest = 0, None
-            mtime_ns = self.view.mtime_ns
-            for child in self.view.children(path):
+            mtime_ns = gen.view.mtime_ns
+            for child in gen.view.children(path):
                 if child.is_dir:
                     subdirs += 1
                     continue
@@ -219,8 +312,8 @@ class BlobFS(pyfuse3.Operations):
                     continue
                 if newest is None or t > newest:
                     newest = t
-            known = (2 + subdirs, self.dir_time_ns if newest is None else newest)
-            self._dir_stats[ino] = known
+            known = (2 + subdirs, gen.dir_time_ns if newest is None else newest)
+            gen.dir_stats[ino] = known
         return known
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -272,14 +365,32 @@ class BlobFS(pyfuse3.Operations):
         if kind is None:
             raise NotFound(f"{show(path)}: no such file or directory")
         ino = self._inode_for(kind, path)
-        return self._attrs(ino)
+        attr = self._attrs(ino)
+        if kind >= 0:
+            self._looked_up(ino)
+        return attr
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attrs(inode)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """Nothing to free: file inodes are computed and directory inodes live for the mount."""
+        """Count down the kernel's lookups of file inodes (directory inodes live for the mount);
+        an old generation the kernel no longer holds and nobody reads may go."""
+        if not self.follows:
+            return
+        emptied = False
+        for ino, count in inode_list:
+            gen = self.generations.get(ino >> GEN_SHIFT)
+            if gen is None:
+                continue
+            left = gen.lookups.get(ino, 0) - count
+            if left > 0:
+                gen.lookups[ino] = left
+            elif gen.lookups.pop(ino, None) is not None and not gen.lookups:
+                emptied = True
+        if emptied and len(self.generations) > 1:
+            self._retire_unused()
 
     @_fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -303,13 +414,14 @@ class BlobFS(pyfuse3.Operations):
         self._dir_of(inode)
         fh = self._next_fh
         self._next_fh += 1
-        self._dir_handles[fh] = inode
+        self._dir_handles[fh] = (inode, self.current)  # a listing continues in the archive it began in
+        self.current.handles += 1
         return fh
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # ids: 1 = after ".", 2 = after "..", 3 + p = resume the listing at sorted position p
-        ino = self._dir_handles[fh]
+        ino, gen = self._dir_handles[fh]
         path = self._dir_of(ino)
         if start_id < 1:
             if not pyfuse3.readdir_reply(token, b".", self._attrs(ino), 1):
@@ -320,19 +432,25 @@ class BlobFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", self._attrs(parent), 2):
                 return
             start_id = 2
-        for child in self.view.children(path, start_id - 3 if start_id >= 3 else 0):
+        for child in gen.view.children(path, start_id - 3 if start_id >= 3 else 0):
             child_path = self._child_path(path, child.name)
             try:
-                attr = self._attrs(self._inode_for(child.entry, child_path))
+                attr = self._attrs(self._inode_for(child.entry, child_path, gen))
             except InvalidArchive as exc:  # listed, but unusable: skip it, keep the rest listable
                 log.warning("%s", exc)
                 continue
             if not pyfuse3.readdir_reply(token, child.name, attr, 3 + child.next_pos):
                 return
+            if child.entry >= 0:  # readdirplus: the kernel holds the inode now
+                self._looked_up(attr.st_ino)
 
     @_fuse_errors
     async def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
+        held = self._dir_handles.pop(fh, None)
+        if held is not None:
+            held[1].handles -= 1
+            if not held[1].handles and held[1] is not self.current:
+                self._retire_unused()
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -340,27 +458,34 @@ class BlobFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT | os.O_APPEND):
             raise ReadOnly("read-only file system")
-        entry = self._entry_of(inode)
-        if entry is None:
+        found = self._file_of(inode)
+        if found is None:
             self._dir_of(inode)
             raise IsADirectory(f"inode {inode}: is a directory")
-        handle = await self.reader.open(entry)
+        gen, entry = found[0].source_of(found[1])  # unchanged bytes: from an older archive's cache
+        handle = await gen.reader.open(entry)
+        gen.handles += 1
         keep = await self._pages_dropped(inode)  # after open: a drop queued while it waited counts
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = handle
+        self._handles[fh] = (gen, handle)
         # Immutable content: let the kernel keep pages across opens (unless some were wrong).
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.reader.read(self._handles[fh], off, size)
+        gen, handle = self._handles[fh]  # the archive it was opened on, whatever is current now
+        return await gen.reader.read(handle, off, size)
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
-        if handle is not None:
-            self.reader.close(handle)
+        held = self._handles.pop(fh, None)
+        if held is not None:
+            gen, handle = held
+            gen.reader.close(handle)
+            gen.handles -= 1
+            if not gen.handles and gen is not self.current:
+                self._retire_unused()
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -387,10 +512,13 @@ class BlobFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        entry = self._entry_of(inode)
-        if entry is None:
+        found = self._file_of(inode)
+        if found is None:
             self._dir_of(inode)
+            if inode == ROOT_INO and name == ROOT_XATTR_DIGEST:
+                return self.current.digest.encode()
             raise NoAttribute(f"inode {inode}: no attribute {show(name)}")
+        entry = found[1]
         key = name[len(XATTR_PREFIX) :] if name.startswith(XATTR_PREFIX) else None
         if key == b"sha256":
             return entry.hash.hex().encode()
@@ -398,22 +526,38 @@ class BlobFS(pyfuse3.Operations):
             return b"zstd" if entry.compression == COMPRESSION_ZSTD else b"none"
         if key == b"stored_size":
             return str(entry.data_size).encode()
+        source, stored = found[0].source_of(entry)
         if key == b"verified":
-            return self.reader.state(entry).encode()
-        if key == b"cached_bytes" and self.cached_bytes is not None:
-            return str(self.cached_bytes(entry)).encode()
+            return source.reader.state(stored).encode()
+        if key == b"cached_bytes" and source.cached_bytes is not None:
+            return str(source.cached_bytes(stored)).encode()
         raise NoAttribute(f"{show(entry.path)}: no attribute {show(name)}")
 
     # -- integrity -----------------------------------------------------------------------------
 
-    def _poisoned(self, entry: Entry) -> None:
+    def _poisoned(self, gen: Generation, entry: Entry) -> None:
         """Reader callback: pages of this file already in the kernel may be wrong (or were served
         under a hash state the reader gave up); drop them.
 
         Called inside a read handler, so the invalidation is queued for :meth:`invalidator`
         (invalidating an inode from its own read request would deadlock on its page locks); an
-        open of the file waits for it (:meth:`_pages_dropped`)."""
-        ino = FILE_INO_BASE + entry.number
+        open of the file waits for it (:meth:`_pages_dropped`). A newer generation's inode whose
+        bytes came from this entry (:meth:`Generation.source_of`) is dropped too."""
+        for ino in self._inodes_reading(gen, entry):
+            self._queue_drop(ino, entry)
+
+    def _inodes_reading(self, gen: Generation, entry: Entry) -> list[int]:
+        inodes = [gen.ino(entry.number)]
+        for other in self.generations.values():
+            if other.number > gen.number:
+                number = other.view.find(entry.path)
+                if number is not None:
+                    with contextlib.suppress(InvalidArchive):
+                        if other.source_of(other.view.entry(number)) == (gen, entry):
+                            inodes.append(other.ino(number))
+        return inodes
+
+    def _queue_drop(self, ino: int, entry: Entry) -> None:
         try:
             self._invalidate_send.send_nowait(ino)
         except trio.WouldBlock:
@@ -447,6 +591,26 @@ class BlobFS(pyfuse3.Operations):
                 else:
                     done.set()
 
+    async def invalidate_switch(self, old: Generation, changed: Changes) -> int:
+        """After :meth:`switch`: make the kernel forget what it cached of `old`. Every name whose
+        inode the kernel holds (all files got new numbers) and every added, removed or changed
+        name is invalidated, and so is every known directory whose listing or time changed. The
+        old files' pages are left alone: no new file has their inode numbers, and a reader holding
+        one open keeps them. Returns the invalidations the kernel took."""
+        names: set[tuple[int, bytes]] = set()
+        for ino in list(old.lookups):
+            entry = old.entry_of(ino)
+            parent = None if entry is None else self._dir_ino.get(entry.path.rpartition(b"/")[0])
+            if entry is not None and parent is not None:
+                names.add((parent, entry.name))
+        for path in changed.names:
+            parent_path, _, name = path.rpartition(b"/")
+            parent = self._dir_ino.get(parent_path)
+            if parent is not None:
+                names.add((parent, name))
+        dirs = [ino for ino in (self._dir_ino.get(path) for path in changed.dirs) if ino is not None]
+        return await trio.to_thread.run_sync(_invalidate, sorted(names), dirs)
+
     # -- writes: all refused -------------------------------------------------------------------
 
     async def _erofs(self, *args: Any, **kwargs: Any) -> Any:
@@ -454,3 +618,23 @@ class BlobFS(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
     write = create = setxattr = removexattr = _erofs
+
+
+def _invalidate(names: list[tuple[int, bytes]], dirs: list[int]) -> int:
+    """On a worker thread: each call may block until a request for that directory is answered."""
+    done = 0
+    for parent, name in names:
+        done += _kernel(pyfuse3.invalidate_entry, parent, name)
+    for ino in dirs:
+        done += _kernel(pyfuse3.invalidate_inode, ino, False)
+    return done
+
+
+def _kernel(call: Callable[..., None], *args: Any) -> int:
+    try:
+        call(*args)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the kernel did not hold it
+            log.warning("%s%r: %s", call.__name__, args, exc)
+        return 0
+    return 1

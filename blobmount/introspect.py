@@ -95,7 +95,8 @@ def candidate_sockets(mountpoint: Path | str) -> list[Path]:
 
 @dataclass(slots=True)
 class DaemonState:
-    """What `status` reports besides the metrics: fixed at mount time (mount.py fills it)."""
+    """What `status` reports besides the metrics: fixed at mount time (mount.py fills it),
+    except under --follow, where a switch updates what is served (follow.publish)."""
 
     mountpoint: Path
     source: str  # as the user gave it (a tag stays a tag)
@@ -110,6 +111,7 @@ class DaemonState:
     metrics_url: str | None = None
     socket_path: Path | None = None
     profile: Callable[[], dict[str, Any]] | None = None  # --record-profile: the profile so far
+    follow: dict[str, Any] | None = None  # --follow: follow.py keeps it current (None: pinned)
 
     def status(self) -> dict[str, Any]:
         hits = metrics.CACHE_HITS.total()
@@ -151,6 +153,7 @@ class DaemonState:
             },
             "metrics_url": self.metrics_url,
             "socket": str(self.socket_path) if self.socket_path else None,
+            "follow": dict(self.follow) if self.follow is not None else None,
         }
 
     async def healthy(self) -> bool:
@@ -453,6 +456,17 @@ def summary(st: dict[str, Any]) -> str:
         ),
         ("metrics", st["metrics_url"] or "off (--metrics ADDR)"),
     ]
+    follow = st.get("follow")
+    if follow:
+        extra = f", refused {follow['refused']}" if follow.get("refused") else ""
+        extra += f", waiting for {follow['waiting']}" if follow.get("waiting") else ""
+        lines.insert(
+            3,
+            (
+                "follow",
+                f"every {follow['interval_s']:g} s, {follow['switches']} switches, {follow['checks']} checks" + extra,
+            ),
+        )
     return "\n".join(f"{key:11}{value}" for key, value in lines)
 
 

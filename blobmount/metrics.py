@@ -31,6 +31,9 @@ __all__ = [
     "FETCH_CHUNKS",
     "FETCH_IN_FLIGHT",
     "FETCH_REQUESTS",
+    "FOLLOW_ARCHIVES",
+    "FOLLOW_CHECKS",
+    "FOLLOW_INDEX_BYTES",
     "FUSE_ERRORS",
     "FUSE_LATENCY",
     "FUSE_READ_BYTES",
@@ -355,6 +358,16 @@ INFO = Gauge(
     ("version", "source", "digest"),
 )
 READY = Gauge("blobmount_ready", "1 once the mount answers through the kernel, 0 before and while stopping.")
+
+# follow.py and fs.py: --follow (a tag followed, archives switched)
+FOLLOW_CHECKS = Counter(
+    "blobmount_follow_checks_total",
+    "--follow: checks of the tag, by result (unchanged, switched, refused: the new archive failed its"
+    " checks, waiting: too many archives in use, error: the registry did not answer).",
+    ("result",),
+)
+FOLLOW_ARCHIVES = Gauge("blobmount_follow_archives", "--follow: archives kept (the one served and older ones in use).")
+FOLLOW_INDEX_BYTES = Gauge("blobmount_follow_index_bytes", "--follow: index bytes in memory for the archives kept.")
 
 # fs.py, in its _fuse_errors wrapper: every handler that goes through it.
 FUSE_REQUESTS = Counter("blobmount_fuse_requests_total", "FUSE requests answered, by operation.", ("op",))

@@ -31,10 +31,11 @@ import pyfuse3
 import trio
 
 from blobmount import __version__, introspect, logs, metrics, profile
-from blobmount.cache import CacheDir, ContentStore, MetaStore, default_cache_dir
+from blobmount.cache import CacheDir, ContentStore, default_cache_dir
 from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
 from blobmount.fetch import ChunkedSource
+from blobmount.follow import Follower, cached_bytes_of, check_followable, index_view
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
 from blobmount.notify import notify, watchdog
@@ -139,6 +140,8 @@ def _lazy_unmount(path: Path) -> None:
 def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
     """`opening`: the source already being opened on a thread (cli.py starts it before importing
     this module); None opens it here."""
+    if config.follow:
+        check_followable(config.source, config.offline)
     check_mountpoint(config.mountpoint, config.nonempty)
     metrics_socket = introspect.open_metrics_socket(config.metrics) if config.metrics else None
     notify(f"STATUS=opening {config.source}")
@@ -150,12 +153,7 @@ def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
         archive = open_archive(config.source, config.registry, settings)
     store = ContentStore(cache)
     notify(f"STATUS=checking the index of {archive.name}")
-    meta = MetaStore(cache)
-    digest_hex = archive.index_digest.removeprefix("sha256:")
-    known = meta.get_derived("order", digest_hex)
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size, known_order=known)
-    if known is None:
-        meta.put_derived("order", digest_hex, view.order_record())
+    view = index_view(archive, cache)
     log.info(
         "%s: %d entries, %d-byte data blob, order %s",
         archive.name,
@@ -225,6 +223,7 @@ def fuse_options(config: MountConfig, source_name: str) -> set[str]:
 async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
     """Run the FUSE loop until unmounted or signalled."""
     state = _introspection(prep)
+    follower = Follower(prep.config, prep.cache, prep.store, fs, state) if prep.config.follow else None
     try:
         async with trio.open_nursery() as nursery:
             data = prep.archive.data
@@ -235,7 +234,9 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
             if prep.metrics_socket is not None:
                 nursery.start_soon(introspect.serve_metrics, state, prep.metrics_socket)
             nursery.start_soon(fs.invalidator)
-            nursery.start_soon(_signals, nursery.cancel_scope)
+            nursery.start_soon(_signals, nursery.cancel_scope, follower)
+            if follower is not None:
+                nursery.start_soon(follower.run)
             nursery.start_soon(_report_ready, prep, ready_fd)
             nursery.start_soon(watchdog)
             nursery.start_soon(trio.to_thread.run_sync, prep.cache.resync)  # recount, drop dead temp files
@@ -245,12 +246,24 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
             notify("STOPPING=1", "STATUS=unmounted")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await prep.archive.data.aclose()
+            for archive in _archives(fs):
+                await archive.data.aclose()
 
 
-async def _signals(scope: trio.CancelScope) -> None:
+def _archives(fs: BlobFS) -> list[Archive]:
+    """Every archive the mount still has open (more than one after a --follow switch)."""
+    gens = [*fs.generations.values(), *fs.take_retired()]
+    return [g.archive for g in gens if g.archive is not None]
+
+
+async def _signals(scope: trio.CancelScope, follower: Follower | None = None) -> None:
+    """SIGINT and SIGTERM unmount; so does SIGHUP, except under --follow: there it checks the tag now."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP and follower is not None:
+                log.info("received SIGHUP; checking %s now (--follow)", follower.config.source)
+                follower.wake()
+                continue
             log.info("received %s; unmounting", signal.Signals(signum).name)
             metrics.READY.set(0)
             notify("STOPPING=1", "STATUS=unmounting")
@@ -345,15 +358,15 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         timeout_s=config.attr_timeout_s,
         dir_time_ns=prep.archive.created_ns,
         deadline_s=config.request_bound_s,
+        archive=prep.archive,
     )
     if config.request_bound_s < math.inf:
         log.info(
             "every FUSE request is answered within %g s (the kernel's request timeout less a margin)",
             config.request_bound_s,
         )
-    data = prep.archive.data
-    if isinstance(data, ChunkedSource):
-        fs.cached_bytes = lambda e: data.cached_bytes(e.data_offset, e.data_offset + e.data_size)
+    fs.keep, fs.follows = config.follow_keep, config.follow
+    fs.cached_bytes = cached_bytes_of(prep.archive.data)
     try:
         pyfuse3.init(fs, str(config.mountpoint), fuse_options(config, prep.archive.name))
     except RuntimeError as exc:
@@ -362,7 +375,8 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         trio.run(_serve, prep, fs, ready_fd)
     finally:
         pyfuse3.close(unmount=True)
-        prep.archive.data.close()
+        for archive in _archives(fs):
+            archive.data.close()
         _save_profile(prep)
     log.info("unmounted %s", config.mountpoint)
     return EXIT_OK

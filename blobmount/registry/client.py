@@ -569,6 +569,28 @@ class RegistryClient:
         self._resolved_body = (digest, body)
         return digest
 
+    async def resolve_changed(self, known: Digest) -> Digest | None:
+        """The tag's digest if it no longer is `known`, else None (``--follow``): a conditional
+        HEAD (If-None-Match), so a registry that honours it answers 304 without a body; one that
+        does not (docker-registry) answers 200, and its Docker-Content-Digest is compared."""
+        path = f"/v2/{self.ref.repository}/manifests/{self.ref.ref_for_manifest}"
+        headers = {"Accept": MANIFEST_ACCEPT, "If-None-Match": f'"{known}"'}
+        response = await self._request("HEAD", path, headers=headers, kind="manifest-head")
+        await _release(response)
+        if response.status_code == 304:
+            return None
+        if response.status_code == 404:
+            raise NotFound(f"{self.ref}: no such tag or repository")
+        header = response.headers.get("docker-content-digest")
+        digest = None
+        if response.status_code == 200 and header:
+            with contextlib.suppress(UsageError):
+                digest = Digest.parse(header)
+        if digest is None:  # HEAD refused or without a digest: the body's hash says
+            self._resolved_body = None
+            digest = await self.resolve()
+        return None if digest == known else digest
+
     async def _get_manifest_body(self, ref: str, limit: int = 4 << 20) -> tuple[bytes, str]:
         path = f"/v2/{self.ref.repository}/manifests/{ref}"
         response = await self._request("GET", path, headers={"Accept": MANIFEST_ACCEPT}, kind="manifest")

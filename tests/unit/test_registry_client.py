@@ -412,3 +412,32 @@ def test_credentials_never_go_to_a_plain_http_realm_unless_named(plain_http: tup
         with pytest.raises(AuthError, match="plain http://: refusing to send credentials"):
             run_with_clock(go)
         assert token_requests == []
+
+
+@pytest.mark.parametrize(
+    ("status", "header", "expected"),
+    [
+        (304, None, None),  # the registry honours If-None-Match
+        (200, str(DIGEST), None),  # it does not (docker-registry): the digest header says unchanged
+        (200, "sha256:" + "1" * 64, Digest.parse("sha256:" + "1" * 64)),
+    ],
+)
+def test_resolve_changed_sends_a_conditional_head(status: int, header: str | None, expected: Digest | None) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, headers={"Docker-Content-Digest": header} if header else {})
+
+    async def go() -> Digest | None:
+        c = client(handler)
+        try:
+            return await c.resolve_changed(DIGEST)
+        finally:
+            await c.aclose()
+
+    result, _ = run_with_clock(go)
+    assert result == expected
+    assert [r.method for r in seen] == ["HEAD"]
+    assert seen[0].headers["if-none-match"] == f'"{DIGEST}"'
+    assert seen[0].url.path == "/v2/team/assets/manifests/v3"
