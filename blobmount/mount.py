@@ -294,7 +294,7 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
     reader = Reader(
         prep.archive.data,
         prep.store,
-        ReaderConfig(config.verify, config.verify_threshold),  # type: ignore[arg-type]
+        ReaderConfig(config.verify, config.verify_threshold, config.registry.timeout_s),  # type: ignore[arg-type]
         dir_span=prep.view.data_span,
     )
     fs = BlobFS(prep.view, reader, uid=config.uid, gid=config.gid, timeout_s=config.attr_timeout_s)

@@ -1,0 +1,287 @@
+"""One streaming decode of a large zstd file, shared by every reader of the file while it runs.
+
+Why: a zstd frame can only be decoded from its start, and a multi-GB file decoded whole before its
+first byte is served makes time to first byte the whole fetch and decode. A :class:`Decode` runs the
+decoder on a worker thread (zstandard and hashlib release the GIL), reading compressed bytes through
+the source (the fetcher, reached with ``trio.from_thread``), and publishes a watermark: a read of
+``[offset, end)`` returns as soon as the decoder has passed ``end``. The output goes to
+
+- a file (a temp file of the content store, :meth:`ContentStore.begin`) when the decoded file fits
+  the store: every byte stays readable, and once verified the file is committed to the store, so
+  later opens are served from it; or
+- a bounded ring in memory (``window`` bytes) when it does not: the decoder waits for the slowest
+  attached reader (:meth:`touch`) instead of overwriting bytes it is about to read; a read below the
+  window raises :class:`Behind`, and the caller starts another decode for it.
+
+sha256 (and xxh3, the store's trailer) are computed as the bytes are decoded; the verdict is known
+when the decoder reaches the end, and a read that ends at the end of the file waits for it.
+
+Concurrency: the worker thread touches only the output, the hashers and, under ``_lock``, the ring
+and the cursors; it hands the watermark to the trio thread with ``run_sync_soon`` (never blocking
+on it). Everything else runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import trio
+import xxhash
+import zstandard
+
+from blobmount.errors import IntegrityError, SourceError
+from blobmount.index import Entry
+from blobmount.index.paths import show
+from blobmount.source import RangeSource, ReadHint, SyncRangeSource
+
+STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop to the trio thread
+WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
+MIN_WINDOW_BYTES = 4 << 20
+ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
+IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
+
+
+class Behind(Exception):
+    """The read starts below the ring's window: those bytes are gone; decode again."""
+
+
+class Stopped(SourceError):
+    """The decode was stopped (its last reader left, or the mount is going away)."""
+
+
+class RangeStream(io.RawIOBase):
+    """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
+
+    def __init__(self, source: RangeSource, start: int, end: int) -> None:
+        self._source = source
+        self._pos = start
+        self._end = end
+        self._hint = ReadHint(start, end)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self._end - self._pos)
+        if n <= 0:
+            return 0
+        if isinstance(self._source, SyncRangeSource):
+            data = self._source.read_range_sync(self._pos, self._pos + n)
+        else:
+            data = trio.from_thread.run(self._source.read_range, self._pos, self._pos + n, self._hint)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class Decode:
+    """A running (or finished) decode of `entry` into `fd` (a pre-sized file) or a ring."""
+
+    def __init__(self, entry: Entry, source: RangeSource, fd: int | None, window: int) -> None:
+        self.entry = entry
+        self.source = source
+        self.fd = fd
+        self.window = window
+        self.upto = 0  # decoded bytes published to the trio thread
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.xxh3 = 0  # of the whole content, once done without error
+        self._ring = bytearray(window) if fd is None else None
+        self._base = 0  # ring: lowest offset still held (under _lock)
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._cursors: dict[int, tuple[int, float]] = {}  # reader -> (offset it reads from, when)
+        self._stop = False
+        self._waiters: list[tuple[int, int, trio.Event]] = []  # (end, seq, event), a heap
+        self._seq = itertools.count()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    @property
+    def ring(self) -> bool:
+        return self._ring is not None
+
+    def holds(self, offset: int) -> bool:
+        """Whether a read from `offset` can be served by this decode (now or once it gets there)."""
+        if self.done.is_set() and self.error is not None and offset >= self.upto:
+            return False
+        with self._lock:
+            return offset >= self._base
+
+    # -- readers (trio thread) -------------------------------------------------------------------
+
+    def touch(self, reader: int, offset: int) -> None:
+        """`reader` reads from `offset` now: a ring keeps the bytes from there (a little slack
+        below, for the kernel's reads that arrive out of order)."""
+        with self._lock:
+            self._cursors[reader] = (offset, time.monotonic())
+            self._room.notify_all()
+
+    def leave(self, reader: int) -> int:
+        """`reader` is gone; returns how many readers are left."""
+        with self._lock:
+            self._cursors.pop(reader, None)
+            self._room.notify_all()
+            return len(self._cursors)
+
+    @property
+    def readers(self) -> int:
+        return len(self._cursors)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._room.notify_all()
+
+    async def read(self, offset: int, end: int, final: bool) -> bytes:
+        """Bytes [offset, end) once decoded; `final` (the read reaches the end of the file): once
+        the whole file is decoded and its hash checked, raising the verdict if it is not good."""
+        if final:
+            await self.done.wait()
+            if self.error is not None:
+                raise self.error
+        while self.upto < end:
+            if self.done.is_set():
+                raise self.error or SourceError(f"{show(self.entry.path)}: decode ended at byte {self.upto}")
+            event = trio.Event()
+            heapq.heappush(self._waiters, (end, next(self._seq), event))
+            await event.wait()
+        if self._ring is None:
+            assert self.fd is not None
+            if end - offset <= STEP_BYTES:
+                return os.pread(self.fd, end - offset, offset)
+            return await trio.to_thread.run_sync(os.pread, self.fd, end - offset, offset)
+        with self._lock:
+            if offset < self._base:
+                raise Behind
+            w = self.window
+            a, b = offset % w, end % w or w
+            if a < b and end - offset <= w:
+                return bytes(self._ring[a:b])
+            return bytes(self._ring[a:]) + bytes(self._ring[:b])
+
+    def _publish(self, upto: int) -> None:
+        self.upto = max(self.upto, upto)
+        while self._waiters and self._waiters[0][0] <= self.upto:
+            heapq.heappop(self._waiters)[2].set()
+
+    def _wake_all(self) -> None:
+        while self._waiters:
+            heapq.heappop(self._waiters)[2].set()
+
+    # -- the decoder -------------------------------------------------------------------------------
+
+    async def run(self, on_done: Callable[[Decode], None]) -> None:
+        """Decode to the end (or until stopped or failed); `on_done` sees the outcome before any
+        waiting reader does. Runs in the reader's long-lived nursery."""
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_cancelled)  # a worker thread is not cancellable
+                try:
+                    self.xxh3 = await trio.to_thread.run_sync(self._work)
+                except Exception as exc:
+                    self.error = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseException:
+            self.error = Stopped(f"{show(self.entry.path)}: decode cancelled")
+            self._finish(on_done)
+            raise
+        self._finish(on_done)
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stop()
+
+    def _finish(self, on_done: Callable[[Decode], None]) -> None:
+        try:
+            on_done(self)
+        finally:
+            self.done.set()
+            self._wake_all()
+
+    def _work(self) -> int:
+        """Worker thread: decode, hash, write, publish. Returns the content's xxh3."""
+        entry = self.entry
+        size = entry.original_size
+        stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
+        hasher = hashlib.sha256()
+        xxh = xxhash.xxh3_64()
+        pos = 0
+        token = self._token
+        assert token is not None
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(stream, read_size=STEP_BYTES) as reader:  # type: ignore[arg-type]
+                while True:
+                    if self._stop:
+                        raise Stopped(f"{show(entry.path)}: decode stopped at byte {pos}: no reader left")
+                    block = reader.read(STEP_BYTES)
+                    if not block:
+                        break
+                    n = len(block)
+                    if pos + n > size:
+                        raise IntegrityError(
+                            f"{show(entry.path)}: zstd frame decodes past original_size {size}; refused"
+                        )
+                    hasher.update(block)
+                    xxh.update(block)
+                    self._put(pos, block)
+                    pos += n
+                    token.run_sync_soon(self._publish, pos)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(
+                f"{show(entry.path)}: corrupt zstd frame (expected sha256 {entry.hash.hex()}): {exc}"
+            ) from exc
+        if pos != size:
+            raise IntegrityError(f"{show(entry.path)}: zstd frame decodes to {pos} bytes, original_size is {size}")
+        digest = hasher.digest()
+        if digest != entry.hash:
+            raise IntegrityError(
+                f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {digest.hex()}"
+            )
+        return int(xxh.intdigest())
+
+    def _put(self, pos: int, block: bytes) -> None:
+        if self._ring is None:
+            assert self.fd is not None
+            view = memoryview(block)
+            while view:
+                n = os.pwrite(self.fd, view, pos)
+                view, pos = view[n:], pos + n
+            return
+        w = self.window
+        slack = w // 4
+        end = pos + len(block)
+        with self._lock:
+            # wait until every reader still reading is past the bytes this block overwrites
+            while not self._stop and end - w > self._slowest(end) - slack:
+                self._room.wait(ROOM_WAIT_S)
+            if self._stop:
+                return  # the loop raises Stopped at its next step
+            self._base = max(self._base, end - w)
+            a = pos % w
+            first = min(len(block), w - a)
+            self._ring[a : a + first] = block[:first]
+            if first < len(block):
+                self._ring[: len(block) - first] = block[first:]
+
+
+    def _slowest(self, default: int) -> int:
+        """Under _lock: the lowest offset a reader that read lately reads from. An idle reader does
+        not hold up the others (nor the decode): if it reads again below the window, it restarts."""
+        recent = time.monotonic() - IDLE_S
+        return min((at for at, when in self._cursors.values() if when >= recent), default=default)
+
+
+def window_for(store_bytes: int) -> int:
+    """The ring of a decode too large for the store: a quarter of the store, within bounds."""
+    return max(MIN_WINDOW_BYTES, min(WINDOW_BYTES, store_bytes // 4))
