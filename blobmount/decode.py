@@ -59,11 +59,14 @@ class Stopped(SourceError):
 class RangeStream(io.RawIOBase):
     """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
 
-    def __init__(self, source: RangeSource, start: int, end: int) -> None:
+    def __init__(self, source: RangeSource, start: int, end: int, decode: Decode | None = None) -> None:
+        """`decode`: its :meth:`Decode.stop` also cancels a read under way (a stalled fetch must
+        not keep a decode nobody reads alive)."""
         self._source = source
         self._pos = start
         self._end = end
         self._hint = ReadHint(start, end)
+        self._decode = decode
 
     def readable(self) -> bool:
         return True
@@ -75,10 +78,23 @@ class RangeStream(io.RawIOBase):
         if isinstance(self._source, SyncRangeSource):
             data = self._source.read_range_sync(self._pos, self._pos + n)
         else:
-            data = trio.from_thread.run(self._source.read_range, self._pos, self._pos + n, self._hint)
+            data = trio.from_thread.run(self._read, self._pos, self._pos + n)
         b[: len(data)] = data
         self._pos += len(data)
         return len(data)
+
+    async def _read(self, start: int, end: int) -> bytes:
+        decode = self._decode
+        if decode is None:
+            return await self._source.read_range(start, end, self._hint)
+        try:
+            with trio.CancelScope() as scope:
+                decode._reading = scope
+                if not decode._stop:
+                    return await self._source.read_range(start, end, self._hint)
+        finally:
+            decode._reading = None
+        raise Stopped(f"{show(decode.entry.path)}: decode stopped: no reader left")
 
 
 class Decode:
@@ -93,6 +109,7 @@ class Decode:
         self.done = trio.Event()
         self.error: BaseException | None = None
         self.xxh3 = 0  # of the whole content, once done without error
+        self.settled = False  # its output committed or given up (the owner's, after `done`)
         self._ring = bytearray(window) if fd is None else None
         self._base = 0  # ring: lowest offset still held (under _lock)
         self._lock = threading.Lock()
@@ -102,6 +119,7 @@ class Decode:
         self._waiters: list[tuple[int, int, trio.Event]] = []  # (end, seq, event), a heap
         self._seq = itertools.count()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._reading: trio.CancelScope | None = None  # the source read under way (trio thread)
 
     @property
     def ring(self) -> bool:
@@ -138,6 +156,8 @@ class Decode:
         with self._lock:
             self._stop = True
             self._room.notify_all()
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def read(self, offset: int, end: int, final: bool) -> bytes:
         """Bytes [offset, end) once decoded; `final` (the read reaches the end of the file): once
@@ -213,7 +233,7 @@ class Decode:
         """Worker thread: decode, hash, write, publish. Returns the content's xxh3."""
         entry = self.entry
         size = entry.original_size
-        stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
+        stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size, self)
         hasher = hashlib.sha256()
         xxh = xxhash.xxh3_64()
         pos = 0

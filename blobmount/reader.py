@@ -612,6 +612,11 @@ class Reader:
             except (StoreUnavailable, LimitExceeded) as exc:
                 log.debug("%s: %s; decoding it through a bounded window", show(entry.path), exc)
         window = window_for(self.store.max_bytes)
+        log.info(
+            "%s: decoding it while it is read (%s)",
+            show(entry.path),
+            "into the content store" if pending is not None else f"through a {window}-byte window",
+        )
         dec = Decode(entry, self.source, pending.fd if pending is not None else None, window)
         if pending is not None:
             self._pending[id(dec)] = pending
@@ -643,6 +648,7 @@ class Reader:
             if dec.error is not None and dec.upto and entry.number not in self._verified:
                 # it served bytes and ended without a verdict: the kernel must not keep them
                 self._notify_poison(entry)
+            dec.settled = True
             self._close_decode(dec)
 
     def _decoded_stream(self, dec: Decode, generation: int) -> None:
@@ -673,7 +679,7 @@ class Reader:
 
     def _close_decode(self, dec: Decode) -> None:
         """The output fd of a finished decode is closed once no handle reads from it."""
-        if dec.done.is_set() and dec.readers == 0 and dec.fd is not None:
+        if dec.settled and dec.readers == 0 and dec.fd is not None:
             os.close(dec.fd)
             dec.fd = None
 
