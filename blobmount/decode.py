@@ -45,6 +45,7 @@ STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop t
 WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
 MIN_WINDOW_BYTES = 4 << 20
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
+LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
 
 

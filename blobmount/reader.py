@@ -45,7 +45,7 @@ import zstandard
 from blobmount import metrics
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.cache.content import Pending
-from blobmount.decode import Behind, Decode, RangeStream, window_for
+from blobmount.decode import LINGER_S, Behind, Decode, RangeStream, window_for
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.fetch import ChunkedSource
 from blobmount.index import COMPRESSION_ZSTD, Entry
@@ -149,6 +149,7 @@ class Reader:
         self._decoded_bytes = 0
         self._decodes: dict[int, list[Decode]] = {}  # entry -> decodes running for it
         self._pending: dict[int, Pending] = {}  # id(decode) -> its content-store temp file
+        self._starting: dict[int, trio.Event] = {}  # entry -> set once its new decode is registered
 
     def attach(self, nursery: trio.Nursery) -> None:
         """The long-lived nursery for background verification (``verify="background"``)."""
@@ -574,7 +575,9 @@ class Reader:
                 continue
             dec = handle.decode
             if dec is not None and not dec.holds(offset):
-                self._leave(handle)
+                if not dec.done.is_set():
+                    _behind(entry, offset)
+                self._leave(handle, stop=False)  # this handle read from it: it goes on to its verdict
                 dec = None
             if dec is None:
                 if entry.number in self._verified:  # decoded whole meanwhile: the store may have it
@@ -590,7 +593,7 @@ class Reader:
                     self._check_generation(handle)  # distrusted while it waited: not served
                     return data
             except Behind:
-                log.info("%s: a read at byte %d is behind the decode window; decoding again", show(entry.path), offset)
+                _behind(entry, offset)
                 self._leave(handle, stop=False)  # this handle read from it: it goes on to its verdict
                 continue
             raise SourceError(
@@ -602,15 +605,21 @@ class Reader:
     async def _decode_for(self, entry: Entry, offset: int) -> Decode:
         """The running decode that can serve `offset` (the one furthest along), or a new one: into
         a content-store temp file when it fits, else a bounded ring."""
+        while (starting := self._starting.get(entry.number)) is not None:
+            await starting.wait()  # one decode at a time is started (its store file is one)
         running = [d for d in self._decodes.get(entry.number, ()) if not d.done.is_set() and d.holds(offset)]
         if running:
             return max(running, key=lambda d: d.upto)
         pending: Pending | None = None
         if not self._decodes.get(entry.number):  # the store file is for the first decode only
+            starting = self._starting[entry.number] = trio.Event()
             try:
                 pending = await self.store.begin(entry.hash.hex(), entry.original_size)
             except (StoreUnavailable, LimitExceeded) as exc:
                 log.debug("%s: %s; decoding it through a bounded window", show(entry.path), exc)
+            finally:
+                del self._starting[entry.number]
+                starting.set()
         window = window_for(self.store.max_bytes)
         log.info(
             "%s: decoding it while it is read (%s)",
@@ -673,9 +682,17 @@ class Reader:
     def _leave(self, handle: Handle, stop: bool = True) -> None:
         dec, handle.decode = handle.decode, None
         if dec is not None and dec.leave(id(handle)) == 0:
-            if stop and not dec.done.is_set():
-                dec.stop()  # nobody reads it: the decode ends (its temp file goes)
+            if stop and not dec.done.is_set() and self._nursery is not None:
+                self._nursery.start_soon(self._linger, dec)
             self._close_decode(dec)
+
+    @staticmethod
+    async def _linger(dec: Decode) -> None:
+        """Nobody reads the decode: it ends (its temp file goes) unless a reader comes within
+        ``LINGER_S`` (programs that open, read and close, one after another, share it)."""
+        await trio.sleep(LINGER_S)
+        if dec.readers == 0:
+            dec.stop()
 
     def _close_decode(self, dec: Decode) -> None:
         """The output fd of a finished decode is closed once no handle reads from it."""
@@ -877,6 +894,10 @@ class Reader:
                 raise _mismatch(entry, check.digest())
         finally:
             self.close(handle)
+
+
+def _behind(entry: Entry, offset: int) -> None:
+    log.info("%s: a read at byte %d is behind the decode window; decoding again", show(entry.path), offset)
 
 
 class _Discard(io.RawIOBase):
