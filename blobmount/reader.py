@@ -1,8 +1,15 @@
 """(entry, offset, size) -> bytes: raw slices, zstd decoding, sha256 verification (DESIGN §5).
 
 Policy, per file:
-- zstd: decoded once into the content store (streaming decoder, output limited to
-  ``original_size``), verified before any byte is served.
+- zstd, at most ``verify_threshold`` bytes, or any zstd file under ``verify="strict"``: decoded
+  once (streaming decoder, output limited to ``original_size``), in memory or into the content
+  store, verified before any byte is served.
+- larger zstd files otherwise: served while they decode (decode.py: one decode per file shared by
+  its handles, into a content-store temp file committed once verified, or a bounded ring when the
+  store cannot take it); a read waits for the decoder at most ``wait_s``. The verdict comes at the
+  end of the decode: a mismatch is a distrust as below (the read that completes the file fails,
+  earlier opens fail, pages dropped, the file decoded whole from the origin before it is served
+  again, then poisoned if it still mismatches).
 - raw, at most ``verify_threshold`` bytes, or any raw file under ``verify="strict"``: the whole file
   is hashed on the first read, before a byte is returned.
 - larger raw files under ``verify="lazy"`` (the default): served as read; hashed as the reads arrive

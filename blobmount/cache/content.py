@@ -9,6 +9,8 @@ Concurrency contract:
 - Files appear only by ``rename`` of a fully written ``*.tmp`` in the same directory, so no process
   ever opens a half-written file. There is no fsync: after a power cut a renamed file may be torn,
   and its trailer check turns that into a miss.
+- :meth:`ContentStore.begin` hands out a reserved temp file that a decode writes while its readers
+  read it (decode.py); only :meth:`ContentStore.commit`, once the content is verified, renames it.
 - Within one process, :meth:`ContentStore.fill` is single-flight per key: the first caller decodes,
   later callers wait on a ``trio.Event`` and then open the finished file. Across processes two
   daemons may decode the same file at once; the second rename replaces an identical file.
