@@ -28,6 +28,7 @@ import heapq
 import io
 import itertools
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,8 @@ from blobmount.source import RangeSource, ReadHint, SyncRangeSource
 STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop to the trio thread
 WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
 MIN_WINDOW_BYTES = 4 << 20
+FIRST_STEP_BYTES = 64 << 10  # the first output step, doubled up to STEP_BYTES
+HASH_QUEUE = 8  # decoded blocks waiting for the hashing thread (memory: this many STEP_BYTES)
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
 LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
@@ -235,9 +238,9 @@ class Decode:
         entry = self.entry
         size = entry.original_size
         stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size, self)
-        hasher = hashlib.sha256()
-        xxh = xxhash.xxh3_64()
+        hashing = _Hashing()
         pos = 0
+        step = FIRST_STEP_BYTES  # the first bytes out soon: time to first byte
         token = self._token
         assert token is not None
         try:
@@ -245,7 +248,8 @@ class Decode:
                 while True:
                     if self._stop:
                         raise Stopped(f"{show(entry.path)}: decode stopped at byte {pos}: no reader left")
-                    block = reader.read(STEP_BYTES)
+                    block = reader.read(step)
+                    step = min(step * 2, STEP_BYTES)
                     if not block:
                         break
                     n = len(block)
@@ -253,23 +257,26 @@ class Decode:
                         raise IntegrityError(
                             f"{show(entry.path)}: zstd frame decodes past original_size {size}; refused"
                         )
-                    hasher.update(block)
-                    xxh.update(block)
+                    hashing.put(block)
                     self._put(pos, block)
                     pos += n
                     token.run_sync_soon(self._publish, pos)
         except zstandard.ZstdError as exc:
+            hashing.close()
             raise IntegrityError(
                 f"{show(entry.path)}: corrupt zstd frame (expected sha256 {entry.hash.hex()}): {exc}"
             ) from exc
+        except BaseException:
+            hashing.close()
+            raise
+        digest, xxh3 = hashing.close()
         if pos != size:
             raise IntegrityError(f"{show(entry.path)}: zstd frame decodes to {pos} bytes, original_size is {size}")
-        digest = hasher.digest()
         if digest != entry.hash:
             raise IntegrityError(
                 f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {digest.hex()}"
             )
-        return int(xxh.intdigest())
+        return xxh3
 
     def _put(self, pos: int, block: bytes) -> None:
         if self._ring is None:
@@ -295,12 +302,38 @@ class Decode:
             if first < len(block):
                 self._ring[: len(block) - first] = block[first:]
 
-
     def _slowest(self, default: int) -> int:
         """Under _lock: the lowest offset a reader that read lately reads from. An idle reader does
         not hold up the others (nor the decode): if it reads again below the window, it restarts."""
         recent = time.monotonic() - IDLE_S
         return min((at for at, when in self._cursors.values() if when >= recent), default=default)
+
+
+class _Hashing:
+    """sha256 and xxh3 of the decoded blocks, on a thread of their own: decoding and hashing each
+    release the GIL, so the two run in parallel (hashing took as long as decoding, in series)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
+        self._sha256 = hashlib.sha256()
+        self._xxh3 = xxhash.xxh3_64()
+        self._thread = threading.Thread(target=self._run, name="blobmount-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._queue.get()) is not None:
+            self._sha256.update(block)
+            self._xxh3.update(block)
+
+    def put(self, block: bytes) -> None:
+        self._queue.put(block)
+
+    def close(self) -> tuple[bytes, int]:
+        """Waits for the blocks put so far; returns (sha256, xxh3)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return self._sha256.digest(), int(self._xxh3.intdigest())
 
 
 def window_for(store_bytes: int) -> int:

@@ -40,6 +40,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -644,8 +645,11 @@ class Reader:
     async def _run_decode(self, dec: Decode) -> None:
         entry = dec.entry
         generation = self._generation.get(entry.number, 0)
+        started = time.monotonic()
         try:
             await dec.run(lambda d: self._decoded_stream(d, generation))
+            if dec.error is None:
+                log.debug("%s: decoded and verified in %.3f s", show(entry.path), time.monotonic() - started)
         finally:
             decodes = self._decodes.get(entry.number, [])
             if dec in decodes:
