@@ -693,8 +693,8 @@ class Reader:
     def _leave(self, handle: Handle, stop: bool = True) -> None:
         dec, handle.decode = handle.decode, None
         if dec is not None and dec.leave(id(handle)) == 0:
-            if stop and not dec.done.is_set() and self._nursery is not None:
-                self._nursery.start_soon(self._linger, dec)
+            if stop and not dec.done.is_set() and self._nursery is not None and self.config.verify != "background":
+                self._nursery.start_soon(self._linger, dec)  # background: it goes on to its verdict
             self._close_decode(dec)
 
     @staticmethod

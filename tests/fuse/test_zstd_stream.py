@@ -281,8 +281,9 @@ def test_a_file_larger_than_the_store_streams_through_a_window_and_a_reader_behi
 def test_every_reader_gone_mid_decode_stops_it_cleanly_and_the_next_read_works(
     proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
-    """Readers that read a part and close, or are killed waiting: the decode stops (no temp file
-    left, no space held), and the next reader gets the right bytes and a verified file."""
+    """Two opens that read a part each and close while the decode is slowed by a dripping source:
+    the decode stops (its temp file goes, with its reserved space), and the next reader gets the
+    right bytes, a verified file, and later opens are served from the store."""
     arc = stream_archive
     p = arc.placed[b"text.txt"]
     at = p.data_offset + p.data_size * 7 // 10
