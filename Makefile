@@ -5,9 +5,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # squashfuse squashfs-tools httpfs2 nginx-light curl git: the peers of the benchmark smoke test (< 2 MB);
-# openssl: the test token issuer signs JWTs with its CLI (no crypto dependency)
+# openssl: the test token issuer signs JWTs with its CLI (no crypto dependency); zstd: bench.create_throughput's tar peer
+# git sqlite3 unzip rsync (and gcc, tar): the programs tests/fuse/test_real_programs.py runs on a mount
+# iproute2 iptables: bench/netshape, the shaped namespace of the benchmark (tests/bench/test_netshape.py)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd \
-  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl
+  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl sqlite3 unzip rsync zstd iproute2 iptables
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 

@@ -1,4 +1,4 @@
-"""`blobmount cp` of the bench tree against its physical limit, and a mount's read of it, one run.
+"""`blobmount cp` of the bench tree against its physical limit, and a mount's and fsspec's read of it, one run.
 
     python -m bench.cp_extract [--quick] [--reps 3] [--networks loopback,netns] [--delay-ms 10]
                                [--rate 1gbit] [--json [OUT]]
@@ -12,10 +12,13 @@ order that rotates between repetitions:
 - ``curl``: the tree's data blob, whole, to /dev/null (curl's own total time);
 - ``tar``: ``tar -x`` of the same tree from a local *uncompressed* tar into an empty directory;
 - ``cp``: ``blobmount cp REF . DEST`` into an empty directory with an empty cache directory;
-- ``mount``: ``blobmount mount -f REF`` (empty cache), then ``find | xargs -0 -P8 cat`` of the tree.
+- ``mount``: ``blobmount mount -f REF`` (empty cache), then ``find | xargs -0 -P8 cat`` of the tree;
+- ``fsspec``: ``fsspec.filesystem("blob")`` (empty cache): ``find``, then ``cat_file`` of every file
+  on 8 threads (bench.fsspec_read), the Python API's read of the same tree (issue 21's figure).
 
 Figure (issue 20): ``cp / (curl + tar)`` per repetition (target <= 1.3), min and median; the mount's
-read beside it (``mount / (curl + tar)``, not an extraction: nothing is written). The page cache is
+read and the fsspec read beside it (``mount / (curl + tar)``, ``fsspec / (curl + tar)``: not
+extractions, nothing is written). The page cache is
 not dropped (a shared machine): the tar file and the registry's blob are read warm, for every tool
 alike, and tar and cp write to tmpfs (``--out-dir``, default /dev/shm): neither fsyncs, and on a
 disk shared with other work the writeback of earlier runs swung ``tar -x`` from 2.5 to 9 s. So the
@@ -67,7 +70,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORK_ROOT = Path(os.environ.get("BENCH_CP_WORK_ROOT", "/var/tmp/blobmount-bench-cp"))
 OUT_ROOT = Path("/dev/shm/blobmount-bench-cp")  # where tar and cp write: see the module docstring
 TARGET = 1.3
-TOOLS = ("curl", "tar", "cp", "mount")
+TOOLS = ("curl", "tar", "cp", "mount", "fsspec")
+READ_THREADS = 8  # the mount is read by xargs -P8; fsspec by as many threads
 RUN_TIMEOUT_S = 600.0
 
 
@@ -103,6 +107,11 @@ def _one(
         fresh_dir(cache)
         cmd = [*blobmount_cmd(), "cp", ref, ".", str(out), "--cache-dir", str(cache), "--no-progress", *plain]
         return _time_cmd(cmd)
+    if tool == "fsspec":
+        cache = work / "fsspec-cache"
+        fresh_dir(cache)
+        child = [sys.executable, "-m", "bench.fsspec_read", ref, str(cache), str(READ_THREADS)]
+        return _time_cmd(child + ([registry.addr] if plain else []))
     if tool == "mount":
         peer = Peer("blobmount-reg", "blobmount-registry", network)
         with mounter.mount(peer, ds) as m:
@@ -147,12 +156,15 @@ def run_network(
         limit = row["curl"] + row["tar"]
         row["cp_ratio"] = row["cp"] / limit
         row["mount_ratio"] = row["mount"] / limit
+        row["fsspec_ratio"] = row["fsspec"] / limit
         row["cp_cpu_ratio"] = row["cp_cpu"] / max(row["curl_cpu"] + row["tar_cpu"], 1e-6)
         print(
             f"{network} rep {rep}: curl {row['curl']:.3f} s + tar {row['tar']:.3f} s = {limit:.3f} s; "
             f"cp {row['cp']:.3f} s ({row['cp_ratio']:.2f}x); mount+read {row['mount']:.3f} s "
-            f"({row['mount_ratio']:.2f}x); CPU s curl {row['curl_cpu']:.2f} tar {row['tar_cpu']:.2f} "
-            f"cp {row['cp_cpu']:.2f} mount+read {row['mount_cpu']:.2f}; load {row['load']}",
+            f"({row['mount_ratio']:.2f}x); fsspec read {row['fsspec']:.3f} s ({row['fsspec_ratio']:.2f}x); "
+            f"CPU s curl {row['curl_cpu']:.2f} tar {row['tar_cpu']:.2f} "
+            f"cp {row['cp_cpu']:.2f} mount+read {row['mount_cpu']:.2f} fsspec {row['fsspec_cpu']:.2f}; "
+            f"load {row['load']}",
             flush=True,
         )
         rows.append(row)
@@ -162,8 +174,8 @@ def run_network(
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| network | curl s | tar -x s | curl+tar s | cp s | cp / (curl+tar) | mount+read s | mount / (curl+tar) "
-        "| CPU s: curl + tar, cp, mount+read |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fsspec read s | fsspec / (curl+tar) | CPU s: curl + tar, cp, mount+read, fsspec |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for network in dict.fromkeys(r["network"] for r in rows):
         mine = [r for r in rows if r["network"] == network]
@@ -176,8 +188,9 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {network} | {med('curl'):.3f} | {med('tar'):.3f} | {med('curl') + med('tar'):.3f} | {med('cp'):.3f} "
             f"| {med('cp_ratio'):.2f} (min {best:.2f}; target <= {TARGET}: {verdict}) | {med('mount'):.3f} "
-            f"| {med('mount_ratio'):.2f} | {med('curl_cpu') + med('tar_cpu'):.2f}, {med('cp_cpu'):.2f}, "
-            f"{med('mount_cpu'):.2f} |"
+            f"| {med('mount_ratio'):.2f} | {med('fsspec'):.3f} | {med('fsspec_ratio'):.2f} "
+            f"| {med('curl_cpu') + med('tar_cpu'):.2f}, {med('cp_cpu'):.2f}, {med('mount_cpu'):.2f}, "
+            f"{med('fsspec_cpu'):.2f} |"
         )
     return lines
 

@@ -1,4 +1,5 @@
-"""`blobmount create` against `tar -cf` of the same tree, timed in the same run.
+"""`blobmount create` against `tar -cf`, and with zstd against `tar -I 'zstd -T0'`, of the same tree,
+timed in the same run.
 
 The tree (~1 GiB by default) is built fresh in a temporary directory on the same filesystem as the
 outputs: a few large files of 100-300 MiB of os.urandom bytes (incompressible, like media or
@@ -20,7 +21,13 @@ much as for create; the sys column shows when that, not the tool, made a run slo
 Target (issue 2): ``create --compression none`` within 2x of tar (ratio of times <= 2.0). Printed,
 never asserted.
 
-    python -m bench.create_throughput [--size-gib 1] [--quick] [--json [OUT]]
+zstd (issue 20): ``create`` (one compression thread per core, the default) beside ``create
+--threads 1`` (the single-threaded writer, the same bytes) and ``tar -I 'zstd -T0'`` (zstd's own
+threads over one stream, tar's format: no per-file hashes or index). ``--baseline DIR`` adds the
+create of an older checkout (DIR holds its ``blobmount`` package, e.g. ``git archive main
+blobmount | tar -x -C DIR``), run with ``PYTHONPATH=DIR``: the before of a before/after.
+
+    python -m bench.create_throughput [--size-gib 1] [--quick] [--baseline DIR] [--json [OUT]]
 """
 
 from __future__ import annotations
@@ -59,10 +66,11 @@ SMALL_MAX_BYTES = 64 << 10
 SMALL_RANDOM_SHARE = 0.25  # small files of random bytes, named .png (the default compression skips them)
 SMALL_FILES_PER_DIR = 60
 WRITE_BLOCK_BYTES = 8 << 20
-# The tree, the tar file and two archives (each at most the tree's size), plus room for the rest.
-DISK_COPIES = 4
+# The tree, two tar files and up to four archives (each at most the tree's size), plus room for the rest.
+DISK_COPIES = 7
 DISK_MARGIN_BYTES = 512 << 20
 TARGET_RATIO = 2.0
+ZSTD_TAR = "tar zstd -T0"
 WORDS = (
     "static", "int", "return", "void", "const", "struct", "if", "else", "for", "while", "the", "of", "and",
     "to", "in", "is", "buffer", "size", "offset", "error", "result", "value", "index", "path", "name", "data",
@@ -197,21 +205,26 @@ def timed(tool: Tool, src: Path) -> tuple[float, float, float]:
 def report(
     tree_bytes: int, seconds: dict[str, list[float]], cpu: dict[str, dict[str, list[float]]], out: dict[str, int]
 ) -> None:
+    """One row per tool; /tar compares with tar -cf, or for the zstd tools with tar -I 'zstd -T0'."""
     tar_min, tar_med = min(seconds["tar -cf"]), median(seconds["tar -cf"])
+    ztar_min, ztar_med = min(seconds[ZSTD_TAR]), median(seconds[ZSTD_TAR])
     head = (
-        f"{'tool':<12} {'min s':>6} {'median s':>8} {'MB/s best':>9} {'MB/s med':>8} {'user s med':>10}"
+        f"{'tool':<18} {'min s':>6} {'median s':>8} {'MB/s best':>9} {'MB/s med':>8} {'user s med':>10}"
         f" {'sys s med':>9} {'out MiB':>7} {'/tar min':>8} {'/tar med':>8}"
     )
     print(head)
     print("-" * len(head))
     for name, times in seconds.items():
         lo, med = min(times), median(times)
+        base_min, base_med = (ztar_min, ztar_med) if "zstd" in name else (tar_min, tar_med)
         print(
-            f"{name:<12} {lo:>6.2f} {med:>8.2f} {tree_bytes / lo / 1e6:>9.0f} {tree_bytes / med / 1e6:>8.0f}"
+            f"{name:<18} {lo:>6.2f} {med:>8.2f} {tree_bytes / lo / 1e6:>9.0f} {tree_bytes / med / 1e6:>8.0f}"
             f" {median(cpu['user'][name]):>10.2f} {median(cpu['sys'][name]):>9.2f} {out[name] / 2**20:>7.0f}"
-            f" {lo / tar_min:>8.2f} {med / tar_med:>8.2f}"
+            f" {lo / base_min:>8.2f} {med / base_med:>8.2f}"
         )
-    print("/tar = this tool's time over tar's (min over min, median over median)")
+    print(
+        f"/tar = this tool's time over tar's (min over min, median over median); for the zstd rows over `{ZSTD_TAR}`'s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--json", nargs="?", type=Path, const=AUTO_JSON, default=None, metavar="OUT",
         help="write the results as JSON (default OUT: bench/results/<date>-create_throughput[-quick].json)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--baseline", type=Path, default=None, metavar="DIR",
+        help="also time `create` (zstd) of the blobmount package in DIR (an older checkout), with PYTHONPATH=DIR",
     )  # fmt: skip
     ap.add_argument(
         "--work-dir", type=Path, default=Path(os.environ.get("BENCH_DIR", "/var/tmp")),
@@ -275,7 +292,23 @@ def main(argv: list[str] | None = None) -> int:
                     work / "a-none",
                 ),
                 Tool("create zstd", [*bm, "create", str(src), str(work / "a-zstd")], work / "a-zstd"),
+                Tool(
+                    "create zstd -j1",
+                    [*bm, "create", "--threads", "1", str(src), str(work / "a-zstd-1")],
+                    work / "a-zstd-1",
+                ),
+                Tool(
+                    ZSTD_TAR,
+                    ["tar", "-I", "zstd -T0", "-cf", str(work / "out.tar.zst"), "-C", str(src), "."],
+                    work / "out.tar.zst",
+                ),
             ]
+            if args.baseline is not None:
+                before = [
+                    "env", f"PYTHONPATH={args.baseline.resolve()}", sys.executable, "-m", "blobmount.cli", "create",
+                    str(src), str(work / "a-zstd-before"),
+                ]  # fmt: skip
+                tools.append(Tool("create zstd before", before, work / "a-zstd-before"))
             seconds: dict[str, list[float]] = {t.name: [] for t in tools}
             cpu: dict[str, dict[str, list[float]]] = {k: {t.name: [] for t in tools} for k in ("user", "sys")}
             loads = [loadavg()]
@@ -291,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             data_none = (work / "a-none" / "data.blob").stat().st_size
             if data_none != tree["bytes"]:  # a sanity check of what was timed, not a timing
                 raise SystemExit(f"create none wrote a {data_none}-byte data blob for a {tree['bytes']}-byte tree")
+            for name in ("index.blob", "data.blob"):  # the parallel writer's promise, checked on this tree
+                if (work / "a-zstd" / name).read_bytes() != (work / "a-zstd-1" / name).read_bytes():
+                    raise SystemExit(f"create zstd and create zstd --threads 1 wrote different {name}")
             print()
             report(tree["bytes"], seconds, cpu, out)
             ratio_min = min(seconds["create none"]) / min(seconds["tar -cf"])
@@ -305,6 +341,26 @@ def main(argv: list[str] | None = None) -> int:
                 "(noise only ever adds time, so the best runs are the least disturbed; a median far above its"
                 " best, with more sys seconds, is the neighbours or the write path, not the tool)"
             )
+            zstd_ratio = {
+                "min": min(seconds["create zstd"]) / min(seconds[ZSTD_TAR]),
+                "median": median(seconds["create zstd"]) / median(seconds[ZSTD_TAR]),
+            }
+            speedup = {
+                f"over {name}": {
+                    "min": min(seconds[name]) / min(seconds["create zstd"]),
+                    "median": median(seconds[name]) / median(seconds["create zstd"]),
+                }
+                for name in ("create zstd -j1", "create zstd before")
+                if name in seconds
+            }
+            print(
+                f"zstd: create (threads: one per core) over `{ZSTD_TAR}`: best runs {zstd_ratio['min']:.2f},"
+                f" medians {zstd_ratio['median']:.2f} (the same bytes as --threads 1: checked)"
+            )
+            for name, sp in speedup.items():
+                print(
+                    f"zstd: create is {sp['median']:.2f}x as fast as {name[5:]} (medians; best runs {sp['min']:.2f}x)"
+                )
             print(f"load average before and after each repetition: {' | '.join(loads)}")
             if args.json is not None:
                 write_json(
@@ -324,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                         "output_bytes": out,
                         "commands": {t.name: [str(c).replace(str(work), "$WORK") for c in t.cmd] for t in tools},
                         "ratio_none_to_tar": {"min": ratio_min, "median": ratio_med},
+                        "ratio_zstd_to_tar_zstd": zstd_ratio,
+                        "zstd_speedup": speedup,
+                        "baseline": str(args.baseline) if args.baseline is not None else None,
                         "target_ratio": TARGET_RATIO,
                         "target_met": met,
                     },

@@ -17,6 +17,8 @@ once the index's order record is cached (what a remount, or any mount of an inde
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 import subprocess
 import sys
@@ -106,6 +108,84 @@ def measure(mounter: Mounter, kind: str, n: int, reps: int, timeout_s: float) ->
     return {"kind": kind, "entries": n, "index_bytes": (arc / "index.blob").stat().st_size, "reps": rows}
 
 
+def first_stats(mounter: Mounter, kind: str, n: int, timeout_s: float) -> dict[str, Any]:
+    """One fresh mount, page cache dropped: mount-ready, the first stat of the big directory (its
+    whole listing is read then: nlink and the directory's time), then the first lookups of the
+    same LOOKUPS random paths :func:`measure` uses. The part of a scale run that directory
+    attributes can change, without the minute of find(1) over a million entries."""
+    arc = ensure_archive(kind, n)
+    paths = (arc / "paths.txt").read_text(errors="surrogateescape").splitlines()
+    rng = random.Random(n)
+    sample = [rng.choice(paths) for _ in range(LOOKUPS)]
+    listfile = mounter.work / f"lookups-{kind}-{n}.txt"
+    listfile.write_text("\n".join(sample) + "\n", errors="surrogateescape")
+    big_dir = FLAT_DIR.decode() if kind == "flat" else index_scale.BIG_DIR.decode()
+    bigfile = mounter.work / f"bigdir-{kind}-{n}.txt"
+    bigfile.write_text(big_dir + "\n")
+    peer = Peer("blobmount-dir", "blobmount-dir", "local")
+    ds = Dataset(f"scale-{kind}-{n}", arc, arc, arc, arc, n, 0, "", f"synthetic {kind}")
+    drop_caches()
+    with mounter.mount(peer, ds) as m:
+        assert m.pid is not None
+        cpu = [_cpu_s(m.pid)]
+        big = workloads.probe(["stat", str(m.root), str(bigfile)], timeout_s)
+        cpu.append(_cpu_s(m.pid))
+        cold = workloads.probe(["stat", str(m.root), str(listfile)], timeout_s)
+        cpu.append(_cpu_s(m.pid))
+        st = (m.root / big_dir).stat()
+    big_us = big["latencies_us"]
+    if cold["missing"] or big["missing"] or not isinstance(big_us, list):
+        raise RuntimeError(f"first-stat {kind} {n}: {cold['missing']} lookups missed")
+    return {
+        "kind": kind,
+        "entries": n,
+        "ready_s": m.ready_s,
+        "big_dir": big_dir,
+        "big_dir_first_stat_us": big_us[0],
+        "big_dir_mtime_ns": st.st_mtime_ns,
+        "lookup_cold_us": _lat(cold),
+        # the daemon's CPU (all threads, 10 ms ticks): to mount-ready, for the big directory's
+        # first stat, for the first lookups; steadier than wall time on a loaded machine
+        "daemon_cpu_s": {"ready": cpu[0], "big_dir": cpu[1] - cpu[0], "lookups": cpu[2] - cpu[1]},
+    }
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _first_stat_main(argv: list[str]) -> int:
+    """``python -m bench.scale first-stat KIND N [REPS]``: :func:`first_stats` REPS times, one JSON
+    line each. The daemon is the ``blobmount`` of the interpreter running this, so two checkouts'
+    daemons can be compared in one session with the same bench code (run it with each venv's
+    python from this checkout). Work files under $BENCH_WORK_ROOT/first-stat."""
+    import fcntl
+
+    from bench.janitor import WORK_ROOT, Janitor, fresh_dir
+
+    kind, n, reps = argv[0], int(argv[1]), int(argv[2]) if len(argv) > 2 else 1
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    lock = os.open(WORK_ROOT.with_name(WORK_ROOT.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)  # the suite's
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"a benchmark run holds the lock of {WORK_ROOT}; set BENCH_WORK_ROOT") from None
+    janitor = Janitor(WORK_ROOT)
+    try:
+        for line in janitor.recover(None):
+            print(f"recovered: {line}", file=sys.stderr)
+        work = fresh_dir(WORK_ROOT / "first-stat")
+        mounter = Mounter(janitor, work)
+        for _ in range(reps):
+            print(json.dumps(first_stats(mounter, kind, n, 300.0)), flush=True)
+    finally:
+        janitor.stop_all()
+        os.close(lock)
+    return 0
+
+
 def _lat(r: dict[str, Any]) -> dict[str, float]:
     lat = sorted(r["latencies_us"])
     return {"median": lat[len(lat) // 2], "p99": percentile(lat, 0.99)}
@@ -115,6 +195,8 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "_build":
         _build_child(argv[1], int(argv[2]), argv[3])
         return 0
+    if argv and argv[0] == "first-stat":
+        return _first_stat_main(argv[1:])
     raise SystemExit("bench.scale is run by `python -m bench` (the suite)")
 
 

@@ -2,8 +2,8 @@
 
 - docker-registry (the CNCF distribution server, Debian's package) serves the archives to blobmount;
 - nginx serves the same datasets as plain files with correct Range support (to rclone and httpfs2);
-- both run on 127.0.0.1 ("loopback") and inside the netshape namespace at 10.200.0.2 ("netns",
-  ../shared/tools/netshape: DELAY_MS on every packet into the namespace, RATE on its egress).
+- both run on 127.0.0.1 ("loopback") and inside the shaped namespace at 10.200.0.2 ("netns",
+  bench/netshape: the delay on every packet into the namespace, the rate cap on its egress).
 Requests and bytes come from the servers' own access logs (the same line shape for both), so
 "fetched from the server" is counted, never estimated. Only one netshape namespace can exist on the
 machine: it is only touched under ``flock /tmp/netshape.lock``.
@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from bench import netshape
 from bench.janitor import Janitor
 
-REPO = Path(__file__).resolve().parent.parent
-NETSHAPE = Path(os.environ.get("NETSHAPE", REPO.parent / "shared" / "tools" / "netshape" / "netshape.sh"))
-NETSHAPE_LOCK = Path("/tmp/netshape.lock")
-NETNS = "benchnet"
-NS_IP = "10.200.0.2"
+NETSHAPE_LOCK = netshape.LOCK_PATH
+NETNS = netshape.BENCH_LINK.ns
+NS_IP = netshape.BENCH_LINK.ns_ip
 NS_REGISTRY_PORT = 5000
 NS_NGINX_PORT = 8080
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -239,17 +238,10 @@ class Netshape:
 
     def __init__(self, janitor: Janitor, delay_ms: int, rate: str) -> None:
         self.janitor = janitor
-        self.env = dict(os.environ, DELAY_MS=str(delay_ms), RATE=rate)
+        self.shape = netshape.Shape(delay_ms, None if rate.lower() == "none" else rate)
         self.lock_file: int | None = None
 
-    def _script(self, action: str) -> None:
-        done = subprocess.run(["bash", str(NETSHAPE), action], env=self.env, capture_output=True, timeout=120)
-        if done.returncode != 0 and action == "up":
-            raise RuntimeError(f"netshape up failed:\n{done.stdout.decode()}{done.stderr.decode()}")
-
     def acquire(self) -> None:
-        if not NETSHAPE.exists():
-            raise SystemExit(f"{NETSHAPE} is missing (set NETSHAPE=/path/to/netshape.sh)")
         self.lock_file = os.open(NETSHAPE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         deadline = time.monotonic() + LOCK_WAIT_S
         said = False
@@ -273,17 +265,18 @@ class Netshape:
 
     def down(self) -> None:
         """Tear down (the caller holds the lock)."""
-        self._script("down")
+        for line in netshape.down(netshape.BENCH_LINK):
+            print(f"netshape: {line}", flush=True)
         self.janitor.netns_up = False
         self.janitor.save()
 
     def __enter__(self) -> Netshape:
         self.acquire()
         try:
-            self._script("down")  # a crashed holder's leftovers; we hold the lock, so nobody uses it
+            self.down()  # a crashed holder's leftovers; we hold the lock, so nobody uses it
             self.janitor.netns_up = True
             self.janitor.save()
-            self._script("up")
+            netshape.up(netshape.BENCH_LINK, self.shape, tied=True)
         except BaseException:
             self.down()
             self.release()

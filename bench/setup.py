@@ -16,6 +16,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from bench import netshape
+
 REPO = Path(__file__).resolve().parent.parent
 
 # what must exist -> the Debian package that provides it
@@ -33,16 +35,10 @@ QUICK_TOOLS = {
 FULL_TOOLS = {
     **QUICK_TOOLS,
     "rclone": "rclone",
-    "ip": "iproute2",
-    "iptables": "iptables",
-    "gcc": "gcc",
-    "pkg-config": "pkg-config",
-    "/usr/include/libnetfilter_queue/libnetfilter_queue.h": "libnetfilter-queue-dev",
+    **netshape.TOOLS,
     "/usr/src/linux-source-*.tar.xz": "linux-source",
 }
-NETNS_TOOLS = {k: FULL_TOOLS[k] for k in ("ip", "iptables", "gcc", "pkg-config")} | {
-    "/usr/include/libnetfilter_queue/libnetfilter_queue.h": "libnetfilter-queue-dev"
-}
+NETNS_TOOLS = dict(netshape.TOOLS)  # the shaper's delay line is pure Python: no compiler, no library
 QUICK_MODULES = ("matplotlib",)
 FULL_MODULES = ("matplotlib", "ratarmount")
 APT_TIMEOUT_S = 1800.0

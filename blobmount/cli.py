@@ -21,6 +21,7 @@ from blobmount import __version__
 from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, UsageError, exit_code_for
 
 if TYPE_CHECKING:
+    from blobmount.archive import CreateOptions
     from blobmount.index import IndexView
     from blobmount.reference import Reference
     from blobmount.registry.options import RegistryOptions
@@ -218,8 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="create an archive from a directory", parents=[common])
     c.add_argument("src_dir")
     c.add_argument("out_dir")
-    c.add_argument("--compression", choices=("zstd", "none"), default="zstd")
-    c.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    create_args(c)
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     ls = sub.add_parser("ls", help="list a directory of an archive", parents=[reg, common])
@@ -255,8 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("src", help="source directory (or, with --archive, an archive directory)")
     push.add_argument("ref")
     push.add_argument("--archive", action="store_true", help="SRC is index.blob + data.blob: push as is")
-    push.add_argument("--compression", choices=("zstd", "none"), default="zstd")
-    push.add_argument("--level", type=int, default=3)
+    create_args(push)
     push.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
     push.add_argument("--created", help="RFC 3339 creation time (default: $SOURCE_DATE_EPOCH, else now)")
     push.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a terminal")
@@ -283,6 +282,67 @@ def _parser() -> argparse.ArgumentParser:
 
 
 VERIFY_POLICIES = ("lazy", "strict", "background")
+
+
+def create_args(p: argparse.ArgumentParser) -> None:
+    """How `create` (and `push` from a directory) builds an archive: the reference writer's options."""
+    g = p.add_argument_group("building the archive")
+    g.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    g.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    g.add_argument(
+        "--max-files",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse a tree of more than N files (default: no limit; 0: the reference's 200000; -1: no limit)",
+    )
+    g.add_argument(
+        "--change-detection",
+        choices=("none", "strict"),
+        default="none",
+        help="strict: a file whose size or mtime changes while it is read fails the create (default none)",
+    )
+    g.add_argument(
+        "--skip-compression",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store small files and already-compressed formats raw (default on; --no-skip-compression: "
+        "compress every file)",
+    )
+    g.add_argument(
+        "--skip-compression-below", metavar="SIZE", default=None, help="files smaller than this stay raw (default 1K)"
+    )
+    g.add_argument(
+        "--skip-compression-ext",
+        action="append",
+        default=None,
+        metavar="EXT[,EXT...]",
+        help="extensions stored raw, replacing the default list (repeatable; '' for none)",
+    )
+    g.add_argument(
+        "--threads", type=int, default=0, metavar="N", help="zstd compression threads (default 0: one per core)"
+    )
+
+
+def create_options(args: argparse.Namespace) -> CreateOptions:
+    from blobmount.archive import SKIP_BELOW_BYTES, SKIP_EXTENSIONS, CreateOptions, extension_list
+    from blobmount.config import parse_size
+
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: 0 (one per core) or more")
+    below = parse_size(args.skip_compression_below) if args.skip_compression_below is not None else SKIP_BELOW_BYTES
+    exts = args.skip_compression_ext
+    return CreateOptions(
+        compression=args.compression,
+        level=args.level,
+        progress=args.progress,
+        max_files=args.max_files,
+        change_detection=args.change_detection,
+        skip_compression=args.skip_compression,
+        skip_below=below,
+        skip_extensions=SKIP_EXTENSIONS if exts is None else extension_list(",".join(exts)),
+        threads=args.threads,
+    )
 
 
 def cache_args(p: argparse.ArgumentParser) -> None:
@@ -319,10 +379,10 @@ def _arch_path(text: str) -> bytes:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from blobmount.archive import CreateOptions, create_archive
+    from blobmount.archive import create_archive
 
     started = time.monotonic()
-    result = create_archive(args.src_dir, args.out_dir, CreateOptions(args.compression, args.level, args.progress))
+    result = create_archive(args.src_dir, args.out_dir, create_options(args))
     took = time.monotonic() - started
     print(
         f"{result.entries} files, data {result.data_size} bytes sha256:{result.data_sha256}, "
@@ -442,7 +502,9 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 async with contextlib.AsyncExitStack() as stack:
                     if isinstance(data, ChunkedSource):
                         await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
-                    result = await copy_items(data, items, dest, options, cache_dir=cache_dir)
+                    result = await copy_items(
+                        data, items, dest, options, cache_dir=cache_dir, created_ns=archive.created_ns
+                    )
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             return result.files, result.skipped, result.bytes
@@ -523,7 +585,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from blobmount.archive import CreateOptions, create_archive
+    from blobmount.archive import create_archive
 
     notes: dict[str, str] = {}
     for item in args.annotation:
@@ -538,7 +600,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             archive_dir = Path(args.src)
         else:
             archive_dir = Path(tmp)
-            create_archive(args.src, archive_dir, CreateOptions(args.compression, args.level, args.progress))
+            create_archive(args.src, archive_dir, create_options(args))
         if args.ref.startswith("oci:"):
             print(f"{args.ref}@{_push_oci(archive_dir, args.ref[4:], args.created, notes)}")
             return EXIT_OK
@@ -552,11 +614,16 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _push_oci(archive_dir: Path, spec: str, created: str | None, notes: dict[str, str]) -> str:
+    from blobmount.errors import DestinationError
     from blobmount.manifest import CREATED_ANNOTATION, archive_manifest, created_timestamp
     from blobmount.source import write_oci_layout
 
     annotations = {CREATED_ANNOTATION: created_timestamp(created), **notes}
-    return write_oci_layout(archive_dir, spec, archive_manifest(archive_dir, annotations))
+    manifest = archive_manifest(archive_dir, annotations)
+    try:
+        return write_oci_layout(archive_dir, spec, manifest)
+    except OSError as exc:  # the archive was read above: this is the layout's side
+        raise DestinationError(f"oci:{spec}: cannot write the layout: {exc.strerror or exc}") from exc
 
 
 async def _push(
@@ -704,6 +771,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.config import MountConfig, parse_size, split_o_options
+    from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound
 
     if not args.source or not args.mountpoint:
         raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
@@ -718,6 +786,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     gid = args.gid if args.gid is not None else int(ours["gid"]) if "gid" in ours else None
     if args.owner_self:
         uid, gid = os.getuid(), os.getgid()
+    kernel_s = kernel_request_timeout()  # before the source opens: its requests obey --timeout too
+    args.timeout, clamped = clamp_timeout(args.timeout, kernel_s)
+    if clamped:
+        log.warning("%s", clamped)
     config = MountConfig(
         source=args.source,
         mountpoint=Path(args.mountpoint),
@@ -738,6 +810,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         debug=args.debug,
         registry=registry_options(args),
         metrics=args.metrics,
+        request_bound_s=request_bound(kernel_s),
     )
     # the source is opened on a thread from here on: its round trips to a registry overlap the
     # imports below, which only the daemon needs (pyfuse3, the reader, the caches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class MountConfig:
     attr_timeout_s: float = 86400.0  # contents never change under a mount: let the kernel keep them
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (introspect.py); None: off
+    request_bound_s: float = math.inf  # every FUSE request answered within this (settings.request_bound)
 
 
 # `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.

@@ -104,7 +104,8 @@ class AuthError(SourceError):
 
 
 class DestinationError(BlobmountError):
-    """`cp` could not write into DEST (a link or file in the way, no space); exit status 1."""
+    """Output could not be written where it goes (`cp` into DEST, `create` and `push oci:` into their
+    output: a link or file in the way, read-only, no space); exit status 1."""
 
 
 class UsageError(BlobmountError):

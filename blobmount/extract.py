@@ -664,7 +664,7 @@ async def copy_items(
     try:
         if options.clean_dest:
             d.empty()
-        dirs = sorted({rel.rpartition(b"/")[0] for rel in (i.rel for i in items)} - {b""})
+        dirs = sorted(_ancestors(i.rel for i in items))
         for rel in dirs:
             d.dir_fd(rel, create=True)
         todo: list[Item] = []
@@ -703,6 +703,18 @@ async def copy_items(
         return copier.result
     finally:
         d.close()
+
+
+def _ancestors(rels: Iterable[bytes]) -> set[bytes]:
+    """Every directory below DEST that the files need, intermediate ones included (a directory
+    holding only directories gets its time too)."""
+    out: set[bytes] = set()
+    for rel in rels:
+        parent = rel.rpartition(b"/")[0]
+        while parent and parent not in out:
+            out.add(parent)
+            parent = parent.rpartition(b"/")[0]
+    return out
 
 
 def _set_dir_times(d: _Dest, items: list[Item], dirs: list[bytes], created_ns: int | None) -> None:

@@ -1,4 +1,4 @@
-"""The blob-archive manifest (FORMAT.md): its media types, building it in the reference's exact
+"""The blob-archive manifest (docs/FORMAT.md): its media types, building it in the reference's exact
 bytes, and checking one we are handed. No I/O here."""
 
 from __future__ import annotations
@@ -58,6 +58,33 @@ def created_timestamp(explicit: str | None = None) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def created_ns(body: bytes) -> int | None:
+    """The manifest's ``org.opencontainers.image.created`` as nanoseconds since the epoch, or None
+    when it is absent or not an RFC 3339 time (it only dates the mount's directories: a bad value
+    is no reason to refuse an archive). A time without an offset is taken as UTC; digits past
+    microseconds are dropped."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    notes = doc.get("annotations") if isinstance(doc, dict) else None
+    text = notes.get(CREATED_ANNOTATION) if isinstance(notes, dict) else None
+    if not isinstance(text, str) or len(text) > 64:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        whole = int(when.timestamp())
+    except (OverflowError, OSError, ValueError):
+        return None
+    ns = whole * 1_000_000_000 + when.microsecond * 1000
+    return ns if -(1 << 63) <= ns < 1 << 63 else None  # st_mtime_ns is a signed 64-bit value
+
+
 def build_manifest(index: Descriptor, data: Descriptor, annotations: dict[str, str]) -> bytes:
     """The manifest bytes exactly as the reference writes them (key order, compact separators)."""
     doc = {
@@ -109,7 +136,7 @@ def descriptor(obj: object, what: str) -> tuple[str, str, int]:
 
 
 def parse_manifest(body: bytes, what: str) -> tuple[tuple[str, int], tuple[str, int]]:
-    """Check a blob-archive manifest (FORMAT.md); return ((index digest, size), (data digest, size))."""
+    """Check a blob-archive manifest (docs/FORMAT.md); return ((index digest, size), (data digest, size))."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import logging.handlers
+import math
 import os
 import re
 import signal
@@ -43,6 +44,13 @@ from blobmount.sources import Opening, RemoteSettings, open_archive
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0  # the first stat of a fresh mount is answered in milliseconds
+# pyfuse3 starts a worker task whenever it takes a request and no other worker is waiting for one,
+# up to MAX_WORKERS; idle ones beyond MIN_WORKERS end. A request that finds none waits in the kernel's
+# queue, where its age counts against the kernel's request timeout, so the ceiling is far above what
+# a mount meets (each blocked caller holds one request; read-ahead at most the kernel's
+# max_background, 12): a worker costs a trio task and a mostly untouched receive buffer.
+MIN_WORKERS = 1
+MAX_WORKERS = 1024
 PROGRESS_INTERVAL_S = 0.5  # STATUS= lines while prefetching: enough for systemctl status
 
 
@@ -205,7 +213,7 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
             nursery.start_soon(_report_ready, prep, ready_fd)
             nursery.start_soon(watchdog)
             nursery.start_soon(trio.to_thread.run_sync, prep.cache.resync)  # recount, drop dead temp files
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=MIN_WORKERS, max_tasks=MAX_WORKERS)
             nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
             metrics.READY.set(0)
             notify("STOPPING=1", "STATUS=unmounted")
@@ -297,7 +305,20 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         ReaderConfig(config.verify, config.verify_threshold, config.registry.timeout_s),  # type: ignore[arg-type]
         dir_span=prep.view.data_span,
     )
-    fs = BlobFS(prep.view, reader, uid=config.uid, gid=config.gid, timeout_s=config.attr_timeout_s)
+    fs = BlobFS(
+        prep.view,
+        reader,
+        uid=config.uid,
+        gid=config.gid,
+        timeout_s=config.attr_timeout_s,
+        dir_time_ns=prep.archive.created_ns,
+        deadline_s=config.request_bound_s,
+    )
+    if config.request_bound_s < math.inf:
+        log.info(
+            "every FUSE request is answered within %g s (the kernel's request timeout less a margin)",
+            config.request_bound_s,
+        )
     data = prep.archive.data
     if isinstance(data, ChunkedSource):
         fs.cached_bytes = lambda e: data.cached_bytes(e.data_offset, e.data_offset + e.data_size)

@@ -12,6 +12,11 @@ Secrets never come from ``BLOBMOUNT_*`` (the environment leaks: ``/proc/PID/envi
 inspect``, crash reports): a variable that looks like one is refused. The config file may carry
 ``password`` only when nobody but its owner can read it (mode 0600 or stricter).
 
+One setting has a ceiling outside blobmount: Linux 6.15+ aborts a whole FUSE mount when one request
+goes unanswered past its request timeout (``/proc/sys/fs/fuse/default_request_timeout`` and
+``max_request_timeout``, read once, when the mount's INIT completes). :func:`kernel_request_timeout`
+reads them as the kernel will and :func:`clamp_timeout` keeps ``--timeout`` under what they leave.
+
 How it works: every layered option's argparse default is replaced by None before parsing, so a
 value still None afterwards was not on the command line; it is then filled from the environment,
 the file, or the option's real default, in that order. Values from the environment and file are
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import stat
 import tomllib
@@ -33,7 +39,17 @@ from typing import Any
 
 from blobmount.errors import UsageError
 
-__all__ = ["DEFAULT_CONFIG", "ENV_PREFIX", "Resolved", "env_name", "resolve", "subparsers"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ENV_PREFIX",
+    "Resolved",
+    "clamp_timeout",
+    "env_name",
+    "kernel_request_timeout",
+    "request_bound",
+    "resolve",
+    "subparsers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +65,13 @@ _SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 CONFIG_PASSWORD_KEY = "password"
+FUSE_SYSCTL_DIR = Path("/proc/sys/fs/fuse")  # default_request_timeout, max_request_timeout (Linux 6.15+)
+# What a request's age may include besides our handler: its wait in the kernel's queues before a
+# worker takes it, the trio loop's lag on a busy CPU, the reply's write. The kernel measures from the
+# request's creation and aborts at its first check (every 15 s) past the timeout, so the reply must
+# simply come before the timeout: the margin is at least 2 s, a fifth of longer timeouts.
+REQUEST_MARGIN_MIN_S = 2.0
+REQUEST_MARGIN_SHARE = 0.2
 
 
 def env_name(dest: str) -> str:
@@ -262,3 +285,48 @@ def _o_options_win(resolved: Resolved) -> None:
         if sep and resolved.origin.get(key) in ("env", "config"):
             setattr(resolved.args, key, None)
             resolved.origin[key] = "flag"
+
+
+# -- the kernel's FUSE request timeout -----------------------------------------------------------
+
+
+def _read_seconds(path: Path) -> int:
+    try:
+        return max(0, int(path.read_text().strip() or "0"))
+    except (OSError, ValueError):
+        return 0  # a kernel before 6.15 has neither file: no timeout
+
+
+def kernel_request_timeout(sysctl_dir: Path = FUSE_SYSCTL_DIR) -> int:
+    """The request timeout (seconds; 0: none) the kernel gives a mount whose INIT completes now,
+    as fs/fuse's init_server_timeout() computes it for a daemon that asks for none (libfuse 3.14
+    and pyfuse3 do not): the default, lowered to the maximum when that is set, or the maximum alone.
+    The value is copied into the connection at INIT, so a later change of the sysctls does not
+    reach a running mount."""
+    timeout = _read_seconds(sysctl_dir / "default_request_timeout")
+    ceiling = _read_seconds(sysctl_dir / "max_request_timeout")
+    if ceiling:
+        timeout = min(timeout, ceiling) if timeout else ceiling
+    return timeout
+
+
+def request_bound(kernel_s: int) -> float:
+    """The time every FUSE request gets, from a worker taking it off the kernel's queue to the
+    reply: the kernel's timeout less the margin (never less than half of it); infinite without one."""
+    if kernel_s <= 0:
+        return math.inf
+    margin = max(REQUEST_MARGIN_MIN_S, kernel_s * REQUEST_MARGIN_SHARE)
+    return max(kernel_s - margin, kernel_s / 2)
+
+
+def clamp_timeout(timeout_s: float, kernel_s: int) -> tuple[float, str | None]:
+    """`--timeout` lowered to :func:`request_bound` when it would pass it, with the warning to log
+    (None when it fits): one network wait must end in time for the request that waits."""
+    bound = request_bound(kernel_s)
+    if timeout_s <= bound:
+        return timeout_s, None
+    return bound, (
+        f"--timeout {timeout_s:g} s is longer than the kernel lets a FUSE request wait "
+        f"({kernel_s} s, {FUSE_SYSCTL_DIR}/default_request_timeout and max_request_timeout): "
+        f"using --timeout {bound:g} s"
+    )

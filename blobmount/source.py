@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import trio
 
 from blobmount.errors import InvalidArchive, SourceError, UsageError
-from blobmount.manifest import MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, descriptor, parse_manifest
+from blobmount.manifest import MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, created_ns, descriptor, parse_manifest
 
 
 @dataclass(slots=True)
@@ -121,6 +121,9 @@ class Archive:
     index_bytes: bytes
     data: RangeSource
     index_digest: str  # "sha256:<hex>"
+    # when the archive was made, dating directories with no file of their own (fs.py): the
+    # manifest's created annotation, a local index.blob's mtime; None when neither says
+    created_ns: int | None = None
 
 
 LocalArchive = Archive
@@ -145,7 +148,15 @@ def open_directory(path: Path) -> Archive:
         raise SourceError(f"{path}: not a directory holding index.blob and data.blob")
     index = _read_file(path / "index.blob", MAX_INDEX_BYTES, "index blob")
     data = LocalFileSource(path / "data.blob")
-    return Archive(str(path), index, data, "sha256:" + hashlib.sha256(index).hexdigest())
+    digest = "sha256:" + hashlib.sha256(index).hexdigest()
+    return Archive(str(path), index, data, digest, _mtime_ns(path / "index.blob"))
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _oci_blob_path(layout: Path, digest: str) -> Path:
@@ -192,7 +203,10 @@ def open_oci_layout(spec: str) -> Archive:
     if data.size != dsize:
         data.close()
         raise InvalidArchive(f"oci:{layout}: data blob has {data.size} bytes, manifest says {dsize}")
-    return Archive(f"oci:{spec}", index, data, idigest)
+    created = created_ns(body)
+    if created is None:  # a layout written without the annotation: when its index.json was
+        created = _mtime_ns(layout / "index.json")
+    return Archive(f"oci:{spec}", index, data, idigest, created)
 
 
 def write_oci_layout(archive_dir: Path, spec: str, manifest: bytes) -> str:
@@ -215,8 +229,12 @@ def write_oci_layout(archive_dir: Path, spec: str, manifest: bytes) -> str:
             digest = hasher.hexdigest()
             if not (blobs / digest).exists():
                 tmp = blobs / f".{digest}.tmp"
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, blobs / digest)
+                try:
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, blobs / digest)
+                except OSError:  # a full disk: no partial blob left behind
+                    tmp.unlink(missing_ok=True)
+                    raise
         else:
             assert data is not None
             digest = hashlib.sha256(data).hexdigest()

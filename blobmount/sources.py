@@ -78,7 +78,7 @@ async def open_remote(spec: str, options: RegistryOptions, settings: RemoteSetti
         max_requests=options.max_connections,
         offline=settings.offline,
     )
-    return Archive(archive.name, archive.index_bytes, data, archive.index_digest)
+    return Archive(archive.name, archive.index_bytes, data, archive.index_digest, archive.created_ns)
 
 
 class Opening:

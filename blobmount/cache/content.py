@@ -113,7 +113,7 @@ class ContentStore:
         try:
             await trio.to_thread.run_sync(self._write, final, size + TRAILER_BYTES, produce)
             self._checked.add(key)
-        except BaseException as exc:
+        except Exception as exc:  # not Cancelled (a request's deadline): the next waiter fills afresh
             flight.error = exc
             raise
         finally:

@@ -1,9 +1,10 @@
 """Building index bytes for the writer, with the generated FlatBuffers builders.
 
 The build order reproduces the reference implementation's so that an uncompressed archive of a tree
-whose names need no reordering is byte-identical to the reference's (FORMAT.md, last section):
-entries from last to first, each as path string, hash vector, then the table with its fields in
-slot order; then the entries vector, the ``data_hash`` vector and the Index table; plain ``Finish``.
+whose names need no reordering is byte-identical to the reference's (docs/FORMAT.md, "Building an
+index byte for byte like the reference"): entries from last to first, each as path string, hash
+vector, then the table with its fields in slot order; then the entries vector, the ``data_hash``
+vector and the Index table; plain ``Finish``.
 Fields equal to their defaults are omitted, as the reference omits them.
 """
 

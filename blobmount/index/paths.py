@@ -1,4 +1,4 @@
-"""Path rules of the archive format (FORMAT.md, "Paths"): one predicate, one message per rule.
+"""Path rules of the archive format (docs/FORMAT.md, "Paths and directories"): one predicate, one message per rule.
 
 Paths are bytes everywhere: the reference stores non-UTF-8 names unchanged and FUSE names are bytes.
 """

@@ -7,7 +7,7 @@ accessors in ``_fb/`` are not used on this path: they check no bounds and cost s
 per field, and lookups here must stay in the tens of microseconds for millions of entries (the
 writer uses them, and the tests cross-check this view against them).
 
-Order (FORMAT.md, "Entry order"): at open one linear pass over the paths decides whether the entries
+Order (docs/FORMAT.md, "Entry order"): at open one linear pass over the paths decides whether the entries
 are strictly increasing in byte order, in walk order (the reference writer's component-wise order,
 which is byte order with ``/`` ranked below every other byte), or neither. Searches use the order
 found; for "neither" a sorted permutation is built once as an ``array('I')`` and duplicate paths are
@@ -54,8 +54,9 @@ _i32 = struct.Struct("<i").unpack_from
 _u64 = struct.Struct("<Q").unpack_from
 _i64 = struct.Struct("<q").unpack_from
 
-# Entry vtable slots (FORMAT.md schema)
+# Entry vtable slots (docs/FORMAT.md, "The index blob")
 _E_PATH, _E_OFFSET, _E_SIZE, _E_ORIG, _E_HASH, _E_MODE, _E_UID, _E_GID, _E_MTIME, _E_COMP = range(10)
+_MTIME_SLOT = 4 + 2 * _E_MTIME  # its offset within an entry's vtable
 # Index vtable slots
 _I_VERSION, _I_HASHALG, _I_ENTRIES, _I_DATA_SIZE, _I_DATA_HASH = range(5)
 
@@ -589,6 +590,33 @@ class IndexView:
             del self._entries_cache[next(iter(self._entries_cache))]  # the oldest (FIFO)
         self._entries_cache[i] = entry
         return entry
+
+    def mtime_ns(self, i: int) -> int:
+        """Entry `i`'s stored mtime alone (0 when absent), bounds-checked like every read.
+
+        For directory times (fs.py): the newest mtime of a directory's files is computed over all
+        of them at its first stat, and :meth:`entry`'s full validation costs ~35 us per entry
+        against ~1 us for this read (a 100,000-file directory: 3.8 s instead of 0.4 s). The
+        listing that yields `i` has already checked its path; an entry refused for another field
+        still lends the directory its time, which is only a timestamp, never data. The table and
+        vtable reads are inlined as in :meth:`path`; anything out of bounds goes the checked way,
+        which raises the InvalidArchive that says what is wrong."""
+        buf, size = self._buf, self._size
+        table = self._vec + 4 * i + self._offs[i]
+        if table + 4 <= size:
+            vt = table - _i32(buf, table)[0]
+            if vt >= 0 and vt + 4 <= size:
+                vsize = _u16(buf, vt)[0]
+                if vsize >= 4 and not vsize % 2 and vt + vsize <= size:
+                    fo = _u16(buf, vt + _MTIME_SLOT)[0] if vsize >= _MTIME_SLOT + 2 else 0
+                    if not fo:
+                        return 0
+                    if table + fo + 8 <= size:
+                        value: int = _i64(buf, table + fo)[0]
+                        return value
+        table = self._entry_table(i)
+        pos = self._slot(table, _E_MTIME, 8, f"entry {i}: mtime_ns")
+        raise AssertionError(f"entry {i}: mtime at {pos} refused by the inlined read only")
 
     def entries(self) -> Iterator[Entry]:
         """Every entry in stored order, each validated (stops at the first invalid one)."""

@@ -27,7 +27,7 @@ import trio
 
 from blobmount.cache import CacheDir, MetaStore, WholeBlob
 from blobmount.errors import BlobmountError, LimitExceeded, SourceError, TransientError
-from blobmount.manifest import MAX_INDEX_BYTES, parse_manifest
+from blobmount.manifest import MAX_INDEX_BYTES, created_ns, parse_manifest
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
@@ -170,7 +170,7 @@ async def open_registry(
         with trio.CancelScope(shield=True):
             await endpoints.aclose()
     name = f"{ref.registry}/{ref.repository}@{digest}"
-    return Archive(name, index, data, idigest)
+    return Archive(name, index, data, idigest, created_ns(manifest))
 
 
 def _online(offline: bool, ref: Reference, what: str, stale: bool = False) -> None:

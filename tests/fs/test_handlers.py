@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import shutil
 import stat
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +23,8 @@ from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader
-from blobmount.source import open_directory
+from blobmount.source import LocalFileSource, ReadHint, open_directory, open_oci_layout
+from tests.helpers import make_oci_layout, tree_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
 T = TypeVar("T")
@@ -60,6 +64,7 @@ def test_every_error_class_is_mapped_to_its_errno() -> None:
         errors.TransientError: errno.EIO,
         errors.AuthError: errno.EACCES,
         errors.UsageError: errno.EINVAL,
+        errors.DestinationError: errno.EIO,  # never reaches the kernel (cp, create), the table's default
     }
     classes = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.BlobmountError)}
     assert classes - {errors.BlobmountError} == set(expected), "a new error class needs a row here"
@@ -171,3 +176,193 @@ def test_cached_bytes_xattr_hook(tmp_path: Path) -> None:
     fs.cached_bytes = lambda entry: entry.original_size // 2
     entry = fs.view.entry(ino - FILE_INO_BASE)
     assert run(fs.getxattr, ino, name, CTX) == str(entry.original_size // 2).encode()
+
+
+ARCHIVE_TIME_NS = 1_746_515_289_000_000_000  # 2025-05-06T07:08:09Z: no file of the fixtures has it
+
+
+def _dir_inode(fs: BlobFS, path: bytes) -> int:
+    ino = ROOT_INO
+    for name in path.split(b"/") if path else ():
+        ino = run(fs.lookup, ino, name, CTX).st_ino
+    return ino
+
+
+@pytest.mark.parametrize("fixture", ["basic", "mixed", "unicode"])
+def test_directory_times_are_their_newest_file_else_the_archive_time(tmp_path: Path, fixture: str) -> None:
+    archive = open_directory(FIXTURES / fixture)
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), dir_time_ns=ARCHIVE_TIME_NS)
+    entries = [view.entry(i) for i in range(len(view))]
+    dirs = {b"/".join(e.path.split(b"/")[:k]) for e in entries for k in range(e.path.count(b"/") + 1)}
+    want = {
+        d: max((e.mtime_ns for e in entries if e.path.rpartition(b"/")[0] == d), default=ARCHIVE_TIME_NS) for d in dirs
+    }
+    for d, expected_ns in want.items():
+        attr = run(fs.getattr, _dir_inode(fs, d), CTX)
+        assert (attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns) == (expected_ns,) * 3, d
+    if fixture == "basic":
+        # only subdirectories: the archive's time; a directory holding the one nanosecond mtime
+        # (newer than its siblings' 03:04:05 sharp) takes that file's time, not any file's
+        assert want[b"deeply"] == want[b"deeply/nested"] == ARCHIVE_TIME_NS
+        ns_file = next(e for e in entries if e.mtime_ns % 1_000_000_000)
+        parent = ns_file.path.rpartition(b"/")[0]
+        assert want[parent] == ns_file.mtime_ns
+        assert any(e.mtime_ns < ns_file.mtime_ns for e in entries if e.path.rpartition(b"/")[0] == parent)
+    if fixture == "mixed":
+        assert want[b""] == ARCHIVE_TIME_NS  # a root of directories only
+
+
+def test_directory_time_is_computed_once_per_directory(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    class CountingView(IndexView):
+        def mtime_ns(self, i: int) -> int:
+            calls.append(i)
+            return super().mtime_ns(i)
+
+    archive = open_directory(FIXTURES / "basic")
+    view = CountingView(archive.index_bytes, blob_size=archive.data.size)
+    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), dir_time_ns=ARCHIVE_TIME_NS)
+    a = run(fs.lookup, ROOT_INO, b"a", CTX)
+    first = len(calls)
+    assert first == sum(1 for c in view.children(b"a") if not c.is_dir)  # its files, nothing deeper
+    assert run(fs.getattr, a.st_ino, CTX).st_mtime_ns == a.st_mtime_ns
+    assert run(fs.lookup, ROOT_INO, b"a", CTX).st_mtime_ns == a.st_mtime_ns
+    assert len(calls) == first  # kept with the directory's inode
+
+
+def test_directory_time_defaults_to_now_without_an_archive_time(tmp_path: Path) -> None:
+    before = time.time_ns()
+    fs = make_fs(tmp_path, "mixed")  # a root holding only directories
+    assert before <= run(fs.getattr, ROOT_INO, CTX).st_mtime_ns <= time.time_ns()
+
+
+def test_a_local_archive_is_dated_by_its_index_file(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    shutil.copytree(FIXTURES / "mixed", arc)
+    os.utime(arc / "index.blob", ns=(ARCHIVE_TIME_NS, ARCHIVE_TIME_NS))
+    assert open_directory(arc).created_ns == ARCHIVE_TIME_NS
+
+
+def test_an_oci_layout_is_dated_by_its_manifest_else_its_index_json(tmp_path: Path) -> None:
+    layout = make_oci_layout(FIXTURES / "mixed", tmp_path / "with")
+    assert open_oci_layout(str(layout)).created_ns == 1_704_164_645_000_000_000  # 2024-01-02T03:04:05Z
+    doc = json.loads((FIXTURES / "mixed" / "oci-manifest.json").read_bytes())
+    del doc["annotations"]
+    bare = make_oci_layout(FIXTURES / "mixed", tmp_path / "without", manifest=json.dumps(doc).encode())
+    os.utime(bare / "index.json", ns=(ARCHIVE_TIME_NS, ARCHIVE_TIME_NS))
+    assert open_oci_layout(str(bare)).created_ns == ARCHIVE_TIME_NS
+
+
+class StalledSource:
+    """The fixture's data blob behind a registry that has stopped answering until `resume()`:
+    async only (no ``read_range_sync``), so the zstd decoder on its worker thread reads through
+    ``trio.from_thread``, as it does from a registry."""
+
+    def __init__(self, inner: LocalFileSource) -> None:
+        self.inner = inner
+        self.stalled = True
+        self.calls = 0
+        self._resumed: trio.Event | None = None  # made on the first read, inside trio.run
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def resume(self) -> None:
+        self.stalled = False
+        if self._resumed is not None:
+            self._resumed.set()
+
+    async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
+        self.calls += 1
+        if self.stalled:
+            if self._resumed is None:
+                self._resumed = trio.Event()
+            await self._resumed.wait()
+        return await self.inner.read_range(start, end, hint)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+DEADLINE_S = 0.3  # the handlers' deadline in the tests below
+DEADLINE_GUARD_S = 10.0  # hang guard: a handler past its deadline answers at once, not after this
+
+
+def stalled_fs(tmp_path: Path, fixture: str) -> tuple[BlobFS, StalledSource]:
+    archive = open_directory(FIXTURES / fixture)
+    assert isinstance(archive.data, LocalFileSource)
+    source = StalledSource(archive.data)
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    return BlobFS(view, Reader(source, ContentStore(tmp_path / "cache")), deadline_s=DEADLINE_S), source
+
+
+async def _answer(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> tuple[T | int, float]:
+    """The handler's result or the errno it answered, and how long it took."""
+    started = trio.current_time()
+    try:
+        result: T | int = await fn(*args)
+    except pyfuse3.FUSEError as exc:
+        result = exc.errno
+    return result, trio.current_time() - started
+
+
+def test_a_read_past_its_deadline_answers_eio_and_the_next_read_tries_afresh(tmp_path: Path) -> None:
+    """A small file is fetched whole on its first read; with the source stalled the read answers EIO
+    at its deadline (not whenever the source comes back), and the same handle reads right after."""
+    fs, source = stalled_fs(tmp_path, "basic")
+    ino = run(fs.lookup, ROOT_INO, b"top.md", CTX).st_ino
+    want = tree_files("basic")[b"top.md"].data
+
+    async def body() -> None:
+        fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+        with trio.fail_after(DEADLINE_GUARD_S):
+            first, took = await _answer(fs.read, fh, 0, 4096)
+            assert first == errno.EIO
+            assert took >= DEADLINE_S
+            source.resume()
+            second, _ = await _answer(fs.read, fh, 0, 4096)
+        assert second == want[:4096]
+        await fs.release(fh)
+
+    run(body)
+    assert source.calls >= 2
+
+
+def test_an_open_decoding_on_a_thread_past_its_deadline_is_cancelled_cleanly(tmp_path: Path) -> None:
+    """A large zstd file is decoded into the content store at open, on a worker thread that reads
+    the source through trio: the deadline reaches into that thread, the open answers EIO at it, and
+    a later open (the source back) decodes afresh and serves the right bytes; an open that waited
+    on the cancelled one's fill is not failed by it."""
+    fs, source = stalled_fs(tmp_path, "mixed")
+    number = fs.view.find(b"d02-et/sub0/f007-zstd.md")
+    assert number is not None
+    entry = fs.view.entry(number)
+    assert entry.compression == 1
+    assert entry.original_size > 1 << 20  # decoded into the content store at open
+    ino = FILE_INO_BASE + number
+
+    async def body() -> None:
+        with trio.fail_after(DEADLINE_GUARD_S):
+            async with trio.open_nursery() as nursery:
+                answers: list[object] = []
+
+                async def one(delay_s: float) -> None:
+                    await trio.sleep(delay_s)
+                    answers.append((await _answer(fs.open, ino, os.O_RDONLY, CTX))[0])
+
+                nursery.start_soon(one, 0.0)
+                nursery.start_soon(one, DEADLINE_S / 2)  # joins the first one's fill, outlives it
+            assert answers == [errno.EIO, errno.EIO]
+            source.resume()
+            info = await fs.open(ino, os.O_RDONLY, CTX)
+            data = await fs.read(info.fh, 0, entry.original_size + 1)
+            await fs.release(info.fh)
+        assert hashlib.sha256(data).digest() == entry.hash
+
+    run(body)

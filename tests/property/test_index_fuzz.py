@@ -73,9 +73,14 @@ def mutated(draw: st.DrawFn) -> tuple[str, bytes]:
 def check_consistent(view: IndexView, reader: Reader) -> None:
     for i in range(len(view)):
         try:
+            mtime = view.mtime_ns(i)  # the directory-time read: refused cleanly, or the entry's own
+        except InvalidArchive:
+            mtime = None
+        try:
             entry = view.entry(i)
         except InvalidArchive:
             continue
+        assert mtime == entry.mtime_ns
         found = view.find(entry.path)
         assert found is not None
         assert view.entry(found).path == entry.path

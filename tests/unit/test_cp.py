@@ -138,6 +138,19 @@ def test_preserve_mode_and_times(tmp_path: Path) -> None:
     assert os.lstat(dest / "d" / "sub").st_mtime_ns == T0 - 10
 
 
+def test_a_directory_of_directories_takes_the_archives_creation_time(tmp_path: Path) -> None:
+    """The mount's fallback: a local archive was created when its index.blob was written."""
+    arc = tmp_path / "arc"
+    write_archive(arc, [Spec(b"only/dirs/here/f.txt", b"f", mtime_ns=T0)])
+    created = T0 - 3_600 * 10**9
+    os.utime(arc / "index.blob", ns=(created, created))
+    dest = tmp_path / "out"
+    assert main(["cp", str(arc), ".", str(dest), "--preserve-times"]) == 0
+    assert os.lstat(dest / "only" / "dirs" / "here").st_mtime_ns == T0
+    assert os.lstat(dest / "only" / "dirs").st_mtime_ns == created
+    assert os.lstat(dest / "only").st_mtime_ns == created
+
+
 def test_without_preserve_modes_follow_the_umask_and_times_are_now(tmp_path: Path) -> None:
     arc = _modes_archive(tmp_path)
     dest = tmp_path / "out"

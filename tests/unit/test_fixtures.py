@@ -1,4 +1,4 @@
-"""The reference implementation's archives read back exactly (FORMAT.md), and our writer reproduces
+"""The reference implementation's archives read back exactly (docs/FORMAT.md), and our writer reproduces
 them: byte-identical where the format allows, field-identical otherwise."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from blobmount.errors import InvalidArchive
-from blobmount.manifest import MAX_INDEX_BYTES, parse_manifest
+from blobmount.manifest import MAX_INDEX_BYTES, created_ns, parse_manifest
 from tests.helpers import FIXTURES
 
 GOOD = json.loads((FIXTURES / "mixed" / "oci-manifest.json").read_bytes())
@@ -65,3 +65,33 @@ def test_what_is_wrong_is_named(doc: dict[str, object], message: str) -> None:
 def test_not_a_json_object(body: bytes, message: str) -> None:
     with pytest.raises(InvalidArchive, match=message):
         parse_manifest(body, "x")
+
+
+def _created(value: object) -> bytes:
+    doc = copy.deepcopy(GOOD)
+    doc["annotations"] = {"org.opencontainers.image.created": value}
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("value", "ns"),
+    [
+        ("2024-01-02T03:04:05Z", 1_704_164_645_000_000_000),
+        ("2024-01-02T03:04:05.25Z", 1_704_164_645_250_000_000),
+        ("2024-01-02T04:04:05+01:00", 1_704_164_645_000_000_000),
+        ("2024-01-02T03:04:05", 1_704_164_645_000_000_000),  # no offset: UTC
+        ("yesterday", None),
+        (1704164645, None),
+        ("9999-12-31T23:59:59Z", None),  # past a signed 64-bit st_mtime_ns
+    ],
+)
+def test_created_annotation_dates_the_archive(value: object, ns: int | None) -> None:
+    assert created_ns(_created(value)) == ns
+
+
+def test_created_is_none_without_the_annotation() -> None:
+    assert created_ns((FIXTURES / "mixed" / "oci-manifest.json").read_bytes()) == 1_704_164_645_000_000_000
+    doc = copy.deepcopy(GOOD)
+    del doc["annotations"]
+    assert created_ns(json.dumps(doc).encode()) is None
+    assert created_ns(b"not json") is None

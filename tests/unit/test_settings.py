@@ -4,13 +4,14 @@ secrets refused from the environment and from a config file others can read."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import pytest
 
 from blobmount.cli import _normalize_argv, _parser, main, registry_options
 from blobmount.errors import UsageError
-from blobmount.settings import resolve
+from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound, resolve
 
 
 def run(argv: list[str], env: dict[str, str] | None = None, config: str | None = None, tmp: Path | None = None):  # type: ignore[no-untyped-def]
@@ -135,3 +136,52 @@ def test_every_option_has_a_variable() -> None:
     r = resolve(parser, ["mount", "S", "M"], {"BLOBMOUNT_DEBUG": "1", "BLOBMOUNT_METRICS": ":9101"})
     assert r.args.debug is True
     assert r.args.metrics == ":9101"
+
+
+def _sysctls(tmp: Path, default: str | None, maximum: str | None) -> Path:
+    """A stand-in for /proc/sys/fs/fuse (None: the file is absent, as before Linux 6.15)."""
+    for name, value in (("default_request_timeout", default), ("max_request_timeout", maximum)):
+        if value is not None:
+            (tmp / name).write_text(value + "\n")
+    return tmp
+
+
+@pytest.mark.parametrize(
+    ("default", "maximum", "kernel_s"),
+    [
+        (None, None, 0),  # an older kernel: no timeout
+        ("0", "0", 0),  # the default: off
+        ("15", "0", 15),
+        ("0", "40", 40),  # a maximum alone opts every mount in
+        ("60", "40", 40),  # the maximum caps the default
+        ("15", "40", 15),
+        ("junk", "", 0),
+    ],
+)
+def test_the_kernel_request_timeout_is_read_as_the_kernel_does(
+    tmp_path: Path, default: str | None, maximum: str | None, kernel_s: int
+) -> None:
+    assert kernel_request_timeout(_sysctls(tmp_path, default, maximum)) == kernel_s
+
+
+def test_the_request_bound_leaves_a_margin_under_the_kernel_timeout() -> None:
+    assert request_bound(0) == math.inf
+    assert request_bound(15) == 12.0  # 15 - max(2, 3)
+    assert request_bound(60) == 48.0  # a fifth
+    assert request_bound(5) == 3.0  # at least 2 s
+    assert request_bound(1) == 0.5  # never under half
+    for kernel_s in range(1, 200):
+        assert kernel_s / 2 <= request_bound(kernel_s) <= kernel_s - min(2.0, kernel_s / 2)
+
+
+def test_timeout_is_clamped_with_one_warning_only_when_it_passes_the_bound() -> None:
+    assert clamp_timeout(30.0, 0) == (30.0, None)
+    assert clamp_timeout(12.0, 15) == (12.0, None)
+    assert clamp_timeout(2.0, 15) == (2.0, None)
+    timeout, warning = clamp_timeout(30.0, 15)
+    assert timeout == 12.0
+    assert warning is not None
+    assert "--timeout 30 s is longer" in warning
+    assert "(15 s," in warning
+    assert "using --timeout 12 s" in warning
+    assert "\n" not in warning
