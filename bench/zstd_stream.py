@@ -128,7 +128,8 @@ class Mount:
     def __enter__(self) -> Path:
         fresh_dir(self.mnt)
         fresh_dir(self.cache)
-        cmd = [*blobmount_cmd(), "mount", "-f", self.ref, str(self.mnt), "--cache-dir", str(self.cache), *os.environ.get("BENCH_MOUNT_ARGS", "").split()]
+        extra = os.environ.get("BENCH_MOUNT_ARGS", "").split()  # e.g. "--log-level debug" to look inside
+        cmd = [*blobmount_cmd(), "mount", "-f", self.ref, str(self.mnt), "--cache-dir", str(self.cache), *extra]
         self.proc = self.janitor.spawn(cmd, self.log)
         deadline = time.monotonic() + MOUNT_WAIT_S
         while not os.path.ismount(self.mnt):
