@@ -107,7 +107,7 @@ def test_a_decode_whose_readers_left_stops_and_gives_its_space_back(
     archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stopped or finished (a local 12 MiB decode may beat the stop), it leaves no temp file."""
-    monkeypatch.setattr("blobmount.reader.LINGER_S", 0.0)
+    monkeypatch.setattr("blobmount.streaming.LINGER_S", 0.0)
 
     async def body(reader: Reader, entries: dict[bytes, object]) -> None:
         entry = entries[b"a.txt"]
