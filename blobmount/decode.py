@@ -120,6 +120,7 @@ class Decode:
         self._room = threading.Condition(self._lock)
         self._cursors: dict[int, tuple[int, float]] = {}  # reader -> (offset it reads from, when)
         self._stop = False
+        self._worked = False  # the worker thread returned (the decode is over, done or not)
         self._waiters: list[tuple[int, int, trio.Event]] = []  # (end, seq, event), a heap
         self._seq = itertools.count()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -131,7 +132,7 @@ class Decode:
 
     def holds(self, offset: int) -> bool:
         """Whether a read from `offset` can be served by this decode (now or once it gets there)."""
-        if self.done.is_set() and self.error is not None and offset >= self.upto:
+        if self._stop or (self.done.is_set() and self.error is not None and offset >= self.upto):
             return False
         with self._lock:
             return offset >= self._base
@@ -213,6 +214,7 @@ class Decode:
                 except Exception as exc:
                     self.error = exc
                 finally:
+                    self._worked = True
                     nursery.cancel_scope.cancel()
         except BaseException:
             self.error = Stopped(f"{show(self.entry.path)}: decode cancelled")
@@ -224,7 +226,8 @@ class Decode:
         try:
             await trio.sleep_forever()
         finally:
-            self.stop()
+            if not self._worked:
+                self.stop()
 
     def _finish(self, on_done: Callable[[Decode], None]) -> None:
         try:
@@ -238,11 +241,9 @@ class Decode:
         entry = self.entry
         size = entry.original_size
         stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size, self)
-        hashing = _Hashing()
+        hashing = _Hashing(self._put_and_publish)
         pos = 0
         step = FIRST_STEP_BYTES  # the first bytes out soon: time to first byte
-        token = self._token
-        assert token is not None
         try:
             with zstandard.ZstdDecompressor().stream_reader(stream, read_size=STEP_BYTES) as reader:  # type: ignore[arg-type]
                 while True:
@@ -257,17 +258,15 @@ class Decode:
                         raise IntegrityError(
                             f"{show(entry.path)}: zstd frame decodes past original_size {size}; refused"
                         )
-                    hashing.put(block)
-                    self._put(pos, block)
+                    hashing.put(pos, block)  # hashed, written and published on the hashing thread
                     pos += n
-                    token.run_sync_soon(self._publish, pos)
         except zstandard.ZstdError as exc:
-            hashing.close()
+            hashing.close(check=False)
             raise IntegrityError(
                 f"{show(entry.path)}: corrupt zstd frame (expected sha256 {entry.hash.hex()}): {exc}"
             ) from exc
         except BaseException:
-            hashing.close()
+            hashing.close(check=False)
             raise
         digest, xxh3 = hashing.close()
         if pos != size:
@@ -277,6 +276,13 @@ class Decode:
                 f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {digest.hex()}"
             )
         return xxh3
+
+    def _put_and_publish(self, pos: int, block: bytes) -> None:
+        """The hashing thread: the block goes to the output, then its end to the readers."""
+        self._put(pos, block)
+        token = self._token
+        assert token is not None
+        token.run_sync_soon(self._publish, pos + len(block))
 
     def _put(self, pos: int, block: bytes) -> None:
         if self._ring is None:
@@ -293,8 +299,8 @@ class Decode:
             # wait until every reader still reading is past the bytes this block overwrites
             while not self._stop and end - w > self._slowest(end) - slack:
                 self._room.wait(ROOM_WAIT_S)
-            if self._stop:
-                return  # the loop raises Stopped at its next step
+            if self._stop:  # never published: nothing was written
+                raise Stopped(f"{show(self.entry.path)}: decode stopped at byte {pos}: no reader left")
             self._base = max(self._base, end - w)
             a = pos % w
             first = min(len(block), w - a)
@@ -310,29 +316,44 @@ class Decode:
 
 
 class _Hashing:
-    """sha256 and xxh3 of the decoded blocks, on a thread of their own: decoding and hashing each
-    release the GIL, so the two run in parallel (hashing took as long as decoding, in series)."""
+    """sha256 and xxh3 of the decoded blocks, and `sink(pos, block)` (write and publish), on a thread
+    of their own: the decoder goes on with the next block meanwhile (zstd, hashlib and the write
+    each release the GIL, so on two cores the decode no longer waits for them)."""
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
+    def __init__(self, sink: Callable[[int, bytes], None]) -> None:
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(HASH_QUEUE)
+        self._sink = sink
         self._sha256 = hashlib.sha256()
         self._xxh3 = xxhash.xxh3_64()
+        self.error: BaseException | None = None  # the sink failed: the decode fails with it
         self._thread = threading.Thread(target=self._run, name="blobmount-hash", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (block := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # drained, so the decoder never blocks on a full queue
+            pos, block = item
             self._sha256.update(block)
             self._xxh3.update(block)
+            try:
+                self._sink(pos, block)
+            except BaseException as exc:  # handed to the decoder's thread
+                self.error = exc
 
-    def put(self, block: bytes) -> None:
-        self._queue.put(block)
+    def put(self, pos: int, block: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((pos, block))
 
-    def close(self) -> tuple[bytes, int]:
-        """Waits for the blocks put so far; returns (sha256, xxh3)."""
+    def close(self, check: bool = True) -> tuple[bytes, int]:
+        """Waits for the blocks put so far; returns (sha256, xxh3), or (`check`) raises the sink's
+        error."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if check and self.error is not None:
+            raise self.error
         return self._sha256.digest(), int(self._xxh3.intdigest())
 
 

@@ -222,7 +222,10 @@ class StreamingReads:
         """Nobody reads the decode: it ends (its temp file goes) unless a reader comes within
         ``LINGER_S`` (programs that open, read and close, one after another, share it)."""
         await trio.sleep(LINGER_S)
-        if dec.readers == 0:
+        if dec.readers == 0 and not dec.done.is_set():
+            log.info(
+                "%s: nobody read it for %g s: its decode stops at byte %d", show(dec.entry.path), LINGER_S, dec.upto
+            )
             dec.stop()
 
     def _close_decode(self, dec: Decode) -> None:
