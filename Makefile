@@ -8,8 +8,10 @@ BIN := $(VENV)/bin
 # openssl: the test token issuer signs JWTs with its CLI (no crypto dependency); zstd: bench.create_throughput's tar peer
 # git sqlite3 unzip rsync (and gcc, tar): the programs tests/fuse/test_real_programs.py runs on a mount
 # iproute2 iptables: bench/netshape, the shaped namespace of the benchmark (tests/bench/test_netshape.py)
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv docker-registry systemd \
-  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl sqlite3 unzip rsync zstd iproute2 iptables
+# podman buildah runc mmdebstrap uidmap fuse-overlayfs: tests/fuse/test_sidecar.py builds and runs the image
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv docker-registry systemd \
+  squashfuse squashfs-tools httpfs2 nginx-light curl git openssl sqlite3 unzip rsync zstd iproute2 iptables \
+  podman buildah runc mmdebstrap uidmap fuse-overlayfs
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 

@@ -103,6 +103,9 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
     from blobmount.registry.auth import Credentials, read_password_file
     from blobmount.registry.options import RegistryOptions
 
+    known = getattr(args, "registry_options", None)
+    if isinstance(known, RegistryOptions):  # asked twice (inspect and its referrers): stdin is read once
+        return known
     creds = None
     if args.username:
         if args.password_stdin:
@@ -118,7 +121,7 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
         raise UsageError("--password-stdin/--password-file need --username")
     if args.timeout <= 0 or args.max_connections <= 0:
         raise UsageError("--timeout and --max-connections must be positive")
-    return RegistryOptions(
+    options = args.registry_options = RegistryOptions(
         plain_http=tuple(args.plain_http),
         insecure=tuple(args.insecure),
         ca_file=args.ca_file,
@@ -128,6 +131,7 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
         mirrors=tuple(args.mirror),
         hosts_dir=args.hosts_dir,
     )
+    return options
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,6 +191,25 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH",
         help="once mounted, fetch this file or directory into the cache (repeatable)",
+    )
+    m.add_argument(
+        "--record-profile",
+        action="store_true",
+        help="record the order in which files (and ranges of large files) are first read; written on "
+        "unmount to CACHE_DIR/profiles/<index digest>.json, or any time by `blobmount profile save`",
+    )
+    m.add_argument(
+        "--record-seconds",
+        type=float,
+        default=None,
+        help="stop recording this many seconds after the mount (default 120)",
+    )
+    m.add_argument(
+        "--prefetch-profile",
+        default=None,
+        metavar="auto|FILE|none",
+        help="once mounted, fetch what a prefetch profile names, in its order: auto = the newest one "
+        "pushed for the archive (`blobmount profile push`), FILE, or none (default)",
     )
     m.add_argument(
         "--read-ahead-kb",
@@ -269,6 +292,18 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("paths", nargs="*", metavar="PATH", help="files or directories (default: everything)")
     cache_args(pf)
     pf.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+    pr = sub.add_parser("profile", help="prefetch profiles: save a mount's, push one to a registry")
+    pr_sub = pr.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
+    ps = pr_sub.add_parser("save", help="write the profile a --record-profile mount has recorded so far")
+    ps.add_argument("mountpoint")
+    ps.add_argument("file")
+    ps.add_argument("--socket", type=Path, help="the daemon's control socket (default: found from MOUNTPOINT)")
+    pp = pr_sub.add_parser(
+        "push", help="push a profile as an OCI artifact whose subject is the archive REF names", parents=[reg]
+    )
+    pp.add_argument("ref")
+    pp.add_argument("file")
 
     ca = sub.add_parser("cache", help="the cache directory: status, prune")
     ca_sub = ca.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -653,12 +688,50 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "order": view.order.value,
     }
     archive.data.close()
+    referrers = _referrers(args, archive.name)
+    if referrers is not None:
+        info["referrers"] = referrers
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
+        return EXIT_OK
+    for key, value in info.items():
+        if key != "referrers":
             print(f"{key:13} {value}")
+    for item in referrers or ():
+        notes = item.get("annotations", {})
+        created = notes.get("org.opencontainers.image.created", "-")
+        print(f"{'referrer':13} {item['digest']} {item.get('artifactType', '-')} {created}")
     return EXIT_OK
+
+
+def _referrers(args: argparse.Namespace, name: str) -> list[dict[str, Any]] | None:
+    """A registry archive's referrers (prefetch profiles, signatures...) as descriptors; None for a
+    local archive or when the registry would not list them (one warning: inspect still answers)."""
+    from blobmount.sources import is_local
+
+    if is_local(args.archive):
+        return None
+    import trio
+
+    from blobmount.reference import Reference
+    from blobmount.registry.client import RegistryClient
+    from blobmount.registry.referrers import list_referrers
+
+    ref = Reference.parse(name)
+
+    async def run() -> list[dict[str, Any]]:
+        client = RegistryClient(ref, registry_options(args))
+        try:
+            assert ref.digest is not None
+            return [r.as_json() for r in await list_referrers(client, ref.digest)]
+        finally:
+            await client.aclose()
+
+    try:
+        return trio.run(run)
+    except BlobmountError as exc:
+        log.warning("referrers of %s not listed: %s", name, exc)
+        return None
 
 
 def _chunk_size(text: str | None) -> int | None:
@@ -811,6 +884,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         registry=registry_options(args),
         metrics=args.metrics,
         request_bound_s=request_bound(kernel_s),
+        record_profile=args.record_profile or "record_profile" in ours,
+        record_seconds=_record_seconds(args.record_seconds, ours.get("record_seconds")),
+        prefetch_profile=_profile_setting(args.prefetch_profile or ours.get("prefetch_profile") or "none"),
     )
     # the source is opened on a thread from here on: its round trips to a registry overlap the
     # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
@@ -829,6 +905,53 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from blobmount.mount import run_mount
 
     return run_mount(config, opening)
+
+
+def _profile_setting(value: str) -> str:
+    """auto, none, or a file made absolute: the daemon reads it later, wherever it runs from."""
+    return value if value in ("auto", "none") else os.path.abspath(value)
+
+
+def _record_seconds(flag: float | None, option: str | None) -> float:
+    from blobmount.profile import DEFAULT_RECORD_SECONDS
+
+    try:
+        value = flag if flag is not None else float(option) if option else DEFAULT_RECORD_SECONDS
+    except ValueError:
+        raise UsageError(f"-o record_seconds={option}: a number of seconds") from None
+    if not 0 < value <= 86400 * 365:
+        raise UsageError("--record-seconds: a positive number of seconds")
+    return value
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from blobmount import profile
+
+    if args.profile_command == "save":
+        from blobmount.introspect import ask, find_daemon
+
+        path, _ = find_daemon(args.mountpoint, args.socket)
+        doc = ask(path, "profile", limit=4 * profile.MAX_PROFILE_BYTES)["profile"]
+        try:
+            profile.write(doc, args.file)
+        except OSError as exc:
+            raise UsageError(f"{args.file}: {exc.strerror}") from None
+        print(f"{len(doc['entries'])} entries written to {args.file}")
+        return EXIT_OK
+    from blobmount.reference import Reference
+
+    data = profile.read_file(args.file)
+    parsed = profile.parse(data, args.file)  # refused here rather than published
+    ref = Reference.parse(args.ref)
+    digest = run_interruptible(_push_profile, ref, registry_options(args), data, parsed)
+    print(f"{ref.registry}/{ref.repository}@{digest}")
+    return EXIT_OK
+
+
+async def _push_profile(ref: Reference, options: RegistryOptions, data: bytes, parsed: Any) -> str:
+    from blobmount.registry.referrers import push_profile
+
+    return str(await push_profile(ref, options, data, parsed.created, len(parsed.entries), parsed.index_digest))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -868,6 +991,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prefetch": cmd_prefetch,
         "cache": cmd_cache,
         "status": cmd_status,
+        "profile": cmd_profile,
     }
     logs.quiet_one_shot(args.command in _ONE_SHOT)
     try:

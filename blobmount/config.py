@@ -50,6 +50,9 @@ class MountConfig:
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (introspect.py); None: off
     request_bound_s: float = math.inf  # every FUSE request answered within this (settings.request_bound)
+    record_profile: bool = False  # record the order of first reads (profile.py), written on unmount
+    record_seconds: float = 120.0  # ... for this long after the mount
+    prefetch_profile: str = "none"  # auto (the newest referrer), a file, or none
 
 
 # `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.
@@ -66,6 +69,9 @@ O_KEYS: dict[str, tuple[str, bool]] = {
     "nonempty": ("nonempty", False),
     "prefetch": ("prefetch", True),
     "read_ahead_kb": ("read_ahead_kb", True),
+    "record_profile": ("record_profile", False),
+    "record_seconds": ("record_seconds", True),
+    "prefetch_profile": ("prefetch_profile", True),
 }
 # Passed through to the kernel/libfuse as given.
 FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "fsname", "subtype"})

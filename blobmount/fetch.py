@@ -264,17 +264,27 @@ class ChunkedSource:
             cs = self.store.chunk_size
             self._schedule(range(start // cs, (end - 1) // cs + 1), ahead=True, load_present=False)
 
-    async def fill(self, ranges: list[tuple[int, int]], progress: Callable[[int, int], None] | None = None) -> int:
+    async def fill(
+        self,
+        ranges: list[tuple[int, int]],
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        ahead: bool = False,
+        request_bytes: int | None = None,
+    ) -> int:
         """Bring every chunk of `ranges` into the cache, in as few requests as the layout allows
-        (contiguous missing chunks are one request, however long). Returns the bytes fetched;
-        raises the first error once everything that could be fetched was."""
+        (contiguous missing chunks are one request, however long, or at most `request_bytes`).
+        Returns the bytes fetched; raises the first error once everything that could be fetched
+        was. `ahead`: as read-ahead, within its request slots and in-flight budget, so readers'
+        own misses go first (chunks past the budget are left out)."""
         cs = self.store.chunk_size
         wanted = sorted({i for a, b in ranges if a < b for i in range(a // cs, (b - 1) // cs + 1)})
         total = sum(self.store.length(i) for i in wanted)
         before = self.stats.bytes_fetched
-        saved, self.request_chunks = self.request_chunks, max(self.request_chunks, len(wanted) or 1)
+        longest = max(1, request_bytes // cs) if request_bytes else max(len(wanted), 1)
+        saved, self.request_chunks = self.request_chunks, max(self.request_chunks, longest)
         try:
-            self._schedule(wanted, ahead=False, load_present=False)
+            self._schedule(wanted, ahead=ahead, load_present=False)
         finally:
             self.request_chunks = saved
         done = 0
@@ -570,10 +580,10 @@ class ChunkedSource:
     async def _fetch_attempts(self, run: _Run) -> BlobmountError | None:
         """Up to MAX_ATTEMPTS requests, each resuming at the first undelivered chunk; returns the
         last error (None once everything landed)."""
-        async with self._requests:
-            if run.ahead:
-                await self._ahead.acquire_on_behalf_of(run)
-            try:
+        if run.ahead:  # before a request slot: a queued read-ahead must not hold one a miss needs
+            await self._ahead.acquire_on_behalf_of(run)
+        try:
+            async with self._requests:
                 for attempt in range(1, MAX_ATTEMPTS + 1):
                     try:
                         await self._stream(run)
@@ -592,9 +602,9 @@ class ChunkedSource:
                             pause,
                         )
                         await trio.sleep(pause)
-            finally:
-                if run.ahead:
-                    self._ahead.release_on_behalf_of(run)
+        finally:
+            if run.ahead:
+                self._ahead.release_on_behalf_of(run)
         return None  # pragma: no cover - the loop always returns
 
     def _abandon_silent(self, first: int, last: int, since: float, error: BlobmountError) -> None:

@@ -33,7 +33,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,7 @@ class DaemonState:
     started: float = field(default_factory=time.time)
     metrics_url: str | None = None
     socket_path: Path | None = None
+    profile: Callable[[], dict[str, Any]] | None = None  # --record-profile: the profile so far
 
     def status(self) -> dict[str, Any]:
         hits = metrics.CACHE_HITS.total()
@@ -252,8 +253,13 @@ async def _control_client(stream: trio.SocketStream, state: DaemonState) -> None
                 answer: dict[str, Any] = {"ok": True, "status": state.status()}
             elif cmd == "ping":
                 answer = {"ok": True}
+            elif cmd == "profile" and state.profile is not None:
+                answer = {"ok": True, "profile": state.profile()}
+            elif cmd == "profile":
+                why = "this mount records no prefetch profile (mount it with --record-profile)"
+                answer = {"ok": False, "error": why}
             else:
-                answer = {"ok": False, "error": "unknown command (expected status or ping)"}
+                answer = {"ok": False, "error": "unknown command (expected status, profile or ping)"}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
 
@@ -365,14 +371,15 @@ async def _route(method: str, target: str, state: DaemonState) -> tuple[int, str
 # -- the client: `blobmount status MNT` ----------------------------------------------------------
 
 
-def ask(path: Path, cmd: str = "status", timeout_s: float = CLIENT_TIMEOUT_S) -> dict[str, Any]:
-    """One request to a control socket (blocking; the CLI has no event loop to share)."""
+def ask(path: Path, cmd: str = "status", timeout_s: float = CLIENT_TIMEOUT_S, limit: int = 1 << 20) -> dict[str, Any]:
+    """One request to a control socket (blocking; the CLI has no event loop to share); at most
+    `limit` bytes of answer (a `profile` answer is larger than a status)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout_s)
         sock.connect(str(path))
         sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n") and len(buf) < 1 << 20:
+        while not buf.endswith(b"\n") and len(buf) < limit:
             chunk = sock.recv(65536)
             if not chunk:
                 break

@@ -22,13 +22,15 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from blobmount import __version__, introspect, logs, metrics
+from blobmount import __version__, introspect, logs, metrics, profile
 from blobmount.cache import CacheDir, ContentStore, MetaStore, default_cache_dir
 from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
@@ -63,6 +65,7 @@ class Prepared:
     cache: CacheDir
     prefetch: list[tuple[int, int]]  # data-blob ranges of the --prefetch paths
     metrics_socket: socket.socket | None = None  # --metrics, bound before the fork
+    recorder: profile.Recorder | None = None  # --record-profile
 
 
 def fuse_fd(path: Path) -> int | None:
@@ -181,7 +184,30 @@ def _introspection(prep: Prepared) -> introspect.DaemonState:
         data_size=view.blob_size,
         cache_dir=prep.cache.root,
         cache_limit=config.cache_size,
+        profile=_profile_document(prep),
     )
+
+
+def _profile_document(prep: Prepared) -> Callable[[], dict[str, Any]] | None:
+    """`blobmount profile save`'s answer: the profile recorded so far (None: not recording)."""
+    recorder = prep.recorder
+    if recorder is None:
+        return None
+    return lambda: recorder.document(prep.archive.index_digest)
+
+
+def _save_profile(prep: Prepared) -> None:
+    """On unmount: the recorded profile to CACHE_DIR/profiles/<index hex>.json (profile.profile_path)."""
+    if prep.recorder is None:
+        return
+    path = profile.profile_path(prep.cache.root, prep.archive.index_digest)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        profile.write(prep.recorder.document(prep.archive.index_digest), path)
+    except OSError as exc:
+        log.warning("prefetch profile: cannot write %s: %s", path, exc.strerror)
+        return
+    log.info("prefetch profile: %d entries written to %s", len(prep.recorder.entries), path)
 
 
 def fuse_options(config: MountConfig, source_name: str) -> set[str]:
@@ -265,6 +291,9 @@ async def _report_ready(prep: Prepared, ready_fd: int | None) -> None:
         else:
             log.info("--prefetch: %d bytes fetched", fetched)
         notify(f"STATUS=serving {name} at {mountpoint}")
+    if prep.config.prefetch_profile != "none":  # after READY: the mount never waits for it
+        room = int((prep.config.cache_size - prep.cache.accounted_bytes()) * profile.BUDGET_FRACTION)
+        await profile.use(prep.config.prefetch_profile, name, prep.view, data, prep.config.registry, room)
 
 
 def _set_read_ahead(dev: int, kb: int) -> None:
@@ -299,11 +328,14 @@ def _daemon_logging(config: MountConfig) -> None:
 def serve(prep: Prepared, ready_fd: int | None) -> int:
     config = prep.config
     logs.quiet_one_shot(False)  # the daemon's log is where a failing registry or file shows
+    if config.record_profile:
+        prep.recorder = profile.Recorder(seconds=config.record_seconds)
     reader = Reader(
         prep.archive.data,
         prep.store,
         ReaderConfig(config.verify, config.verify_threshold, config.registry.timeout_s),  # type: ignore[arg-type]
         dir_span=prep.view.data_span,
+        recorder=prep.recorder.read if prep.recorder is not None else None,
     )
     fs = BlobFS(
         prep.view,
@@ -331,6 +363,7 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
     finally:
         pyfuse3.close(unmount=True)
         prep.archive.data.close()
+        _save_profile(prep)
     log.info("unmounted %s", config.mountpoint)
     return EXIT_OK
 

@@ -132,9 +132,12 @@ class Reader(StreamingReads):
         config: ReaderConfig | None = None,
         on_poison: Callable[[Entry], None] | None = None,
         dir_span: Callable[[bytes], tuple[int, int] | None] | None = None,
+        recorder: Callable[[Entry, int, int], None] | None = None,
     ) -> None:
         """`dir_span(path)` gives the data-blob range of a directory's files (contiguous: the
-        blob is in path order), for prefetching small files read one after another."""
+        blob is in path order), for prefetching small files read one after another. `recorder`
+        is told of every read that reaches the daemon (--record-profile: profile.Recorder.read)."""
+        self.recorder = recorder
         self.source = source
         self.store = store
         self.config = config or ReaderConfig()
@@ -263,6 +266,8 @@ class Reader(StreamingReads):
         end = min(offset + size, entry.original_size)
         if offset >= end:
             return b""
+        if self.recorder is not None:
+            self.recorder(entry, offset, end)
         while handle.small and handle.content is None:  # single-flight per handle
             if handle.loading is not None:  # the kernel's read-ahead sends reads in parallel
                 await handle.loading.wait()

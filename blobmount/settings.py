@@ -108,7 +108,22 @@ def _layered(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    return [parser, *subparsers(parser).values()]
+    """The parser and its subcommands', nested ones too (`profile push` takes registry options)."""
+    out = [parser]
+    for sub in subparsers(parser).values():
+        out += _all_parsers(sub)
+    return out
+
+
+def _chosen_nested(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[argparse.ArgumentParser]:
+    """The nested subcommand parsers `args` went through below `parser` (`profile` -> `push`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest, None)
+            if name in action.choices:
+                sub = action.choices[name]
+                return [sub, *_chosen_nested(sub, args)]
+    return []
 
 
 def _is_switch(action: argparse.Action) -> bool:
@@ -251,6 +266,7 @@ def resolve(parser: argparse.ArgumentParser, argv: Sequence[str], environ: Mappi
     command = getattr(args, "command", None)
     if command is not None:
         chosen.append(subparsers(parser)[command])
+        chosen += _chosen_nested(chosen[-1], args)
     for p in chosen:
         for action in _layered(p):
             dest = action.dest

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runtime stage of the sidecar image (Dockerfile) and of tests/fuse/test_sidecar.py: fuse3 (for
-# fusermount3, which unmounts cleanly) plus a private virtualenv in PREFIX holding blobmount,
-# installed offline from the wheels build-wheels.sh made.
+# fusermount3, which unmounts cleanly), Debian's python3 and a private virtualenv in PREFIX holding
+# blobmount, installed offline from the wheels build-wheels.sh made.
 #   usage: install-runtime.sh WHEELS_DIR PREFIX        (PYTHON overrides the interpreter)
 set -eu
 wheels=${1:?usage: install-runtime.sh WHEELS_DIR PREFIX}
@@ -9,7 +9,7 @@ prefix=${2:?usage: install-runtime.sh WHEELS_DIR PREFIX}
 python=${PYTHON:-python3}
 
 need=""
-for pkg in fuse3 libfuse3-3; do
+for pkg in fuse3 libfuse3-3 python3 python3-venv; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
 if [ -n "$need" ]; then

@@ -235,6 +235,7 @@ class RegistryClient:
         self._wire: dict[str, WirePool] = {}
         self._retry_streak = 0  # retries since the last good answer: log levels escalate on it
         self.last_error: BlobmountError | None = None  # what the last retry was for (timeout messages)
+        self.last_oci_subject: str | None = None  # OCI-Subject of the last manifest PUT (referrers API)
 
     @property
     def _http(self) -> httpx.AsyncClient:
@@ -590,6 +591,31 @@ class RegistryClient:
         if actual != digest:
             raise InvalidArchive(f"{self.ref}: manifest body hashes to {actual}, not {digest}")
         return body
+
+    async def get_tag_manifest(self, tag: str, limit: int) -> bytes | None:
+        """The manifest or index a tag names, None when the tag does not exist (the referrers
+        tag schema's `sha256-<hex>` tags, which are absent until a first referrer is pushed)."""
+        try:
+            body, _ = await self._get_manifest_body(tag, limit)
+        except NotFound:
+            return None
+        return body
+
+    async def get_referrers(self, digest: Digest, limit: int) -> bytes | None:
+        """The referrers API's image index for `digest`; None when the registry has no referrers
+        API (404, or 400/405 from registries that do not know the path): the caller falls back to
+        the tag schema, as the distribution spec asks."""
+        path = f"/v2/{self.ref.repository}/referrers/{digest}"
+        accept = "application/vnd.oci.image.index.v1+json"
+        response = await self._request("GET", path, headers={"Accept": accept}, kind="referrers")
+        try:
+            if response.status_code in (400, 404, 405):
+                return None
+            if response.status_code != 200:
+                raise SourceError(f"{self.ref}: GET referrers answered {response.status_code}")
+            return await _read_limited(response, limit, f"{self.ref}: referrers of {digest}")
+        finally:
+            await response.aclose()
 
     # -- blobs ---------------------------------------------------------------------------------
 
@@ -965,6 +991,7 @@ class RegistryClient:
         )
         text = (await _read_limited(response, 1 << 16, "manifest PUT answer")).decode(errors="replace")
         await response.aclose()
+        self.last_oci_subject = response.headers.get("oci-subject")  # the registry indexed `subject`
         if response.status_code != 201:
             raise SourceError(f"{self.ref}: PUT manifest answered {response.status_code}: {text[:200]}")
         return Digest.of(body)

@@ -1,7 +1,8 @@
 """The README's commands are true: every line of its ```sh blocks is run here (in README order, in
 one shell, with /tmp/ and the example registry replaced by a test directory and the test registry),
 except lines marked "# not run in CI" (docker, kubectl, systemctl, journalctl: no engine or manager
-in CI) and the few that a named test runs instead (EXERCISED_ELSEWHERE). `make run`, the README's
+in CI), the podman sidecar lines, which tests/fuse/test_sidecar.py runs (marked ENGINE_RUN), and
+the few that a named test runs instead (EXERCISED_ELSEWHERE). `make run`, the README's
 main command, is run here too: mount, check, unmount, nothing left mounted."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 NOT_RUN = "# not run in CI"
 MUST_BE_MARKED = {"docker", "kubectl", "systemctl", "journalctl"}
+ENGINE_RUN = "# run in CI by tests/fuse/test_sidecar.py"  # that test runs these lines, in order
+MUST_BE_ENGINE_RUN = {"podman", "mmdebstrap"}
 COVERED = {"blobmount", "mount", "umount", "make"}  # every such command is run, here or by a named test
 # README command -> the test that runs it (each must exist: checked below)
 EXERCISED_ELSEWHERE = {
@@ -58,8 +61,16 @@ def without_comment(line: str) -> str:
     return " ".join(shlex.split(line, comments=True))
 
 
+def engine_lines() -> list[str]:
+    return [line for line in sh_lines() if ENGINE_RUN in line]
+
+
 def runnable() -> list[str]:
-    return [line for line in sh_lines() if NOT_RUN not in line and without_comment(line) not in EXERCISED_ELSEWHERE]
+    return [
+        line
+        for line in sh_lines()
+        if NOT_RUN not in line and ENGINE_RUN not in line and without_comment(line) not in EXERCISED_ELSEWHERE
+    ]
 
 
 def test_every_readme_command_is_run_or_marked() -> None:
@@ -71,7 +82,13 @@ def test_every_readme_command_is_run_or_marked() -> None:
             assert line.endswith(NOT_RUN), f"README line must be marked {NOT_RUN!r}: {line}"
         elif NOT_RUN in line:
             pytest.fail(f"only docker/kubectl/systemctl/journalctl lines may skip CI: {line}")
-    covered = [without_comment(line) for line in lines if command_word(line) in COVERED and NOT_RUN not in line]
+        if word in MUST_BE_ENGINE_RUN:
+            assert line.endswith(ENGINE_RUN), f"README line must be marked {ENGINE_RUN!r}: {line}"
+    covered = [
+        without_comment(line)
+        for line in lines
+        if command_word(line) in COVERED and NOT_RUN not in line and ENGINE_RUN not in line
+    ]
     text = README.read_text()
     assert all(command in text for command in EXERCISED_ELSEWHERE), "stale entries"  # `make umount` is inline
     ran_here = [c for c in covered if c not in EXERCISED_ELSEWHERE]

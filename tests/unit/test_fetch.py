@@ -420,6 +420,21 @@ class _Blackhole(FakeRemote):
             yield block
 
 
+class _GatedAhead(FakeRemote):
+    """Requests for the first `held` bytes wait for the gate; every other request flows."""
+
+    def __init__(self, blob: bytes, held: int, gate: trio.Event) -> None:
+        super().__init__(blob)
+        self.held = held
+        self.held_gate = gate
+
+    async def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> Any:
+        if start < self.held:
+            await self.held_gate.wait()
+        async for block in super().iter_range(start, end, origin_only=origin_only):
+            yield block
+
+
 def test_a_read_after_a_stall_cleared_does_not_wait_for_the_dead_request(tmp_path: Path) -> None:
     """A read that gave up after --timeout abandons the request it waited for: the next read
     sends its own at once instead of joining a retry that is stuck on a dead connection."""
@@ -436,3 +451,35 @@ def test_a_read_after_a_stall_cleared_does_not_wait_for_the_dead_request(tmp_pat
             assert not any(f.owner is not None and f.data is None for f in src._flights.values())
 
     run_jumping(go)
+
+
+def test_queued_read_ahead_never_takes_the_request_slots_a_miss_needs() -> None:
+    """Read-ahead waits for its own slots before it takes a request slot: 20 queued one-chunk
+    prefetch runs left a reader's miss waiting for all of them (they held every request slot
+    while queued on the read-ahead limiter)."""
+    gate = trio.Event()
+    remote = _GatedAhead(BLOB, 20 * CS, gate)
+
+    async def go() -> None:
+        async with serving(_source(remote, None, max_requests=4, request_bytes=CS)) as src:
+            src.prefetch(0, 20 * CS)  # 20 runs; 2 may stream (4 - the reserved 2), all held at the gate
+            await trio.sleep(0.1)
+            with trio.move_on_after(2):
+                assert await src.read_range(40 * CS, 40 * CS + 10) == BLOB[40 * CS : 40 * CS + 10]
+                gate.set()
+            assert gate.is_set(), "the miss waited behind queued read-ahead"
+
+    run_jumping(go)
+
+
+def test_fill_as_read_ahead_caps_its_requests(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"), request_bytes=2 * CS)) as src:
+            fetched = await src.fill([(0, 30 * CS)], ahead=True, request_bytes=10 * CS)
+            assert fetched == 30 * CS
+            assert src.stats.ahead_chunks == 30
+
+    run(go)
+    assert sorted((s // CS, e // CS) for s, e, _ in remote.requests) == [(0, 10), (10, 20), (20, 30)]
