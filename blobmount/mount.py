@@ -346,7 +346,7 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
     reader = Reader(
         prep.archive.data,
         prep.store,
-        ReaderConfig(config.verify, config.verify_threshold),  # type: ignore[arg-type]
+        ReaderConfig(config.verify, config.verify_threshold, config.registry.timeout_s),  # type: ignore[arg-type]
         dir_span=prep.view.data_span,
         recorder=prep.recorder.read if prep.recorder is not None else None,
     )

@@ -1,8 +1,15 @@
 """(entry, offset, size) -> bytes: raw slices, zstd decoding, sha256 verification (DESIGN §5).
 
 Policy, per file:
-- zstd: decoded once into the content store (streaming decoder, output limited to
-  ``original_size``), verified before any byte is served.
+- zstd, at most ``verify_threshold`` bytes, or any zstd file under ``verify="strict"``: decoded
+  once (streaming decoder, output limited to ``original_size``), in memory or into the content
+  store, verified before any byte is served.
+- larger zstd files otherwise: served while they decode (decode.py: one decode per file shared by
+  its handles, into a content-store temp file committed once verified, or a bounded ring when the
+  store cannot take it); a read waits for the decoder at most ``wait_s``. The verdict comes at the
+  end of the decode: a mismatch is a distrust as below (the read that completes the file fails,
+  earlier opens fail, pages dropped, the file decoded whole from the origin before it is served
+  again, then poisoned if it still mismatches).
 - raw, at most ``verify_threshold`` bytes, or any raw file under ``verify="strict"``: the whole file
   is hashed on the first read, before a byte is returned.
 - larger raw files under ``verify="lazy"`` (the default): served as read; hashed as the reads arrive
@@ -44,11 +51,13 @@ import zstandard
 
 from blobmount import metrics
 from blobmount.cache import ContentStore, StoreUnavailable
+from blobmount.decode import Decode, RangeStream
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.fetch import ChunkedSource
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
-from blobmount.source import RangeSource, ReadHint, SyncRangeSource
+from blobmount.source import RangeSource, ReadHint
+from blobmount.streaming import StreamingReads
 
 log = logging.getLogger(__name__)
 _OK = metrics.VERIFY_FILES.labels(result="ok")
@@ -78,6 +87,7 @@ VerifyPolicy = Literal["lazy", "strict", "background"]
 class ReaderConfig:
     verify: VerifyPolicy = "lazy"
     verify_threshold: int = DEFAULT_VERIFY_THRESHOLD_BYTES
+    wait_s: float = 30.0  # --timeout: a read waiting for a decode (or a re-read) fails (EIO) after it
 
 
 @dataclass(slots=True)
@@ -104,38 +114,15 @@ class Handle:
     loading: trio.Event | None = None  # set while one read loads `content`
     hint: ReadHint | None = None  # read-ahead state of a large raw file
     generation: int = 0  # the file's distrust count at open: a later distrust fails this handle
+    stream: bool = False  # a large zstd file served while it decodes (decode.py)
+    decode: Decode | None = None  # the decode this handle reads from, once it has read
 
 
 def _mismatch(entry: Entry, actual: bytes) -> IntegrityError:
     return IntegrityError(f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {actual.hex()}")
 
 
-class _RangeStream(io.RawIOBase):
-    """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
-
-    def __init__(self, source: RangeSource, start: int, end: int) -> None:
-        self._source = source
-        self._pos = start
-        self._end = end
-        self._hint = ReadHint(start, end)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(b), self._end - self._pos)
-        if n <= 0:
-            return 0
-        if isinstance(self._source, SyncRangeSource):
-            data = self._source.read_range_sync(self._pos, self._pos + n)
-        else:
-            data = trio.from_thread.run(self._source.read_range, self._pos, self._pos + n, self._hint)
-        b[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
-class Reader:
+class Reader(StreamingReads):
     """Serves entry bytes from one archive's data source; see the module docstring."""
 
     def __init__(
@@ -170,6 +157,9 @@ class Reader:
         self._verifying: dict[int, trio.Event] = {}
         self._decoded: OrderedDict[bytes, bytes] = OrderedDict()  # sha256 -> content (LRU)
         self._decoded_bytes = 0
+        self._decodes = {}  # large zstd files served while they decode (streaming.py)
+        self._pending = {}
+        self._starting = {}
 
     def attach(self, nursery: trio.Nursery) -> None:
         """The long-lived nursery for background verification (``verify="background"``)."""
@@ -191,6 +181,8 @@ class Reader:
             # already holds never reads, and loading at open made a warm read-all of a small-file
             # tree 2.7x slower (bench/fs_local.py).
             handle.small = True
+        elif entry.compression == COMPRESSION_ZSTD and entry.original_size and self._progressive(entry):
+            await self._open_stream(handle)
         elif entry.compression == COMPRESSION_ZSTD and entry.original_size:
             try:
                 handle.content_fd = await self._open_decoded(entry)
@@ -228,6 +220,8 @@ class Reader:
 
     def close(self, handle: Handle) -> None:
         entry = handle.entry
+        if handle.decode is not None:
+            self._leave(handle)
         if handle.content_fd is not None:
             self.store.release(entry.hash.hex(), handle.content_fd)
             handle.content_fd = None
@@ -291,6 +285,8 @@ class Reader:
                 loading.set()
         if handle.content is not None:
             return handle.content[offset:end]
+        if handle.stream:
+            return await self._read_stream(handle, offset, end)
         if handle.content_fd is not None:
             fd = handle.content_fd
             if end - offset <= BLOCK_BYTES:
@@ -648,7 +644,7 @@ class Reader:
         if compressed is not None:
             stream = io.BytesIO(compressed)
         else:
-            stream = _RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
+            stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
         dctx = zstandard.ZstdDecompressor()
         hasher = hashlib.sha256()
         total = 0
@@ -688,7 +684,10 @@ class Reader:
             return
         handle = await self.open(entry)
         try:
-            if handle.content_fd is None and not handle.small:
+            if handle.stream and entry.number not in self._verified:
+                await self._recheck(entry, False)  # nothing before the verdict
+                self._check_poison(entry)
+            elif handle.content_fd is None and not handle.small and not handle.stream:
                 await self._verify_whole(entry)
             pos = 0
             check = hashlib.sha256()

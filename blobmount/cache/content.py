@@ -9,6 +9,8 @@ Concurrency contract:
 - Files appear only by ``rename`` of a fully written ``*.tmp`` in the same directory, so no process
   ever opens a half-written file. There is no fsync: after a power cut a renamed file may be torn,
   and its trailer check turns that into a miss.
+- :meth:`ContentStore.begin` hands out a reserved temp file that a decode writes while its readers
+  read it (decode.py); only :meth:`ContentStore.commit`, once the content is verified, renames it.
 - Within one process, :meth:`ContentStore.fill` is single-flight per key: the first caller decodes,
   later callers wait on a ``trio.Event`` and then open the finished file. Across processes two
   daemons may decode the same file at once; the second rename replaces an identical file.
@@ -52,6 +54,18 @@ class StoreUnavailable(SourceError):
 class _Flight:
     done: trio.Event
     error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class Pending:
+    """A content file being written while it is read (:meth:`ContentStore.begin`)."""
+
+    key: str
+    final: Path
+    tmp: Path
+    fd: int
+    size: int
+    flight: _Flight
 
 
 class ContentStore:
@@ -142,6 +156,83 @@ class ContentStore:
                     tmp.unlink()
                 if reserved:
                     self.cache.release(size)
+
+    async def begin(self, key: str, size: int) -> Pending:
+        """A pre-sized temp file for `key`, reserved in the budget, for a decode that serves its
+        readers while it writes (decode.py); the caller writes it through ``fd``, then
+        :meth:`commit` (once verified) or :meth:`abort`. Raises like :meth:`fill`, and
+        StoreUnavailable while this process fills the same key."""
+        if size + TRAILER_BYTES > self.max_bytes:
+            raise LimitExceeded(
+                f"decoded file of {size} bytes does not fit the {self.max_bytes}-byte cache (--cache-size)"
+            )
+        if key in self._inflight:
+            raise StoreUnavailable(f"content cache: {key} is being decoded already")
+        final = self._path(key)
+        flight = self._inflight[key] = _Flight(trio.Event())
+        self.cache.pin(final)
+        try:
+            tmp, fd = await trio.to_thread.run_sync(self._begin, final, size + TRAILER_BYTES)
+        except BaseException:
+            self._end_flight(key, flight, final)
+            raise
+        return Pending(key, final, tmp, fd, size, flight)
+
+    def _begin(self, final: Path, size: int) -> tuple[Path, int]:
+        """Worker thread: the temp file at its final size, reserved."""
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        try:
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
+        try:
+            os.ftruncate(fd, size)
+            if not self.cache.reserve(size):
+                raise StoreUnavailable(f"content cache {self.cache.root}: --cache-size leaves no room for {size} bytes")
+        except BaseException as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, OSError):
+                raise StoreUnavailable(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
+            raise
+        return tmp, fd
+
+    async def commit(self, pending: Pending, xxh3: int) -> None:
+        """The verified content of `pending` (its xxh3 computed as it was written) becomes the
+        key's file. The fd stays the caller's (readers of the decode go on reading it)."""
+        try:
+            await trio.to_thread.run_sync(self._commit, pending, xxh3)
+            self._checked.add(pending.key)
+        finally:
+            self._end_flight(pending.key, pending.flight, pending.final)
+
+    def _commit(self, pending: Pending, xxh3: int) -> None:
+        try:
+            os.pwrite(pending.fd, _TRAILER.pack(xxh3, _MAGIC), pending.size)
+            self.cache.commit(pending.tmp, pending.final)
+        except OSError as exc:
+            self._abort(pending)
+            raise SourceError(f"content cache {pending.final.parent}: cannot write: {exc.strerror}") from exc
+
+    async def abort(self, pending: Pending) -> None:
+        """Give up `pending`: its temp file goes (open fds keep reading it), its space is freed."""
+        try:
+            await trio.to_thread.run_sync(self._abort, pending)
+        finally:
+            self._end_flight(pending.key, pending.flight, pending.final)
+
+    def _abort(self, pending: Pending) -> None:
+        with contextlib.suppress(OSError):
+            pending.tmp.unlink()
+        self.cache.release(pending.size + TRAILER_BYTES)
+
+    def _end_flight(self, key: str, flight: _Flight, final: Path) -> None:
+        self.cache.unpin(final)
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+        flight.done.set()
 
     async def open(self, key: str) -> int | None:
         """An fd of the content for `key` (pinned until :meth:`release`), or None on a miss. A file

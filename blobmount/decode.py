@@ -1,0 +1,362 @@
+"""One streaming decode of a large zstd file, shared by every reader of the file while it runs.
+
+Why: a zstd frame can only be decoded from its start, and a multi-GB file decoded whole before its
+first byte is served makes time to first byte the whole fetch and decode. A :class:`Decode` runs the
+decoder on a worker thread (zstandard and hashlib release the GIL), reading compressed bytes through
+the source (the fetcher, reached with ``trio.from_thread``), and publishes a watermark: a read of
+``[offset, end)`` returns as soon as the decoder has passed ``end``. The output goes to
+
+- a file (a temp file of the content store, :meth:`ContentStore.begin`) when the decoded file fits
+  the store: every byte stays readable, and once verified the file is committed to the store, so
+  later opens are served from it; or
+- a bounded ring in memory (``window`` bytes) when it does not: the decoder waits for the slowest
+  attached reader (:meth:`touch`) instead of overwriting bytes it is about to read; a read below the
+  window raises :class:`Behind`, and the caller starts another decode for it.
+
+sha256 (and xxh3, the store's trailer) are computed as the bytes are decoded; the verdict is known
+when the decoder reaches the end, and a read that ends at the end of the file waits for it.
+
+Concurrency: the worker thread touches only the output, the hashers and, under ``_lock``, the ring
+and the cursors; it hands the watermark to the trio thread with ``run_sync_soon`` (never blocking
+on it). Everything else runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import trio
+import xxhash
+import zstandard
+
+from blobmount.errors import IntegrityError, SourceError
+from blobmount.index import Entry
+from blobmount.index.paths import show
+from blobmount.source import RangeSource, ReadHint, SyncRangeSource
+
+STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop to the trio thread
+WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
+MIN_WINDOW_BYTES = 4 << 20
+FIRST_STEP_BYTES = 64 << 10  # the first output step, doubled up to STEP_BYTES
+HASH_QUEUE = 8  # decoded blocks waiting for the hashing thread (memory: this many STEP_BYTES)
+ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
+LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
+IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
+
+
+class Behind(Exception):
+    """The read starts below the ring's window: those bytes are gone; decode again."""
+
+
+class Stopped(SourceError):
+    """The decode was stopped (its last reader left, or the mount is going away)."""
+
+
+class RangeStream(io.RawIOBase):
+    """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
+
+    def __init__(self, source: RangeSource, start: int, end: int, decode: Decode | None = None) -> None:
+        """`decode`: its :meth:`Decode.stop` also cancels a read under way (a stalled fetch must
+        not keep a decode nobody reads alive)."""
+        self._source = source
+        self._pos = start
+        self._end = end
+        self._hint = ReadHint(start, end)
+        self._decode = decode
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self._end - self._pos)
+        if n <= 0:
+            return 0
+        if isinstance(self._source, SyncRangeSource):
+            data = self._source.read_range_sync(self._pos, self._pos + n)
+        else:
+            data = trio.from_thread.run(self._read, self._pos, self._pos + n)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    async def _read(self, start: int, end: int) -> bytes:
+        decode = self._decode
+        if decode is None:
+            return await self._source.read_range(start, end, self._hint)
+        try:
+            with trio.CancelScope() as scope:
+                decode._reading = scope
+                if not decode._stop:
+                    return await self._source.read_range(start, end, self._hint)
+        finally:
+            decode._reading = None
+        raise Stopped(f"{show(decode.entry.path)}: decode stopped: no reader left")
+
+
+class Decode:
+    """A running (or finished) decode of `entry` into `fd` (a pre-sized file) or a ring."""
+
+    def __init__(self, entry: Entry, source: RangeSource, fd: int | None, window: int) -> None:
+        self.entry = entry
+        self.source = source
+        self.fd = fd
+        self.window = window
+        self.upto = 0  # decoded bytes published to the trio thread
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.xxh3 = 0  # of the whole content, once done without error
+        self.settled = False  # its output committed or given up (the owner's, after `done`)
+        self._ring = bytearray(window) if fd is None else None
+        self._base = 0  # ring: lowest offset still held (under _lock)
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._cursors: dict[int, tuple[int, float]] = {}  # reader -> (offset it reads from, when)
+        self._stop = False
+        self._worked = False  # the worker thread returned (the decode is over, done or not)
+        self._waiters: list[tuple[int, int, trio.Event]] = []  # (end, seq, event), a heap
+        self._seq = itertools.count()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._reading: trio.CancelScope | None = None  # the source read under way (trio thread)
+
+    @property
+    def ring(self) -> bool:
+        return self._ring is not None
+
+    def holds(self, offset: int) -> bool:
+        """Whether a read from `offset` can be served by this decode (now or once it gets there)."""
+        if self._stop or (self.done.is_set() and self.error is not None and offset >= self.upto):
+            return False
+        with self._lock:
+            return offset >= self._base
+
+    # -- readers (trio thread) -------------------------------------------------------------------
+
+    def touch(self, reader: int, offset: int) -> None:
+        """`reader` reads from `offset` now: a ring keeps the bytes from there (a little slack
+        below, for the kernel's reads that arrive out of order)."""
+        with self._lock:
+            self._cursors[reader] = (offset, time.monotonic())
+            self._room.notify_all()
+
+    def leave(self, reader: int) -> int:
+        """`reader` is gone; returns how many readers are left."""
+        with self._lock:
+            self._cursors.pop(reader, None)
+            self._room.notify_all()
+            return len(self._cursors)
+
+    @property
+    def readers(self) -> int:
+        return len(self._cursors)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._room.notify_all()
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def read(self, offset: int, end: int, final: bool) -> bytes:
+        """Bytes [offset, end) once decoded; `final` (the read reaches the end of the file): once
+        the whole file is decoded and its hash checked, raising the verdict if it is not good."""
+        if final:
+            await self.done.wait()
+            if self.error is not None:
+                raise self.error
+        while self.upto < end:
+            if self.done.is_set():
+                raise self.error or SourceError(f"{show(self.entry.path)}: decode ended at byte {self.upto}")
+            event = trio.Event()
+            heapq.heappush(self._waiters, (end, next(self._seq), event))
+            await event.wait()
+        if self._ring is None:
+            assert self.fd is not None
+            if end - offset <= STEP_BYTES:
+                return os.pread(self.fd, end - offset, offset)
+            return await trio.to_thread.run_sync(os.pread, self.fd, end - offset, offset)
+        with self._lock:
+            if offset < self._base:
+                raise Behind
+            w = self.window
+            a, b = offset % w, end % w or w
+            if a < b and end - offset <= w:
+                return bytes(self._ring[a:b])
+            return bytes(self._ring[a:]) + bytes(self._ring[:b])
+
+    def _publish(self, upto: int) -> None:
+        self.upto = max(self.upto, upto)
+        while self._waiters and self._waiters[0][0] <= self.upto:
+            heapq.heappop(self._waiters)[2].set()
+
+    def _wake_all(self) -> None:
+        while self._waiters:
+            heapq.heappop(self._waiters)[2].set()
+
+    # -- the decoder -------------------------------------------------------------------------------
+
+    async def run(self, on_done: Callable[[Decode], None]) -> None:
+        """Decode to the end (or until stopped or failed); `on_done` sees the outcome before any
+        waiting reader does. Runs in the reader's long-lived nursery."""
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_cancelled)  # a worker thread is not cancellable
+                try:
+                    self.xxh3 = await trio.to_thread.run_sync(self._work)
+                except Exception as exc:
+                    self.error = exc
+                finally:
+                    self._worked = True
+                    nursery.cancel_scope.cancel()
+        except BaseException:
+            self.error = Stopped(f"{show(self.entry.path)}: decode cancelled")
+            self._finish(on_done)
+            raise
+        self._finish(on_done)
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not self._worked:
+                self.stop()
+
+    def _finish(self, on_done: Callable[[Decode], None]) -> None:
+        try:
+            on_done(self)
+        finally:
+            self.done.set()
+            self._wake_all()
+
+    def _work(self) -> int:
+        """Worker thread: decode, hash, write, publish. Returns the content's xxh3."""
+        entry = self.entry
+        size = entry.original_size
+        stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size, self)
+        hashing = _Hashing(self._put_and_publish)
+        pos = 0
+        step = FIRST_STEP_BYTES  # the first bytes out soon: time to first byte
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(stream, read_size=STEP_BYTES) as reader:  # type: ignore[arg-type]
+                while True:
+                    if self._stop:
+                        raise Stopped(f"{show(entry.path)}: decode stopped at byte {pos}: no reader left")
+                    block = reader.read(step)
+                    step = min(step * 2, STEP_BYTES)
+                    if not block:
+                        break
+                    n = len(block)
+                    if pos + n > size:
+                        raise IntegrityError(
+                            f"{show(entry.path)}: zstd frame decodes past original_size {size}; refused"
+                        )
+                    hashing.put(pos, block)  # hashed, written and published on the hashing thread
+                    pos += n
+        except zstandard.ZstdError as exc:
+            hashing.close(check=False)
+            raise IntegrityError(
+                f"{show(entry.path)}: corrupt zstd frame (expected sha256 {entry.hash.hex()}): {exc}"
+            ) from exc
+        except BaseException:
+            hashing.close(check=False)
+            raise
+        digest, xxh3 = hashing.close()
+        if pos != size:
+            raise IntegrityError(f"{show(entry.path)}: zstd frame decodes to {pos} bytes, original_size is {size}")
+        if digest != entry.hash:
+            raise IntegrityError(
+                f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {digest.hex()}"
+            )
+        return xxh3
+
+    def _put_and_publish(self, pos: int, block: bytes) -> None:
+        """The hashing thread: the block goes to the output, then its end to the readers."""
+        self._put(pos, block)
+        token = self._token
+        assert token is not None
+        token.run_sync_soon(self._publish, pos + len(block))
+
+    def _put(self, pos: int, block: bytes) -> None:
+        if self._ring is None:
+            assert self.fd is not None
+            view = memoryview(block)
+            while view:
+                n = os.pwrite(self.fd, view, pos)
+                view, pos = view[n:], pos + n
+            return
+        w = self.window
+        slack = w // 4
+        end = pos + len(block)
+        with self._lock:
+            # wait until every reader still reading is past the bytes this block overwrites
+            while not self._stop and end - w > self._slowest(end) - slack:
+                self._room.wait(ROOM_WAIT_S)
+            if self._stop:  # never published: nothing was written
+                raise Stopped(f"{show(self.entry.path)}: decode stopped at byte {pos}: no reader left")
+            self._base = max(self._base, end - w)
+            a = pos % w
+            first = min(len(block), w - a)
+            self._ring[a : a + first] = block[:first]
+            if first < len(block):
+                self._ring[: len(block) - first] = block[first:]
+
+    def _slowest(self, default: int) -> int:
+        """Under _lock: the lowest offset a reader that read lately reads from. An idle reader does
+        not hold up the others (nor the decode): if it reads again below the window, it restarts."""
+        recent = time.monotonic() - IDLE_S
+        return min((at for at, when in self._cursors.values() if when >= recent), default=default)
+
+
+class _Hashing:
+    """sha256 and xxh3 of the decoded blocks, and `sink(pos, block)` (write and publish), on a thread
+    of their own: the decoder goes on with the next block meanwhile (zstd, hashlib and the write
+    each release the GIL, so on two cores the decode no longer waits for them)."""
+
+    def __init__(self, sink: Callable[[int, bytes], None]) -> None:
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(HASH_QUEUE)
+        self._sink = sink
+        self._sha256 = hashlib.sha256()
+        self._xxh3 = xxhash.xxh3_64()
+        self.error: BaseException | None = None  # the sink failed: the decode fails with it
+        self._thread = threading.Thread(target=self._run, name="blobmount-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # drained, so the decoder never blocks on a full queue
+            pos, block = item
+            self._sha256.update(block)
+            self._xxh3.update(block)
+            try:
+                self._sink(pos, block)
+            except BaseException as exc:  # handed to the decoder's thread
+                self.error = exc
+
+    def put(self, pos: int, block: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((pos, block))
+
+    def close(self, check: bool = True) -> tuple[bytes, int]:
+        """Waits for the blocks put so far; returns (sha256, xxh3), or (`check`) raises the sink's
+        error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if check and self.error is not None:
+            raise self.error
+        return self._sha256.digest(), int(self._xxh3.intdigest())
+
+
+def window_for(store_bytes: int) -> int:
+    """The ring of a decode too large for the store: a quarter of the store, within bounds."""
+    return max(MIN_WINDOW_BYTES, min(WINDOW_BYTES, store_bytes // 4))

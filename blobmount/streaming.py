@@ -1,0 +1,294 @@
+"""The reader's part for large zstd files served while they decode: which decode serves a read, when
+one starts and stops, and what its verdict does (the mechanism, one decode, is decode.py).
+
+Policy (the "Trust first" guarantees of lazily verified raw files, reader.py's docstring):
+- a read returns once the decoder has passed its end, at most ``wait_s`` later (EIO, the decode
+  goes on); the read that reaches the end of the file waits for the verdict;
+- a mismatch found at the end is a distrust: that read fails, every handle opened before fails
+  from then on (generation), the kernel's pages are dropped, and the file is decoded whole once
+  more, its chunks purged so the bytes come from the origin, before another byte is served; a
+  mismatch then poisons it;
+- a decode nobody reads stops after ``LINGER_S`` (not under ``background``); one that served bytes
+  and ended without a verdict drops the kernel's pages, so no unverified page outlives it;
+- the first decode of a file writes a content-store temp file, committed once verified (later opens
+  are served from the store); a file the store cannot take goes through a bounded ring, and a read
+  behind the ring's window starts another decode (the old one goes on to its verdict).
+
+A mixin of :class:`blobmount.reader.Reader`, touched only from the trio thread.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+import trio
+
+from blobmount import metrics
+from blobmount.cache import ContentStore, StoreUnavailable
+from blobmount.cache.content import Pending
+from blobmount.decode import LINGER_S, Behind, Decode, window_for
+from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
+from blobmount.index import Entry
+from blobmount.index.paths import show
+from blobmount.source import RangeSource
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from blobmount.reader import Handle, ReaderConfig
+
+log = logging.getLogger("blobmount.reader")
+
+
+class StreamingReads:
+    """Large zstd files served while they decode (module docstring)."""
+
+    # the reader's state this part shares (reader.py)
+    source: RangeSource
+    store: ContentStore
+    config: ReaderConfig
+    _nursery: trio.Nursery | None
+    _verified: set[int]
+    _poisoned: set[int]
+    _suspect: set[int]
+    _generation: dict[int, int]
+    _verifying: dict[int, trio.Event]
+    _decodes: dict[int, list[Decode]]  # entry -> decodes running for it
+    _pending: dict[int, Pending]  # id(decode) -> its content-store temp file
+    _starting: dict[int, trio.Event]  # entry -> set once its new decode is registered
+
+    if TYPE_CHECKING:
+
+        def _check_generation(self, handle: Handle) -> None: ...
+        def _check_poison(self, entry: Entry) -> None: ...
+        def _notify_poison(self, entry: Entry) -> None: ...
+        def _hashed_ok(self, entry: Entry) -> None: ...
+        async def _forget_remote(self, entry: Entry) -> None: ...
+        def _decode(self, entry: Entry, tmp: Path) -> None: ...
+        def _decode_to(self, entry: Entry, out: BinaryIO, compressed: bytes | None = None) -> None: ...
+
+    def _progressive(self, entry: Entry) -> bool:
+        """A large zstd file is served as the decoder passes each byte (and verified at the end),
+        unless ``strict`` asks for verify-before-serve; needs the nursery the decodes run in."""
+        return (
+            self.config.verify != "strict"
+            and entry.original_size > self.config.verify_threshold
+            and self._nursery is not None
+        )
+
+    async def _open_stream(self, handle: Handle) -> None:
+        entry = handle.entry
+        handle.generation = self._generation.get(entry.number, 0)
+        if entry.number not in self._suspect:
+            fd = await self.store.open(entry.hash.hex())
+            if fd is not None:  # decoded and verified before (only verified content is committed)
+                handle.content_fd = fd
+                self._verified.add(entry.number)
+                return
+        handle.stream = True  # the decode starts with the first read, not here
+
+    async def _read_stream(self, handle: Handle, offset: int, end: int) -> bytes:
+        """Bytes [offset, end) from the file's running decode (one is started if none can serve
+        them): at once if decoded, else when the decoder gets there, EIO after ``wait_s``. The read
+        that reaches the end of the file waits for the verdict; a mismatch fails it (distrust)."""
+        entry = handle.entry
+        for _ in range(4):  # a restart (behind the window, a failed decode) at most a few times
+            self._check_generation(handle)
+            if entry.number in self._suspect:
+                await self._wait_recheck(entry)
+                continue
+            dec = handle.decode
+            if dec is not None and not dec.holds(offset):
+                if not dec.done.is_set():
+                    _behind(entry, offset)
+                self._leave(handle, stop=False)  # this handle read from it: it goes on to its verdict
+                dec = None
+            if dec is None:
+                if entry.number in self._verified:  # decoded whole meanwhile: the store may have it
+                    fd = await self.store.open(entry.hash.hex())
+                    if fd is not None:
+                        handle.content_fd, handle.stream = fd, False
+                        return await trio.to_thread.run_sync(os.pread, fd, end - offset, offset)
+                dec = handle.decode = await self._decode_for(entry, offset)
+            dec.touch(id(handle), offset)
+            try:
+                with trio.move_on_after(self.config.wait_s):
+                    data = await dec.read(offset, end, end >= entry.original_size)
+                    self._check_generation(handle)  # distrusted while it waited: not served
+                    return data
+            except Behind:
+                _behind(entry, offset)
+                self._leave(handle, stop=False)  # this handle read from it: it goes on to its verdict
+                continue
+            raise SourceError(
+                f"{show(entry.path)}: byte {end} not decoded within {self.config.wait_s:g} s (decoded up to"
+                f" {dec.upto}); the decode goes on"
+            )
+        raise SourceError(f"{show(entry.path)}: its decode was restarted too often; not served")
+
+    async def _decode_for(self, entry: Entry, offset: int) -> Decode:
+        """The running decode that can serve `offset` (the one furthest along), or a new one: into
+        a content-store temp file when it fits, else a bounded ring."""
+        while (starting := self._starting.get(entry.number)) is not None:
+            await starting.wait()  # one decode at a time is started (its store file is one)
+        running = [d for d in self._decodes.get(entry.number, ()) if not d.done.is_set() and d.holds(offset)]
+        if running:
+            return max(running, key=lambda d: d.upto)
+        pending: Pending | None = None
+        if not self._decodes.get(entry.number):  # the store file is for the first decode only
+            starting = self._starting[entry.number] = trio.Event()
+            try:
+                pending = await self.store.begin(entry.hash.hex(), entry.original_size)
+            except (StoreUnavailable, LimitExceeded) as exc:
+                log.debug("%s: %s; decoding it through a bounded window", show(entry.path), exc)
+            finally:
+                del self._starting[entry.number]
+                starting.set()
+        window = window_for(self.store.max_bytes)
+        log.info(
+            "%s: decoding it while it is read (%s)",
+            show(entry.path),
+            "into the content store" if pending is not None else f"through a {window}-byte window",
+        )
+        dec = Decode(entry, self.source, pending.fd if pending is not None else None, window)
+        if pending is not None:
+            self._pending[id(dec)] = pending
+        self._decodes.setdefault(entry.number, []).append(dec)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_decode, dec)
+        return dec
+
+    async def _run_decode(self, dec: Decode) -> None:
+        entry = dec.entry
+        generation = self._generation.get(entry.number, 0)
+        started = time.monotonic()
+        try:
+            await dec.run(lambda d: self._decoded_stream(d, generation))
+            if dec.error is None:
+                log.debug("%s: decoded and verified in %.3f s", show(entry.path), time.monotonic() - started)
+        finally:
+            decodes = self._decodes.get(entry.number, [])
+            if dec in decodes:
+                decodes.remove(dec)
+            if not decodes:
+                self._decodes.pop(entry.number, None)
+            pending = self._pending.pop(id(dec), None)
+            with trio.CancelScope(shield=True):
+                if pending is not None and dec.error is None:
+                    try:
+                        await self.store.commit(pending, dec.xxh3)
+                    except BlobmountError as exc:
+                        log.warning("%s: decoded and verified, but not kept: %s", show(entry.path), exc)
+                elif pending is not None:
+                    await self.store.abort(pending)
+            if dec.error is not None and dec.upto and entry.number not in self._verified:
+                # it served bytes and ended without a verdict: the kernel must not keep them
+                self._notify_poison(entry)
+            dec.settled = True
+            self._close_decode(dec)
+
+    def _decoded_stream(self, dec: Decode, generation: int) -> None:
+        """The verdict of a decode, before any reader waiting on it sees it."""
+        entry, exc = dec.entry, dec.error
+        if exc is None:
+            if generation == self._generation.get(entry.number, 0):
+                self._hashed_ok(entry)
+        elif isinstance(exc, (IntegrityError, InvalidArchive)):
+            # Bytes already served were wrong: fail every handle that may hold them, drop the
+            # kernel's pages, and read the file whole from the origin before serving it again.
+            metrics.VERIFY_FILES.labels(result="mismatch").inc()
+            log.warning("%s; the read that completes it fails (EIO); reading it again from the origin", exc)
+            number = entry.number
+            self._generation[number] = self._generation.get(number, 0) + 1
+            self._verified.discard(number)
+            self._suspect.add(number)
+            self._notify_poison(entry)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._recheck, entry, True)
+
+    def _leave(self, handle: Handle, stop: bool = True) -> None:
+        dec, handle.decode = handle.decode, None
+        if dec is not None and dec.leave(id(handle)) == 0:
+            if stop and not dec.done.is_set() and self._nursery is not None and self.config.verify != "background":
+                self._nursery.start_soon(self._linger, dec)  # background: it goes on to its verdict
+            self._close_decode(dec)
+
+    @staticmethod
+    async def _linger(dec: Decode) -> None:
+        """Nobody reads the decode: it ends (its temp file goes) unless a reader comes within
+        ``LINGER_S`` (programs that open, read and close, one after another, share it)."""
+        await trio.sleep(LINGER_S)
+        if dec.readers == 0 and not dec.done.is_set():
+            log.info(
+                "%s: nobody read it for %g s: its decode stops at byte %d", show(dec.entry.path), LINGER_S, dec.upto
+            )
+            dec.stop()
+
+    def _close_decode(self, dec: Decode) -> None:
+        """The output fd of a finished decode is closed once no handle reads from it."""
+        if dec.settled and dec.readers == 0 and dec.fd is not None:
+            os.close(dec.fd)
+            dec.fd = None
+
+    async def _wait_recheck(self, entry: Entry) -> None:
+        if entry.number not in self._verifying and self._nursery is not None:
+            self._nursery.start_soon(self._recheck, entry, True)
+            await trio.lowlevel.checkpoint()
+        pending = self._verifying.get(entry.number)
+        if pending is not None:
+            with trio.move_on_after(self.config.wait_s):
+                await pending.wait()
+            if not pending.is_set():
+                raise SourceError(
+                    f"{show(entry.path)}: being read again from the origin after a mismatch; not done within"
+                    f" {self.config.wait_s:g} s"
+                )
+        self._check_poison(entry)
+
+    async def _recheck(self, entry: Entry, purge: bool) -> None:
+        """Decode the whole file and check it before another byte is served (into the store when it
+        fits, else only hashed), single-flight; `purge`: its chunks first, so it comes from the
+        origin. A mismatch then poisons it."""
+        number = entry.number
+        if number in self._verifying:
+            return
+        done = self._verifying[number] = trio.Event()
+        try:
+            if purge:
+                await self._forget_remote(entry)
+            try:
+                await self.store.fill(entry.hash.hex(), entry.original_size, lambda tmp: self._decode(entry, tmp))
+            except (StoreUnavailable, LimitExceeded):
+                await trio.to_thread.run_sync(self._decode_to, entry, cast(BinaryIO, _Discard()))
+            self._suspect.discard(number)
+            self._hashed_ok(entry)
+        except (IntegrityError, InvalidArchive) as exc:
+            self._suspect.discard(number)
+            self._poisoned.add(number)
+            metrics.VERIFY_FILES.labels(result="poisoned").inc()
+            metrics.VERIFY_FAILURES.labels(what="file").inc()
+            log.error("%s", exc)
+            self._notify_poison(entry)
+        except BlobmountError as exc:
+            log.warning("%s: reading it again stopped: %s (the next read tries again)", show(entry.path), exc)
+        finally:
+            del self._verifying[number]
+            done.set()
+
+
+def _behind(entry: Entry, offset: int) -> None:
+    log.info("%s: a read at byte %d is behind the decode window; decoding again", show(entry.path), offset)
+
+
+class _Discard(io.RawIOBase):
+    """A sink that keeps nothing: a file too large for the store is only hashed when rechecked."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        return len(b)

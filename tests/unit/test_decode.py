@@ -1,0 +1,128 @@
+"""The progressive zstd decode (blobmount/decode.py) through the Reader, on a local archive: reads at
+odd offsets across the ring's wrap, a reader behind the window restarting, a decode stopped when its
+readers leave, and the content store taking the verified file. The mounted behaviour (faults,
+several processes, the registry) is tests/fuse/test_zstd_stream.py."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from blobmount import decode
+from blobmount.cache import ContentStore
+from blobmount.errors import IntegrityError
+from blobmount.index import IndexView
+from blobmount.reader import Reader, ReaderConfig
+from blobmount.source import open_directory
+from tests.corpus import Spec, write_archive
+
+MiB = 1 << 20
+
+
+def _text(size: int) -> bytes:
+    rng = random.Random(size)
+    words = [bytes(rng.choices(b"abcdefghijklmnop", k=rng.randint(1, 9))) for _ in range(3000)]
+    return b" ".join(rng.choices(words, k=size // 4))[:size]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("decode-archive")
+    data = _text(12 * MiB + 333)
+    write_archive(out, [Spec(b"a.txt", data, zstd=True), Spec(b"bad.txt", data, zstd=True, hash=bytes(32))])
+    return out
+
+
+async def _with_reader(archive: Path, cache: Path, cache_size: int, body: object) -> None:
+    source = open_directory(archive)
+    view = IndexView(source.index_bytes, blob_size=source.data.size)
+    entries = {e.path: e for e in view.entries()}
+    reader = Reader(source.data, ContentStore(cache, cache_size), ReaderConfig(verify_threshold=MiB, wait_s=30))
+    async with trio.open_nursery() as nursery:
+        reader.attach(nursery)
+        await body(reader, entries)  # type: ignore[operator]
+        nursery.cancel_scope.cancel()
+
+
+def test_ring_reads_across_the_wrap_and_a_reader_behind_restarts(archive: Path, tmp_path: Path) -> None:
+    """--cache-size 8M: the 12 MiB file goes through a 4 MiB ring; reads of odd sizes in order are
+    right across every wrap; a read far behind starts a second decode and is right too."""
+    want = _text(12 * MiB + 333)
+
+    async def body(reader: Reader, entries: dict[bytes, object]) -> None:
+        entry = entries[b"a.txt"]
+        handle = await reader.open(entry)  # type: ignore[arg-type]
+        pos = 0
+        while pos < len(want):
+            got = await reader.read(handle, pos, 300_001)
+            assert got == want[pos : pos + 300_001], pos
+            pos += len(got)
+        first = handle.decode
+        assert first is not None
+        assert first.ring
+        assert await reader.read(handle, 1000, 5000) == want[1000:6000]  # behind the window
+        assert handle.decode is not first  # a second decode served it
+        assert reader.state(entry) == "verified"  # type: ignore[arg-type]
+        reader.close(handle)
+
+    trio.run(_with_reader, archive, tmp_path / "c", 8 * MiB, body)
+    assert decode.window_for(8 * MiB) == 4 * MiB
+
+
+def test_store_takes_the_verified_file_and_a_mismatch_fails_the_completing_read(archive: Path, tmp_path: Path) -> None:
+    want = _text(12 * MiB + 333)
+
+    async def body(reader: Reader, entries: dict[bytes, object]) -> None:
+        entry = entries[b"a.txt"]
+        handle = await reader.open(entry)  # type: ignore[arg-type]
+        far = await reader.read(handle, 10 * MiB, 4096)  # ahead of the decoder: waits, then right
+        assert far == want[10 * MiB : 10 * MiB + 4096]
+        assert await reader.read(handle, len(want) - 10, 100) == want[-10:]  # the verdict, good
+        reader.close(handle)
+        for _ in range(100):  # the commit follows the verdict
+            again = await reader.open(entry)  # type: ignore[arg-type]
+            if again.content_fd is not None:
+                reader.close(again)
+                break
+            reader.close(again)
+            await trio.sleep(0.05)
+        else:
+            pytest.fail("the verified file never reached the store")
+        bad = entries[b"bad.txt"]
+        handle = await reader.open(bad)  # type: ignore[arg-type]
+        assert await reader.read(handle, 0, 100) == want[:100]  # served before the verdict
+        with pytest.raises(IntegrityError):
+            await reader.read(handle, len(want) - 100, 100)
+        with pytest.raises(IntegrityError):  # an open from before the mismatch stays failed
+            await reader.read(handle, 0, 100)
+        reader.close(handle)
+
+    trio.run(_with_reader, archive, tmp_path / "c", 1 << 30, body)
+
+
+def test_a_decode_whose_readers_left_stops_and_gives_its_space_back(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped or finished (a local 12 MiB decode may beat the stop), it leaves no temp file."""
+    monkeypatch.setattr("blobmount.streaming.LINGER_S", 0.0)
+
+    async def body(reader: Reader, entries: dict[bytes, object]) -> None:
+        entry = entries[b"a.txt"]
+        handle = await reader.open(entry)  # type: ignore[arg-type]
+        await reader.read(handle, 0, 100)
+        dec = handle.decode
+        assert dec is not None
+        reader.close(handle)
+        with trio.fail_after(30):
+            await dec.done.wait()
+        assert dec.error is None or isinstance(dec.error, decode.Stopped)
+        for _ in range(100):
+            if not list((tmp_path / "c").rglob("*.tmp")):
+                break
+            await trio.sleep(0.05)
+        assert not list((tmp_path / "c").rglob("*.tmp"))
+
+    trio.run(_with_reader, archive, tmp_path / "c", 1 << 30, body)
