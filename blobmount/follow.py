@@ -259,7 +259,7 @@ class Follower:
         reader = Reader(
             archive.data,
             self.store,
-            ReaderConfig(self.config.verify, self.config.verify_threshold),  # type: ignore[arg-type]
+            ReaderConfig(self.config.verify, self.config.verify_threshold, self.config.registry.timeout_s),  # type: ignore[arg-type]
             dir_span=view.data_span,
         )
         assert self._nursery is not None
