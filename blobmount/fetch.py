@@ -79,7 +79,7 @@ _AHEAD = metrics.FETCH_CHUNKS.labels(reason="readahead")
 
 @runtime_checkable
 class StreamSource(Protocol):
-    """A remote data blob that streams byte ranges (registry/source.py implements it)."""
+    """A remote data blob that streams byte ranges (remote.py implements it)."""
 
     @property
     def size(self) -> int: ...

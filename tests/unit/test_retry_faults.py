@@ -22,7 +22,7 @@ from blobmount.reference import Digest, Reference
 from blobmount.registry import client as client_mod
 from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.registry.source import RegistryBlobSource
+from blobmount.remote import RegistryBlobSource
 from tests import resolver
 
 BLOB = bytes(range(256)) * 256

@@ -1,4 +1,7 @@
-"""Opening an archive by registry reference, and the data blob as a streaming range source.
+"""A registry archive: the registry client (registry/) composed with the cache (meta store, whole-blob
+fallback). Opening by reference, and the data blob as a streaming range source.
+
+Kept out of registry/ so that the OCI client knows nothing of the cache layout.
 
 Pull side (issue: registries): resolve the tag once (HEAD, GET when HEAD is refused), fetch the
 manifest by digest and check ``sha256(body)``, check it is a blob archive (manifest.parse_manifest),
