@@ -142,6 +142,6 @@ def test_one_shot_commands_quiet_retries_and_reader_reports_at_the_default_level
 
 
 def test_the_client_logs_its_retries_on_the_retry_logger() -> None:
-    from blobmount.registry import client
+    from blobmount.registry import retry
 
-    assert client.retry_log.name == logs.RETRY_LOGGER
+    assert retry.retry_log.name == logs.RETRY_LOGGER

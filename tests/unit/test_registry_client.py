@@ -329,7 +329,7 @@ def test_a_shared_challenge_fetches_a_fresh_token_without_a_401() -> None:
 
 
 def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    from blobmount.registry import client as client_module
+    from blobmount.registry import transport as client_module
 
     built: list[str | None] = []
     real = client_module.tls_context
