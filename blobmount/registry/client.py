@@ -1,7 +1,7 @@
 """The OCI distribution client for one repository: resolving a tag, manifests, blobs (whole or by
 range), the redirects to storage and the storage URLs learned from them.
 
-Every request goes one way: :meth:`RegistryClient.request` (auth from tokens.py, one retry per
+Every request goes one way: :meth:`Session.request` (session.py: auth from tokens.py, one retry per
 401, transient retries by the one policy in retry.py) over transport.py (the one httpx->errors
 translation, the metrics, and the fast GET transport). Blob reads: ranges are sent with
 ``Accept-Encoding: identity`` (a compressing proxy must not shift offsets); a 307/302 to storage is
@@ -16,30 +16,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin
 
 import trio
 
 from blobmount.errors import (
-    AuthError,
-    BlobmountError,
     InvalidArchive,
     NotFound,
     SourceError,
     TransientError,
     UsageError,
 )
-from blobmount.reference import Digest, Reference, host_matches
+from blobmount.reference import Digest, Reference
 from blobmount.registry import upload
 from blobmount.registry.options import DEFAULT_TIMEOUT_S, Endpoint, RegistryOptions
-from blobmount.registry.retry import MAX_ATTEMPTS, Retry
-from blobmount.registry.tokens import RegistryAuth
+from blobmount.registry.retry import MAX_ATTEMPTS
+from blobmount.registry.session import Session
 from blobmount.registry.transport import (
-    Stats,
-    Transport,
     raw_blocks,
     read_exact,
     read_limited,
@@ -90,8 +86,9 @@ class _StorageUrl:
     expires_at: float
 
 
-class RegistryClient:
-    """One repository on one registry. Create and use it inside a running trio loop."""
+class RegistryClient(Session):
+    """One repository on one registry: manifests and blobs over the session's request path.
+    Create and use it inside a running trio loop."""
 
     def __init__(
         self,
@@ -103,121 +100,10 @@ class RegistryClient:
         endpoint: Endpoint | None = None,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        """`endpoint` names a mirror to talk to instead of the reference's registry (same
-        repository path); `transport` is the test seam (httpx.MockTransport); None: the network.
-        `max_attempts`: mirrors get 1, the next endpoint is the retry."""
-        self.ref = ref
-        self.options = options or RegistryOptions()
-        self.retry = Retry(max_attempts)
-        host = endpoint.host if endpoint else ref.api_host
-        plain = self._plain_ok(host)
-        if endpoint is not None and endpoint.plain_http is not None:
-            plain = endpoint.plain_http
-        self.base = f"{'http' if plain else 'https'}://{host}"
-        self.host = host
-        self.scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
-        self.stats = Stats()
-        insecure = any(host_matches(h, host) for h in self.options.insecure) or bool(endpoint and endpoint.insecure)
-        ca_file = endpoint.ca_file if endpoint and endpoint.ca_file else self.options.ca_file
-        self.transport = Transport(
-            self.base, self.options, insecure=insecure, ca_file=ca_file, transport=transport, stats=self.stats
-        )
-        # a mirror gets only what is stored for the mirror's own host, never the origin's
-        # credentials (--username, or the files' entry for the origin)
-        self.auth = RegistryAuth(
-            host=host,
-            base=self.base,
-            scope=self.scope,
-            options=self.options,
-            creds_host=endpoint.host if endpoint else ref.registry,
-            credentials=None if endpoint else self.options.credentials,
-            send=self.transport.send,
-            same_origin=self._same_origin,
-            plain_allowed=self._plain_allowed,
-        )
+        """See :class:`Session`."""
+        super().__init__(ref, options, push=push, transport=transport, endpoint=endpoint, max_attempts=max_attempts)
         self._storage_urls: dict[str, _StorageUrl] = {}
         self._resolved_body: tuple[Digest, bytes] | None = None
-
-    @property
-    def max_attempts(self) -> int:
-        return self.retry.attempts
-
-    @property
-    def last_error(self) -> BlobmountError | None:
-        """What the last retry was for (timeout messages)."""
-        return self.retry.last_error
-
-    def _plain_ok(self, host: str) -> bool:
-        """Whether plain HTTP is right for `host` (host[:port]): loopback, or named with --plain-http.
-        The one rule for the registry's scheme and for where credentials may go in clear."""
-        loopback = Reference(host, self.ref.repository, None, None).plain_http_default
-        return loopback or any(host_matches(h, host) for h in self.options.plain_http)
-
-    def _plain_allowed(self, url: str) -> bool:
-        """Whether credentials may travel to `url`. A challenge can point anywhere; a realm on plain
-        HTTP elsewhere would put the password on the wire in clear."""
-        parts = urlsplit(url)
-        return parts.scheme == "https" or self._plain_ok(parts.netloc)
-
-    def _same_origin(self, url: str) -> bool:
-        """Whether `url` is this registry (scheme and host:port): only then our client, its TLS
-        settings and our Authorization header are used."""
-        parts, base = urlsplit(url), urlsplit(self.base)
-        return (parts.scheme, parts.netloc) == (base.scheme, base.netloc)
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-
-    # -- the request path ------------------------------------------------------------------------
-
-    async def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        response = await self.transport.send(method, url, **kw)
-        if response.status_code != 429 and response.status_code < 500:
-            self.retry.answered()
-        return response
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        content: Any = None,
-        kind: str,
-        retry: bool = True,
-    ) -> httpx.Response:
-        """A registry request with auth (one retry per 401) and transient retries, streamed.
-        `retry=False`: the caller retries the whole exchange itself (blob reads, whose body can
-        fail too); retrying here as well multiplied the attempts (6 x 6 against a 503)."""
-        url = path if path.startswith(("http://", "https://")) else self.base + path
-        same = self._same_origin(url)
-        attempt = 0
-        auth_retries = 0
-        while True:
-            attempt += 1
-            try:
-                used = await self.auth.header() if same else None
-                hdrs = dict(headers or {})
-                if used:  # never to another host
-                    hdrs["Authorization"] = used
-                response = await self._send(method, url, headers=hdrs, content=content, kind=kind, to_registry=same)
-                if response.status_code == 401 and auth_retries < 2:
-                    await release(response)
-                    await self.auth.unauthorized(response, used)  # a failing token endpoint is retried
-                    auth_retries += 1  # ... as a transient error, without using up these
-                    continue
-                if response.status_code == 401:
-                    await release(response)
-                    raise AuthError(f"{self.host}: {method} {_short(url)}: {self.auth.refusal(response)}")
-                if response.status_code == 403:
-                    await release(response)
-                    raise AuthError(f"{self.host}: {method} {_short(url)}: access denied (403)")
-                return response
-            except BlobmountError as exc:
-                replayable = content is None or isinstance(content, bytes)
-                if not retry or not replayable or not self.retry.should_retry(attempt, exc):
-                    raise
-                await self.retry.pause(attempt, exc)
 
     # -- manifests -------------------------------------------------------------------------------
 
@@ -458,7 +344,3 @@ def check_content_range(value: str, start: int, end: int, blob_size: int) -> Non
         raise SourceError(f"the registry's blob has {t} bytes, its descriptor says {blob_size}")
     if unit.lower() != "bytes" or a != start or b != end - 1:
         raise TransientError(f"Content-Range {value[:80]!r} does not match the requested bytes {start}-{end - 1}")
-
-
-def _short(url: str) -> str:
-    return urlsplit(url).path[:120]

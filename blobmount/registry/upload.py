@@ -1,7 +1,7 @@
 """Uploading blobs and manifests (the push side of the distribution API): monolithic and chunked
 upload sessions, restarted when the registry loses one, and the manifest PUT.
 
-Retries: each request is retried by the client's one loop (RegistryClient.request) when its body
+Retries: each request is retried by the session's one loop (session.Session.request) when its body
 can be sent again; a session that is lost (a PATCH answered 416/404 because an earlier answer went
 missing) or a streamed PUT that breaks is the one thing retried here, by starting the upload over
 in a new session, at most UPLOAD_ATTEMPTS times, with the same backoff. An ordinary failure that

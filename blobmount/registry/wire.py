@@ -153,19 +153,29 @@ class _Pool:
     _idle: list[_Conn] = field(default_factory=list)
 
     async def _connect(self, request: httpx.Request) -> _Conn:
+        """A new connection (TLS handshake done), or the TCP socket closed again."""
         connect_s = _timeout(request, "connect")
+        tcp: trio.abc.Stream | None = None
         try:
             with trio.fail_after(connect_s if connect_s is not None else float("inf")):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+                tcp = stream = await trio.open_tcp_stream(self.host, self.port)
                 if self.ssl_context is not None:
-                    tls = trio.SSLStream(stream, self.ssl_context, server_hostname=self.host, https_compatible=True)
+                    tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.host, https_compatible=True)
                     await tls.do_handshake()
                     stream = tls
+        except BaseException:
+            if tcp is not None:  # a failed handshake must not leave the socket to the GC (the server waits)
+                await self.discard(_Conn(tcp))
+            raise
+        return _Conn(stream)
+
+    async def _open(self, request: httpx.Request) -> _Conn:
+        try:
+            return await self._connect(request)
         except trio.TooSlowError as exc:
-            raise httpx.ConnectTimeout(f"no connection within {connect_s} s", request=request) from exc
+            raise httpx.ConnectTimeout("no connection within the connect timeout", request=request) from exc
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}", request=request) from exc
-        return _Conn(stream)
 
     def keep(self, conn: _Conn) -> bool:
         """Park a connection whose last response was read to its end (False: the pool is full)."""
@@ -191,7 +201,7 @@ class _Pool:
         lines += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in request.headers.raw]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         for attempt in range(2):
-            conn = self._idle.pop() if self._idle and not attempt else await self._connect(request)
+            conn = self._idle.pop() if self._idle and not attempt else await self._open(request)
             try:
                 with _translated(request, _timeout(request, "read")):
                     await conn.stream.send_all(head)

@@ -1,6 +1,6 @@
 """One cold read, traced: the blobmount modules on the stack where the read enters the fetcher and
 where its range request is sent. The layers are fs -> reader -> fetch (the reading task) and
-fetch -> remote -> registry client -> transport -> wire (the fetch task), each entered once, in
+fetch -> remote -> registry client -> session -> transport -> wire (the fetch task), each entered once, in
 that order, none calling back up (the mirror indirection once re-entered the source through
 closures). A real registry on 127.0.0.1, the real handlers without the kernel."""
 
@@ -29,6 +29,7 @@ REQUEST = [
     "blobmount.fetch",
     "blobmount.remote",
     "blobmount.registry.client",
+    "blobmount.registry.session",
     "blobmount.registry.transport",
 ]  # recorded as the call enters blobmount.registry.wire
 

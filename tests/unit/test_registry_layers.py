@@ -9,6 +9,7 @@ from pathlib import Path
 import blobmount
 
 REGISTRY = Path(blobmount.__file__).resolve().parent / "registry"
+MAX_LINES = 400
 BELOW = {
     "blobmount.__version__",
     "blobmount.errors",
@@ -37,3 +38,9 @@ def test_registry_imports_only_itself_and_what_lies_below() -> None:
         above = {n for n in ours - BELOW if not n.startswith("blobmount.registry") and n != "blobmount"}
         assert not above, f"{path.name} imports {sorted(above)}"
 
+
+
+def test_no_registry_module_outgrows_one_concern() -> None:
+    for path in sorted(REGISTRY.glob("*.py")):
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_LINES, f"{path.name}: {lines} lines"
