@@ -205,7 +205,9 @@ class RegistryClient(Session):
                     raise
                 await self.retry.pause(attempt, exc)
 
-    async def iter_range(self, digest: Digest, start: int, end: int, blob_size: int) -> AsyncGenerator[bytes, None]:
+    async def iter_range(
+        self, digest: Digest, start: int, end: int, blob_size: int, block_bytes: int = 1 << 20
+    ) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) of a blob from one range request (one attempt), yielded as they arrive.
 
         Nothing is retried here: the caller retries the whole read (read_range, or the fetcher,
@@ -220,7 +222,7 @@ class RegistryClient(Session):
         got = 0
         try:
             with translated(self.host, f"{what}: body broke off: "):
-                async with raw_blocks(response) as blocks:
+                async with raw_blocks(response, block_bytes) as blocks:
                     async for block in blocks:
                         got += len(block)
                         if got > want:

@@ -271,13 +271,15 @@ async def release(response: httpx.Response) -> None:
     await response.aclose()
 
 
-def raw_blocks(response: httpx.Response) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
-    """The body as it arrives, undecoded (callers check Content-Encoding first), closed even when
-    the reader stops early. Raw: httpx's decoding and re-chunking cost more CPU than the network.
-    A body read eagerly (in-memory transports) is already in memory: it is handed out as it is."""
+def raw_blocks(response: httpx.Response, chunk: int) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
+    """The body undecoded (callers check Content-Encoding first) in blocks of `chunk` bytes,
+    closed even when the reader stops early. Blocks of a fixed size: a body that overruns is
+    noticed at a block boundary, with the stream below read to its end when it is that short (no
+    half-read stream is left to the garbage collector). A body read eagerly (in-memory
+    transports) is handed out from memory."""
     if response.is_stream_consumed:
-        return _body(response)
-    return contextlib.aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw()))
+        return _body(response, chunk)
+    return contextlib.aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw(chunk)))
 
 
 def _body(response: httpx.Response, chunk: int | None = None) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
