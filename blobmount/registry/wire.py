@@ -156,6 +156,7 @@ class _Pool:
         """A new connection (TLS handshake done), or the TCP socket closed again."""
         connect_s = _timeout(request, "connect")
         tcp: trio.abc.Stream | None = None
+        stream: trio.abc.Stream
         try:
             with trio.fail_after(connect_s if connect_s is not None else float("inf")):
                 tcp = stream = await trio.open_tcp_stream(self.host, self.port)
