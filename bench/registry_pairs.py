@@ -55,7 +55,8 @@ def trial(tree: Path, ref: str, work: Path, n: int) -> dict[str, float]:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not os.path.ismount(mnt):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mount did not come up: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
+                why = proc.stderr.read().decode()[-500:] if proc.stderr else ""
+                raise RuntimeError(f"mount did not come up: {why}")
             time.sleep(0.05)
         c0, t0 = cpu_s(proc.pid), time.perf_counter()
         with open(mnt / "big.bin", "rb", buffering=0) as f:
