@@ -24,7 +24,8 @@ from the network, and the network part is where this module earns its keep:
 - **Deadlines.** A read waits at most ``--timeout`` (then EIO; a later read tries afresh: the
   requests it waited for that landed nothing meanwhile are abandoned with it, so no later read joins
   a dead connection). A request that delivers no chunk for ``--timeout`` is a stall: it is abandoned
-  and resumed from the first undelivered chunk, at most ``MAX_ATTEMPTS`` times.
+  and resumed from the first undelivered chunk, as often as the one retry policy allows
+  (registry/retry.py: ``MAX_ATTEMPTS`` requests in all).
 
 Concurrency contract: everything here runs on the trio thread except the store's disk methods,
 which run through ``trio.to_thread``. ``_flights`` maps a chunk to the one task that will deliver
@@ -39,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import random
 from array import array
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
@@ -51,6 +51,7 @@ import trio
 from blobmount import metrics
 from blobmount.cache import ChunkStore, MetaStore, chunk_digest
 from blobmount.errors import BlobmountError, SourceError, TransientError
+from blobmount.registry.retry import Retry
 from blobmount.source import ReadHint
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,8 @@ DEFAULT_INFLIGHT_BYTES = 256 << 20  # read-ahead stops growing while this much i
 DIR_STEP_BYTES = 2 << 20  # a directory of small files is prefetched this much ahead at first,
 DIR_MAX_BYTES = 32 << 20  # doubling while the reader keeps up, to at most this much
 DEMAND_RESERVED_REQUESTS = 2  # request slots read-ahead may not take
-MAX_ATTEMPTS = 3  # per request: a stalled or broken body is resumed this many times in all
 FOREIGN_POLL_MAX_S = 0.1  # waiting for another process's chunk: poll its file at most this often
 UNSAVED_CHUNKS = 32  # landed chunks waiting for the disk; a request pauses when this many wait
-RETRY_PAUSE_S = 0.2  # before resuming a broken request (doubling, with jitter)
 
 
 _FLIGHT_SEQ = itertools.count()
@@ -79,7 +78,7 @@ _AHEAD = metrics.FETCH_CHUNKS.labels(reason="readahead")
 
 @runtime_checkable
 class StreamSource(Protocol):
-    """A remote data blob that streams byte ranges (registry/source.py implements it)."""
+    """A remote data blob that streams byte ranges (remote.py implements it)."""
 
     @property
     def size(self) -> int: ...
@@ -173,6 +172,7 @@ class ChunkedSource:
         self.inflight_limit = inflight_bytes
         self.offline = offline
         self.stats = FetchStats()
+        self._retry = Retry()  # the one policy; the source below makes one attempt per call
         self._nursery: trio.Nursery | None = None
         self._flights: dict[int, _Flight] = {}
         self._inflight_bytes = 0
@@ -578,30 +578,25 @@ class ChunkedSource:
                 self._fail(run, error)
 
     async def _fetch_attempts(self, run: _Run) -> BlobmountError | None:
-        """Up to MAX_ATTEMPTS requests, each resuming at the first undelivered chunk; returns the
+        """Requests as the one retry policy allows (registry/retry.py), each resuming at the first
+        undelivered chunk (the source itself does not retry: one loop); returns the
         last error (None once everything landed)."""
         if run.ahead:  # before a request slot: a queued read-ahead must not hold one a miss needs
             await self._ahead.acquire_on_behalf_of(run)
         try:
             async with self._requests:
-                for attempt in range(1, MAX_ATTEMPTS + 1):
+                for attempt in itertools.count(1):
                     try:
                         await self._stream(run)
                         return None
                     except BlobmountError as exc:
-                        if not isinstance(exc, TransientError) or attempt == MAX_ATTEMPTS:
+                        if not self._retry.should_retry(attempt, exc):
                             self.stats.failures += 1
                             log.warning("data blob bytes %d-%d: %s", *self._bytes(run.next, run.last), exc)
                             return exc
                         self.stats.retries += 1
-                        pause = RETRY_PAUSE_S * (2 ** (attempt - 1)) * (0.5 + random.random())
-                        log.debug(
-                            "data blob bytes %d-%d: %s; resuming in %.2f s",
-                            *self._bytes(run.next, run.last),
-                            exc,
-                            pause,
-                        )
-                        await trio.sleep(pause)
+                        first, last = self._bytes(run.next, run.last)
+                        await self._retry.pause(attempt, exc, f"data blob bytes {first}-{last}: ")
         finally:
             if run.ahead:
                 self._ahead.release_on_behalf_of(run)

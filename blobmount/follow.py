@@ -188,7 +188,9 @@ class Follower:
         if self._endpoints is None:
             self._endpoints = Endpoints(ref, self.config.registry)
         known = Digest.parse(self.fs.current.digest)
-        moved = await self._endpoints.first(lambda c: c.resolve_changed(known), resolve=True)
+        from blobmount.remote import first_answer
+
+        moved = await first_answer(self._endpoints, lambda c: c.resolve_changed(known), resolve=True)
         return None if moved is None else str(moved)
 
     def _layout_path(self) -> Path:

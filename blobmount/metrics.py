@@ -386,7 +386,7 @@ FUSE_READ_BYTES = Counter(
     "Bytes returned to the kernel by read() (bytes served; the kernel's page cache serves repeats itself).",
 )
 
-# registry/client.py: _send (requests, bytes, in flight) and _backoff (retries).
+# registry/transport.py: Transport.send (requests, bytes, in flight); registry/retry.py: Retry.pause (retries).
 HTTP_REQUESTS = Counter(
     "blobmount_http_requests_total",
     "HTTP requests sent to registries, mirrors and storage, by kind (range, blob, manifest, token, ...) "

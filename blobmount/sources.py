@@ -58,7 +58,7 @@ def open_archive(spec: str, options: RegistryOptions | None = None, settings: Re
 async def open_remote(spec: str, options: RegistryOptions, settings: RemoteSettings) -> Archive:
     from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES, ChunkStore, MetaStore
     from blobmount.fetch import ChunkedSource
-    from blobmount.registry.source import RegistryBlobSource, open_registry
+    from blobmount.remote import RegistryBlobSource, open_registry
     from blobmount.source import Archive
 
     archive = await open_registry(
@@ -111,7 +111,7 @@ class Opening:
         cache_dir, cache_size, chunk_size, offline, stale_tag = self._cache_args
         try:
             if not is_local(self._spec):
-                import blobmount.registry.source  # noqa: F401  the HTTP stack, before the first request
+                import blobmount.remote  # noqa: F401  the HTTP stack, before the first request
             from blobmount.cache import CacheDir, default_cache_dir
 
             self.cache = CacheDir(cache_dir or default_cache_dir(), cache_size)

@@ -21,9 +21,7 @@ origin's credentials: only what the credential files hold for the mirror's own h
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOSTS_DIR = Path("/etc/blobmount/certs.d")
 MIRROR_BACKOFF_S = 30.0  # a mirror that just failed is likely to fail again right away
-T = TypeVar("T")
 
 
 def load_hosts_toml(hosts_dir: Path, registry: str) -> list[Endpoint]:
@@ -100,34 +97,36 @@ class Endpoints:
     def origin(self) -> RegistryClient:
         return self.clients[-1]
 
-    async def first(
-        self, op: Callable[[RegistryClient], Awaitable[T]], *, resolve: bool = False, mirrors: bool = True
-    ) -> T:
-        """`op` on the first endpoint that succeeds: mirrors in order (unless `mirrors` is False:
-        bytes that failed verification are fetched again from the origin only), then the origin."""
-        last = len(self.clients) - 1
-        for i, client in enumerate(self.clients):
-            if i < last:
-                if not mirrors or (resolve and not self.mirrors[i].resolve):
-                    continue
-                if trio.current_time() < self._down_until[i]:
-                    continue
-            try:
-                return await op(client)
-            except BlobmountError as exc:
-                if i == last:
-                    raise
-                self._down_until[i] = trio.current_time() + MIRROR_BACKOFF_S
-                if isinstance(exc, RangeNotSupported):  # expected of a cold pull-through cache
-                    log.info(
-                        "mirror %s answers ranges with the whole blob (a pull-through cache that has not"
-                        " stored it yet); the next endpoint serves for %.0f s",
-                        client.host,
-                        MIRROR_BACKOFF_S,
-                    )
-                else:
-                    log.warning("mirror %s failed (%s); trying the next endpoint", client.host, exc)
-        raise AssertionError("unreachable: the origin is always tried")  # pragma: no cover
+    def candidates(self, *, resolve: bool = False, mirrors: bool = True) -> list[RegistryClient]:
+        """The clients to try, in order: mirrors not resting after a failure (unless `mirrors` is
+        False: bytes that failed verification are fetched again from the origin only; `resolve`:
+        only mirrors that may answer tag lookups), then the origin, always last. The caller tries
+        each in turn and reports a failure to :meth:`failed` (no callback into the caller: the
+        caller's loop calls down, this class only keeps the rule)."""
+        out = []
+        for i, client in enumerate(self.clients[:-1]):
+            if not mirrors or (resolve and not self.mirrors[i].resolve):
+                continue
+            if trio.current_time() < self._down_until[i]:
+                continue
+            out.append(client)
+        return [*out, self.origin]
+
+    def failed(self, client: RegistryClient, exc: BlobmountError) -> None:
+        """`client` failed with `exc`: the origin's error is raised; a mirror rests for
+        MIRROR_BACKOFF_S and the next endpoint is tried."""
+        if client is self.origin:
+            raise exc
+        self._down_until[self.clients.index(client)] = trio.current_time() + MIRROR_BACKOFF_S
+        if isinstance(exc, RangeNotSupported):  # expected of a cold pull-through cache
+            log.info(
+                "mirror %s answers ranges with the whole blob (a pull-through cache that has not"
+                " stored it yet); the next endpoint serves for %.0f s",
+                client.host,
+                MIRROR_BACKOFF_S,
+            )
+        else:
+            log.warning("mirror %s failed (%s); trying the next endpoint", client.host, exc)
 
     def last_error(self) -> BlobmountError | None:
         """The origin's last retried failure, else a mirror's: what an overall timeout was spent on."""

@@ -25,7 +25,7 @@ from blobmount.fetch import ChunkedSource
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.registry.source import RegistryBlobSource
+from blobmount.remote import RegistryBlobSource
 from blobmount.source import ReadHint
 from tests.fakes import FakeRemote
 

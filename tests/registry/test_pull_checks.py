@@ -18,7 +18,7 @@ from blobmount.cli import main
 from blobmount.manifest import ARTIFACT_TYPE, DATA_MEDIA_TYPE, EMPTY_MEDIA_TYPE, INDEX_MEDIA_TYPE
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryClient, RegistryOptions, bytes_reader
-from blobmount.registry.source import open_registry
+from blobmount.remote import open_registry
 from tests.helpers import FIXTURES
 from tests.servers import QuirkProxy, Registry
 

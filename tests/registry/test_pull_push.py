@@ -17,7 +17,7 @@ from blobmount.errors import AuthError, LimitExceeded
 from blobmount.reference import Digest, Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
-from blobmount.registry.source import RegistryBlobSource, open_registry
+from blobmount.remote import RegistryBlobSource, open_registry
 from blobmount.source import Archive
 from tests.helpers import FIXTURE_NAMES, FIXTURES, tree_files
 from tests.servers import QuirkProxy, Registry

@@ -20,7 +20,7 @@ from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from blobmount.registry.source import RegistryBlobSource, open_registry
+from blobmount.remote import RegistryBlobSource, open_registry
 from tests.fuse.conftest import mounted
 from tests.helpers import FIXTURES, tree_files
 from tests.registry.conftest import TOKEN_PASSWORD, TOKEN_USER, access_log_mark, statuses_since

@@ -19,6 +19,7 @@ import trio.testing
 from blobmount.cache import CacheDir, ChunkStore
 from blobmount.errors import SourceError, TransientError
 from blobmount.fetch import ChunkedSource
+from blobmount.registry.retry import MAX_ATTEMPTS
 from blobmount.source import ReadHint
 from tests.fakes import FakeRemote
 
@@ -221,11 +222,12 @@ def test_transient_faults_are_retried_from_the_first_missing_chunk(tmp_path: Pat
         assert second[0] == 4 * CS  # chunks 0-3 had landed before the reset: not asked again
 
 
-def test_three_faults_in_a_row_fail_the_read_then_it_recovers(tmp_path: Path) -> None:
-    remote = FakeRemote(BLOB, faults=["reset", "refuse", "truncate"])
+def test_max_attempts_faults_in_a_row_fail_the_read_then_it_recovers(tmp_path: Path) -> None:
+    faults: list[str | None] = ["reset", "refuse", "truncate"] * MAX_ATTEMPTS
+    remote = FakeRemote(BLOB, faults=faults[:MAX_ATTEMPTS])
 
     async def go() -> None:
-        async with serving(_source(remote, None)) as src:
+        async with serving(_source(remote, None, timeout_s=60.0)) as src:
             with pytest.raises(TransientError):
                 await src.read_range(CS, 2 * CS)
             assert await src.read_range(CS, 2 * CS) == BLOB[CS : 2 * CS]  # never poisoned
@@ -394,7 +396,7 @@ def test_a_chunk_that_changed_since_verification_is_refused(tmp_path: Path) -> N
         bad = bytearray(BLOB)
         bad[CS + 5] ^= 1
         remote = FakeRemote(bytes(bad))
-        async with serving(_source(remote, cache, meta=MetaStore(cache))) as src:
+        async with serving(_source(remote, cache, meta=MetaStore(cache), timeout_s=60.0)) as src:
             assert await src.was_verified(0, 4 * CS, sha)
             assert not await src.was_verified(0, 4 * CS, b"\x22" * 32)
             os.unlink(tmp_path / "c" / "chunks" / f"{DIGEST}-{CS}" / "1")  # evicted meanwhile
@@ -403,7 +405,7 @@ def test_a_chunk_that_changed_since_verification_is_refused(tmp_path: Path) -> N
             assert remote.requests[-1][2] is True  # and the retries went to the origin only
             assert src.stats.changed_chunks >= 1
 
-    run(go)
+    run(go)  # real time: the chunks of the first mount land through disk threads (~6 s of backoff)
 
 
 class _Blackhole(FakeRemote):

@@ -127,7 +127,7 @@ def test_one_shot_commands_quiet_retries_and_reader_reports_at_the_default_level
         logs.quiet_one_shot(True)
         logging.getLogger(logs.RETRY_LOGGER).warning("refused; retry 3 in 1.00 s")
         logging.getLogger("blobmount.reader").error("'a': sha256 mismatch")
-        logging.getLogger("blobmount.registry.source").warning("still shown")
+        logging.getLogger("blobmount.remote").warning("still shown")
         assert out.getvalue() == "blobmount: WARNING: still shown\n"
         logs.quiet_one_shot(False)
         logging.getLogger(logs.RETRY_LOGGER).warning("refused; retry 3 in 1.00 s")
@@ -142,6 +142,6 @@ def test_one_shot_commands_quiet_retries_and_reader_reports_at_the_default_level
 
 
 def test_the_client_logs_its_retries_on_the_retry_logger() -> None:
-    from blobmount.registry import client
+    from blobmount.registry import retry
 
-    assert client.retry_log.name == logs.RETRY_LOGGER
+    assert retry.retry_log.name == logs.RETRY_LOGGER

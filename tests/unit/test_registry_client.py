@@ -206,7 +206,7 @@ def test_plain_http_and_insecure_are_per_host() -> None:
 def test_a_stalled_read_ends_within_the_timeout() -> None:
     """A server that never answers costs one --timeout, not forever (autojump clock: no wall time)."""
     from blobmount.registry.mirrors import Endpoints
-    from blobmount.registry.source import RegistryBlobSource
+    from blobmount.remote import RegistryBlobSource
 
     async def handler(request: httpx.Request) -> httpx.Response:
         await trio.sleep(10_000)
@@ -329,7 +329,7 @@ def test_a_shared_challenge_fetches_a_fresh_token_without_a_401() -> None:
 
 
 def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    from blobmount.registry import client as client_module
+    from blobmount.registry import transport as client_module
 
     built: list[str | None] = []
     real = client_module.tls_context
@@ -362,7 +362,8 @@ def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPa
 
 def test_an_open_that_runs_out_of_time_names_what_it_was_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
     """A registry answering 503 to everything: the one-line error says so, not only "no answer"."""
-    from blobmount.registry import mirrors, source
+    from blobmount import remote as source
+    from blobmount.registry import mirrors
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(503)

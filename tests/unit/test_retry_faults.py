@@ -20,9 +20,10 @@ import trio.testing
 from blobmount.errors import AuthError, SourceError, TransientError
 from blobmount.reference import Digest, Reference
 from blobmount.registry import client as client_mod
+from blobmount.registry import retry as retry_mod
 from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.registry.source import RegistryBlobSource
+from blobmount.remote import RegistryBlobSource
 from tests import resolver
 
 BLOB = bytes(range(256)) * 256
@@ -170,10 +171,8 @@ def test_a_lasting_fault_ends_in_a_transient_error_after_bounded_attempts(fault:
     calls: list[float] = []
     with pytest.raises(TransientError):
         run(read_once(failing_first(10_000, TRANSIENT[fault], calls)))
-    assert len(calls) == client_mod.MAX_ATTEMPTS
-    waits = [
-        min(client_mod.BACKOFF_MAX_S, client_mod.BACKOFF_FIRST_S * 2**k) for k in range(client_mod.MAX_ATTEMPTS - 1)
-    ]
+    assert len(calls) == retry_mod.MAX_ATTEMPTS
+    waits = [min(retry_mod.BACKOFF_MAX_S, retry_mod.BACKOFF_FIRST_S * 2**k) for k in range(retry_mod.MAX_ATTEMPTS - 1)]
     assert 0.5 * sum(waits) <= calls[-1] - calls[0] < 1.5 * sum(waits)
 
 
@@ -448,3 +447,35 @@ def test_dns_failure_through_the_real_transport(monkeypatch: pytest.MonkeyPatch,
     assert "name resolution" in str(info.value)
     assert set(asked) == {"registry.faults.test"}  # only the injected resolver was asked
     assert 2 <= len(asked) <= 4  # each of the two attempts (trio may probe numeric-only first)
+
+
+def test_a_lasting_503_costs_max_attempts_requests_for_a_cold_read() -> None:
+    """The README's count is what happens: a data read through the fetcher against a registry that
+    answers 503 forever sends exactly MAX_ATTEMPTS range requests (the fetcher's loop is the only
+    one; the client below it makes one attempt per call). Before, the client's 6 attempts ran
+    inside the fetcher's 3: 18 requests."""
+    from blobmount.cache import ChunkStore
+    from blobmount.fetch import ChunkedSource
+
+    blob = bytes(range(256)) * 64
+    digest = Digest.of(blob)
+    ref = Reference.parse("registry.faults.test:5000/team/assets:v1")
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers.get("range", ""))
+        return httpx.Response(503)
+
+    async def go() -> None:
+        options = RegistryOptions(plain_http=("registry.faults.test:5000",), timeout_s=1000.0)
+        remote = RegistryBlobSource(ref, options, digest, len(blob))
+        origin = RegistryClient(ref, options, transport=httpx.MockTransport(handler))
+        remote._endpoints = Endpoints(ref, options, origin=origin)
+        source = ChunkedSource(remote, ChunkStore(None, digest.hex, len(blob), 4096), timeout_s=1000.0)
+        async with source.serving():
+            with pytest.raises(TransientError):
+                await source.read_range(0, 100)
+        await remote.aclose()
+
+    trio.run(go, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(calls) == retry_mod.MAX_ATTEMPTS

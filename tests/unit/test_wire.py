@@ -1,22 +1,24 @@
-"""The range fast path (registry/wire.py) against a raw HTTP server on 127.0.0.1 that answers exactly
+"""The GET transport (registry/wire.py) against a raw HTTP server on 127.0.0.1 that answers exactly
 what each test scripts: keep-alive reuse, a server that closed an idle connection, short bodies,
-`Connection: close`, and the answers the fast path must hand back to httpx (chunked bodies,
-Content-Encoding, 401/307/503) without ever returning wrong bytes."""
+`Connection: close`, chunked bodies, and the answers the client's one request path must handle
+(Content-Encoding, 401/307/503) without ever returning wrong bytes."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import httpx
 import pytest
 import trio
 
-from blobmount.errors import SourceError, TransientError
+from blobmount.errors import SourceError
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryClient, RegistryOptions
-from blobmount.registry.wire import WirePool
+from blobmount.registry.wire import WireTransport
 
 BLOB = bytes(range(256)) * 400
 DIGEST = Digest.of(BLOB)
@@ -134,29 +136,31 @@ def test_a_short_body_is_a_transient_error_and_the_retry_succeeds() -> None:
         assert len(s.requests) == 2
 
 
-def test_pool_reports_a_short_body() -> None:
+def test_the_transport_reports_a_short_body() -> None:
     with server(lambda line, h, n: (ranged(0, 1000)[:-10], True)) as s:
 
         async def go() -> None:
-            pool = WirePool("http", "127.0.0.1", s.port, None, "test")
-            response = await pool.get("/x", {"Range": "bytes=0-999"})
-            assert response.status == 206
-            with pytest.raises(TransientError, match="connection closed with 10 body bytes left"):
-                async for _ in response.iter_body():
-                    pass
-            await response.aclose()
-            assert pool._idle == []  # a broken connection is never reused
+            transport = WireTransport(ssl.create_default_context(), httpx.AsyncHTTPTransport())
+            async with httpx.AsyncClient(transport=transport) as client:
+                request = client.build_request("GET", f"http://127.0.0.1:{s.port}/x", headers={"Range": "bytes=0-999"})
+                response = await client.send(request, stream=True)
+                assert response.status_code == 206
+                with pytest.raises(httpx.RemoteProtocolError, match="connection closed with 10 body bytes left"):
+                    async for _ in response.aiter_raw():
+                        pass
+                await response.aclose()
+                assert all(not pool._idle for pool in transport._pools.values())  # never reused
 
         trio.run(go)
 
 
 def test_chunked_and_unusual_answers_go_through_httpx() -> None:
-    """The fast path hands a chunked body, a 503 and a 307 back; httpx then serves the same bytes."""
+    """A chunked body and a 503 on the way: the same request path serves the same bytes."""
 
     def answer(line: str, h: dict[str, str], n: int) -> tuple[bytes, bool]:
         start, end = parse_range(h)
         count = len(s.requests)
-        if count == 1:  # chunked: the fast path does not read these
+        if count == 1:  # chunked
             body = BLOB[start:end]
             chunks = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
             head = (

@@ -1,4 +1,7 @@
-"""Opening an archive by registry reference, and the data blob as a streaming range source.
+"""A registry archive: the registry client (registry/) composed with the cache (meta store, whole-blob
+fallback). Opening by reference, and the data blob as a streaming range source.
+
+Kept out of registry/ so that the OCI client knows nothing of the cache layout.
 
 Pull side (issue: registries): resolve the tag once (HEAD, GET when HEAD is refused), fetch the
 manifest by digest and check ``sha256(body)``, check it is a blob archive (manifest.parse_manifest),
@@ -20,8 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
+from typing import TypeVar
 
 import trio
 
@@ -34,6 +38,7 @@ from blobmount.registry.mirrors import Endpoints
 from blobmount.source import Archive, LocalFileSource, RangeSource, ReadHint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RegistryBlobSource:
@@ -74,7 +79,7 @@ class RegistryBlobSource:
         forever (it becomes EIO, and a later read tries afresh)."""
         self._check(start, end)
         with trio.move_on_after(self.options.timeout_s):
-            return await self.endpoints.first(lambda c: c.read_range(self.digest, start, end, self._size))
+            return await first_answer(self.endpoints, lambda c: c.read_range(self.digest, start, end, self._size))
         raise TransientError(f"{self.ref}: no answer within --timeout {self.options.timeout_s:g} s")
 
     async def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncGenerator[bytes, None]:
@@ -84,8 +89,10 @@ class RegistryBlobSource:
         self._check(start, end)
         if start == end:
             return
-        opened = await self.endpoints.first(
-            lambda c: _opened(c.iter_range(self.digest, start, end, self._size)), mirrors=not origin_only
+        opened = await first_answer(
+            self.endpoints,
+            lambda c: _opened(c.iter_range(self.digest, start, end, self._size)),
+            mirrors=not origin_only,
         )
         blocks, first = opened
         async with aclosing(blocks):
@@ -101,6 +108,18 @@ class RegistryBlobSource:
         if self._endpoints is not None:
             await self._endpoints.aclose()
             self._endpoints = None
+
+
+async def first_answer(
+    endpoints: Endpoints, op: Callable[[RegistryClient], Awaitable[T]], *, resolve: bool = False, mirrors: bool = True
+) -> T:
+    """`op` on the first endpoint that succeeds (mirrors.Endpoints keeps the order and the rests)."""
+    for client in endpoints.candidates(resolve=resolve, mirrors=mirrors):
+        try:
+            return await op(client)
+        except BlobmountError as exc:
+            endpoints.failed(client, exc)  # raises the origin's error
+    raise AssertionError("unreachable: the origin is always tried")  # pragma: no cover
 
 
 async def _opened(blocks: AsyncGenerator[bytes, None]) -> tuple[AsyncGenerator[bytes, None], bytes]:
@@ -137,7 +156,7 @@ async def open_registry(
             manifest = meta.get_blob(digest.hex) if meta is not None else None
             if manifest is None:
                 _online(offline, ref, "its manifest", stale)
-                manifest = await endpoints.first(lambda c: c.get_manifest(digest))
+                manifest = await first_answer(endpoints, lambda c: c.get_manifest(digest))
                 if meta is not None:
                     meta.put_blob(digest.hex, manifest)
             (idigest, isize), (ddigest, dsize) = parse_manifest(manifest, str(ref))
@@ -207,7 +226,7 @@ async def _resolve(
         # with a resolution to fall back on, a registry that does not answer costs one --timeout,
         # not the whole open's budget
         with trio.fail_after(timeout_s if known is not None and stale_ok else math.inf):
-            digest = await endpoints.first(lambda c: c.resolve(), resolve=True)
+            digest = await first_answer(endpoints, lambda c: c.resolve(), resolve=True)
     except (TransientError, trio.TooSlowError) as exc:
         if known is None:
             raise
@@ -252,7 +271,7 @@ async def _index_and_probe(
 
     async def probe_ranges() -> None:
         try:
-            await endpoints.first(lambda c: c.read_range(data_digest, 0, 1, data_size))
+            await first_answer(endpoints, lambda c: c.read_range(data_digest, 0, 1, data_size))
         except BlobmountError as exc:
             probe_error.append(exc)
 
@@ -261,7 +280,7 @@ async def _index_and_probe(
             nursery.start_soon(probe_ranges)
         if index is None:
             try:
-                index = await endpoints.first(lambda c: c.get_blob(index_digest, index_size, MAX_INDEX_BYTES))
+                index = await first_answer(endpoints, lambda c: c.get_blob(index_digest, index_size, MAX_INDEX_BYTES))
             except BlobmountError as exc:
                 index_error.append(exc)
                 nursery.cancel_scope.cancel()
