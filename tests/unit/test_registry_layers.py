@@ -39,7 +39,6 @@ def test_registry_imports_only_itself_and_what_lies_below() -> None:
         assert not above, f"{path.name} imports {sorted(above)}"
 
 
-
 def test_no_registry_module_outgrows_one_concern() -> None:
     for path in sorted(REGISTRY.glob("*.py")):
         lines = len(path.read_text().splitlines())
