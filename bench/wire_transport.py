@@ -63,7 +63,7 @@ def main() -> int:
             d = trio.run(upload, ref, os.urandom(SIZE))
             for i in range(3):
                 for m in MODES if i % 2 == 0 else tuple(reversed(MODES)):
-                    tmod._proxied = real_proxied if m == "wire" else (lambda host: True)  # type: ignore[assignment]
+                    tmod._proxied = real_proxied if m == "wire" else (lambda host: True)  # type: ignore[assignment,unused-ignore]
                     h11mod.AsyncHTTP11Connection.READ_NUM_BYTES = (1 << 20) if m == "httpx1m" else 64 * 1024
                     c0, t0 = cpu(), time.perf_counter()
                     trio.run(read_all, ref, d)
