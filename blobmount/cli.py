@@ -734,8 +734,8 @@ def _referrers(args: argparse.Namespace, name: str) -> list[dict[str, Any]] | No
     import trio
 
     from blobmount.reference import Reference
+    from blobmount.referrers import list_referrers
     from blobmount.registry.client import RegistryClient
-    from blobmount.registry.referrers import list_referrers
 
     ref = Reference.parse(name)
 
@@ -992,7 +992,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 async def _push_profile(ref: Reference, options: RegistryOptions, data: bytes, parsed: Any) -> str:
-    from blobmount.registry.referrers import push_profile
+    from blobmount.referrers import push_profile
 
     return str(await push_profile(ref, options, data, parsed.created, len(parsed.entries), parsed.index_digest))
 

@@ -293,7 +293,7 @@ async def use(
         return
     try:
         if setting == "auto":
-            from blobmount.registry.referrers import newest_profile
+            from blobmount.referrers import newest_profile
 
             assert isinstance(options, RegistryOptions)
             found = None

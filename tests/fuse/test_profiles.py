@@ -19,8 +19,8 @@ import trio
 
 from blobmount import profile
 from blobmount.reference import Reference
+from blobmount.referrers import fallback_tag, push_profile
 from blobmount.registry.client import RegistryOptions
-from blobmount.registry.referrers import fallback_tag, push_profile
 from tests.faults import Fault, FaultProxy, Kind, path_prefix
 from tests.fuse.conftest import Mount, blobmount_cmd, mounted
 from tests.servers import Registry, start_registry

@@ -1,4 +1,5 @@
-"""An archive's referrers: prefetch profiles pushed as OCI artifacts whose ``subject`` is the
+"""An archive's referrers (above registry/: it joins the OCI client and the profile format):
+prefetch profiles pushed as OCI artifacts whose ``subject`` is the
 archive's manifest, listed back for `inspect`, and the newest one fetched for ``--prefetch-profile
 auto``.
 
