@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import FaultProxy
+from tests.servers import Registry
+
 MOUNT_WAIT_S = 30.0  # hang guard: a mount is normally ready in well under a second
 STOP_WAIT_S = 15.0
 READY_POLL_S = 0.1  # how often the wait for READY=1 looks at the daemon
@@ -143,3 +146,13 @@ def helper_installed() -> Iterator[None]:
     finally:
         if created:
             HELPER.unlink()
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session registry, no fault on (tests switch them per request)."""
+    p = FaultProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()

@@ -22,7 +22,6 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,15 +71,6 @@ def trust_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) 
     trio.run(functools.partial(push_archive, out, ref, RegistryOptions()))
     digest = "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest()
     return TrustArchive(placed, digest)
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[FaultProxy]:
-    p = FaultProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _mount(proxy: FaultProxy, mnt: Path, cache: Path) -> contextlib.AbstractContextManager[Mount]:

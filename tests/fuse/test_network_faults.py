@@ -26,7 +26,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,15 +90,6 @@ def net_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
     trio.run(functools.partial(push_archive, out, ref, RegistryOptions()))
     digest = "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest()
     return NetArchive(placed, digest)
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[FaultProxy]:
-    p = FaultProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _expected(arc: NetArchive, path: bytes) -> bytes:

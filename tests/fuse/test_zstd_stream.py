@@ -17,7 +17,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,15 +79,6 @@ def stream_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory)
     trio.run(functools.partial(push_archive, out, ref, RegistryOptions()))
     digest = "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest()
     return StreamArchive(placed, digest)
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[FaultProxy]:
-    p = FaultProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _mount(proxy: FaultProxy, tmp_path: Path, *extra: str) -> contextlib.AbstractContextManager[Mount]:
