@@ -362,14 +362,17 @@ class Reader(StreamingReads):
 
     async def _verify_in_background(self, entry: Entry) -> None:
         """``verify="background"``: the rest of an opened large file is read and hashed now."""
+        await self._verify_detached(entry, "background verification stopped", "it resumes as the file is read")
+
+    async def _verify_detached(self, entry: Entry, stopped: str, then: str) -> None:
+        """:meth:`_verify_whole` as a task of its own: a mismatch was logged once by _poison (the
+        file is EIO from now on); any other failure is one warning, and a later read tries again."""
         try:
             await self._verify_whole(entry)
         except IntegrityError:
-            pass  # logged once by _poison; the file is EIO from now on
+            pass
         except BlobmountError as exc:
-            log.warning(
-                "%s: background verification stopped: %s (it resumes as the file is read)", show(entry.path), exc
-            )
+            log.warning("%s: %s: %s (%s)", show(entry.path), stopped, exc, then)
 
     async def _verify_whole(self, entry: Entry) -> None:
         """Hash the whole file before serving it; single-flight per entry. A mismatch is read once
@@ -426,14 +429,7 @@ class Reader(StreamingReads):
             self._nursery.start_soon(self._reverify, entry)
 
     async def _reverify(self, entry: Entry) -> None:
-        try:
-            await self._verify_whole(entry)
-        except IntegrityError:
-            pass  # logged once by _poison; the file is EIO from now on
-        except BlobmountError as exc:
-            log.warning(
-                "%s: reading it again from the origin stopped: %s (the next read tries again)", show(entry.path), exc
-            )
+        await self._verify_detached(entry, "reading it again from the origin stopped", "the next read tries again")
 
     async def _advance(self, entry: Entry, progress: _Progress, offset: int, data: bytes) -> None:
         if progress.finishing:
