@@ -216,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
         "--record-profile",
         action="store_true",
         help="record the order in which files (and ranges of large files) are first read; written on "
-        "unmount to CACHE_DIR/profiles/<index digest>.json, or any time by `blobmount profile save`",
+        "unmount to CACHE_DIR/meta/profiles/<index digest hex>.json, or any time by `blobmount profile save`",
     )
     m.add_argument(
         "--record-seconds",

@@ -32,6 +32,7 @@ import trio
 
 from blobmount import __version__, introspect, logs, metrics, profile
 from blobmount.cache import CacheDir, ContentStore, default_cache_dir
+from blobmount.cache.meta import MetaStore
 from blobmount.config import MountConfig
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
 from blobmount.fetch import ChunkedSource
@@ -195,15 +196,15 @@ def _profile_document(prep: Prepared) -> Callable[[], dict[str, Any]] | None:
 
 
 def _save_profile(prep: Prepared) -> None:
-    """On unmount: the recorded profile to CACHE_DIR/profiles/<index hex>.json (profile.profile_path)."""
+    """On unmount: the recorded profile into the cache's meta store (MetaStore.profile_path)."""
     if prep.recorder is None:
         return
-    path = profile.profile_path(prep.cache.root, prep.archive.index_digest)
+    meta = MetaStore(prep.cache)
+    index_hex = prep.archive.index_digest.removeprefix("sha256:")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        profile.write(prep.recorder.document(prep.archive.index_digest), path)
+        path = meta.put_profile(index_hex, profile.dumps(prep.recorder.document(prep.archive.index_digest)))
     except OSError as exc:
-        log.warning("prefetch profile: cannot write %s: %s", path, exc.strerror)
+        log.warning("prefetch profile: cannot write %s: %s", meta.profile_path(index_hex), exc.strerror)
         return
     log.info("prefetch profile: %d entries written to %s", len(prep.recorder.entries), path)
 

@@ -263,11 +263,6 @@ BUDGET_FRACTION = 0.9  # of the cache's free room a profile may fill (the rest s
 LOOKUP_TIMEOUTS = 4  # `auto`: the registry look-up may take this many --timeout periods
 
 
-def profile_path(cache_root: os.PathLike[str] | str, index_digest: str) -> str:
-    """Where --record-profile writes on unmount: CACHE_DIR/profiles/<index digest hex>.json."""
-    return os.path.join(os.fspath(cache_root), "profiles", index_digest.removeprefix("sha256:") + ".json")
-
-
 async def use(
     setting: str,
     archive_name: str,

@@ -13,6 +13,7 @@ are atomic (tmp + rename). All methods block briefly on the file system and may 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -138,6 +139,22 @@ class MetaStore:
             _atomic_write(self.root / kind / digest_hex, value)
         except OSError as exc:
             log.debug("cache: cannot keep %s of %s: %s", kind, digest_hex, exc.strerror)
+
+    # -- recorded prefetch profiles --------------------------------------------------------
+
+    def profile_path(self, index_hex: str) -> Path:
+        """Where --record-profile keeps a mount's recording: CACHE_DIR/meta/profiles/<index hex>.json
+        (a record derived from the index, like the entry order; documented in the README)."""
+        return self.root / "profiles" / f"{index_hex}.json"
+
+    def put_profile(self, index_hex: str, document: bytes) -> Path:
+        """Keep a recorded profile (temp + rename: a reader never sees half of one). Raises OSError,
+        unlike the other derived records: losing a recording the user asked for is worth a warning."""
+        if not _hex_ok(index_hex):
+            raise OSError(errno.EINVAL, "not a digest")
+        path = self.profile_path(index_hex)
+        _atomic_write(path, document)
+        return path
 
     # -- verified records ----------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ def test_record_save_push_list_and_prefetch_auto(logged_registry: Registry, tmp_
     [(big, start, length)] = doc["entries"][30:]
     assert (big, start) == ("m/big.bin", 0)
     assert 2 << 20 <= length < 6 << 20
-    on_unmount = cache1 / "profiles" / (doc["index_digest"].removeprefix("sha256:") + ".json")
+    on_unmount = cache1 / "meta" / "profiles" / (doc["index_digest"].removeprefix("sha256:") + ".json")
     assert json.loads(on_unmount.read_bytes())["entries"] == doc["entries"]
 
     out = _cli("profile", "push", ref, str(saved))

@@ -169,3 +169,17 @@ def test_the_mount_flags_and_profile_push_take_settings_from_every_layer() -> No
     assert args.timeout == 7.0
     assert args.max_connections == 8  # the default, filled in
     assert resolve(_parser(), ["cache", "prune", "--cache-dir", "/c"], {}).args.size == "0"
+
+
+def test_the_unmount_recording_is_a_meta_record_of_the_cache(tmp_path: Path) -> None:
+    from blobmount.cache import CacheDir, MetaStore
+
+    meta = MetaStore(CacheDir(tmp_path / "cache"))
+    hexd = "ab" * 32
+    doc = {"schema": SCHEMA, "created": "2026-12-02T00:00:00Z", "index_digest": f"sha256:{hexd}", "entries": []}
+    path = meta.put_profile(hexd, profile.dumps(doc))
+    assert path == tmp_path / "cache" / "meta" / "profiles" / f"{hexd}.json"  # the README's documented place
+    assert parse(path.read_bytes()).index_digest == f"sha256:{hexd}"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left beside it
+    with pytest.raises(OSError):
+        meta.put_profile("../../etc/x", b"{}")  # a name that is not a digest never becomes a path
