@@ -652,6 +652,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="blobmount-push-") as tmp:
         if args.archive:
+            _refuse_create_options(args)
             archive_dir = Path(args.src)
         else:
             archive_dir = Path(tmp)
@@ -666,6 +667,21 @@ def cmd_push(args: argparse.Namespace) -> int:
         digest = run_interruptible(_push, archive_dir, ref, registry_options(args), args.created, notes, args.progress)
     print(f"{ref.registry}/{ref.repository}@{digest}")
     return EXIT_OK
+
+
+def _refuse_create_options(args: argparse.Namespace) -> None:
+    """`push --archive` sends the blobs as they are: a building option would be silently ignored,
+    so naming one is a usage error (the defaults come from create_args itself, written once)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    create_args(probe)
+    given = [
+        "--" + name.replace("_", "-")
+        for name, default in vars(probe.parse_args([])).items()
+        if getattr(args, name) != default
+    ]
+    if given:
+        named = ", ".join(given)
+        raise UsageError(f"{named}: push --archive pushes the archive as is; these build one from a directory")
 
 
 def _push_oci(archive_dir: Path, spec: str, created: str | None, notes: dict[str, str]) -> str:

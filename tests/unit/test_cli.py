@@ -101,6 +101,21 @@ def test_create_skips_symlinks_and_fifos_and_keeps_byte_names(
     assert capsysbinary.readouterr().out == b"latin-1 name\n"
 
 
+@pytest.mark.parametrize(
+    "option", [["--level", "9"], ["--compression", "none"], ["--no-skip-compression"], ["--threads", "2"]]
+)
+def test_push_archive_refuses_the_options_that_build_one(
+    tmp_path: Path, option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = tmp_path / "layout"
+    assert main(["push", "--archive", str(FIXTURES / "basic"), f"oci:{layout}:v1", *option]) == 2
+    err = capsys.readouterr().err
+    assert option[0].replace("--no-", "--") in err  # the option's name
+    assert "pushes the archive as is" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not layout.exists()  # refused before anything is written
+
+
 def test_push_to_an_oci_layout_then_read_it(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     layout = tmp_path / "layout"
     src = FIXTURES / "basic"
