@@ -1,4 +1,4 @@
-"""Registry settings (frozen, built once by cli.py) and the auth state their clients share.
+"""Registry settings: frozen, built once by cli.py.
 
 Kept free of httpx and trio: the CLI builds these before anything heavy is imported, so that the
 mount can start talking to the registry on a background thread while the rest of it loads.
@@ -6,12 +6,11 @@ mount can start talking to the registry on a background thread while the rest of
 
 from __future__ import annotations
 
-import threading
-import time
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blobmount.registry.auth import Challenge, Credentials
+from blobmount.registry.auth import Credentials
 
 DEFAULT_TIMEOUT_S = 30.0  # total time of one operation across retries (DESIGN §8 --timeout)
 
@@ -27,41 +26,6 @@ class Endpoint:
     resolve: bool = True  # may answer tag lookups (containerd's "resolve" capability)
 
 
-@dataclass(slots=True)
-class SharedAuth:
-    challenge: Challenge | None = None  # the last bearer challenge: a new token needs no 401 first
-    header: str | None = field(default=None, repr=False)  # "Bearer ..." (a secret)
-    refresh_at: float = 0.0  # time.monotonic(): trio's clock differs per run (random offset)
-    basic: bool = False  # the server asked for basic auth
-
-
-class AuthCache:
-    """What one registry client learned about authenticating, for the others made from the same
-    options: the mount's parent fetches a token while opening the archive, and the daemon (a fork,
-    with a copy of this memory) starts with it instead of a 401 and a token round trip before its
-    first read. Keyed by (base URL, scope); entries never leave the process (or its fork)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], SharedAuth] = {}
-        self._lock = threading.Lock()  # clients of one options object may live on two threads
-
-    def __repr__(self) -> str:
-        return f"AuthCache({len(self._entries)} entries)"  # never the tokens
-
-    def get(self, base: str, scope: str) -> SharedAuth | None:
-        with self._lock:
-            entry = self._entries.get((base, scope))
-            return None if entry is None else SharedAuth(entry.challenge, entry.header, entry.refresh_at, entry.basic)
-
-    def put_token(self, base: str, scope: str, challenge: Challenge, header: str, valid_s: float) -> None:
-        with self._lock:
-            self._entries[(base, scope)] = SharedAuth(challenge, header, time.monotonic() + valid_s)
-
-    def put_basic(self, base: str, scope: str) -> None:
-        with self._lock:
-            self._entries[(base, scope)] = SharedAuth(basic=True)
-
-
 @dataclass(frozen=True, slots=True)
 class RegistryOptions:
     plain_http: tuple[str, ...] = ()  # HOST[:PORT] talked to over plain HTTP
@@ -72,4 +36,8 @@ class RegistryOptions:
     max_connections: int = 8
     mirrors: tuple[str, ...] = ()  # --mirror HOST[:PORT], tried in order before the origin
     hosts_dir: Path | None = None  # containerd-style HOST/hosts.toml (default /etc/blobmount/certs.d)
-    auth_cache: AuthCache = field(default_factory=AuthCache, compare=False, repr=False)
+    # Clients built from options with the same key share what they learned about authenticating
+    # (tokens.SHARED): the mount's parent fetches a token, the forked daemon starts with it. A
+    # value, not the state itself, so that these options stay immutable; a copy made with
+    # dataclasses.replace shares too, two options built apart never do.
+    auth_share: str = field(default_factory=lambda: secrets.token_hex(8), compare=False, repr=False)

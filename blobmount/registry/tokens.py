@@ -5,9 +5,10 @@ Anonymous first; a 401 with a ``Bearer`` challenge fetches a token from the real
 credentials when we have them) and the request is sent again; a ``Basic`` challenge sends the
 credentials. Tokens are refreshed when they expire or when a request answers 401, under one lock,
 so concurrent reads in flight wait for the same refresh instead of failing. What one client
-learned is handed to later clients of the same options (options.AuthCache: the mount's parent
-fetches a token, the forked daemon starts with it). Credentials are looked up (auth.py) only
-when a challenge asks for them; a mirror is given only what is stored for its own host.
+learned is handed to later clients of the same options (:data:`SHARED`, keyed by the options'
+``auth_share``: the mount's parent fetches a token, the forked daemon starts with it).
+Credentials are looked up (auth.py) only when a challenge asks for them; a mirror is given only
+what is stored for its own host.
 
 Requests go out through the client's transport (given at construction); nothing here retries: a
 token endpoint's transient failure is the request's, retried by the client's one loop.
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
@@ -42,7 +45,49 @@ DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default when expires_in is a
 TOKEN_CLIENT_ID = "blobmount"  # the OAuth2 client_id the token spec asks refresh-token requests to name
 MAX_TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few KiB; a hostile realm must not fill memory
 
+SHARED_ENTRIES = 256  # (options, registry, scope) triples remembered per process; a daemon uses a handful
+
 Send = Callable[..., Awaitable["httpx.Response"]]  # Transport.send
+
+
+@dataclass(slots=True)
+class SharedAuth:
+    challenge: Challenge | None = None  # the last bearer challenge: a new token needs no 401 first
+    header: str | None = field(default=None, repr=False)  # "Bearer ..." (a secret)
+    refresh_at: float = 0.0  # time.monotonic(): trio's clock differs per run (random offset)
+    basic: bool = False  # the server asked for basic auth
+
+
+class SharedTokens:
+    """What one registry client learned about authenticating, for the later clients of the same
+    options (``RegistryOptions.auth_share``): the mount's parent fetches a token while opening the
+    archive, and the daemon (a fork, with a copy of this memory) starts with it instead of a 401
+    and a token round trip before its first read. Entries never leave the process (or its fork);
+    the oldest are dropped past :data:`SHARED_ENTRIES`, so a long-lived process that builds many
+    options (the Python API) does not grow with them."""
+
+    def __init__(self, max_entries: int = SHARED_ENTRIES) -> None:
+        self._entries: OrderedDict[tuple[str, str, str], SharedAuth] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()  # clients of one options object may live on two threads
+
+    def __repr__(self) -> str:
+        return f"SharedTokens({len(self._entries)} entries)"  # never the tokens
+
+    def get(self, key: tuple[str, str, str]) -> SharedAuth | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else SharedAuth(entry.challenge, entry.header, entry.refresh_at, entry.basic)
+
+    def put(self, key: tuple[str, str, str], entry: SharedAuth) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+
+SHARED = SharedTokens()
 
 
 @dataclass(slots=True)
@@ -69,7 +114,6 @@ class RegistryAuth:
     ) -> None:
         self.host, self.base, self.scope = host, base, scope
         self.creds_host = creds_host
-        self._options = options
         self._creds = credentials
         self._creds_loaded = credentials is not None
         self._send = send
@@ -80,6 +124,7 @@ class RegistryAuth:
         self._basic = False
         self._lock = trio.Lock()
         self._shared_loaded = False
+        self._shared_key = (options.auth_share, base, scope)
 
     def credentials(self) -> Credentials | None:
         if not self._creds_loaded:
@@ -91,7 +136,7 @@ class RegistryAuth:
         """Start from what another client of the same options learned (the mount's parent, for
         the daemon): the challenge, a token still valid, or that basic auth is wanted."""
         self._shared_loaded = True
-        shared = self._options.auth_cache.get(self.base, self.scope)
+        shared = SHARED.get(self._shared_key)
         if shared is None:
             return
         self._challenge, self._basic = shared.challenge, shared.basic
@@ -139,7 +184,7 @@ class RegistryAuth:
                 if self._basic:
                     raise AuthError(f"{self.host}: credentials refused (basic auth)")
                 self._basic = True
-                self._options.auth_cache.put_basic(self.base, self.scope)
+                SHARED.put(self._shared_key, SharedAuth(basic=True))
                 return
             raise AuthError(f"{self.host}: 401 without a usable WWW-Authenticate challenge")
 
@@ -215,5 +260,5 @@ class RegistryAuth:
         margin = min(TOKEN_MARGIN_S, seconds * TOKEN_MARGIN_FRACTION)
         self._token = _Token(f"Bearer {token}", trio.current_time() + seconds - margin)
         self._challenge = challenge
-        self._options.auth_cache.put_token(self.base, self.scope, challenge, self._token.header, seconds - margin)
+        SHARED.put(self._shared_key, SharedAuth(challenge, self._token.header, time.monotonic() + seconds - margin))
         log.debug("%s: bearer token for %s, valid %.0f s", self.host, self.scope, seconds)

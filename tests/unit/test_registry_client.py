@@ -16,6 +16,7 @@ from blobmount.errors import AuthError, SourceError, TransientError
 from blobmount.reference import Digest, Reference
 from blobmount.registry.auth import parse_www_authenticate
 from blobmount.registry.client import RegistryClient, RegistryOptions, check_content_range
+from blobmount.registry.tokens import SHARED, SharedAuth, SharedTokens
 
 BLOB = bytes(range(256)) * 64
 DIGEST = Digest.of(BLOB)
@@ -307,7 +308,31 @@ def test_clients_of_the_same_options_share_the_token() -> None:
     run_with_clock(go)
     assert len(tokens) == 2
     assert statuses == [401, 206, 206, 206, 401, 206]
-    assert "Bearer" not in repr(RegistryOptions())  # the cache never shows its tokens
+    assert "Bearer" not in repr(RegistryOptions()) + repr(SHARED)  # neither shows a token
+
+
+def test_options_share_auth_by_key_not_by_equality() -> None:
+    """Equal options built apart (two CLI calls in one process) keep their tokens apart; a copy
+    made with dataclasses.replace (the Python API's per-call changes) shares them. The options
+    hold only the key: they stay an immutable value."""
+    import dataclasses
+
+    a, b = RegistryOptions(), RegistryOptions()
+    assert a == b
+    assert a.auth_share != b.auth_share
+    assert dataclasses.replace(a, timeout_s=5.0).auth_share == a.auth_share
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.auth_share = "x"  # type: ignore[misc]
+
+
+def test_the_shared_token_store_is_bounded() -> None:
+    store = SharedTokens(max_entries=3)
+    for i in range(5):
+        store.put((str(i), "https://r.test", "pull"), SharedAuth(basic=True))
+    assert store.get(("0", "https://r.test", "pull")) is None
+    assert store.get(("1", "https://r.test", "pull")) is None
+    assert store.get(("4", "https://r.test", "pull")) == SharedAuth(basic=True)
+    assert "3 entries" in repr(store)
 
 
 def test_a_shared_challenge_fetches_a_fresh_token_without_a_401() -> None:
