@@ -78,6 +78,12 @@ def trial(tree: Path, ref: str, work: Path, n: int) -> dict[str, float]:
             proc.wait(STOP_TIMEOUT_S)
 
 
+def pair_ratios(results: dict[str, list[dict[str, float]]], key: str) -> list[float]:
+    """after/before within each pair: the two trials of a pair ran back to back, so a load that
+    comes and goes over the run falls on both, which the ratio of the two medians does not see."""
+    return [a[key] / b[key] for a, b in zip(results["after"], results["before"], strict=True)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("before", type=Path)
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{key}: before {med['before']:.3f} [{spread['before'][0]:.3f}-{spread['before'][1]:.3f}]"
             f"  after {med['after']:.3f} [{spread['after'][0]:.3f}-{spread['after'][1]:.3f}]"
             f"  after/before {med['after'] / med['before']:.3f}"
+            f"  median of pair ratios {statistics.median(pair_ratios(results, key)):.3f}"
         )
     return 0
 
