@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from blobmount import __version__
+from blobmount import __version__, defaults
+from blobmount.defaults import size_text
 from blobmount.errors import EXIT_OK, EXIT_USAGE, BlobmountError, IsADirectory, UsageError, exit_code_for
 
 if TYPE_CHECKING:
@@ -81,8 +82,12 @@ def _registry_parent() -> _Parser:
     g.add_argument("--username", help="registry user (password from --password-stdin or --password-file)")
     g.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     g.add_argument("--password-file", type=Path, help="read the password from a file (systemd LoadCredential=)")
-    g.add_argument("--timeout", type=float, default=30.0, help="seconds one operation may take across retries")
-    g.add_argument("--max-connections", type=int, default=8, help="concurrent connections to the registry")
+    g.add_argument(
+        "--timeout", type=float, default=defaults.TIMEOUT_S, help="seconds one operation may take across retries"
+    )
+    g.add_argument(
+        "--max-connections", type=int, default=defaults.MAX_CONNECTIONS, help="concurrent connections to the registry"
+    )
     g.add_argument(
         "--mirror",
         action="append",
@@ -240,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--verify-threshold",
         default=None,
-        help="raw files up to this size are verified before the first byte (default 4M)",
+        help="raw files up to this size are verified before the first byte"
+        f" (default {size_text(defaults.VERIFY_THRESHOLD_BYTES)})",
     )
     m.add_argument("--uid", type=int, help="present every file as owned by this uid")
     m.add_argument("--gid", type=int, help="present every file as owned by this gid")
@@ -284,8 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     cpp.add_argument("archive", metavar="SOURCE")
     cpp.add_argument("paths", nargs="+", metavar="PATH", help="files, or one directory")
     cpp.add_argument("dest", metavar="DEST")
-    cpp.add_argument("--concurrency", type=int, default=4, help="range reads in flight (default 4)")
-    cpp.add_argument("--buffer", default="64M", help="fetched bytes held in memory at most (default 64M)")
+    cpp.add_argument(
+        "--concurrency",
+        type=int,
+        default=defaults.CP_CONCURRENCY,
+        help=f"range reads in flight (default {defaults.CP_CONCURRENCY})",
+    )
+    cp_buffer = size_text(defaults.CP_BUFFER_BYTES)
+    cpp.add_argument("--buffer", default=cp_buffer, help=f"fetched bytes held in memory at most (default {cp_buffer})")
     cpp.add_argument("--overwrite", action="store_true", help="replace files already in DEST (default: skip them)")
     cpp.add_argument("--preserve-mode", action="store_true", help="the archive's permission bits (default: umask)")
     cpp.add_argument("--preserve-times", action="store_true", help="the archive's mtimes (directories: as mounted)")
@@ -402,8 +414,16 @@ def create_options(args: argparse.Namespace) -> CreateOptions:
 
 def cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="the cache directory (shared by every process naming it)")
-    p.add_argument("--cache-size", default=None, help="hard limit of the cache directory (default 10G)")
-    p.add_argument("--chunk-size", default=None, help="unit of remote fetches and of the chunk cache (default 1M)")
+    p.add_argument(
+        "--cache-size",
+        default=None,
+        help=f"hard limit of the cache directory (default {size_text(defaults.CACHE_SIZE_BYTES)})",
+    )
+    p.add_argument(
+        "--chunk-size",
+        default=None,
+        help=f"unit of remote fetches and of the chunk cache (default {size_text(defaults.CHUNK_SIZE_BYTES)})",
+    )
 
 
 def _normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -546,7 +566,10 @@ def cmd_cp(args: argparse.Namespace) -> int:
         if is_local(args.archive):
             archive = open_local(args.archive)
         else:
-            cache = CacheDir(Path(os.fsdecode(cache_dir)), parse_size(args.cache_size or "10G"))
+            cache = CacheDir(
+                Path(os.fsdecode(cache_dir)),
+                (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES),
+            )
             settings = RemoteSettings(cache, _chunk_size(args.chunk_size))
             archive = await open_remote(args.archive, registry_options(args), settings)
         data = archive.data
@@ -822,7 +845,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
     if is_local(args.archive):
         raise UsageError(f"{args.archive}: a local archive needs no prefetch (its bytes are on this machine)")
-    cache = CacheDir(_cache_dir(args), parse_size(args.cache_size or "10G"))
+    cache = CacheDir(_cache_dir(args), (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES))
     settings = RemoteSettings(cache, _chunk_size(args.chunk_size))
     show = sys.stderr.isatty() if args.progress is None else args.progress
     started = time.monotonic()
@@ -900,11 +923,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
     ours, fuse_opts = split_o_options(args.options)
     cache_dir = args.cache_dir or (Path(ours["cache_dir"]) if "cache_dir" in ours else None)
-    size_text = args.cache_size or ours.get("cache_size") or "10G"
-    verify = args.verify or ours.get("verify") or "lazy"
+    cache_size_text = args.cache_size or ours.get("cache_size")
+    verify = args.verify or ours.get("verify") or defaults.VERIFY_POLICY
     if verify not in VERIFY_POLICIES:
         raise UsageError(f"invalid verify policy {verify!r} ({', '.join(VERIFY_POLICIES)})")
-    threshold_text = args.verify_threshold or ours.get("verify_threshold") or "4M"
+    threshold_text = args.verify_threshold or ours.get("verify_threshold")
     uid = args.uid if args.uid is not None else int(ours["uid"]) if "uid" in ours else None
     gid = args.gid if args.gid is not None else int(ours["gid"]) if "gid" in ours else None
     if args.owner_self:
@@ -918,9 +941,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         mountpoint=Path(args.mountpoint),
         foreground=args.foreground,
         cache_dir=cache_dir,
-        cache_size=parse_size(size_text),
+        cache_size=parse_size(cache_size_text) if cache_size_text else defaults.CACHE_SIZE_BYTES,
         verify=verify,
-        verify_threshold=parse_size(threshold_text),
+        verify_threshold=parse_size(threshold_text) if threshold_text else defaults.VERIFY_THRESHOLD_BYTES,
         chunk_size=_chunk_size(args.chunk_size or ours.get("chunk_size")),
         offline=args.offline or "offline" in ours,
         no_stale_tag=args.no_stale_tag or "no_stale_tag" in ours,

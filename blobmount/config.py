@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blobmount import defaults
 from blobmount.errors import UsageError
 from blobmount.registry.options import RegistryOptions
 
@@ -32,9 +33,9 @@ class MountConfig:
     mountpoint: Path
     foreground: bool = False
     cache_dir: Path | None = None
-    cache_size: int = 10 << 30
-    verify: str = "lazy"
-    verify_threshold: int = 4 << 20
+    cache_size: int = defaults.CACHE_SIZE_BYTES
+    verify: str = defaults.VERIFY_POLICY
+    verify_threshold: int = defaults.VERIFY_THRESHOLD_BYTES
     chunk_size: int | None = None  # None: the chunk store's default (not imported here: the mount path
     # imports this module before it starts opening the source, and the cache package is not cheap)
     offline: bool = False

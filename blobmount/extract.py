@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import trio
 import zstandard
 
+from blobmount import defaults
 from blobmount.errors import (
     BlobmountError,
     DestinationError,
@@ -65,8 +66,8 @@ from blobmount.source import RangeSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONCURRENCY = 4
-DEFAULT_BUFFER_BYTES = 64 << 20  # fetched bytes held in memory before they are written
+DEFAULT_CONCURRENCY = defaults.CP_CONCURRENCY
+DEFAULT_BUFFER_BYTES = defaults.CP_BUFFER_BYTES  # fetched bytes held in memory before they are written
 MAX_PIECE_BYTES = 8 << 20  # one range read: the fetch layer's request size (~70 ms at 1 Gbit)
 MIN_PIECE_BYTES = 64 << 10
 BATCH_GAP_BYTES = 64 << 10  # neighbouring small files this far apart still share one read

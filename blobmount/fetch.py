@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 
 import trio
 
-from blobmount import metrics
+from blobmount import defaults, metrics
 from blobmount.cache import ChunkStore, MetaStore, chunk_digest
 from blobmount.errors import BlobmountError, SourceError, TransientError
 from blobmount.registry.retry import Retry
@@ -153,8 +153,8 @@ class ChunkedSource:
         store: ChunkStore,
         *,
         meta: MetaStore | None = None,
-        timeout_s: float = 30.0,
-        max_requests: int = 8,
+        timeout_s: float = defaults.TIMEOUT_S,
+        max_requests: int = defaults.MAX_CONNECTIONS,
         request_bytes: int = DEFAULT_REQUEST_BYTES,
         ahead_bytes: int = DEFAULT_AHEAD_BYTES,
         inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,

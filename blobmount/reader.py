@@ -49,7 +49,7 @@ from typing import BinaryIO, Literal
 import trio
 import zstandard
 
-from blobmount import metrics
+from blobmount import defaults, metrics
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.decode import Decode, RangeStream
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
@@ -69,7 +69,7 @@ SMALL_DECODE_BYTES = 1 << 20  # zstd files up to this size are decoded into memo
 MEMORY_BUDGET_BYTES = 64 << 20  # decoded small files kept in memory (LRU), per mount
 SPILL_DECODE_BYTES = 256 << 20  # a zstd file the content store cannot take (disk full) may be decoded
 # into memory up to this size; larger ones fail with EIO and a log line naming both limits
-DEFAULT_VERIFY_THRESHOLD_BYTES = 4 << 20  # raw files this small are verified before the first byte
+DEFAULT_VERIFY_THRESHOLD_BYTES = defaults.VERIFY_THRESHOLD_BYTES
 DIR_HINTS = 256  # directories whose small-file reads are followed for prefetch (LRU)
 EARLY_BYTES = 16 << 20  # per file being verified lazily: out-of-order reads kept until hashable
 KEPT_PROGRESS = 256  # lazily served files whose hash state outlives their last handle (LRU)
@@ -85,9 +85,9 @@ VerifyPolicy = Literal["lazy", "strict", "background"]
 
 @dataclass(frozen=True, slots=True)
 class ReaderConfig:
-    verify: VerifyPolicy = "lazy"
+    verify: VerifyPolicy = defaults.VERIFY_POLICY
     verify_threshold: int = DEFAULT_VERIFY_THRESHOLD_BYTES
-    wait_s: float = 30.0  # --timeout: a read waiting for a decode (or a re-read) fails (EIO) after it
+    wait_s: float = defaults.TIMEOUT_S  # --timeout: a read waiting for a decode (or a re-read) fails (EIO) after it
 
 
 @dataclass(slots=True)

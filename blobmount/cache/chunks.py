@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 import xxhash
 
-from blobmount import metrics
+from blobmount import defaults, metrics
 from blobmount.cache.space import CacheDir
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # 10.0 / 8.7 / 8.1 s in 182 / 53 / 15 requests, sequential 1 GiB 10.6 / 10.1 / 10.6 s, 2,000 random
 # 4 KiB reads 31.7 / 22.7 / 17.0 s fetching 392 / 868 / 1024 MiB. 1 MiB: within a few percent of the
 # best for whole trees and streams, a quarter of 4M's over-fetch for scattered reads.
-DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
+DEFAULT_CHUNK_SIZE_BYTES = defaults.CHUNK_SIZE_BYTES
 DEFAULT_MEMORY_BYTES = 64 << 20  # hot chunks per mount; also the budget when the disk is unusable
 _TRAILER = struct.Struct("<Q8s")
 _MAGIC = b"BMCHNK01"

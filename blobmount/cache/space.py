@@ -50,12 +50,12 @@ from pathlib import Path
 
 import xxhash
 
-from blobmount import metrics
+from blobmount import defaults, metrics
 from blobmount.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_SIZE_BYTES = 10 << 30  # 10 GiB: room for the working set of large archives
+DEFAULT_CACHE_SIZE_BYTES = defaults.CACHE_SIZE_BYTES
 LOW_WATER = 0.9  # an eviction frees down to this fraction of the limit, so scans stay rare
 TMP_MAX_AGE_S = 3600.0  # a *.tmp older than this belongs to a dead process (writes take seconds)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86_64/aarch64 (l_type, l_whence, l_start, l_len, l_pid)

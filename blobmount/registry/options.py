@@ -10,9 +10,10 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blobmount import defaults
 from blobmount.registry.auth import Credentials
 
-DEFAULT_TIMEOUT_S = 30.0  # total time of one operation across retries (DESIGN §8 --timeout)
+DEFAULT_TIMEOUT_S = defaults.TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class RegistryOptions:
     ca_file: Path | None = None
     credentials: Credentials | None = None  # explicit --username/--password-*; else the files
     timeout_s: float = DEFAULT_TIMEOUT_S
-    max_connections: int = 8
+    max_connections: int = defaults.MAX_CONNECTIONS
     mirrors: tuple[str, ...] = ()  # --mirror HOST[:PORT], tried in order before the origin
     hosts_dir: Path | None = None  # containerd-style HOST/hosts.toml (default /etc/blobmount/certs.d)
     # Clients built from options with the same key share what they learned about authenticating

@@ -13,6 +13,7 @@ MAX_LINES = 400
 BELOW = {
     "blobmount.__version__",
     "blobmount.errors",
+    "blobmount.defaults",
     "blobmount.reference",
     "blobmount.manifest",
     "blobmount.metrics",
