@@ -1,4 +1,4 @@
-"""``python -m bench.metrics_choice [--updates N]``: the hand-written exposition (blobmount.metrics)
+"""``python -m bench.metrics_choice [--updates N]``: the hand-written exposition (blobmount.daemon.metrics)
 beside prometheus_client doing the same work, in one process, to decide which the daemon uses.
 
 What the daemon pays for its metrics, measured for both:
@@ -51,7 +51,7 @@ def per_call_ns(fn: Callable[[], None], n: int) -> float:
 
 
 def ours(n: int) -> tuple[float, float]:
-    from blobmount import metrics
+    from blobmount.daemon import metrics
 
     for i, op in enumerate(OPS * 50):
         metrics.FUSE_REQUESTS.labels(op=op).inc()
@@ -68,7 +68,7 @@ def theirs(n: int) -> tuple[float, float]:
     import prometheus_client as pc
     from prometheus_client import CollectorRegistry
 
-    from blobmount import metrics
+    from blobmount.daemon import metrics
 
     registry = CollectorRegistry()
     counter = pc.Counter("blobmount_fuse_requests", "FUSE requests", ["op"], registry=registry)
@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--updates", type=int, default=200_000)
     args = p.parse_args(argv)
-    ours_import, their_import = import_us("blobmount.metrics"), import_us("prometheus_client")
+    ours_import, their_import = import_us("blobmount.daemon.metrics"), import_us("prometheus_client")
     (ours_update, ours_render), (their_update, their_render) = ours(args.updates), theirs(args.updates)
     rows = [
         ("import, ms", ours_import / 1000, their_import / 1000),
         ("update per FUSE request, us", ours_update / 1000, their_update / 1000),
         ("render one scrape, ms", ours_render / 1e6, their_render / 1e6),
     ]
-    print(f"{'figure':32s} {'blobmount.metrics':>18s} {'prometheus_client':>18s} {'ratio':>7s}")
+    print(f"{'figure':32s} {'blobmount.daemon.metrics':>18s} {'prometheus_client':>18s} {'ratio':>7s}")
     for name, a, b in rows:
         print(f"{name:32s} {a:18.3f} {b:18.3f} {a / b:7.2f}")
     return 0

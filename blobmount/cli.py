@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def _common_parent(top: bool) -> _Parser:
     """Options every command takes, before or after the command name (subcommands' copies default to
     SUPPRESS so they never overwrite a value given before the command)."""
-    from blobmount.logs import FORMATS, LEVELS
+    from blobmount.daemon.logs import FORMATS, LEVELS
 
     def dflt(value: object) -> object:
         return value if top else argparse.SUPPRESS
@@ -1010,7 +1010,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from blobmount import profile
 
     if args.profile_command == "save":
-        from blobmount.introspect import ask, find_daemon
+        from blobmount.daemon.control import ask, find_daemon
 
         path, _ = find_daemon(args.mountpoint, args.socket)
         doc = ask(path, "profile", limit=4 * profile.MAX_PROFILE_BYTES)["profile"]
@@ -1037,13 +1037,13 @@ async def _push_profile(ref: Reference, options: RegistryOptions, data: bytes, p
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from blobmount.introspect import status_command
+    from blobmount.daemon.status import status_command
 
     return status_command(args.mountpoint, json_out=args.json, socket_path=args.socket)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from blobmount import logs
+    from blobmount.daemon import logs
     from blobmount.settings import resolve
 
     parser = _parser()

@@ -49,7 +49,7 @@ class MountConfig:
     debug: bool = False
     attr_timeout_s: float = 86400.0  # contents never change under a mount: let the kernel keep them
     registry: RegistryOptions = field(default_factory=RegistryOptions)
-    metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (introspect.py); None: off
+    metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (daemon/http.py); None: off
     request_bound_s: float = math.inf  # every FUSE request answered within this (settings.request_bound)
     record_profile: bool = False  # record the order of first reads (profile.py), written on unmount
     record_seconds: float = 120.0  # ... for this long after the mount

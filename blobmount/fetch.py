@@ -48,8 +48,9 @@ from typing import Protocol, runtime_checkable
 
 import trio
 
-from blobmount import defaults, metrics
+from blobmount import defaults
 from blobmount.cache import ChunkStore, MetaStore, chunk_digest
+from blobmount.daemon import metrics
 from blobmount.errors import BlobmountError, SourceError, TransientError
 from blobmount.registry.retry import Retry
 from blobmount.source import ReadHint

@@ -22,15 +22,16 @@ from typing import Any
 
 import trio
 
-from blobmount import __version__, generations, metrics
+from blobmount import __version__, generations
 from blobmount.cache import CacheDir, ContentStore, MetaStore
 from blobmount.config import MountConfig
+from blobmount.daemon import metrics
+from blobmount.daemon.control import DaemonState
+from blobmount.daemon.notify import notify
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError, UsageError
 from blobmount.fetch import ChunkedSource
 from blobmount.fs import BlobFS
 from blobmount.index import Entry, IndexView
-from blobmount.introspect import DaemonState
-from blobmount.notify import notify
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.reference import Digest, Reference
 from blobmount.source import Archive, RangeSource

@@ -29,7 +29,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from blobmount import metrics
+from blobmount.daemon import metrics
 from blobmount.errors import (
     BlobmountError,
     IntegrityError,

@@ -30,16 +30,17 @@ from typing import Any
 import pyfuse3
 import trio
 
-from blobmount import __version__, introspect, logs, metrics, profile
+from blobmount import __version__, profile
 from blobmount.cache import CacheDir, ContentStore, default_cache_dir
 from blobmount.cache.meta import MetaStore
 from blobmount.config import MountConfig
+from blobmount.daemon import control, http, logs, metrics
+from blobmount.daemon.notify import notify, watchdog
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
 from blobmount.fetch import ChunkedSource
 from blobmount.follow import Follower, cached_bytes_of, check_followable, index_view
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
-from blobmount.notify import notify, watchdog
 from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.source import Archive
@@ -144,7 +145,7 @@ def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
     if config.follow:
         check_followable(config.source, config.offline)
     check_mountpoint(config.mountpoint, config.nonempty)
-    metrics_socket = introspect.open_metrics_socket(config.metrics) if config.metrics else None
+    metrics_socket = http.open_metrics_socket(config.metrics) if config.metrics else None
     notify(f"STATUS=opening {config.source}")
     if opening is not None:
         archive, cache = opening.result()
@@ -166,14 +167,14 @@ def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
     return Prepared(config, archive, view, store, cache, prefetch, metrics_socket)
 
 
-def _introspection(prep: Prepared) -> introspect.DaemonState:
-    """Hook for introspect.py: what `status` and the metrics report about this mount."""
+def _introspection(prep: Prepared) -> control.DaemonState:
+    """What `status` (daemon/control.py) and the metrics endpoint report about this mount."""
     config, view = prep.config, prep.view
     data_digest = f"sha256:{view.data_hash.hex()}" if view.data_hash else None
     metrics.INFO.labels(version=__version__, source=prep.archive.name, digest=prep.archive.index_digest).set(1)
     metrics.CACHE_BYTES.set_function(prep.cache.accounted_bytes, store="disk")
     metrics.CACHE_LIMIT_BYTES.labels(store="disk").set(config.cache_size)
-    return introspect.DaemonState(
+    return control.DaemonState(
         mountpoint=config.mountpoint,
         source=config.source,
         pinned=prep.archive.name,
@@ -231,9 +232,9 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
             if isinstance(data, ChunkedSource):
                 data.attach(nursery)
             fs.reader.attach(nursery)
-            await nursery.start(introspect.serve_control, state)
+            await nursery.start(control.serve_control, state)
             if prep.metrics_socket is not None:
-                nursery.start_soon(introspect.serve_metrics, state, prep.metrics_socket)
+                nursery.start_soon(http.serve_metrics, state, prep.metrics_socket)
             nursery.start_soon(fs.invalidator)
             nursery.start_soon(_signals, nursery.cancel_scope, follower)
             if follower is not None:

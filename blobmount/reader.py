@@ -49,8 +49,9 @@ from typing import BinaryIO, Literal
 import trio
 import zstandard
 
-from blobmount import defaults, metrics
+from blobmount import defaults
 from blobmount.cache import ContentStore, StoreUnavailable
+from blobmount.daemon import metrics
 from blobmount.decode import Decode, RangeStream
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.fetch import ChunkedSource

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 
 import trio
 
-from blobmount import metrics
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.cache.content import Pending
+from blobmount.daemon import metrics
 from blobmount.decode import LINGER_S, Behind, Decode, window_for
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.index import Entry

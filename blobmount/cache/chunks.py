@@ -35,8 +35,9 @@ from typing import BinaryIO
 
 import xxhash
 
-from blobmount import defaults, metrics
+from blobmount import defaults
 from blobmount.cache.space import CacheDir
+from blobmount.daemon import metrics
 
 log = logging.getLogger(__name__)
 

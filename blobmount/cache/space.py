@@ -50,7 +50,8 @@ from pathlib import Path
 
 import xxhash
 
-from blobmount import defaults, metrics
+from blobmount import defaults
+from blobmount.daemon import metrics
 from blobmount.errors import UsageError
 
 log = logging.getLogger(__name__)

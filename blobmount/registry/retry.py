@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
-from blobmount import logs, metrics
+from blobmount.daemon import logs, metrics
 from blobmount.errors import BlobmountError, TransientError
 
 retry_log = logging.getLogger(logs.RETRY_LOGGER)  # one-shot commands quiet it (logs.py)

@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 import httpcore  # noqa: F401  httpx loads it with the first client; here it is loaded before a mount's first request
 import httpx
 
-from blobmount import __version__, metrics
+from blobmount import __version__
+from blobmount.daemon import metrics
 from blobmount.errors import BlobmountError, InvalidArchive, SourceError, TransientError
 from blobmount.registry.options import RegistryOptions
 from blobmount.registry.retry import RetryLater, parse_retry_after

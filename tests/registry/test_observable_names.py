@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import trio
 
-from blobmount import metrics
 from blobmount.cli import main
-from blobmount.introspect import DaemonState
+from blobmount.daemon import metrics
+from blobmount.daemon.control import DaemonState
 from blobmount.reference import Reference
 from blobmount.registry.options import RegistryOptions
 from blobmount.registry.push import push_archive

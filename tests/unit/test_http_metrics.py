@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from blobmount import metrics
+from blobmount.daemon import metrics
 from tests.unit.test_registry_client import BLOB, DIGEST, client, ranged, run_with_clock
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from blobmount import logs
+from blobmount.daemon import logs
 from tests.helpers import FIXTURES
 
 

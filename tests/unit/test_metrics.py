@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from blobmount import metrics
+from blobmount.daemon import metrics
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,9 @@ BELOW = {
     "blobmount.defaults",
     "blobmount.reference",
     "blobmount.manifest",
-    "blobmount.metrics",
-    "blobmount.logs",
+    "blobmount.daemon",
+    "blobmount.daemon.metrics",
+    "blobmount.daemon.logs",
 }
 
 

@@ -1,21 +1,15 @@
-"""What the running daemon tells the outside: the control socket behind `blobmount status MNT`, and
-the opt-in ``--metrics`` HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``).
+"""The daemon's control socket behind `blobmount status MNT`, and the state it reports.
 
-Both are long-lived trio tasks that mount.py starts in its root nursery; both only read state
-(metrics.py's values, :class:`DaemonState`) and never touch the filesystem's data path, so a slow or
-hostile client costs one connection task, bounded by :data:`CLIENT_TIMEOUT_S`, and nothing else.
+A long-lived trio task that mount.py starts in its root nursery; it only reads state (the metrics'
+values, :class:`DaemonState`) and never touches the filesystem's data path, so a slow or hostile
+client costs one connection task, bounded by :data:`CLIENT_TIMEOUT_S`, and nothing else.
 
-Control socket: an AF_UNIX stream socket in the daemon's runtime directory (``$RUNTIME_DIRECTORY``
-under systemd, else ``/run/blobmount`` as root, else ``$XDG_RUNTIME_DIR/blobmount``), named after a
-hash of the mountpoint's real path, so `status MNT` finds it from the mountpoint alone. Protocol:
-one JSON line in (``{"cmd": "status"}``), one JSON line out. The directory is 0700 and the socket
-0600: only the daemon's user asks.
-
-HTTP: a minimal HTTP/1.1 responder on trio sockets (GET and HEAD, ``Connection: close``, one request
-per connection); no framework for three fixed paths. ``/healthz`` is 200 only when the mount
-answers ``statvfs`` through the kernel (which always reaches the daemon, unlike ``stat``, which the
-kernel may answer from its attribute cache) within :data:`HEALTH_TIMEOUT_S`; ``/readyz`` is 200 once
-the mount has been reported ready and until it starts stopping.
+The socket: AF_UNIX stream in the daemon's runtime directory (``$RUNTIME_DIRECTORY`` under systemd,
+else ``/run/blobmount`` as root, else ``$XDG_RUNTIME_DIR/blobmount``), named after a hash of the
+mountpoint's real path, so `status MNT` finds it from the mountpoint alone. Protocol: one JSON line
+in (``{"cmd": "status"}``), one JSON line out. The directory is 0700 and the socket 0600: only the
+daemon's user asks. The client half (:func:`ask`, :func:`find_daemon`) lives here too, beside the
+protocol it speaks; status.py prints what it returns, http.py serves the same state over HTTP.
 """
 
 from __future__ import annotations
@@ -31,7 +25,6 @@ import logging
 import os
 import socket
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,16 +33,15 @@ from typing import Any
 
 import trio
 
-from blobmount import __version__, metrics
-from blobmount.errors import EXIT_OK, NotFound, SourceError, UsageError
+from blobmount import __version__
+from blobmount.daemon import metrics
+from blobmount.errors import NotFound, SourceError
 
 log = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_S = 5.0  # one request's whole exchange; a scraper or `status` needs milliseconds
 HEALTH_TIMEOUT_S = 5.0  # a mount that cannot answer statvfs in 5 s is not healthy
-MAX_REQUEST_BYTES = 8192  # request line + headers; we need only the first line
 MAX_CONTROL_LINE_BYTES = 4096
-MAX_HTTP_CLIENTS = 32  # scrapers and probes need a few; more at once is a flood, answered by a close
 
 
 # -- where the control socket lives ---------------------------------------------------------------
@@ -246,7 +238,7 @@ async def serve_control(state: DaemonState, *, task_status: trio.TaskStatus[Path
 async def _control_client(stream: trio.SocketStream, state: DaemonState) -> None:
     async with stream:
         with trio.move_on_after(CLIENT_TIMEOUT_S):
-            line = await _read_until(stream, b"\n", MAX_CONTROL_LINE_BYTES)
+            line = await read_until(stream, b"\n", MAX_CONTROL_LINE_BYTES)
             try:
                 request = json.loads(line or b"{}")
                 cmd = request.get("cmd") if isinstance(request, dict) else None
@@ -267,7 +259,7 @@ async def _control_client(stream: trio.SocketStream, state: DaemonState) -> None
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
-async def _read_until(stream: trio.SocketStream, end: bytes, limit: int) -> bytes | None:
+async def read_until(stream: trio.SocketStream, end: bytes, limit: int) -> bytes | None:
     """Bytes up to `end` (excluded); None when the peer closes early or sends more than `limit`."""
     buf = bytearray()
     while end not in buf:
@@ -281,94 +273,6 @@ async def _read_until(stream: trio.SocketStream, end: bytes, limit: int) -> byte
             return None
         buf += chunk
     return bytes(buf[: buf.index(end)])
-
-
-def parse_address(text: str) -> tuple[str | None, int]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (every interface) -> (host or None, port)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        raise UsageError(f"--metrics {text!r}: expected [HOST]:PORT")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise UsageError(f"--metrics {text!r}: bad port") from None
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--metrics {text!r}: port out of range")
-    host = host.strip("[]")
-    return (host or None), port
-
-
-def open_metrics_socket(address: str) -> socket.socket:
-    """Bind the --metrics address (before the daemon forks, so a port in use is a one-line error
-    in the foreground, not a dead daemon). `:PORT` listens on every interface, IPv6 too if present."""
-    host, port = parse_address(address)
-    try:
-        if host is None:
-            if socket.has_dualstack_ipv6():
-                return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
-            return socket.create_server(("", port))
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        return socket.create_server(addr[:2], family=family)
-    except OSError as exc:
-        raise UsageError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from exc
-
-
-def metrics_url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
-
-
-async def serve_metrics(state: DaemonState, sock: socket.socket) -> None:
-    """Long-lived task: the --metrics HTTP endpoint on an already bound socket, until cancelled."""
-    state.metrics_url = metrics_url(sock)
-    log.info("metrics at %s", state.metrics_url)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    slots = trio.CapacityLimiter(MAX_HTTP_CLIENTS)
-    await trio.serve_listeners(functools.partial(_http_client, state=state, slots=slots), [listener])
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
-
-async def _http_client(stream: trio.SocketStream, state: DaemonState, slots: trio.CapacityLimiter) -> None:
-    async with stream:
-        try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            return
-        try:
-            await _http_exchange(stream, state)
-        finally:
-            slots.release()
-
-
-async def _http_exchange(stream: trio.SocketStream, state: DaemonState) -> None:
-    with trio.move_on_after(CLIENT_TIMEOUT_S):
-        head = await _read_until(stream, b"\r\n\r\n", MAX_REQUEST_BYTES)
-        status, ctype, body, method = 400, "text/plain; charset=utf-8", b"bad request\n", "GET"
-        if head is not None:
-            method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-            target = rest.partition(" ")[0].partition("?")[0]
-            status, ctype, body = await _route(method, target, state)
-        head_out = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(head_out + (b"" if method == "HEAD" else body))
-
-
-async def _route(method: str, target: str, state: DaemonState) -> tuple[int, str, bytes]:
-    text = "text/plain; charset=utf-8"
-    if method not in ("GET", "HEAD"):
-        return 405, text, b"only GET and HEAD\n"
-    if target == "/metrics":
-        return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render().encode()
-    if target == "/healthz":
-        return (200, text, b"ok\n") if await state.healthy() else (503, text, b"mount does not answer\n")
-    if target == "/readyz":
-        return (200, text, b"ready\n") if metrics.READY.value() == 1 else (503, text, b"not ready\n")
-    return 404, text, b"not found: try /metrics, /healthz, /readyz\n"
 
 
 # -- the client: `blobmount status MNT` ----------------------------------------------------------
@@ -405,76 +309,3 @@ def find_daemon(mountpoint: str, socket_path: Path | None = None) -> tuple[Path,
                 continue  # a dead daemon's socket
             raise SourceError(f"{path}: {exc.strerror or exc}") from exc
     raise NotFound(f"no blobmount daemon answers for {mountpoint} (looked in: {', '.join(map(str, tried))})")
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def summary(st: dict[str, Any]) -> str:
-    """The human form of a status answer: one fact per line."""
-    cache, fetched, served = st["cache"], st["fetched"], st["served"]
-    rate = f"{cache['hit_rate'] * 100:.1f}%" if cache["hit_rate"] is not None else "-"
-    ratio = f", {fetched['coalescing_ratio']} chunks/request" if fetched["coalescing_ratio"] else ""
-    lines = [
-        (
-            "mountpoint",
-            f"{st['mountpoint']} ({'ready' if st['ready'] else 'NOT ready'}, pid {st['pid']}, "
-            f"up {_duration(st['uptime_s'])}, blobmount {st['version']})",
-        ),
-        ("source", st["source"]),
-        ("pinned", st["pinned"]),
-        ("index", st["index_digest"]),
-        ("data", f"{st['data_digest'] or '-'} ({_size(st['data_size_bytes'])}, {st['entries']} entries)"),
-        ("cache", f"{_size(cache['used_bytes'])} of {_size(cache['limit_bytes'])} in {cache['dir']}"),
-        ("hit rate", f"{rate} ({cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions)"),
-        (
-            "fetched",
-            f"{_size(fetched['http_bytes'])} in {fetched['http_requests']} HTTP requests "
-            f"({fetched['retries']} retries{ratio})",
-        ),
-        (
-            "served",
-            f"{_size(served['read_bytes'])} read, {served['fuse_requests']} FUSE requests "
-            f"({served['fuse_errors']} errors)",
-        ),
-        ("metrics", st["metrics_url"] or "off (--metrics ADDR)"),
-    ]
-    follow = st.get("follow")
-    if follow:
-        extra = f", refused {follow['refused']}" if follow.get("refused") else ""
-        extra += f", waiting for {follow['waiting']}" if follow.get("waiting") else ""
-        lines.insert(
-            3,
-            (
-                "follow",
-                f"every {follow['interval_s']:g} s, {follow['switches']} switches, {follow['checks']} checks" + extra,
-            ),
-        )
-    return "\n".join(f"{key:11}{value}" for key, value in lines)
-
-
-def status_command(mountpoint: str, *, json_out: bool = False, socket_path: Path | None = None) -> int:
-    _, st = find_daemon(mountpoint, socket_path)
-    if json_out:
-        print(json.dumps(st, indent=2))
-    else:
-        print(summary(st))
-    sys.stdout.flush()
-    return EXIT_OK
