@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=3)
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.servers import start_registry
+    from tests.support.servers import start_registry
 
     with tempfile.TemporaryDirectory(prefix="bench-pairs-") as tmp:
         work = Path(tmp)

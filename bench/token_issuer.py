@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.servers import SigningKey, TokenIssuer
+from tests.support.servers import SigningKey, TokenIssuer
 
 
 class CountingIssuer(TokenIssuer):

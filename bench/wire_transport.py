@@ -52,7 +52,7 @@ async def read_all(ref: Reference, d: Digest) -> None:
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.servers import start_registry
+    from tests.support.servers import start_registry
 
     real_proxied = tmod._proxied
     res: dict[str, list[float]] = {m: [] for m in MODES}

@@ -15,10 +15,8 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.helpers import FIXTURE_NAMES, FIXTURES
-from tests.servers import Registry, start_registry
-
-REFERENCE_CREATED = "2024-01-02T03:04:05Z"  # the annotation the fixtures' oci-manifest.json carries
+from tests.support.helpers import FIXTURE_NAMES, FIXTURES, REFERENCE_CREATED
+from tests.support.servers import Registry, start_registry
 
 _LOCAL = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 _real_getaddrinfo = socket.getaddrinfo

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.janitor import WORK_ROOT, mounts_under
-from tests.fuse.conftest import require_fuse
+from tests.support.mounts import require_fuse
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT_S = 900  # hang guard only; the smoke run takes 2-3 minutes on a busy 2-core machine

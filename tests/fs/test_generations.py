@@ -14,7 +14,8 @@ from blobmount.generations import GEN_SHIFT, changes
 from blobmount.index import IndexView
 from blobmount.reader import Reader
 from blobmount.source import Archive, open_directory
-from tests.fs.test_handlers import CTX, fuse_errno, run
+from tests.support.aio import run
+from tests.support.handlers import CTX, fuse_errno
 
 FLAGS = os.O_RDONLY
 

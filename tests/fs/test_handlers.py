@@ -24,14 +24,12 @@ from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader
 from blobmount.source import LocalFileSource, ReadHint, open_directory, open_oci_layout
-from tests.helpers import make_oci_layout, tree_files
+from tests.support.aio import run
+from tests.support.handlers import CTX, fuse_errno
+from tests.support.helpers import make_oci_layout, tree_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
 T = TypeVar("T")
-
-
-def run(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-    return trio.run(fn, *args)
 
 
 def make_fs(tmp_path: Path, fixture: str = "basic") -> BlobFS:
@@ -39,15 +37,6 @@ def make_fs(tmp_path: Path, fixture: str = "basic") -> BlobFS:
     view = IndexView(archive.index_bytes, blob_size=archive.data.size)
     reader = Reader(archive.data, ContentStore(tmp_path / "cache"))
     return BlobFS(view, reader)
-
-
-CTX = pyfuse3.RequestContext()
-
-
-def fuse_errno(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        run(fn, *args)
-    return info.value.errno
 
 
 def test_every_error_class_is_mapped_to_its_errno() -> None:

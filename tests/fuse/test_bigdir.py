@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from blobmount.index import EntryRecord, build_index
-from tests.fuse.conftest import mounted
+from tests.support.mounts import mounted
 
 pytestmark = pytest.mark.fuse
 

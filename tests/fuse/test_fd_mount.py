@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, require_fuse, unmount
-from tests.helpers import FIXTURES, tree_files
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import is_mounted, require_fuse, unmount
 
 pytestmark = pytest.mark.fuse
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
@@ -72,11 +72,11 @@ def test_unprivileged_daemon_serves_a_mount_made_by_a_privileged_helper(tmp_path
         assert "NoNewPrivs:\t1" in status
         assert libc.umount2(os.fsencode(mnt), 0) == 0, os.strerror(ctypes.get_errno())
         assert proc.wait(WAIT_S) == 0, log_path.read_text()
-        assert not _is_mounted(mnt)
+        assert not is_mounted(mnt)
     finally:
         if fd_open:
             os.close(fd)
-        if _is_mounted(mnt):
+        if is_mounted(mnt):
             libc.umount2(os.fsencode(mnt), MNT_DETACH)
         if proc is not None and proc.poll() is None:
             proc.kill()

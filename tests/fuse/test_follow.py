@@ -33,10 +33,10 @@ from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from blobmount.source import write_oci_layout
-from tests.faults import Fault, FaultProxy, Kind
-from tests.fuse.conftest import _is_mounted, blobmount_cmd, mounted
-from tests.helpers import FIXTURES
-from tests.servers import QuirkProxy, Registry, free_port
+from tests.support.faults import Fault, FaultProxy, Kind
+from tests.support.helpers import FIXTURES
+from tests.support.mounts import blobmount_cmd, is_mounted, mounted
+from tests.support.servers import QuirkProxy, Registry, free_port
 
 pytestmark = pytest.mark.fuse
 
@@ -222,7 +222,7 @@ def test_sighup_without_follow_still_unmounts(tmp_path: Path) -> None:
     with mounted(str(FIXTURES / "basic"), tmp_path / "mnt") as m:
         m.proc.send_signal(signal.SIGHUP)
         assert m.proc.wait(60) == 0
-        assert not _is_mounted(m.path)
+        assert not is_mounted(m.path)
 
 
 def test_an_oci_layout_is_followed_through_its_index_json(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ with one line and nothing mounted. Run against a local directory and a real regi
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import stat
@@ -17,105 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.corpus import Spec, bomb_frame, compress, write_archive
-from tests.fuse.conftest import _is_mounted, blobmount_cmd, mounted
-from tests.fuse.reads import read_bounded
-from tests.fuse.test_mounted import push_dir
-from tests.servers import Registry
+from tests.support.corpus import Spec, write_archive
+from tests.support.hostile import BAD, GOOD, UNREACHABLE, MiB, build_hostile
+from tests.support.mounts import blobmount_cmd, is_mounted, mounted, push_dir
+from tests.support.reads import read_bounded
+from tests.support.servers import Registry
 
 pytestmark = pytest.mark.fuse
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-BOMB_BYTES = 4 * GiB  # what each bomb frame inflates to
 RSS_LIMIT_BYTES = 256 * MiB  # the daemon's peak RSS must stay below this (1/16 of one bomb)
 GUARD_S = 60.0  # hang guard per read (no network faults here; generous for a busy machine)
-
-rng = random.Random(13)
-TEXT = b"".join(b"hostile corpus line %06d\n" % i for i in range(4000))
-OK_BIG = rng.randbytes(5 * MiB)
-OVERLAP = rng.randbytes(64 * KiB)
-GOOD: dict[str, bytes] = {
-    "ok/one.txt": b"hello\n",
-    "ok/two.txt": TEXT,
-    "ok/big.bin": OK_BIG,
-    "overlap-a.bin": OVERLAP,
-    "overlap-b.bin": OVERLAP[1000:5000],  # the same stored bytes as part of overlap-a
-    "setuid.bin": b"#!/bin/sh\necho never root\n",
-}
-
-
-def _text(name: bytes) -> bytes:
-    """Content of its own: decoded files are cached by sha256, so a bad entry that shares a good
-    file's hash would (rightly) be served that file's verified bytes."""
-    return TEXT + name
-
-
-def _hostile_specs() -> list[Spec]:
-    frame = compress(_text(b"truncated"))
-    checksum = compress(_text(b"checksum"))
-    checksum_flipped = checksum[:-1] + bytes([checksum[-1] ^ 0xFF])
-    short = _text(b"short")
-    zeros = bytes(100 * KiB)
-    return [
-        Spec(b"overlap-a.bin", OVERLAP),  # first: its stored bytes start at 0
-        Spec(b"ok/one.txt", GOOD["ok/one.txt"]),
-        Spec(b"ok/two.txt", TEXT, zstd=True),
-        Spec(b"ok/big.bin", OK_BIG),
-        # refused by the path rules (skipped in listings; no name can reach them)
-        Spec(b"../escape", b"must never be written outside"),
-        Spec(b"/abs", b"absolute"),
-        Spec(b"nul\x00name", b"nul"),
-        Spec(b"dbl//slash", b"double slash"),
-        Spec(b"n" * 256, b"long name"),
-        # refused when used: EIO for that name only
-        Spec(b"conf", b"a file"),
-        Spec(b"conf/inner", b"and a directory"),
-        Spec(b"past-blob.bin", b"x" * 100, data_offset=1 << 40),
-        Spec(b"overflow.bin", b"y", data_offset=(1 << 64) - 1),
-        Spec(b"huge.txt", b"z", zstd=True, original_size=1 << 63),
-        # served as files, fail when read
-        Spec(b"bomb-small.txt", zeros, zstd=True, stored=bomb_frame(BOMB_BYTES)),  # decoded in memory
-        Spec(b"bomb-big.txt", bytes(3 * MiB), zstd=True, stored=bomb_frame(BOMB_BYTES)),  # into the store
-        Spec(b"truncated.txt", _text(b"truncated"), zstd=True, stored=frame[: len(frame) // 2]),
-        Spec(b"bad-checksum.txt", _text(b"checksum"), zstd=True, stored=checksum_flipped),
-        Spec(b"short-frame.txt", short + b"more", zstd=True, stored=compress(short)),  # decodes short
-        Spec(b"wrong-hash.bin", b"honest bytes", hash=hashlib.sha256(b"other bytes").digest()),
-        Spec(b"wrong-hash.txt", _text(b"wrong"), zstd=True, hash=hashlib.sha256(b"other").digest()),
-        Spec(b"overlap-b.bin", OVERLAP[1000:5000], data_offset=1000),  # inside overlap-a's bytes
-        Spec(b"overlap-bad.bin", OVERLAP[:2000], data_offset=0, hash=hashlib.sha256(b"no").digest()),
-        Spec(b"setuid.bin", GOOD["setuid.bin"], mode=0o6777),
-        Spec(b"max.txt", b"m", zstd=True, original_size=(1 << 63) - 1),
-    ]
-
-
-# name -> (errno on open/read, phrase of its one log line)
-BAD: dict[str, tuple[int, str]] = {
-    "conf": (errno.EIO, "both a file and a directory"),
-    "past-blob.bin": (errno.EIO, "runs past the"),
-    "overflow.bin": (errno.EIO, "runs past the"),
-    "huge.txt": (errno.EIO, "exceeds 2^63-1"),
-    "bomb-small.txt": (errno.EIO, "decodes past original_size"),
-    "bomb-big.txt": (errno.EIO, "decodes past original_size"),
-    "truncated.txt": (errno.EIO, "original_size is"),
-    "bad-checksum.txt": (errno.EIO, "corrupt zstd frame"),
-    "short-frame.txt": (errno.EIO, "original_size is"),
-    "wrong-hash.bin": (errno.EIO, "sha256 mismatch"),
-    "wrong-hash.txt": (errno.EIO, "sha256 mismatch"),
-    "overlap-bad.bin": (errno.EIO, "sha256 mismatch"),
-}
-# entries no name can reach: (how the log shows the path, phrase of the warning when listed)
-UNREACHABLE = (
-    ("'../escape'", "'..' component"),
-    ("'/abs'", "empty path component"),
-    ("nul\\x00name", "NUL byte"),
-    ("'dbl//slash'", "empty path component"),
-    ("nnnnnnnn", "name of 256 bytes exceeds 255"),
-)
-
-
-def build_hostile(out: Path) -> Path:
-    write_archive(out, _hostile_specs())
-    return out
 
 
 def _snapshot(root: Path, skip: tuple[Path, ...]) -> dict[str, tuple[int, int, int]]:
@@ -215,7 +125,7 @@ def _refused(tmp_path: Path, source: str, *args: str) -> str:
     assert out.returncode == 4, out.stderr  # invalid archive
     assert out.stderr.startswith("blobmount: "), out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)
     return out.stderr
 
 

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fuse.conftest import mounted
-from tests.helpers import FIXTURES, tree_files
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import mounted
 
 pytestmark = pytest.mark.fuse
 WAIT_S = 20.0

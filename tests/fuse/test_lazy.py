@@ -24,8 +24,8 @@ from blobmount.cache import CacheDir, ChunkStore
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.fuse.conftest import blobmount_cmd, mounted, unmount
-from tests.servers import QuirkProxy, Registry
+from tests.support.mounts import blobmount_cmd, mounted, unmount
+from tests.support.servers import QuirkProxy, Registry
 
 pytestmark = pytest.mark.fuse
 

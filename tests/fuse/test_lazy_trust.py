@@ -3,7 +3,7 @@ one open, flips across opens, a remount over a cache that holds a corrupted chun
 fetch stalled reads at once when the origin answers again.
 
 Real programs (``cp``, ``sha256sum``, ``head``, ``tail``) read through a real FUSE mount of an
-archive on the real docker-registry, behind tests/faults.py's FaultProxy, which flips one bit of
+archive on the real docker-registry, behind tests/support/faults.py's FaultProxy, which flips one bit of
 one range answer on the way. ``--verify-threshold 256K`` makes files of a few MiB lazy. Each file
 sits between pads, so a flip aimed at one file never lands in another's chunks, and every fault
 asserts it was met (``hits``).
@@ -31,11 +31,11 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.corpus import Placed, Spec, write_archive
-from tests.faults import Fault, FaultProxy, Kind, blob
-from tests.fuse.conftest import Mount, mounted
-from tests.fuse.reads import read_bounded
-from tests.servers import Registry
+from tests.support.corpus import Placed, Spec, write_archive
+from tests.support.faults import Fault, FaultProxy, Kind, blob
+from tests.support.mounts import Mount, mounted
+from tests.support.reads import read_bounded
+from tests.support.servers import Registry
 
 pytestmark = pytest.mark.fuse
 

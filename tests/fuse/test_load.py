@@ -1,8 +1,8 @@
-"""Load with random faults (tests/load.py): 64 readers, half threads and half processes, mixed
+"""Load with random faults (tests/support/load.py): 64 readers, half threads and half processes, mixed
 sequential and random reads over a 20,000-file archive mounted from the real registry through the
 fault proxy, for a bounded time. Zero wrong bytes, zero hung reads, only EIO as an error, nothing
 poisoned once the faults stop, the daemon's RSS and fds bounded. The soak is
-``python -m tests.load --soak``; ``BLOBMOUNT_LOAD_SECONDS`` lengthens this run and
+``python -m tests.support.load --soak``; ``BLOBMOUNT_LOAD_SECONDS`` lengthens this run and
 ``BLOBMOUNT_LOAD_REPORT=FILE`` keeps its JSON report."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import load
-from tests.servers import Registry
+from tests.support import load
+from tests.support.servers import Registry
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, require_fuse, unmount
-from tests.fuse.test_process import _daemon_pids
-from tests.helpers import FIXTURES, tree_files
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import daemon_pids, is_mounted, require_fuse, unmount
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,18 +53,18 @@ def test_make_install_into_temp_dirs(tmp_path: Path) -> None:
             env=env,
         )
         assert out.returncode == 0, out.stderr
-        assert _is_mounted(mnt)
+        assert is_mounted(mnt)
         assert (mnt / "top.md").read_bytes() == tree_files("basic")[b"top.md"].data
     finally:
         unmount(mnt)
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)
     assert wait_gone(mnt) == []  # the helper's daemon ended with its mount
 
 
 def wait_gone(mnt: Path, timeout_s: float = 15.0) -> list[int]:
     """PIDs of daemons for `mnt` still alive after `timeout_s` (killed, by PID, before returning)."""
     deadline = time.monotonic() + timeout_s
-    while (pids := _daemon_pids(mnt)) and time.monotonic() < deadline:
+    while (pids := daemon_pids(mnt)) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

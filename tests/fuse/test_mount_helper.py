@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, unmount
-from tests.fuse.test_process import _daemon_pids
-from tests.helpers import FIXTURES, tree_files
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import daemon_pids, is_mounted, unmount
 
 pytestmark = pytest.mark.fuse
 
@@ -34,7 +33,7 @@ def test_mount_t_fuse_blobmount(helper_installed: None, tmp_path: Path) -> None:
             env=env,
         )
         assert out.returncode == 0, out.stderr
-        assert _is_mounted(mnt)
+        assert is_mounted(mnt)
         assert (mnt / "top.md").read_bytes() == tree_files("basic")[b"top.md"].data
         assert "top.md" in os.listdir(mnt)
     finally:
@@ -51,7 +50,7 @@ def test_fstab_line_through_mount_mnt(helper_installed: None, tmp_path: Path) ->
     try:
         out = subprocess.run(["mount", "-T", str(fstab), str(mnt)], capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0, out.stderr
-        assert _is_mounted(mnt)
+        assert is_mounted(mnt)
         assert "a b" in os.listdir(mnt)
         line = next(ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if ln.split()[4] == str(mnt))
         assert "fuse.blobmount" in line
@@ -93,9 +92,9 @@ umount {mnt}
         assert Path("/etc/fstab").read_text() != fstab.read_text()  # the host's fstab was never replaced
     finally:
         deadline = time.monotonic() + 15
-        while (pids := _daemon_pids(mnt)) and time.monotonic() < deadline:
+        while (pids := daemon_pids(mnt)) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
     assert pids == [], "the daemon outlived its unmount"
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)

@@ -20,26 +20,14 @@ import pytest
 
 from blobmount.archive import create_archive
 from blobmount.index import IndexView
-from tests.fuse.conftest import mounted
-from tests.helpers import FIXTURE_NAMES, FIXTURES, make_oci_layout, tree_files
-from tests.servers import Registry
+from tests.support.helpers import FIXTURE_NAMES, FIXTURES, make_oci_layout, tree_files
+from tests.support.mounts import mounted, push_dir
+from tests.support.servers import Registry
 
 pytestmark = pytest.mark.fuse
 
 SOURCES = ("dir", "oci", "registry")
 SourceFor = Callable[[Path], str]
-
-
-def push_dir(registry: Registry, archive: Path, repo: str) -> str:
-    import trio
-
-    from blobmount.reference import Reference
-    from blobmount.registry.client import RegistryOptions
-    from blobmount.registry.push import push_archive
-
-    ref = Reference.parse(f"{registry.host}/{repo}:v1")
-    trio.run(push_archive, archive, ref, RegistryOptions())
-    return str(ref)
 
 
 @pytest.fixture(params=SOURCES)

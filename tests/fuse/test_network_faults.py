@@ -1,6 +1,6 @@
 """Network faults under a mounted registry archive (DESIGN tenet 3: never hang, never lie).
 
-The daemon mounts through tests/faults.py's FaultProxy in front of the real docker-registry with
+The daemon mounts through tests/support/faults.py's FaultProxy in front of the real docker-registry with
 ``--timeout 2``. Every fault is first met briefly (it clears by itself after one or two requests:
 the read must succeed with the right bytes) and then persistently: the reads it hits end in EIO
 within the hang guard (10x the timeout), an unfaulted file is served meanwhile, names still
@@ -36,12 +36,12 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests import resolver
-from tests.corpus import Placed, Spec, write_archive
-from tests.faults import Fault, FaultProxy, Kind, blob, path_prefix
-from tests.fuse.conftest import Mount, mounted
-from tests.fuse.reads import Outcome, PendingRead, read_bounded
-from tests.servers import Registry
+from tests.support import resolver
+from tests.support.corpus import Placed, Spec, write_archive
+from tests.support.faults import Fault, FaultProxy, Kind, blob, path_prefix
+from tests.support.mounts import Mount, mounted
+from tests.support.reads import Outcome, PendingRead, read_bounded
+from tests.support.servers import Registry
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -273,7 +273,7 @@ def test_connection_refused(proxy: FaultProxy, net_archive: NetArchive, tmp_path
 
 
 def test_dns_failure(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
-    """The daemon resolves registry.faults.test through tests/resolver.py (never a real lookup);
+    """The daemon resolves registry.faults.test through tests/support/resolver.py (never a real lookup);
     DNS going away matters to new connections, so the proxy also cuts the live ones."""
     flag = tmp_path / "dns-down"
     env = resolver.sitecustomize_dir(tmp_path / "site", flag)
@@ -389,7 +389,7 @@ def test_daemon_killed_during_a_stalled_read(proxy: FaultProxy, net_archive: Net
     import signal
     import subprocess
 
-    from tests.fuse.conftest import _is_mounted
+    from tests.support.mounts import is_mounted
 
     arc = net_archive
     path = b"2/small.bin"
@@ -408,7 +408,7 @@ def test_daemon_killed_during_a_stalled_read(proxy: FaultProxy, net_archive: Net
         out = pending.result(HANG_GUARD_S)
         assert out.errno == errno.ENOTCONN, out
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
-        assert not _is_mounted(mnt)
+        assert not is_mounted(mnt)
         assert os.listdir(mnt) == []
         proxy.clear()
     with _mount(proxy, tmp_path) as m:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, blobmount_cmd, require_fuse, unmount
-from tests.helpers import FIXTURES
+from tests.support.helpers import FIXTURES
+from tests.support.mounts import blobmount_cmd, is_mounted, require_fuse, unmount
 
 pytestmark = pytest.mark.fuse
 WAIT_S = 20.0
@@ -56,7 +56,7 @@ def test_notify_protocol(tmp_path: Path) -> None:
         else:
             pytest.fail("no STOPPING=1")
         assert proc.wait(WAIT_S) == 0
-        assert not _is_mounted(mnt)
+        assert not is_mounted(mnt)
     finally:
         sock.close()
         if proc.poll() is None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, blobmount_cmd, mounted, require_fuse, unmount
-from tests.helpers import FIXTURES
+from tests.support.helpers import FIXTURES
+from tests.support.mounts import blobmount_cmd, daemon_pids, is_mounted, mounted, require_fuse, unmount
 
 pytestmark = pytest.mark.fuse
 
@@ -30,21 +30,6 @@ def _wait_exit(proc: subprocess.Popen[bytes]) -> int:
         pytest.fail("daemon did not exit")
 
 
-def _daemon_pids(mnt: Path) -> list[int]:
-    pids = []
-    needle = os.fsencode(str(mnt))
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"blobmount" in cmdline and needle in cmdline.split(b"\0"):
-            pids.append(int(entry))
-    return pids
-
-
 def test_background_mode_returns_once_mounted_and_exits_on_fusermount(tmp_path: Path) -> None:
     require_fuse()
     mnt = tmp_path / "mnt"
@@ -55,7 +40,7 @@ def test_background_mode_returns_once_mounted_and_exits_on_fusermount(tmp_path: 
         )
         assert out.returncode == 0, out.stderr
         assert "top.md" in os.listdir(mnt)  # live the moment the command returned
-        pids = _daemon_pids(mnt)
+        pids = daemon_pids(mnt)
         assert len(pids) == 1
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
         deadline = time.monotonic() + WAIT_S
@@ -64,7 +49,7 @@ def test_background_mode_returns_once_mounted_and_exits_on_fusermount(tmp_path: 
         assert not Path(f"/proc/{pids[0]}").exists() or b"Z" in Path(f"/proc/{pids[0]}/stat").read_bytes().split()[2]
     finally:
         unmount(mnt)
-        for pid in _daemon_pids(mnt):
+        for pid in daemon_pids(mnt):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -73,7 +58,7 @@ def test_signal_unmounts_and_exits_zero(sig: signal.Signals, tmp_path: Path) -> 
     with mounted(BASIC, tmp_path / "mnt") as m:
         m.proc.send_signal(sig)
         assert _wait_exit(m.proc) == 0
-        assert not _is_mounted(m.path)
+        assert not is_mounted(m.path)
 
 
 def test_sigterm_with_open_files_unmounts_lazily_and_exits_zero(tmp_path: Path) -> None:
@@ -82,7 +67,7 @@ def test_sigterm_with_open_files_unmounts_lazily_and_exits_zero(tmp_path: Path) 
         try:
             m.proc.send_signal(signal.SIGTERM)
             assert _wait_exit(m.proc) == 0
-            assert not _is_mounted(m.path)
+            assert not is_mounted(m.path)
         finally:
             with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone, as it should be
                 held.close()
@@ -104,7 +89,7 @@ def _fails(tmp_path: Path, source: str, mnt: Path, code: int | None = None, live
     assert out.stderr.startswith("blobmount: ")
     assert out.stderr.count("\n") == 1, out.stderr
     if mnt.exists() and not live:
-        assert not _is_mounted(mnt)
+        assert not is_mounted(mnt)
     return out.stderr
 
 

@@ -21,9 +21,9 @@ from blobmount import profile
 from blobmount.reference import Reference
 from blobmount.referrers import fallback_tag, push_profile
 from blobmount.registry.client import RegistryOptions
-from tests.faults import Fault, FaultProxy, Kind, path_prefix
-from tests.fuse.conftest import Mount, blobmount_cmd, mounted
-from tests.servers import Registry, start_registry
+from tests.support.faults import Fault, FaultProxy, Kind, path_prefix
+from tests.support.mounts import Mount, blobmount_cmd, mounted
+from tests.support.servers import Registry, start_registry
 
 pytestmark = pytest.mark.fuse
 

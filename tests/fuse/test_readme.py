@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, require_fuse, unmount
-from tests.fuse.test_process import _daemon_pids
-from tests.servers import Registry, free_port
+from tests.support.mounts import daemon_pids, is_mounted, require_fuse, unmount
+from tests.support.readme import ENGINE_RUN, README, sh_lines, without_comment
+from tests.support.servers import Registry, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
 NOT_RUN = "# not run in CI"
 MUST_BE_MARKED = {"docker", "kubectl", "systemctl", "journalctl"}
-ENGINE_RUN = "# run in CI by tests/fuse/test_sidecar.py"  # that test runs these lines, in order
 MUST_BE_ENGINE_RUN = {"podman", "mmdebstrap"}
 COVERED = {"blobmount", "mount", "umount", "make"}  # every such command is run, here or by a named test
 # README command -> the test that runs it (each must exist: checked below)
@@ -40,29 +38,11 @@ EXERCISED_ELSEWHERE = {
 WAIT_S = 60.0
 
 
-def sh_lines() -> list[str]:
-    """Command lines of the README's ```sh blocks, continuations joined, comments-only lines dropped."""
-    lines: list[str] = []
-    for block in re.findall(r"^```sh\n(.*?)^```", README.read_text(), flags=re.S | re.M):
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                lines.append(line.strip())
-    return lines
-
-
 def command_word(line: str) -> str:
     words = shlex.split(line, comments=True)
     while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
         words.pop(0)
     return words[0] if words else ""
-
-
-def without_comment(line: str) -> str:
-    return " ".join(shlex.split(line, comments=True))
-
-
-def engine_lines() -> list[str]:
-    return [line for line in sh_lines() if ENGINE_RUN in line]
 
 
 def runnable() -> list[str]:
@@ -109,7 +89,7 @@ def _cleanup(tmp: Path) -> list[int]:
     leftovers: list[int] = []
     deadline = time.monotonic() + 15
     for mnt in (tmp / "sample", tmp / "demo"):
-        while (pids := _daemon_pids(mnt)) and time.monotonic() < deadline:
+        while (pids := daemon_pids(mnt)) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -157,16 +137,16 @@ def test_make_run_mounts_checks_and_unmounts(tmp_path: Path) -> None:
     try:
         out = subprocess.run(["make", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert _is_mounted(mnt)
+        assert is_mounted(mnt)
         assert (mnt / "README.txt").read_bytes() == (ROOT / "examples" / "sample" / "README.txt").read_bytes()
         assert "came through blobmount" in out.stdout
         out = subprocess.run(["make", "umount"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert not _is_mounted(mnt)
+        assert not is_mounted(mnt)
     finally:
         unmount(mnt)
         deadline = time.monotonic() + 15
-        while (pids := _daemon_pids(mnt)) and time.monotonic() < deadline:
+        while (pids := daemon_pids(mnt)) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import blobmount_cmd, mounted
-from tests.servers import QuirkProxy, Registry
+from tests.support.mounts import blobmount_cmd, mounted
+from tests.support.servers import QuirkProxy, Registry
 
 pytestmark = pytest.mark.fuse
 

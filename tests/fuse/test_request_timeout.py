@@ -39,11 +39,11 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests import load
-from tests.faults import Fault, FaultProxy, Kind, blob
-from tests.fuse.conftest import mounted
-from tests.fuse.reads import read_bounded
-from tests.servers import Registry
+from tests.support import load
+from tests.support.faults import Fault, FaultProxy, Kind, blob
+from tests.support.mounts import mounted
+from tests.support.reads import read_bounded
+from tests.support.servers import Registry
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -52,7 +52,7 @@ KERNEL_TIMEOUT_S = 15  # the kernel's check runs every 15 s: an abort lands by 3
 TIMEOUT_S = 30.0  # --timeout: more than the kernel leaves, so the daemon clamps it (to 12 s)
 BOUND_S = 12.0  # settings.request_bound(15)
 STALL_S = 60.0
-READERS = 64  # half threads in one process, half single-threaded processes (as tests/load.py)
+READERS = 64  # half threads in one process, half single-threaded processes (as tests/support/load.py)
 FILES = 2_000
 SEED = 24
 REPO = "reqtime/archive:v1"
@@ -66,7 +66,13 @@ def _readers(mnt: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
     root = Path(load.__file__).resolve().parents[1]
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.load", "worker", *map(str, (mnt, FILES, SEED, 7000 + 100 * k, seconds, n))],
+            [
+                sys.executable,
+                "-m",
+                "tests.support.load",
+                "worker",
+                *map(str, (mnt, FILES, SEED, 7000 + 100 * k, seconds, n)),
+            ],
             stdout=subprocess.PIPE,
             cwd=root,
         )

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.corpus import Spec, write_archive
-from tests.faults import FaultProxy
-from tests.fuse.conftest import Mount, mounted
-from tests.fuse.test_mounted import push_dir
-from tests.helpers import FIXTURES, tree_files
-from tests.servers import Registry, start_registry
+from tests.support.corpus import Spec, write_archive
+from tests.support.faults import FaultProxy
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import Mount, mounted, push_dir
+from tests.support.servers import Registry, start_registry
 
 pytestmark = pytest.mark.fuse
 

@@ -34,11 +34,10 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.conftest import REFERENCE_CREATED
-from tests.fuse.conftest import _is_mounted, require_fuse, unmount
-from tests.fuse.test_readme import engine_lines, without_comment
-from tests.helpers import FIXTURES, tree_files
-from tests.servers import Registry
+from tests.support.helpers import FIXTURES, REFERENCE_CREATED, tree_files
+from tests.support.mounts import is_mounted, require_fuse, unmount
+from tests.support.readme import engine_lines, without_comment
+from tests.support.servers import Registry
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +113,7 @@ def test_sidecar_scripts_mount_from_the_environment_and_stop_on_sigterm(tmp_path
         )
     try:
         deadline = time.monotonic() + WAIT_S
-        while not _is_mounted(mnt):
+        while not is_mounted(mnt):
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.05)
@@ -126,7 +125,7 @@ def test_sidecar_scripts_mount_from_the_environment_and_stop_on_sigterm(tmp_path
         assert str(prefix).encode() in cmdline[0] + cmdline[1]  # the fresh venv's blobmount
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(STOP_GRACE_S) == 0
-        assert not _is_mounted(mnt)
+        assert not is_mounted(mnt)
         health = subprocess.run([str(DOCKER / "healthcheck.sh"), str(mnt)], env=env, capture_output=True, timeout=30)
         assert health.returncode != 0
         events = [json.loads(line) for line in log_path.read_text().splitlines()]
@@ -388,7 +387,7 @@ def test_podman_builds_the_image_and_runs_it_as_a_sidecar(registry: Registry, tm
         assert image["Healthcheck"]["Test"] == ["CMD", "/usr/local/lib/blobmount/healthcheck.sh"]  # docker format
 
         podman.must(share)
-        assert _is_mounted(shared)
+        assert is_mounted(shared)
         # the second container starts before the sidecar: it sees the archive only through rslave
         podman.must(
             f"podman run -d --name watcher --network none -v {shared}:/assets:ro,rslave -v {out}:/out "
@@ -397,7 +396,7 @@ def test_podman_builds_the_image_and_runs_it_as_a_sidecar(registry: Registry, tm
         with _timed(timings, "mount"):
             podman.must(run_sidecar)
             deadline = time.monotonic() + MOUNT_WAIT_S
-            while not _is_mounted(shared / "blob"):
+            while not is_mounted(shared / "blob"):
                 running = podman.inspect("assets", ".State.Running")
                 assert running == "true", podman.must("podman logs assets")
                 assert time.monotonic() < deadline, podman.must("podman logs assets")
@@ -421,17 +420,17 @@ def test_podman_builds_the_image_and_runs_it_as_a_sidecar(registry: Registry, tm
         with _timed(timings, "stop"):
             podman.must(stop)
         assert podman.inspect("assets", ".State.ExitCode") == "0"  # SIGTERM, not the grace period's SIGKILL
-        assert not _is_mounted(shared / "blob")
+        assert not is_mounted(shared / "blob")
         assert _mounts_under(shared) == [str(shared)]  # only the share itself, which the README made
 
         # what the README says of a SIGKILL: the host keeps a dead mount until it is unmounted
         podman.must("podman start assets")
         deadline = time.monotonic() + MOUNT_WAIT_S
-        while not _is_mounted(shared / "blob"):
+        while not is_mounted(shared / "blob"):
             assert time.monotonic() < deadline, podman.must("podman logs assets")
             time.sleep(0.5)
         podman.must("podman kill assets && podman wait assets", MOUNT_WAIT_S)
-        assert _is_mounted(shared / "blob")
+        assert is_mounted(shared / "blob")
         with pytest.raises(OSError) as dead:
             os.statvfs(shared / "blob")
         assert dead.value.errno == errno.ENOTCONN

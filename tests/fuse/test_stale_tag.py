@@ -18,10 +18,10 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.faults import Fault, FaultProxy, Kind
-from tests.fuse.conftest import _is_mounted, blobmount_cmd, mounted, unmount
-from tests.helpers import FIXTURES, tree_files
-from tests.servers import Registry
+from tests.support.faults import Fault, FaultProxy, Kind
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import blobmount_cmd, is_mounted, mounted, unmount
+from tests.support.servers import Registry
 
 pytestmark = pytest.mark.fuse
 
@@ -130,7 +130,7 @@ def test_no_stale_tag_refuses_in_one_line(refuse: tuple[str, ...], own_registry:
     assert out.stderr.count("\n") == 1, out.stderr
     assert digest in out.stderr
     assert "--no-stale-tag" in out.stderr
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)
 
 
 def test_without_a_cached_resolution_the_mount_fails_in_one_line(own_registry: Registry, tmp_path: Path) -> None:
@@ -151,4 +151,4 @@ def test_without_a_cached_resolution_the_mount_fails_in_one_line(own_registry: R
     assert out.returncode == 1, out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
     assert own_registry.host in out.stderr
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)

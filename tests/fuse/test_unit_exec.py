@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _is_mounted, require_fuse, unmount
-from tests.helpers import FIXTURES, tree_files
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import is_mounted, require_fuse, unmount
 
 pytestmark = pytest.mark.fuse
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,13 +77,13 @@ def test_execstart_then_execstop_unmounts_cleanly(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             if "READY=1" in sock.recv(4096).decode():
                 break
-        assert _is_mounted(mnt), (tmp_path / "daemon.log").read_text()
+        assert is_mounted(mnt), (tmp_path / "daemon.log").read_text()
         assert (mnt / "top.md").read_bytes() == tree_files("basic")[b"top.md"].data
         assert list((tmp_path / "run").glob("mnt-*.sock"))  # the control socket in RuntimeDirectory=
         out = subprocess.run(stop, env=env, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert proc.wait(float(service["TimeoutStopSec"])) == 0  # exits before systemd would SIGTERM it
-        assert not _is_mounted(mnt)
+        assert not is_mounted(mnt)
         assert not list((tmp_path / "run").glob("mnt-*.sock"))
     finally:
         sock.close()

@@ -2,7 +2,7 @@
 as soon as the decoder has passed them, verified at the end with the guarantees of lazily verified
 raw files (a read that completes a bad file fails, a retry gets right bytes).
 
-Real mounts of an archive on the real docker-registry, behind tests/faults.py's FaultProxy where a
+Real mounts of an archive on the real docker-registry, behind tests/support/faults.py's FaultProxy where a
 fault (a stall, a flipped bit) or a request count is needed. ``--verify-threshold 256K`` makes the
 files here progressive; ``--log-level info`` makes each decode start one log line, which the tests
 count. Each file sits between pads, so a fault aimed at one file never lands in another's chunks.
@@ -27,11 +27,11 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.corpus import Placed, Spec, write_archive
-from tests.faults import Fault, FaultProxy, Kind, blob
-from tests.fuse.conftest import Mount, mounted
-from tests.fuse.reads import read_bounded
-from tests.servers import Registry
+from tests.support.corpus import Placed, Spec, write_archive
+from tests.support.faults import Fault, FaultProxy, Kind, blob
+from tests.support.mounts import Mount, mounted
+from tests.support.reads import read_bounded
+from tests.support.servers import Registry
 
 pytestmark = pytest.mark.fuse
 

@@ -27,7 +27,7 @@ from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
 from blobmount.remote import RegistryBlobSource
 from blobmount.source import ReadHint
-from tests.fakes import FakeRemote
+from tests.support.fakes import FakeRemote
 
 EXAMPLES = int(os.environ.get("BLOBMOUNT_FUZZ_EXAMPLES", "60"))
 MODEL = settings(max_examples=EXAMPLES, deadline=None, derandomize=True)

@@ -22,7 +22,7 @@ from blobmount.errors import IntegrityError, InvalidArchive, LimitExceeded, Sour
 from blobmount.index import Entry, EntryRecord, IndexView, build_index
 from blobmount.reader import Reader
 from blobmount.source import LocalFileSource
-from tests.helpers import FIXTURES
+from tests.support.helpers import FIXTURES
 
 EXAMPLES = int(os.environ.get("BLOBMOUNT_FUZZ_EXAMPLES", "2000"))
 HANG_GUARD_S = 10

@@ -13,11 +13,17 @@ from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.helpers import FIXTURES
-from tests.servers import QuirkProxy, Registry, SigningKey, TokenIssuer, start_registry
+from tests.support.helpers import FIXTURES
+from tests.support.servers import (
+    TOKEN_PASSWORD,
+    TOKEN_USER,
+    QuirkProxy,
+    Registry,
+    SigningKey,
+    TokenIssuer,
+    start_registry,
+)
 
-TOKEN_USER = "alice"
-TOKEN_PASSWORD = "tok s3cret"  # a space and digits: quoting mistakes show up
 TOKEN_PUSHED = ("basic", "mixed")
 
 
@@ -74,18 +80,3 @@ def auth_registry(tmp_path: Path) -> Iterator[Registry]:
         yield reg
     finally:
         reg.stop()
-
-
-def access_log_mark(reg: Registry) -> int:
-    return len((reg.root / "registry.log").read_bytes())
-
-
-def statuses_since(reg: Registry, mark: int) -> list[int]:
-    """HTTP statuses of the requests the registry logged after `mark` (its access log)."""
-    text = (reg.root / "registry.log").read_bytes()[mark:].decode(errors="replace")
-    out = []
-    for line in text.splitlines():
-        if '" ' in line and "HTTP/1.1" in line:
-            after = line.split('HTTP/1.1" ', 1)[1]
-            out.append(int(after.split(" ", 1)[0]))
-    return out

@@ -24,8 +24,8 @@ from blobmount.filesystem import BlobFileSystem, split_url
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.faults import Fault, FaultProxy, Kind, blob
-from tests.servers import Registry
+from tests.support.faults import Fault, FaultProxy, Kind, blob
+from tests.support.servers import Registry
 
 BIG = 3 << 20  # over the threshold the tests set: served lazily by range
 THRESHOLD = 256 << 10

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from blobmount.index import IndexView
-from tests.faults import Fault, FaultProxy, Kind, blob
-from tests.helpers import FIXTURES
-from tests.servers import Registry, free_port
+from tests.support.faults import Fault, FaultProxy, Kind, blob
+from tests.support.helpers import FIXTURES
+from tests.support.servers import Registry, free_port
 
 TIMEOUT = "1"  # --timeout: a dead registry is given up on within 4x this (the open's budget)
 RUN_GUARD_S = 60.0

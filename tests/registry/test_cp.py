@@ -17,9 +17,9 @@ import pytest
 
 from blobmount.cli import main
 from blobmount.index import IndexView
-from tests.faults import Fault, FaultProxy, Kind, blob
-from tests.helpers import FIXTURES, tree_files
-from tests.servers import QuirkProxy, Registry
+from tests.support.faults import Fault, FaultProxy, Kind, blob
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.servers import QuirkProxy, Registry
 
 DATA_DIGEST = json.loads((FIXTURES / "mixed" / "oci-manifest.json").read_bytes())["layers"][1]["digest"]
 HOLD_S = 0.05  # each data request is held this long at the proxy, so that concurrent ones meet

@@ -1,4 +1,4 @@
-"""Hostile registry answers at open time, through tests/faults.py's proxy in front of the real
+"""Hostile registry answers at open time, through tests/support/faults.py's proxy in front of the real
 registry: manifests that are not blob archives, lie about sizes or digests, never end; index blobs
 that do not match their descriptor. Each is refused with one line and its documented exit code
 (4 invalid archive, 3 not found, 1 other), within the time budget, and no hostile answer is ever
@@ -17,9 +17,9 @@ import pytest
 
 from blobmount.cli import main
 from blobmount.manifest import DATA_MEDIA_TYPE, INDEX_MEDIA_TYPE
-from tests.faults import Fault, FaultProxy, Kind, blob, path_prefix
-from tests.helpers import FIXTURES
-from tests.servers import Registry
+from tests.support.faults import Fault, FaultProxy, Kind, blob, path_prefix
+from tests.support.helpers import FIXTURES
+from tests.support.servers import Registry
 
 TIMEOUT_S = 1.0  # --timeout: opening is bounded by 4x it, and four tests here wait that long
 REPO = "fixtures/basic"

@@ -23,9 +23,9 @@ from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from blobmount.remote import RegistryBlobSource, open_registry
-from tests.fuse.conftest import mounted
-from tests.helpers import FIXTURES, tree_files
-from tests.servers import QuirkProxy, Registry, basic_auth_header, free_port, start_registry
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import mounted
+from tests.support.servers import QuirkProxy, Registry, basic_auth_header, free_port, start_registry
 
 WARM_WAIT_S = 30.0  # hang guard: a pull-through cache stores a 32 MiB blob in well under a second
 

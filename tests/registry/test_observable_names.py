@@ -21,8 +21,8 @@ from blobmount.daemon.control import DaemonState
 from blobmount.reference import Reference
 from blobmount.registry.options import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.helpers import FIXTURES, tree_files
-from tests.servers import Registry
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.servers import Registry
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 _SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s")

@@ -19,8 +19,8 @@ from blobmount.manifest import ARTIFACT_TYPE, DATA_MEDIA_TYPE, EMPTY_MEDIA_TYPE,
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryClient, RegistryOptions, bytes_reader
 from blobmount.remote import open_registry
-from tests.helpers import FIXTURES
-from tests.servers import QuirkProxy, Registry
+from tests.support.helpers import FIXTURES
+from tests.support.servers import QuirkProxy, Registry
 
 CREATED = "2024-01-02T03:04:05Z"  # the fixtures' oci-manifest.json carry this
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -19,8 +19,8 @@ from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.remote import RegistryBlobSource, open_registry
 from blobmount.source import Archive
-from tests.helpers import FIXTURE_NAMES, FIXTURES, tree_files
-from tests.servers import QuirkProxy, Registry
+from tests.support.helpers import FIXTURE_NAMES, FIXTURES, tree_files
+from tests.support.servers import QuirkProxy, Registry
 
 
 def test_push_is_byte_identical_to_the_reference_manifest(registry: Registry, pushed: dict[str, str]) -> None:

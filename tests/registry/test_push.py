@@ -27,8 +27,8 @@ from blobmount.manifest import MANIFEST_MEDIA_TYPE
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.helpers import FIXTURES, extract_tree, tree_files
-from tests.servers import QuirkProxy, Registry
+from tests.support.helpers import FIXTURES, extract_tree, tree_files
+from tests.support.servers import QuirkProxy, Registry
 
 CREATED = "2024-01-02T03:04:05Z"
 WAIT_S = 60.0  # hang guard for subprocesses and held uploads

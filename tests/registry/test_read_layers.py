@@ -22,7 +22,7 @@ from blobmount.index import IndexView
 from blobmount.reader import Reader
 from blobmount.registry.options import RegistryOptions
 from blobmount.registry.wire import WireTransport
-from tests.helpers import tree_files
+from tests.support.helpers import tree_files
 
 READING = ["blobmount.fs", "blobmount.reader"]  # recorded as the call enters blobmount.fetch
 REQUEST = [

@@ -1,6 +1,6 @@
 """TLS to a registry: verified unless --insecure names that very host, or --ca-file vouches for its
-certificate. The registry is the real one behind tests/faults.py's proxy serving HTTPS with a
-throw-away self-signed certificate for registry.faults.test, which tests/resolver.py resolves to
+certificate. The registry is the real one behind tests/support/faults.py's proxy serving HTTPS with a
+throw-away self-signed certificate for registry.faults.test, which tests/support/resolver.py resolves to
 127.0.0.1 (no real lookup)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from blobmount.cli import main
-from tests import resolver
-from tests.faults import FaultProxy
-from tests.servers import Registry
+from tests.support import resolver
+from tests.support.faults import FaultProxy
+from tests.support.servers import Registry
 
 NAME = f"registry{resolver.FAKE_SUFFIX}"
 

@@ -21,10 +21,9 @@ from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from blobmount.remote import RegistryBlobSource, open_registry
-from tests.fuse.conftest import mounted
-from tests.helpers import FIXTURES, tree_files
-from tests.registry.conftest import TOKEN_PASSWORD, TOKEN_USER, access_log_mark, statuses_since
-from tests.servers import Registry, TokenIssuer
+from tests.support.helpers import FIXTURES, tree_files
+from tests.support.mounts import mounted
+from tests.support.servers import TOKEN_PASSWORD, TOKEN_USER, Registry, TokenIssuer, access_log_mark, statuses_since
 
 
 def issuer_of(reg: Registry) -> TokenIssuer:

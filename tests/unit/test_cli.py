@@ -11,7 +11,7 @@ import pytest
 
 from blobmount.cli import main
 from blobmount.index import IndexView
-from tests.helpers import FIXTURES, make_oci_layout, tree_files
+from tests.support.helpers import FIXTURES, make_oci_layout, tree_files
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

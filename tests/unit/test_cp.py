@@ -14,9 +14,9 @@ import pytest
 from blobmount.cli import main
 from blobmount.extract import CopyOptions, Item, _File, _pieces, directory_mtime_ns, piece_bytes
 from blobmount.index import Entry, IndexView
-from tests.corpus import Spec, bomb_frame, compress, write_archive
-from tests.fuse.test_hostile import build_hostile
-from tests.helpers import FIXTURES, make_oci_layout, tree_files
+from tests.support.corpus import Spec, bomb_frame, compress, write_archive
+from tests.support.helpers import FIXTURES, make_oci_layout, tree_files
+from tests.support.hostile import build_hostile
 
 MiB = 1 << 20
 T0 = 1_600_000_000_123_456_789

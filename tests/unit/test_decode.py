@@ -17,7 +17,7 @@ from blobmount.errors import IntegrityError
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.source import open_directory
-from tests.corpus import Spec, write_archive
+from tests.support.corpus import Spec, write_archive
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import FIXTURES, tree_files
+from tests.support.helpers import FIXTURES, tree_files
 
 CMD = [sys.executable, "-m", "blobmount.cli"]
 BUFFERED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as users run it

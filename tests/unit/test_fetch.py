@@ -21,7 +21,8 @@ from blobmount.errors import SourceError, TransientError
 from blobmount.fetch import ChunkedSource
 from blobmount.registry.retry import MAX_ATTEMPTS
 from blobmount.source import ReadHint
-from tests.fakes import FakeRemote
+from tests.support.aio import run, run_virtual
+from tests.support.fakes import FakeRemote
 
 CS = 4096  # chunk size for these tests: small blobs, many chunks
 BLOB = random.Random(7).randbytes(64 * CS + 123)  # 65 chunks, the last one short
@@ -42,15 +43,10 @@ async def serving(src: ChunkedSource) -> AsyncIterator[ChunkedSource]:
         yield src
 
 
-def run(fn: Callable[[], Awaitable[None]]) -> None:
-    """Real time: chunk writes run on worker threads, and a mock clock that jumps while one is in
-    flight would fire every deadline at once. Tests that wait out timeouts use `run_jumping`
-    with a memory-only store (no threads)."""
-    trio.run(fn)
-
-
 def run_jumping(fn: Callable[[], Awaitable[None]]) -> None:
-    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+    """Tests that wait out timeouts: the autojump clock, with a memory-only store (no threads);
+    the others run on the real clock (aio.run), since chunk writes run on worker threads."""
+    run_virtual(fn)
 
 
 def test_one_read_many_chunks_is_one_request_and_exact(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from blobmount.cache import ContentStore
 from blobmount.index import Entry, IndexView, Order
 from blobmount.reader import Reader
 from blobmount.source import LocalFileSource, open_directory
-from tests.helpers import FIXTURE_NAMES, FIXTURES, entry_path, expected, extract_tree, tree_files
+from tests.support.helpers import FIXTURE_NAMES, FIXTURES, entry_path, expected, extract_tree, tree_files
 
 FIELDS = ("data_offset", "data_size", "original_size", "mode", "uid", "gid", "mtime_ns", "compression")
 

@@ -27,7 +27,7 @@ def test_view_agrees_with_generated_accessors() -> None:
     """Our bounds-checked reader and flatc's accessors read the same values from every fixture."""
     from blobmount.index import IndexView
     from blobmount.index._fb import index_generated as fb
-    from tests.helpers import FIXTURE_NAMES, FIXTURES
+    from tests.support.helpers import FIXTURE_NAMES, FIXTURES
 
     for name in FIXTURE_NAMES:
         buf = (FIXTURES / name / "index.blob").read_bytes()

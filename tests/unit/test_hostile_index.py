@@ -17,7 +17,7 @@ import pytest
 from blobmount.errors import InvalidArchive, NotFound
 from blobmount.index import EntryRecord, IndexView, build_index
 from blobmount.index._fb import index_generated as fb
-from tests.helpers import FIXTURES
+from tests.support.helpers import FIXTURES
 
 H = hashlib.sha256(b"x").digest()
 

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from blobmount.daemon import metrics
-from tests.unit.test_registry_client import BLOB, DIGEST, client, ranged, run_with_clock
+from tests.support.aio import run_virtual
+from tests.support.fakes import BLOB, DIGEST, client, ranged
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def test_requests_bytes_retries_and_in_flight_are_counted(caplog: pytest.LogCapt
             await c.aclose()
 
     caplog.set_level(logging.DEBUG, logger="blobmount.registry.client")
-    body, _ = run_with_clock(go)
+    body, _ = run_virtual(go)
     assert body == BLOB[100:1100]
     assert metrics.HTTP_REQUESTS.value(kind="range", code="error") == 1
     assert metrics.HTTP_REQUESTS.value(kind="range", code="503") == 1
@@ -72,7 +73,7 @@ def test_a_retry_escalates_to_warning_when_it_repeats(caplog: pytest.LogCaptureF
 
     caplog.set_level(logging.DEBUG, logger="blobmount.registry.client")
     with pytest.raises(Exception, match="503"):
-        run_with_clock(go)
+        run_virtual(go)
     levels = [r.levelno for r in caplog.records if "retry" in r.getMessage()]
     assert levels[:2] == [logging.DEBUG, logging.DEBUG]
     # escalated once it repeated, and stays escalated (the range read's own retry loop around the

@@ -122,3 +122,16 @@ def test_the_checker_sees_each_kind_of_breach(tmp_path: Path) -> None:
         "blobmount.registry.client imports blobmount.cache",
         "blobmount.registry.client imports blobmount.cache.space",
     ]
+
+
+def test_tests_share_code_only_through_the_support_package() -> None:
+    """A test module imports helpers from tests/support, never from another test module or a
+    conftest: moving or deleting a test must not break its neighbours."""
+    tests_root = PACKAGE.parent / "tests"
+    crossing = []
+    for path in sorted(tests_root.rglob("*.py")):
+        name = module_name(tests_root, path)
+        for imported in imports_of(path, name):
+            if imported.startswith("tests.") and not imported.startswith("tests.support"):
+                crossing.append(f"{name} imports {imported}")
+    assert crossing == []

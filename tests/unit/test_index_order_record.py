@@ -8,7 +8,7 @@ import pytest
 from blobmount.index import IndexView
 from blobmount.index.build import EntryRecord, build_index
 from blobmount.index.view import Order
-from tests.helpers import FIXTURES
+from tests.support.helpers import FIXTURES
 
 
 def _entries(paths: list[bytes]) -> bytes:

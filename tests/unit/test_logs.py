@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blobmount.daemon import logs
-from tests.helpers import FIXTURES
+from tests.support.helpers import FIXTURES
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from blobmount.errors import InvalidArchive
 from blobmount.manifest import MAX_INDEX_BYTES, created_ns, parse_manifest
-from tests.helpers import FIXTURES
+from tests.support.helpers import FIXTURES
 
 GOOD = json.loads((FIXTURES / "mixed" / "oci-manifest.json").read_bytes())
 

@@ -17,31 +17,8 @@ from blobmount.reference import Digest, Reference
 from blobmount.registry.auth import parse_www_authenticate
 from blobmount.registry.client import RegistryClient, RegistryOptions, check_content_range
 from blobmount.registry.tokens import SHARED, SharedAuth, SharedTokens
-
-BLOB = bytes(range(256)) * 64
-DIGEST = Digest.of(BLOB)
-REF = Reference.parse("registry.test:5000/team/assets:v3")
-
-
-def ranged(request: httpx.Request) -> httpx.Response:
-    first, last = (int(x) for x in request.headers["range"].removeprefix("bytes=").split("-"))
-    headers = {"Content-Range": f"bytes {first}-{last}/{len(BLOB)}"}
-    return httpx.Response(206, headers=headers, content=BLOB[first : last + 1])
-
-
-def run_with_clock(fn: object) -> tuple[object, float]:
-    clock = trio.testing.MockClock(autojump_threshold=0)
-
-    async def main() -> tuple[object, float]:
-        start = trio.current_time()
-        result = await fn()  # type: ignore[operator]
-        return result, trio.current_time() - start
-
-    return trio.run(main, clock=clock)
-
-
-def client(handler: object, **options: object) -> RegistryClient:
-    return RegistryClient(REF, RegistryOptions(**options), transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+from tests.support.aio import run_virtual
+from tests.support.fakes import BLOB, DIGEST, REF, client, ranged
 
 
 def test_retry_after_is_honoured_then_the_read_succeeds() -> None:
@@ -62,7 +39,7 @@ def test_retry_after_is_honoured_then_the_read_succeeds() -> None:
         finally:
             await c.aclose()
 
-    data, elapsed = run_with_clock(go)
+    data, elapsed = run_virtual(go)
     assert data == BLOB[10:20]
     assert len(calls) == 3
     assert elapsed >= 7.0  # waited as told, on the virtual clock
@@ -84,7 +61,7 @@ def test_transient_failures_end_in_an_error_after_bounded_retries() -> None:
             await c.aclose()
 
     with pytest.raises(TransientError):
-        run_with_clock(go)
+        run_virtual(go)
     assert 2 <= len(calls) <= 40
 
 
@@ -109,7 +86,7 @@ def test_wrong_answers_are_never_returned_as_data(status: int, headers: dict[str
             await c.aclose()
 
     with pytest.raises(SourceError):
-        run_with_clock(go)
+        run_virtual(go)
 
 
 def test_bearer_token_is_refreshed_before_it_expires_without_a_401() -> None:
@@ -136,7 +113,7 @@ def test_bearer_token_is_refreshed_before_it_expires_without_a_401() -> None:
         finally:
             await c.aclose()
 
-    result, _ = run_with_clock(go)
+    result, _ = run_virtual(go)
     assert result == [BLOB[:5], BLOB[5:10]]
     assert len(tokens) == 2
     assert len(unauthorized) == 1  # only the very first, anonymous request
@@ -156,7 +133,7 @@ def test_refused_credentials_are_an_auth_error_without_the_secret() -> None:
             await c.aclose()
 
     with pytest.raises(AuthError) as info:
-        run_with_clock(go)
+        run_virtual(go)
     assert "hunter2" not in str(info.value)
     assert "hunter2" not in repr(Credentials("u", "hunter2"))
 
@@ -223,7 +200,7 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
             await source.aclose()
 
     with pytest.raises(TransientError, match="--timeout 2 s"):
-        run_with_clock(go)
+        run_virtual(go)
 
 
 def _token_server(
@@ -263,7 +240,7 @@ def test_a_token_endpoint_that_keeps_failing_is_a_bounded_error_naming_it() -> N
             await c.aclose()
 
     with pytest.raises(TransientError, match=r"token endpoint auth.test answered 500"):
-        run_with_clock(go)
+        run_virtual(go)
     assert 2 <= len(statuses) <= 40
 
 
@@ -281,7 +258,7 @@ def test_short_lived_tokens_serve_most_of_their_life_without_a_storm() -> None:
         finally:
             await c.aclose()
 
-    run_with_clock(go)
+    run_virtual(go)
     assert statuses.count(401) == 1  # only the first, anonymous request
     assert 3 <= len(tokens) <= 4
 
@@ -305,7 +282,7 @@ def test_clients_of_the_same_options_share_the_token() -> None:
         finally:
             await other.aclose()
 
-    run_with_clock(go)
+    run_virtual(go)
     assert len(tokens) == 2
     assert statuses == [401, 206, 206, 206, 401, 206]
     assert "Bearer" not in repr(RegistryOptions()) + repr(SHARED)  # neither shows a token
@@ -403,7 +380,7 @@ def test_an_open_that_runs_out_of_time_names_what_it_was_retrying(monkeypatch: p
         await source.open_registry(str(REF), RegistryOptions(timeout_s=2.0))
 
     with pytest.raises(SourceError) as err:
-        run_with_clock(go)
+        run_virtual(go)
     message = str(err.value)
     assert "did not answer within 8 s" in message
     assert "answered 503" in message
@@ -432,11 +409,11 @@ def test_credentials_never_go_to_a_plain_http_realm_unless_named(plain_http: tup
             await c.aclose()
 
     if plain_http:
-        assert run_with_clock(go)[0] == BLOB[:5]
+        assert run_virtual(go)[0] == BLOB[:5]
         assert token_requests[0].headers["authorization"].startswith("Basic ")
     else:
         with pytest.raises(AuthError, match="plain http://: refusing to send credentials"):
-            run_with_clock(go)
+            run_virtual(go)
         assert token_requests == []
 
 
@@ -462,7 +439,7 @@ def test_resolve_changed_sends_a_conditional_head(status: int, header: str | Non
         finally:
             await c.aclose()
 
-    result, _ = run_with_clock(go)
+    result, _ = run_virtual(go)
     assert result == expected
     assert [r.method for r in seen] == ["HEAD"]
     assert seen[0].headers["if-none-match"] == f'"{DIGEST}"'

@@ -24,7 +24,8 @@ from blobmount.registry import retry as retry_mod
 from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
 from blobmount.remote import RegistryBlobSource
-from tests import resolver
+from tests.support import resolver
+from tests.support.aio import run_virtual
 
 BLOB = bytes(range(256)) * 256
 DIGEST = Digest.of(BLOB)
@@ -51,16 +52,7 @@ class BrokenStream(httpx.AsyncByteStream):
         raise self.exc
 
 
-def run(fn: Callable[[], Awaitable[T]]) -> tuple[T, float]:
-    """Run `fn` on the autojump clock; return its result and the virtual seconds it took."""
-    clock = trio.testing.MockClock(autojump_threshold=0)
-
-    async def main() -> tuple[T, float]:
-        start = trio.current_time()
-        result = await fn()
-        return result, trio.current_time() - start
-
-    return trio.run(main, clock=clock)
+run = run_virtual
 
 
 def run_failing(fn: Callable[[], Awaitable[object]]) -> tuple[BaseException, float]:

@@ -53,9 +53,10 @@ def install(flag: str) -> None:
 def sitecustomize_dir(where: Path, flag: Path) -> dict[str, str]:
     """Write a sitecustomize that installs the resolver; return the environment for a daemon."""
     where.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     (where / "sitecustomize.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(repo)!r})\nimport tests.resolver\ntests.resolver.install({str(flag)!r})\n"
+        f"import sys\nsys.path.insert(0, {str(repo)!r})\nimport tests.support.resolver\n"
+        f"tests.support.resolver.install({str(flag)!r})\n"
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(where), *filter(None, [env.get("PYTHONPATH")])])

@@ -1,5 +1,5 @@
 """Fault injection in front of a real docker-registry: :class:`FaultProxy` is the QuirkProxy of
-tests/servers.py (bearer tokens, redirects, 200-for-range) plus faults a test switches on per
+tests/support/servers.py (bearer tokens, redirects, 200-for-range) plus faults a test switches on per
 request, path and count, and switches off again to prove that nothing stays broken.
 
 Faults act at two points. Before the upstream is asked (``PRE``): a status (500/502/503/404/429
@@ -8,7 +8,7 @@ answer. On the upstream's answer (``POST``): reset mid-body (RST), truncated bod
 Content-Length promises more, then FIN), a stall after half the body, a slow drip, a wrong
 ``Content-Range``, a body longer than asked, one byte flipped. Connection refused is the whole
 proxy going :meth:`FaultProxy.down` (listener closed, live connections cut) and :meth:`up` again on
-the same port. DNS failure lives in tests/resolver.py (the resolver is the transport seam).
+the same port. DNS failure lives in tests/support/resolver.py (the resolver is the transport seam).
 
 Every fault counts its ``hits``: a test asserts the fault was actually met, so that a change in
 request patterns (a cache, read-ahead) can never turn a fault test into one that proves nothing.
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.servers import QuirkProxy
+from tests.support.servers import QuirkProxy
 
 STALL_MAX_S = 120.0  # a stall ends by itself after this, whatever the test does
 DRIP_BLOCK_BYTES = 1024

@@ -358,7 +358,7 @@ class QuirkState:
 
 
 class QuirkProxy:
-    """An HTTP proxy in front of a registry (same process, its own thread). tests/faults.py extends it
+    """An HTTP proxy in front of a registry (same process, its own thread). tests/support/faults.py extends it
     with switchable faults: the hooks for that are :meth:`answer` (every upstream answer goes out
     through it unless bodies are streamed) and the set of live client connections (so a subclass
     can cut them)."""
@@ -515,7 +515,7 @@ class QuirkProxy:
         self.answer(h, resp.status, out, data)
 
     def answer(self, h: http.server.BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes) -> None:
-        """Send the upstream's answer to the client (the hook tests/faults.py bends)."""
+        """Send the upstream's answer to the client (the hook tests/support/faults.py bends)."""
         self._reply(h, status, headers, body)
 
     @staticmethod
@@ -529,3 +529,23 @@ def basic_auth_header(user: str, password: str) -> str:
 
 def cleanup_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# the token registry of tests/registry (its conftest starts it)
+TOKEN_USER = "alice"
+TOKEN_PASSWORD = "tok s3cret"  # a space and digits: quoting mistakes show up
+
+
+def access_log_mark(reg: Registry) -> int:
+    return len((reg.root / "registry.log").read_bytes())
+
+
+def statuses_since(reg: Registry, mark: int) -> list[int]:
+    """HTTP statuses of the requests the registry logged after `mark` (its access log)."""
+    text = (reg.root / "registry.log").read_bytes()[mark:].decode(errors="replace")
+    out = []
+    for line in text.splitlines():
+        if '" ' in line and "HTTP/1.1" in line:
+            after = line.split('HTTP/1.1" ', 1)[1]
+            out.append(int(after.split(" ", 1)[0]))
+    return out

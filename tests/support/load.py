@@ -12,7 +12,7 @@ failed, with the faults off: a transient fault must never have poisoned it.
 
 CI runs it through tests/fuse/test_load.py (short). For a soak (one command, longer)::
 
-    .venv/bin/python -m tests.load --soak --seconds 3600 [--files 20000] [--readers 64] [--fault-rate 0.02]
+    .venv/bin/python -m tests.support.load --soak --seconds 3600 [--files 20000] [--readers 64] [--fault-rate 0.02]
 
 It starts its own docker-registry and mount under a temp dir and prints the JSON report.
 """
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from blobmount.index import COMPRESSION_NONE, COMPRESSION_ZSTD, EntryRecord, build_index
 
 if TYPE_CHECKING:  # the proxy (and pytest under it) only in the process that serves it, not workers
-    from tests.faults import Fault
+    from tests.support.faults import Fault
 
 KiB, MiB = 1 << 10, 1 << 20
 TIMEOUT_S = 2.0  # the mount's --timeout
@@ -323,7 +323,7 @@ class Report:
 
 def random_faults(digest: str, rate: float) -> list[Fault]:
     """Faults spread over the data blob's requests, `rate` of them in all."""
-    from tests.faults import Fault, Kind, blob
+    from tests.support.faults import Fault, Kind, blob
 
     mix: list[tuple[float, Callable[[], Fault]]] = [
         (0.20, lambda: Fault(Kind.STATUS, status=503)),
@@ -363,7 +363,7 @@ def run(
     fault_rate: float,
 ) -> Report:
     """Readers against a live mount while `proxy` (a FaultProxy) injects faults; then a clean pass."""
-    from tests.faults import FaultProxy
+    from tests.support.faults import FaultProxy
 
     assert isinstance(proxy, FaultProxy)
     injected = [proxy.add(f) for f in random_faults(digest, fault_rate)]
@@ -377,9 +377,15 @@ def run(
     groups += [1] * processes
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.load", "worker", *map(str, (mnt, files, seed, 1000 * (k + 1), seconds, n))],
+            [
+                sys.executable,
+                "-m",
+                "tests.support.load",
+                "worker",
+                *map(str, (mnt, files, seed, 1000 * (k + 1), seconds, n)),
+            ],
             stdout=subprocess.PIPE,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
         )
         for k, n in enumerate(groups)
     ]
@@ -472,9 +478,9 @@ def mounted_archive(root: Path, registry: object, files: int, seed: int) -> Iter
     from blobmount.reference import Reference
     from blobmount.registry.client import RegistryOptions
     from blobmount.registry.push import push_archive
-    from tests.faults import FaultProxy
-    from tests.fuse.conftest import mounted
-    from tests.servers import Registry
+    from tests.support.faults import FaultProxy
+    from tests.support.mounts import mounted
+    from tests.support.servers import Registry
 
     assert isinstance(registry, Registry)
     digest = build(root / "archive", files, seed)
@@ -492,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "worker":
         return _worker(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m tests.load", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.support.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--soak", action="store_true", help="a long run (default 1 hour)")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--files", type=int, default=20_000)
@@ -501,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (3600.0 if args.soak else 30.0)
-    from tests.servers import start_registry
+    from tests.support.servers import start_registry
 
     with tempfile.TemporaryDirectory(prefix="blobmount-load-") as tmp:
         root = Path(tmp)

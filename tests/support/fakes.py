@@ -1,14 +1,18 @@
-"""A remote data blob in memory, for unit tests of the fetch layer's fault paths (the real registry
-proves the feature elsewhere): it counts requests and injects one scripted fault per request."""
+"""Fakes for unit tests of fault paths (the real registry proves each feature elsewhere): a remote
+data blob in memory for the fetch layer, which counts requests and injects one scripted fault per
+request; and a registry behind httpx.MockTransport for the OCI client."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+import httpx
 import trio
 
 from blobmount.errors import SourceError, TransientError
+from blobmount.reference import Digest, Reference
+from blobmount.registry.client import RegistryClient, RegistryOptions
 
 FAULTS = ("refuse", "reset", "truncate", "stall", "fatal", "corrupt")
 
@@ -60,3 +64,20 @@ class FakeRemote:
 
     async def aclose(self) -> None:
         pass
+
+
+# -- a registry behind httpx.MockTransport: one blob, ranges answered exactly --------------------
+
+BLOB = bytes(range(256)) * 64
+DIGEST = Digest.of(BLOB)
+REF = Reference.parse("registry.test:5000/team/assets:v3")
+
+
+def ranged(request: httpx.Request) -> httpx.Response:
+    first, last = (int(x) for x in request.headers["range"].removeprefix("bytes=").split("-"))
+    headers = {"Content-Range": f"bytes {first}-{last}/{len(BLOB)}"}
+    return httpx.Response(206, headers=headers, content=BLOB[first : last + 1])
+
+
+def client(handler: object, **options: object) -> RegistryClient:
+    return RegistryClient(REF, RegistryOptions(**options), transport=httpx.MockTransport(handler))  # type: ignore[arg-type]

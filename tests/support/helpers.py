@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "go-reference"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
+REFERENCE_CREATED = "2024-01-02T03:04:05Z"  # the annotation the fixtures' oci-manifest.json carries
 FIXTURE_NAMES = ("basic", "uncompressed", "unicode", "empty", "mixed")
 
 
