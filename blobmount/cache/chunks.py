@@ -24,7 +24,6 @@ threads; they touch the file system and the CacheDir budget, never the memory ti
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import struct
@@ -36,7 +35,7 @@ from typing import BinaryIO
 import xxhash
 
 from blobmount import defaults
-from blobmount.cache.space import CacheDir
+from blobmount.cache.space import CacheDir, is_disk_trouble, temp_path
 from blobmount.daemon import metrics
 
 log = logging.getLogger(__name__)
@@ -52,16 +51,6 @@ _TRAILER = struct.Struct("<Q8s")
 _MAGIC = b"BMCHNK01"
 TRAILER_BYTES = _TRAILER.size
 _DEGRADED_WARN_INTERVAL_S = 60.0  # one warning a minute while the disk refuses chunks
-_DISK_ERRNOS = (
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-    errno.ENOENT,
-    errno.ENOTDIR,
-    errno.EIO,
-    errno.EACCES,
-    errno.EPERM,
-)
 
 
 class _NoRoom(Exception):
@@ -214,7 +203,7 @@ class ChunkStore:
             return False
         size = len(data) + TRAILER_BYTES
         trailer = _TRAILER.pack(chunk_digest(data) if digest is None else digest, _MAGIC)
-        tmp = path.with_name(f"{index}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        tmp = temp_path(path)
         reserved = False
         try:
             try:
@@ -240,7 +229,7 @@ class ChunkStore:
                 tmp.unlink()
             if reserved:
                 self._release(size)
-            if exc.errno in _DISK_ERRNOS:
+            if is_disk_trouble(exc):
                 self._disk_trouble(f"cannot write {path.parent}: {exc.strerror}")
                 return False
             raise
@@ -295,7 +284,7 @@ class WholeBlob:
         self.cache = cache
         self.size = size
         self.path = cache.root / "chunks" / f"{blob_hex}-whole"
-        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = temp_path(self.path)
         self._file: BinaryIO | None = None
 
     def present(self) -> bool:

@@ -24,11 +24,9 @@ Concurrency contract:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 import trio
 import xxhash
 
-from blobmount.cache.space import DEFAULT_CACHE_SIZE_BYTES, CacheDir
+from blobmount.cache.space import DEFAULT_CACHE_SIZE_BYTES, CacheDir, is_disk_trouble, temp_path
 from blobmount.errors import LimitExceeded, SourceError
 
 log = logging.getLogger(__name__)
@@ -123,7 +121,7 @@ class ContentStore:
 
     def _write(self, final: Path, size: int, produce: Callable[[Path], None]) -> None:
         """Worker thread: temp file at its final size, reserve, produce, trailer, commit."""
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        tmp = temp_path(final)
         reserved = written = False
         try:
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -147,7 +145,7 @@ class ContentStore:
             self.cache.commit(tmp, final)
             written = True
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+            if is_disk_trouble(exc):
                 raise StoreUnavailable(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
             raise SourceError(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
         finally:
@@ -180,7 +178,7 @@ class ContentStore:
 
     def _begin(self, final: Path, size: int) -> tuple[Path, int]:
         """Worker thread: the temp file at its final size, reserved."""
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        tmp = temp_path(final)
         try:
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -18,12 +18,11 @@ import hashlib
 import logging
 import os
 import struct
-import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from blobmount.cache.space import CacheDir
+from blobmount.cache.space import CacheDir, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ _VERIFIED_HEAD = struct.Struct("<8sQQQ32s")  # magic, offset, size, chunk size, 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp = temp_path(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

@@ -56,9 +56,28 @@ from blobmount.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+
+def is_disk_trouble(exc: OSError) -> bool:
+    return exc.errno in DISK_ERRNOS
+
+
+def temp_path(final: Path) -> Path:
+    """Where a cache file is written before its rename: beside it (the rename stays atomic), named
+    for the writing process and moment (writers never share one), ending in ``.tmp`` (scans count
+    it from the start and sweep it once its writer is gone: :data:`TMP_MAX_AGE_S`)."""
+    return final.with_name(f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+
+
 DEFAULT_CACHE_SIZE_BYTES = defaults.CACHE_SIZE_BYTES
 LOW_WATER = 0.9  # an eviction frees down to this fraction of the limit, so scans stay rare
 TMP_MAX_AGE_S = 3600.0  # a *.tmp older than this belongs to a dead process (writes take seconds)
+# What "the disk will not take this" looks like, for every writer of the cache: full, over quota,
+# read-only, the directory deleted or replaced under us, an I/O error, permissions changed. Each
+# makes a writer fall back (chunks stay in memory, a decode is served without the store) instead
+# of failing the read; any other OSError is a bug worth its traceback.
+DISK_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EIO, errno.EACCES, errno.EPERM}
+)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86_64/aarch64 (l_type, l_whence, l_start, l_len, l_pid)
 _CLAIM_BASE = 1 << 20  # claim locks live above the budget lock's byte 0
 _CLAIM_SPAN = 1 << 60
