@@ -1,4 +1,4 @@
-"""Frozen settings built once by cli.py and passed down; one table maps `-o` keys onto them."""
+"""Frozen settings built once by cli/ (options.py, mounts.py) and passed down; one table maps `-o` keys onto them."""
 
 from __future__ import annotations
 

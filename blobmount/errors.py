@@ -10,7 +10,7 @@ a test can assert that every class is mapped::
     ├── IntegrityError                  bytes do not match their sha256 (reader.py)          -> EIO
     ├── NotFound                        the index has no such path (index/, fs.py)          -> ENOENT
     ├── NotADirectory                   a path component is a file (index/, fs.py)          -> ENOTDIR
-    ├── IsADirectory                    a file operation on a directory (fs.py, cli.py)     -> EISDIR
+    ├── IsADirectory                    a file operation on a directory (fs.py, cli/)       -> EISDIR
     ├── ReadOnly                        any write on the read-only mount (fs.py)            -> EROFS
     ├── NoAttribute                     an xattr the file does not have (fs.py)             -> ENODATA
     ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
@@ -19,7 +19,7 @@ a test can assert that every class is mapped::
     │   └── AuthError                   the registry refused our credentials (registry/)     -> EACCES
     ├── DestinationError                `cp` cannot write where it must (extract.py): a
     │                                   symbolic link in the way, a full disk          -> EIO
-    └── UsageError                      bad command line or configuration (cli.py, config.py)
+    └── UsageError                      bad command line or configuration (cli/, config.py)
 
 The CLI prints ``str(exc)`` on one line and exits with :func:`exit_code_for`.
 """

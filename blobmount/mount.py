@@ -140,7 +140,7 @@ def _lazy_unmount(path: Path) -> None:
 
 
 def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
-    """`opening`: the source already being opened on a thread (cli.py starts it before importing
+    """`opening`: the source already being opened on a thread (cli/mounts.py starts it before importing
     this module); None opens it here."""
     if config.follow:
         check_followable(config.source, config.offline)

@@ -1,7 +1,7 @@
 """Where a setting comes from: flag > ``BLOBMOUNT_*`` environment > config file > default (DESIGN §8).
 
 The one place that maps environment variables and config-file keys onto the CLI's options. It reads
-the argparse parser cli.py builds, so every option, including ones added later, gets its variable
+the argparse parser cli/parser.py builds, so every option, including ones added later, gets its variable
 and key without a second table: ``--cache-size`` is ``BLOBMOUNT_CACHE_SIZE`` and ``cache_size`` (or
 ``cache-size``) in the config file; ``mount``'s SOURCE and MOUNTPOINT are ``BLOBMOUNT_SOURCE`` and
 ``BLOBMOUNT_MOUNTPOINT`` (so a container needs no arguments at all). Repeatable options take a
@@ -295,7 +295,7 @@ def resolve(parser: argparse.ArgumentParser, argv: Sequence[str], environ: Mappi
 
 def _o_options_win(resolved: Resolved) -> None:
     """`-o key=value` counts as a flag: it beats the environment and the file (not --key itself).
-    The value is cleared here and cli.py's -o merge fills it (keys are option dests, config.O_KEYS)."""
+    The value is cleared here and cli/mounts.py's -o merge fills it (keys are option dests, config.O_KEYS)."""
     for item in ",".join(getattr(resolved.args, "options", None) or []).split(","):
         key, sep, _ = item.strip().partition("=")
         if sep and resolved.origin.get(key) in ("env", "config"):

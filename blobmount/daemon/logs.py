@@ -108,7 +108,7 @@ class JsonFormatter(logging.Formatter):
 def setup(
     level: str | None = None, fmt: str = "text", verbose: int = 0, stream: TextIO | None = None, force: bool = False
 ) -> None:
-    """Configure the root logger (cli.py calls it after parsing arguments). Like logging.basicConfig,
+    """Configure the root logger (cli/ calls it after parsing arguments). Like logging.basicConfig,
     it leaves alone a process whose root logger already has someone else's handlers (an embedding
     program, pytest's capture) unless `force` is given."""
     if fmt not in FORMATS:
@@ -136,7 +136,7 @@ def setup(
 
 def quiet_one_shot(quiet: bool) -> None:
     """`quiet`: the ONE_SHOT_QUIET loggers are silenced unless -v/--log-level asked for more than
-    the default; False: they log as ever (cli.py once a command ends, mount.py once it serves)."""
+    the default; False: they log as ever (cli/ once a command ends, mount.py once it serves)."""
     level = logging.CRITICAL if quiet and logging.getLogger().getEffectiveLevel() >= logging.WARNING else 0
     for name in ONE_SHOT_QUIET:
         logging.getLogger(name).setLevel(level)

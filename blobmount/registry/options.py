@@ -1,4 +1,4 @@
-"""Registry settings: frozen, built once by cli.py.
+"""Registry settings: frozen, built once by cli/ (options.py, mounts.py).
 
 Kept free of httpx and trio: the CLI builds these before anything heavy is imported, so that the
 mount can start talking to the registry on a background thread while the rest of it loads.

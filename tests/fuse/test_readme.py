@@ -156,12 +156,12 @@ def test_make_run_mounts_checks_and_unmounts(tmp_path: Path) -> None:
 def test_configuration_documents_every_option() -> None:
     """Every long option of every command, and every BLOBMOUNT_* variable of mount's, is in the
     README's Configuration section (a new flag without docs fails here)."""
-    from blobmount.cli import _parser
+    from blobmount.cli.parser import build_parser
     from blobmount.settings import env_name, subparsers
 
     text = README.read_text()
     config = text[text.index("## Configuration") : text.index("## Operations")]
-    parser = _parser()
+    parser = build_parser()
     for name, sub in subparsers(parser).items():
         for action in sub._actions:
             longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]

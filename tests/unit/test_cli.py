@@ -141,7 +141,7 @@ def test_ctrl_c_in_a_long_command_unwinds_in_order_then_is_keyboard_interrupt() 
 
     import trio
 
-    from blobmount.cli import run_interruptible
+    from blobmount.cli.runner import run_interruptible
     from blobmount.errors import SourceError
 
     cleaned: list[str] = []
@@ -175,16 +175,16 @@ def test_errors_inside_nursery_groups_reach_the_user_as_themselves() -> None:
     """trio wraps an error in a group per nursery it crosses (a command's, the chunk fetcher's):
     the CLI prints the error inside, with its exit code; a group holding something that is not
     ours stays whole, so a bug still shows in full."""
-    from blobmount.cli import _unwrapped
+    from blobmount.cli.runner import unwrapped
     from blobmount.errors import IntegrityError, SourceError
 
     inner = IntegrityError("'a': sha256 mismatch")
-    assert _unwrapped(ExceptionGroup("outer", [ExceptionGroup("fetcher", [inner])])) is inner
+    assert unwrapped(ExceptionGroup("outer", [ExceptionGroup("fetcher", [inner])])) is inner
     first, second = SourceError("one"), SourceError("two")
-    assert _unwrapped(ExceptionGroup("both", [first, ExceptionGroup("x", [second])])) is first
+    assert unwrapped(ExceptionGroup("both", [first, ExceptionGroup("x", [second])])) is first
     mixed = ExceptionGroup("mixed", [SourceError("ours"), ValueError("a bug")])
-    assert _unwrapped(ExceptionGroup("outer", [mixed])) is mixed
-    assert _unwrapped(inner) is inner
+    assert unwrapped(ExceptionGroup("outer", [mixed])) is mixed
+    assert unwrapped(inner) is inner
 
 
 def test_a_bad_flag_is_one_line_naming_help(capsys: pytest.CaptureFixture[str]) -> None:

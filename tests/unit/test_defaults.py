@@ -80,10 +80,10 @@ def test_the_readme_states_the_same_defaults() -> None:
 
 
 def test_the_help_states_the_same_defaults() -> None:
-    from blobmount.cli import _parser
+    from blobmount.cli.parser import build_parser
     from blobmount.settings import subparsers
 
-    subs = subparsers(_parser())
+    subs = subparsers(build_parser())
     mount_help = " ".join(subs["mount"].format_help().split())
     assert f"(default {size_text(defaults.CACHE_SIZE_BYTES)})" in mount_help
     assert f"(default {size_text(defaults.CHUNK_SIZE_BYTES)})" in mount_help

@@ -159,16 +159,16 @@ def test_compressed_files_are_planned_whole(tmp_path: Path) -> None:
 def test_the_mount_flags_and_profile_push_take_settings_from_every_layer() -> None:
     """`profile push` is a nested subcommand: its registry flags come from BLOBMOUNT_* too (they
     were left None, and `profile push` failed with a TypeError, before nested parsers were layered)."""
-    from blobmount.cli import _parser
+    from blobmount.cli.parser import build_parser
     from blobmount.settings import resolve
 
     env = {"BLOBMOUNT_PREFETCH_PROFILE": "auto", "BLOBMOUNT_RECORD_PROFILE": "1", "BLOBMOUNT_TIMEOUT": "7"}
-    args = resolve(_parser(), ["mount", "src", "mnt"], env).args
+    args = resolve(build_parser(), ["mount", "src", "mnt"], env).args
     assert (args.prefetch_profile, args.record_profile, args.timeout) == ("auto", True, 7.0)
-    args = resolve(_parser(), ["profile", "push", "reg/x:v1", "p.json"], env).args
+    args = resolve(build_parser(), ["profile", "push", "reg/x:v1", "p.json"], env).args
     assert args.timeout == 7.0
     assert args.max_connections == 8  # the default, filled in
-    assert resolve(_parser(), ["cache", "prune", "--cache-dir", "/c"], {}).args.size == "0"
+    assert resolve(build_parser(), ["cache", "prune", "--cache-dir", "/c"], {}).args.size == "0"
 
 
 def test_the_unmount_recording_is_a_meta_record_of_the_cache(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from blobmount.cli import _normalize_argv, _parser, main, registry_options
+from blobmount.cli import main
+from blobmount.cli.options import registry_options
+from blobmount.cli.parser import build_parser, normalize_argv
 from blobmount.errors import UsageError
 from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound, resolve
 
@@ -22,8 +24,8 @@ def run(argv: list[str], env: dict[str, str] | None = None, config: str | None =
         path.write_text(config)
         path.chmod(0o600)
         environ["BLOBMOUNT_CONFIG"] = str(path)
-    parser = _parser()
-    return resolve(parser, _normalize_argv(argv, parser), environ)
+    parser = build_parser()
+    return resolve(parser, normalize_argv(argv, parser), environ)
 
 
 def test_precedence_flag_env_config_default(tmp_path: Path) -> None:
@@ -47,7 +49,7 @@ def test_precedence_flag_env_config_default(tmp_path: Path) -> None:
 
 def test_o_options_count_as_flags(tmp_path: Path) -> None:
     r = run(["SRC", "MNT", "-o", "cache_size=5G,allow_other"], {"BLOBMOUNT_CACHE_SIZE": "2G"})
-    assert r.args.cache_size is None  # cleared, so cli.py's -o merge applies it
+    assert r.args.cache_size is None  # cleared, so cli/mounts.py's -o merge applies it
     r = run(["SRC", "MNT", "-o", "cache_size=5G", "--cache-size", "1G"], {"BLOBMOUNT_CACHE_SIZE": "2G"})
     assert r.args.cache_size == "1G"
 
@@ -121,18 +123,18 @@ def test_config_password_only_from_a_private_file(tmp_path: Path, capsys: pytest
 
 
 def test_normalize_skips_option_values() -> None:
-    parser = _parser()
-    assert _normalize_argv(["--cache-dir", "ls", "SRC", "MNT"], parser)[0] == "mount"
-    assert _normalize_argv(["-v", "ls", "SRC"], parser) == ["-v", "ls", "SRC"]
-    assert _normalize_argv(["--version"], parser) == ["--version"]
-    args = parser.parse_args(_normalize_argv(["--cache-dir", "/c", "-o", "ro", "SRC", "MNT"], parser))
+    parser = build_parser()
+    assert normalize_argv(["--cache-dir", "ls", "SRC", "MNT"], parser)[0] == "mount"
+    assert normalize_argv(["-v", "ls", "SRC"], parser) == ["-v", "ls", "SRC"]
+    assert normalize_argv(["--version"], parser) == ["--version"]
+    args = parser.parse_args(normalize_argv(["--cache-dir", "/c", "-o", "ro", "SRC", "MNT"], parser))
     assert isinstance(args, argparse.Namespace)
     assert (args.command, args.cache_dir, args.source) == ("mount", Path("/c"), "SRC")
 
 
 def test_every_option_has_a_variable() -> None:
     """New options get their BLOBMOUNT_* name for free: the mapping reads the parser."""
-    parser = _parser()
+    parser = build_parser()
     r = resolve(parser, ["mount", "S", "M"], {"BLOBMOUNT_DEBUG": "1", "BLOBMOUNT_METRICS": ":9101"})
     assert r.args.debug is True
     assert r.args.metrics == ":9101"

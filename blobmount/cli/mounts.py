@@ -1,0 +1,227 @@
+"""The commands around a mount and its cache: mount, prefetch, cache status/prune, profile, status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blobmount import defaults
+from blobmount.errors import EXIT_OK, UsageError
+
+if TYPE_CHECKING:
+    from blobmount.reference import Reference
+    from blobmount.registry.options import RegistryOptions
+
+from blobmount.cli.options import (
+    cache_dir_of,
+    chunk_size_of,
+    positive_setting,
+    profile_setting,
+    read_ahead_of,
+    record_seconds_of,
+    registry_options,
+)
+from blobmount.cli.parser import VERIFY_POLICIES
+from blobmount.cli.runner import run_interruptible
+
+log = logging.getLogger("blobmount")
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+
+    from blobmount.cache import CacheDir
+    from blobmount.config import parse_size
+    from blobmount.fetch import ChunkedSource
+    from blobmount.index import IndexView
+    from blobmount.prefetch import ranges_for
+    from blobmount.sources import RemoteSettings, is_local, open_remote
+
+    if is_local(args.archive):
+        raise UsageError(f"{args.archive}: a local archive needs no prefetch (its bytes are on this machine)")
+    cache = CacheDir(
+        cache_dir_of(args), (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES)
+    )
+    settings = RemoteSettings(cache, chunk_size_of(args.chunk_size))
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    started = time.monotonic()
+
+    async def run() -> tuple[int, int]:
+        archive = await open_remote(args.archive, registry_options(args), settings)
+        data = archive.data
+        view = IndexView(archive.index_bytes, blob_size=data.size)
+        ranges = ranges_for(view, args.paths or [""])
+        total = sum(b - a for a, b in ranges)
+        last = 0.0
+
+        def progress(done: int, whole: int) -> None:
+            nonlocal last
+            if show and (time.monotonic() - last > 0.2 or done == whole):
+                last = time.monotonic()
+                print(f"\rprefetch: {done >> 20}/{whole >> 20} MiB", end="", file=sys.stderr, flush=True)
+
+        try:
+            if not isinstance(data, ChunkedSource):
+                return 0, total  # the whole blob is local already (a registry without ranges)
+            async with data.serving():
+                fetched = await data.fill(ranges, progress)
+            return fetched, total
+        finally:
+            if show:
+                print(file=sys.stderr)
+            await data.aclose()
+
+    fetched, total = run_interruptible(run)
+    print(f"{total} bytes in the cache ({fetched} fetched, {time.monotonic() - started:.2f} s)")
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from blobmount.cache import CacheDir
+    from blobmount.config import parse_size
+
+    path = cache_dir_of(args)
+    if not path.is_dir():
+        raise UsageError(f"cache dir {path}: does not exist")
+    cache = CacheDir(path, 1 << 62)
+    if args.cache_command == "prune":
+        count, freed = cache.prune(parse_size(args.size))
+        print(f"evicted {count} files, {freed} bytes; {cache.usage().accounted_bytes} bytes remain in {path}")
+        return EXIT_OK
+    files = cache.scan()
+    total = cache.resync()
+    blobs: dict[str, int] = {}
+    content = 0
+    for f in files:
+        rel = f.path.relative_to(path).parts
+        if rel[0] == "chunks" and len(rel) >= 2:
+            blobs[rel[1]] = blobs.get(rel[1], 0) + f.size
+        elif rel[0] == "content":
+            content += f.size
+    info = {"cache_dir": str(path), "bytes": total, "files": len(files), "content_bytes": content, "chunks": blobs}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"{path}: {total} bytes in {len(files)} files")
+    print(f"  decoded contents: {content} bytes")
+    for name, size in sorted(blobs.items(), key=lambda kv: -kv[1]):
+        print(f"  chunks {name}: {size} bytes")
+    return EXIT_OK
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from blobmount.config import MountConfig, parse_size, split_o_options
+    from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound
+
+    if not args.source or not args.mountpoint:
+        raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
+    ours, fuse_opts = split_o_options(args.options)
+    cache_dir = args.cache_dir or (Path(ours["cache_dir"]) if "cache_dir" in ours else None)
+    cache_size_text = args.cache_size or ours.get("cache_size")
+    verify = args.verify or ours.get("verify") or defaults.VERIFY_POLICY
+    if verify not in VERIFY_POLICIES:
+        raise UsageError(f"invalid verify policy {verify!r} ({', '.join(VERIFY_POLICIES)})")
+    threshold_text = args.verify_threshold or ours.get("verify_threshold")
+    uid = args.uid if args.uid is not None else int(ours["uid"]) if "uid" in ours else None
+    gid = args.gid if args.gid is not None else int(ours["gid"]) if "gid" in ours else None
+    if args.owner_self:
+        uid, gid = os.getuid(), os.getgid()
+    kernel_s = kernel_request_timeout()  # before the source opens: its requests obey --timeout too
+    args.timeout, clamped = clamp_timeout(args.timeout, kernel_s)
+    if clamped:
+        log.warning("%s", clamped)
+    config = MountConfig(
+        source=args.source,
+        mountpoint=Path(args.mountpoint),
+        foreground=args.foreground,
+        cache_dir=cache_dir,
+        cache_size=parse_size(cache_size_text) if cache_size_text else defaults.CACHE_SIZE_BYTES,
+        verify=verify,
+        verify_threshold=parse_size(threshold_text) if threshold_text else defaults.VERIFY_THRESHOLD_BYTES,
+        chunk_size=chunk_size_of(args.chunk_size or ours.get("chunk_size")),
+        offline=args.offline or "offline" in ours,
+        no_stale_tag=args.no_stale_tag or "no_stale_tag" in ours,
+        nonempty=args.nonempty or "nonempty" in ours,
+        prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
+        read_ahead_kb=read_ahead_of(args.read_ahead_kb, ours.get("read_ahead_kb")),
+        uid=uid,
+        gid=gid,
+        fuse_options=tuple(fuse_opts),
+        debug=args.debug,
+        registry=registry_options(args),
+        metrics=args.metrics,
+        request_bound_s=request_bound(kernel_s),
+        record_profile=args.record_profile or "record_profile" in ours,
+        record_seconds=record_seconds_of(args.record_seconds, ours.get("record_seconds")),
+        prefetch_profile=profile_setting(args.prefetch_profile or ours.get("prefetch_profile") or "none"),
+        follow=args.follow or "follow" in ours,
+        follow_interval_s=positive_setting(
+            "--follow-interval", args.follow_interval, ours.get("follow_interval"), 60.0
+        ),
+        follow_keep=int(positive_setting("--follow-keep", args.follow_keep, ours.get("follow_keep"), 2)),
+    )
+    if config.follow_keep < 2:
+        raise UsageError("--follow-keep: at least 2 (the archive served and the one before it)")
+    if config.follow:
+        from blobmount.follow import check_followable
+
+        check_followable(config.source, config.offline)
+    # the source is opened on a thread from here on: its round trips to a registry overlap the
+    # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
+    from blobmount.sources import Opening
+
+    opening = Opening(
+        config.source,
+        config.registry,
+        cache_dir=config.cache_dir,
+        cache_size=config.cache_size,
+        chunk_size=config.chunk_size,
+        offline=config.offline,
+        stale_tag=not config.no_stale_tag,
+    )
+    opening.wait_talking()
+    from blobmount.mount import run_mount
+
+    return run_mount(config, opening)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from blobmount import profile
+
+    if args.profile_command == "save":
+        from blobmount.daemon.control import ask, find_daemon
+
+        path, _ = find_daemon(args.mountpoint, args.socket)
+        doc = ask(path, "profile", limit=4 * profile.MAX_PROFILE_BYTES)["profile"]
+        try:
+            profile.write(doc, args.file)
+        except OSError as exc:
+            raise UsageError(f"{args.file}: {exc.strerror}") from None
+        print(f"{len(doc['entries'])} entries written to {args.file}")
+        return EXIT_OK
+    from blobmount.reference import Reference
+
+    data = profile.read_file(args.file)
+    parsed = profile.parse(data, args.file)  # refused here rather than published
+    ref = Reference.parse(args.ref)
+    digest = run_interruptible(_push_profile, ref, registry_options(args), data, parsed)
+    print(f"{ref.registry}/{ref.repository}@{digest}")
+    return EXIT_OK
+
+
+async def _push_profile(ref: Reference, options: RegistryOptions, data: bytes, parsed: Any) -> str:
+    from blobmount.referrers import push_profile
+
+    return str(await push_profile(ref, options, data, parsed.created, len(parsed.entries), parsed.index_digest))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from blobmount.daemon.status import status_command
+
+    return status_command(args.mountpoint, json_out=args.json, socket_path=args.socket)
