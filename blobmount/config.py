@@ -42,7 +42,7 @@ class MountConfig:
     no_stale_tag: bool = False  # registry down: fail rather than mount the tag's cached resolution
     nonempty: bool = False  # mount over a directory that has entries (hiding them)
     prefetch: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
-    read_ahead_kb: int = 1024  # the kernel's read-ahead for the mount (0: leave its default)
+    read_ahead_kb: int = defaults.READ_AHEAD_KB  # the kernel's read-ahead for the mount (0: leave its default)
     uid: int | None = None
     gid: int | None = None
     fuse_options: tuple[str, ...] = field(default_factory=tuple)
@@ -55,8 +55,8 @@ class MountConfig:
     record_seconds: float = 120.0  # ... for this long after the mount
     prefetch_profile: str = "none"  # auto (the newest referrer), a file, or none
     follow: bool = False  # re-resolve the tag and switch archives (follow.py)
-    follow_interval_s: float = 60.0
-    follow_keep: int = 2  # archives alive at most under --follow (generations.py)
+    follow_interval_s: float = defaults.FOLLOW_INTERVAL_S
+    follow_keep: int = defaults.FOLLOW_KEEP  # archives alive at most under --follow (generations.py)
 
 
 # `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.

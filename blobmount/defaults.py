@@ -16,6 +16,9 @@ VERIFY_THRESHOLD_BYTES = 4 << 20  # --verify-threshold: raw files this small are
 VERIFY_POLICY: Final = "lazy"  # --verify
 TIMEOUT_S = 30.0  # --timeout: one operation across retries (DESIGN §8)
 MAX_CONNECTIONS = 8  # --max-connections: concurrent connections (and range requests) to a registry
+READ_AHEAD_KB = 1024  # --read-ahead-kb: the kernel reads ahead 1 MiB per FUSE request (README)
+FOLLOW_INTERVAL_S = 60.0  # --follow-interval
+FOLLOW_KEEP = 2  # --follow-keep: the archive served and the one before it
 CP_CONCURRENCY = 4  # cp --concurrency: range reads in flight
 CP_BUFFER_BYTES = 64 << 20  # cp --buffer: fetched bytes held in memory before they are written
 

@@ -1,6 +1,7 @@
-"""Where a setting comes from: flag > ``BLOBMOUNT_*`` environment > config file > default (DESIGN §8).
+"""Where a setting comes from: flag > ``-o`` > ``BLOBMOUNT_*`` environment > config file > default
+(DESIGN §8), decided in one function, :func:`resolve`.
 
-The one place that maps environment variables and config-file keys onto the CLI's options. It reads
+The one place that maps ``-o`` keys, environment variables and config-file keys onto the CLI's options. It reads
 the argparse parser cli/parser.py builds, so every option, including ones added later, gets its variable
 and key without a second table: ``--cache-size`` is ``BLOBMOUNT_CACHE_SIZE`` and ``cache_size`` (or
 ``cache-size``) in the config file; ``mount``'s SOURCE and MOUNTPOINT are ``BLOBMOUNT_SOURCE`` and
@@ -21,7 +22,8 @@ How it works: every layered option's argparse default is replaced by None before
 value still None afterwards was not on the command line; it is then filled from the environment,
 the file, or the option's real default, in that order. Values from the environment and file are
 converted by the option's own ``type`` and checked against its ``choices``. ``-o key=value``
-(mount(8), fstab) counts as a flag.
+(mount(8), fstab; keys are option dests, config.O_KEYS) comes right after the flag itself: it beats
+the environment and the file, and a repeatable option's ``-o`` value joins its flags' values.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class Resolved:
     and tests) and the warnings to log once logging is set up."""
 
     args: argparse.Namespace
-    origin: dict[str, str] = field(default_factory=dict)  # dest -> flag | env | config | default
+    origin: dict[str, str] = field(default_factory=dict)  # dest -> flag | option | env | config | default
     warnings: list[str] = field(default_factory=list)
     config_path: Path | None = None
 
@@ -286,21 +288,31 @@ def resolve(parser: argparse.ArgumentParser, argv: Sequence[str], environ: Mappi
                     value = action.type(value)
                 resolved.origin[dest] = "default"
             setattr(args, dest, value)
-    _o_options_win(resolved)
+    _apply_o_options(resolved, chosen)
     args.config_password = config.get(CONFIG_PASSWORD_KEY)
     if args.config_password is not None and not isinstance(args.config_password, str):
         raise UsageError(f"config file {path}: password must be a string")
     return resolved
 
 
-def _o_options_win(resolved: Resolved) -> None:
-    """`-o key=value` counts as a flag: it beats the environment and the file (not --key itself).
-    The value is cleared here and cli/mounts.py's -o merge fills it (keys are option dests, config.O_KEYS)."""
-    for item in ",".join(getattr(resolved.args, "options", None) or []).split(","):
-        key, sep, _ = item.strip().partition("=")
-        if sep and resolved.origin.get(key) in ("env", "config"):
-            setattr(resolved.args, key, None)
-            resolved.origin[key] = "flag"
+def _apply_o_options(resolved: Resolved, chosen: Sequence[argparse.ArgumentParser]) -> None:
+    """`-o key[=value]`, once `-o` itself is known (it may come from the environment or the file
+    too): second only to the option's own flag; a repeatable option's value joins its flags'."""
+    from blobmount.config import split_o_options
+
+    args = resolved.args
+    ours, _ = split_o_options(getattr(args, "options", None) or [])
+    actions = {a.dest: a for p in chosen for a in _layered(p)}
+    for dest, text in ours.items():
+        action = actions[dest]
+        where = f"-o {dest}"
+        if _is_list(action):
+            setattr(args, dest, [*(getattr(args, dest) or []), _convert_one(action, text, where)])
+            if resolved.origin.get(dest) != "flag":
+                resolved.origin[dest] = "option"
+        elif resolved.origin.get(dest) != "flag":
+            setattr(args, dest, _from_env(action, text, where))
+            resolved.origin[dest] = "option"
 
 
 # -- the kernel's FUSE request timeout -----------------------------------------------------------

@@ -26,7 +26,6 @@ from blobmount.cli.options import (
     record_seconds_of,
     registry_options,
 )
-from blobmount.cli.parser import VERIFY_POLICIES
 from blobmount.cli.runner import run_interruptible
 
 log = logging.getLogger("blobmount")
@@ -121,15 +120,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     if not args.source or not args.mountpoint:
         raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
-    ours, fuse_opts = split_o_options(args.options)
-    cache_dir = args.cache_dir or (Path(ours["cache_dir"]) if "cache_dir" in ours else None)
-    cache_size_text = args.cache_size or ours.get("cache_size")
-    verify = args.verify or ours.get("verify") or defaults.VERIFY_POLICY
-    if verify not in VERIFY_POLICIES:
-        raise UsageError(f"invalid verify policy {verify!r} ({', '.join(VERIFY_POLICIES)})")
-    threshold_text = args.verify_threshold or ours.get("verify_threshold")
-    uid = args.uid if args.uid is not None else int(ours["uid"]) if "uid" in ours else None
-    gid = args.gid if args.gid is not None else int(ours["gid"]) if "gid" in ours else None
+    _, fuse_opts = split_o_options(args.options)  # our keys are in args already (settings.resolve)
+    uid, gid = args.uid, args.gid
     if args.owner_self:
         uid, gid = os.getuid(), os.getgid()
     kernel_s = kernel_request_timeout()  # before the source opens: its requests obey --timeout too
@@ -140,16 +132,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
         source=args.source,
         mountpoint=Path(args.mountpoint),
         foreground=args.foreground,
-        cache_dir=cache_dir,
-        cache_size=parse_size(cache_size_text) if cache_size_text else defaults.CACHE_SIZE_BYTES,
-        verify=verify,
-        verify_threshold=parse_size(threshold_text) if threshold_text else defaults.VERIFY_THRESHOLD_BYTES,
-        chunk_size=chunk_size_of(args.chunk_size or ours.get("chunk_size")),
-        offline=args.offline or "offline" in ours,
-        no_stale_tag=args.no_stale_tag or "no_stale_tag" in ours,
-        nonempty=args.nonempty or "nonempty" in ours,
-        prefetch=tuple(args.prefetch) + ((ours["prefetch"],) if "prefetch" in ours else ()),
-        read_ahead_kb=read_ahead_of(args.read_ahead_kb, ours.get("read_ahead_kb")),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        cache_size=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
+        verify=args.verify or defaults.VERIFY_POLICY,
+        verify_threshold=parse_size(args.verify_threshold)
+        if args.verify_threshold
+        else defaults.VERIFY_THRESHOLD_BYTES,
+        chunk_size=chunk_size_of(args.chunk_size),
+        offline=args.offline,
+        no_stale_tag=args.no_stale_tag,
+        nonempty=args.nonempty,
+        prefetch=tuple(args.prefetch),
+        read_ahead_kb=read_ahead_of(args.read_ahead_kb),
         uid=uid,
         gid=gid,
         fuse_options=tuple(fuse_opts),
@@ -157,14 +151,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         registry=registry_options(args),
         metrics=args.metrics,
         request_bound_s=request_bound(kernel_s),
-        record_profile=args.record_profile or "record_profile" in ours,
-        record_seconds=record_seconds_of(args.record_seconds, ours.get("record_seconds")),
-        prefetch_profile=profile_setting(args.prefetch_profile or ours.get("prefetch_profile") or "none"),
-        follow=args.follow or "follow" in ours,
-        follow_interval_s=positive_setting(
-            "--follow-interval", args.follow_interval, ours.get("follow_interval"), 60.0
-        ),
-        follow_keep=int(positive_setting("--follow-keep", args.follow_keep, ours.get("follow_keep"), 2)),
+        record_profile=args.record_profile,
+        record_seconds=record_seconds_of(args.record_seconds),
+        prefetch_profile=profile_setting(args.prefetch_profile or "none"),
+        follow=args.follow,
+        follow_interval_s=positive_setting("--follow-interval", args.follow_interval, defaults.FOLLOW_INTERVAL_S),
+        follow_keep=int(positive_setting("--follow-keep", args.follow_keep, defaults.FOLLOW_KEEP)),
     )
     if config.follow_keep < 2:
         raise UsageError("--follow-keep: at least 2 (the archive served and the one before it)")

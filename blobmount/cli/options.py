@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blobmount import defaults
 from blobmount.errors import UsageError
 
 if TYPE_CHECKING:
@@ -88,22 +89,17 @@ def chunk_size_of(text: str | None) -> int | None:
     return size
 
 
-def read_ahead_of(flag: int | None, option: str | None) -> int:
-    value = flag if flag is not None else int(option) if option and option.isdigit() else 1024
-    if option and not option.isdigit():
-        raise UsageError(f"-o read_ahead_kb={option}: a number of KiB")
+def read_ahead_of(value: int | None) -> int:
+    """--read-ahead-kb (or its -o key, settings.resolve), checked; 1024 when neither is given."""
+    if value is None:
+        return defaults.READ_AHEAD_KB
     if not 0 <= value <= 1 << 20:
         raise UsageError("--read-ahead-kb: 0 to 1048576")
     return value
 
 
-def positive_setting(flag: str, value: float | None, option: str | None, default: float) -> float:
-    """A number > 0 from its flag, else its -o key, else the default."""
-    if value is None and option is not None:
-        try:
-            value = float(option)
-        except ValueError:
-            raise UsageError(f"-o {flag.lstrip('-').replace('-', '_')}={option}: a number") from None
+def positive_setting(flag: str, value: float | None, default: float) -> float:
+    """A number > 0 (from its flag or its -o key, settings.resolve), else the default."""
     if value is None:
         return default
     if not value > 0:
@@ -122,13 +118,11 @@ def profile_setting(value: str) -> str:
     return value if value in ("auto", "none") else os.path.abspath(value)
 
 
-def record_seconds_of(flag: float | None, option: str | None) -> float:
+def record_seconds_of(value: float | None) -> float:
     from blobmount.profile import DEFAULT_RECORD_SECONDS
 
-    try:
-        value = flag if flag is not None else float(option) if option else DEFAULT_RECORD_SECONDS
-    except ValueError:
-        raise UsageError(f"-o record_seconds={option}: a number of seconds") from None
+    if value is None:
+        value = DEFAULT_RECORD_SECONDS
     if not 0 < value <= 86400 * 365:
         raise UsageError("--record-seconds: a positive number of seconds")
     return value

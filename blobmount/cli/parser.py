@@ -147,14 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="how often --follow checks the tag (default 60)",
+        help=f"how often --follow checks the tag (default {defaults.FOLLOW_INTERVAL_S:g})",
     )
     m.add_argument(
         "--follow-keep",
         type=int,
         default=None,
         metavar="N",
-        help="archives kept at most under --follow: the one served and older ones still open (default 2)",
+        help="archives kept at most under --follow: the one served and older ones still open"
+        f" (default {defaults.FOLLOW_KEEP})",
     )
     m.add_argument(
         "--nonempty",
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-ahead-kb",
         type=int,
         default=None,
-        help="kernel read-ahead for the mount, KiB (default 1024; 0 keeps the kernel's 128; needs root)",
+        help=f"kernel read-ahead for the mount, KiB (default {defaults.READ_AHEAD_KB}; 0 keeps the kernel's 128;"
+        " needs root)",
     )
     m.add_argument(
         "--verify-threshold",

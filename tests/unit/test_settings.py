@@ -47,11 +47,33 @@ def test_precedence_flag_env_config_default(tmp_path: Path) -> None:
     assert r.args.timeout == 30.0
 
 
-def test_o_options_count_as_flags(tmp_path: Path) -> None:
+def test_o_options_come_right_after_the_flag(tmp_path: Path) -> None:
+    """flag > -o > environment > config file > default, all decided in settings.resolve."""
     r = run(["SRC", "MNT", "-o", "cache_size=5G,allow_other"], {"BLOBMOUNT_CACHE_SIZE": "2G"})
-    assert r.args.cache_size is None  # cleared, so cli/mounts.py's -o merge applies it
+    assert (r.args.cache_size, r.origin["cache_size"]) == ("5G", "option")
     r = run(["SRC", "MNT", "-o", "cache_size=5G", "--cache-size", "1G"], {"BLOBMOUNT_CACHE_SIZE": "2G"})
-    assert r.args.cache_size == "1G"
+    assert (r.args.cache_size, r.origin["cache_size"]) == ("1G", "flag")
+    config = tmp_path / "c.toml"
+    config.write_text('timeout = 7\nread_ahead_kb = 64\n')
+    r = run(["SRC", "MNT", "--config", str(config), "-o", "read_ahead_kb=256"])
+    assert (r.args.read_ahead_kb, r.origin["read_ahead_kb"]) == (256, "option")  # typed like the flag
+    assert (r.args.timeout, r.origin["timeout"]) == (7.0, "config")
+
+
+def test_o_switches_and_lists() -> None:
+    r = run(["SRC", "MNT", "--prefetch", "a", "-o", "offline,prefetch=b c,follow_keep=3"], {"BLOBMOUNT_OFFLINE": "0"})
+    assert (r.args.offline, r.origin["offline"]) == (True, "option")
+    assert r.args.prefetch == ["a", "b c"]  # the flag's and the -o value, kept whole
+    assert r.args.follow_keep == 3
+
+
+def test_a_bad_o_value_is_one_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"-o verify: invalid value 'sometimes' \(choose from"):
+        run(["SRC", "MNT", "-o", "verify=sometimes"])
+    with pytest.raises(UsageError, match=r"-o read_ahead_kb: invalid value 'lots'"):
+        run(["SRC", "MNT", "-o", "read_ahead_kb=lots"])
+    with pytest.raises(UsageError, match="unknown mount option -o colour"):
+        run(["SRC", "MNT", "-o", "colour=blue"])
 
 
 def test_source_and_mountpoint_from_the_environment() -> None:
