@@ -54,7 +54,7 @@ def test_o_options_come_right_after_the_flag(tmp_path: Path) -> None:
     r = run(["SRC", "MNT", "-o", "cache_size=5G", "--cache-size", "1G"], {"BLOBMOUNT_CACHE_SIZE": "2G"})
     assert (r.args.cache_size, r.origin["cache_size"]) == ("1G", "flag")
     config = tmp_path / "c.toml"
-    config.write_text('timeout = 7\nread_ahead_kb = 64\n')
+    config.write_text("timeout = 7\nread_ahead_kb = 64\n")
     r = run(["SRC", "MNT", "--config", str(config), "-o", "read_ahead_kb=256"])
     assert (r.args.read_ahead_kb, r.origin["read_ahead_kb"]) == (256, "option")  # typed like the flag
     assert (r.args.timeout, r.origin["timeout"]) == (7.0, "config")
