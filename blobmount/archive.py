@@ -35,6 +35,7 @@ import zstandard
 from blobmount.errors import DestinationError, LimitExceeded, SourceError, UsageError
 from blobmount.index import COMPRESSION_NONE, COMPRESSION_ZSTD, EntryRecord, build_index
 from blobmount.index.paths import path_problem, show
+from blobmount.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -209,36 +210,6 @@ class _BlobWriter:
         return self._hash.digest().hex()
 
 
-class _Progress:
-    """The progress line; advanced from the compression workers too, hence the lock."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self.enabled = enabled
-        self._last = -1
-        self._lock = threading.Lock()
-
-    def advance(self, n: int) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            self._advance(n)
-
-    def _advance(self, n: int) -> None:
-        self.done += n
-        pct = self.done * 100 // self.total
-        if pct != self._last:
-            self._last = pct
-            bar = "#" * (pct // 4)
-            sys.stderr.write(f"\rcreate [{bar:<25}] {pct:3d}% {self.done >> 20} MiB")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 class _Ring:
     """READ_BUFFERS read buffers, used in turn across files as well as within one.
 
@@ -284,7 +255,7 @@ def create_archive(src: str | Path, out_dir: str | Path, options: CreateOptions 
     show_progress = (
         opts.progress if opts.progress is not None else (sys.stderr.isatty() and total >= _PROGRESS_MIN_BYTES)
     )
-    progress = _Progress(total, show_progress)
+    progress = ProgressLine("create", total, enabled=show_progress)
     compressor = _compressor(opts) if opts.compression == "zstd" else None
     threads = opts.worker_threads() if compressor is not None else 1
     data_tmp = out / f".{DATA_NAME}.tmp"

@@ -38,6 +38,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     from blobmount.fetch import ChunkedSource
     from blobmount.index import IndexView
     from blobmount.prefetch import ranges_for
+    from blobmount.progress import ProgressLine
     from blobmount.sources import RemoteSettings, is_local, open_remote
 
     if is_local(args.archive):
@@ -55,13 +56,10 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         view = IndexView(archive.index_bytes, blob_size=data.size)
         ranges = ranges_for(view, args.paths or [""])
         total = sum(b - a for a, b in ranges)
-        last = 0.0
+        line = ProgressLine("prefetch", total, enabled=show)
 
         def progress(done: int, whole: int) -> None:
-            nonlocal last
-            if show and (time.monotonic() - last > 0.2 or done == whole):
-                last = time.monotonic()
-                print(f"\rprefetch: {done >> 20}/{whole >> 20} MiB", end="", file=sys.stderr, flush=True)
+            line.reach(done)
 
         try:
             if not isinstance(data, ChunkedSource):
@@ -70,8 +68,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 fetched = await data.fill(ranges, progress)
             return fetched, total
         finally:
-            if show:
-                print(file=sys.stderr)
+            line.close()
             await data.aclose()
 
     fetched, total = run_interruptible(run)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import trio
@@ -21,6 +20,7 @@ from blobmount.manifest import (
     build_manifest,
     created_timestamp,
 )
+from blobmount.progress import ProgressLine
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import BlobReader, RegistryClient, RegistryOptions, bytes_reader
 
@@ -30,47 +30,12 @@ CHUNKED_ABOVE_BYTES = 64 << 20  # larger blobs go up in chunks: a failure resend
 # proxies in front of registries often cap request bodies near 100 MB
 UPLOAD_CHUNK_BYTES = 16 << 20  # >= 5 MiB, the smallest non-final chunk S3-backed registries accept
 PROGRESS_MIN_BYTES = 16 << 20  # smaller blobs go up too fast for a progress line to help
-PROGRESS_INTERVAL_S = 0.2  # redraw at most this often
 
 
-class _Progress:
-    """One redrawn line on stderr while a blob goes up (only on a terminal)."""
-
-    def __init__(self, label: str, size: int, enabled: bool) -> None:
-        self.label = label
-        self.size = max(size, 1)
-        self.enabled = enabled
-        self.done = 0
-        self.started = time.monotonic()
-        self._drawn = 0.0
-
-    def update(self, end: int) -> None:
-        """Bytes up to `end` have been handed to the connection (a restarted upload never
-        moves the line backwards)."""
-        self.done = max(self.done, end)
-        now = time.monotonic()
-        if self.enabled and (now - self._drawn >= PROGRESS_INTERVAL_S or self.done >= self.size):
-            self._drawn = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        pct = min(100, self.done * 100 // self.size)
-        rate = self.done / max(now - self.started, 1e-6) / 1e6
-        bar = "#" * (pct // 4)
-        sys.stderr.write(f"\rpush {self.label} [{bar:<25}] {pct:3d}% {self.done >> 20} MiB {rate:.0f} MB/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            self._draw(time.monotonic())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _file_reader(fd: int, progress: _Progress) -> BlobReader:
+def _file_reader(fd: int, progress: ProgressLine) -> BlobReader:
     async def read_at(offset: int, length: int) -> bytes:
         data = await trio.to_thread.run_sync(os.pread, fd, length, offset)
-        progress.update(offset + len(data))
+        progress.reach(offset + len(data))
         return data
 
     return read_at
@@ -102,7 +67,7 @@ async def push_archive(
                 log.info("%s: %s blob %s is already there; not uploaded", ref, label, desc.digest)
                 continue
             show = progress if progress is not None else sys.stderr.isatty() and desc.size >= PROGRESS_MIN_BYTES
-            bar = _Progress(label, desc.size, show)
+            bar = ProgressLine(f"push {label}", desc.size, enabled=show)
             fd = os.open(archive_dir / f"{label}.blob", os.O_RDONLY)
             try:
                 chunks = chunk_bytes if desc.size > chunked_above else None

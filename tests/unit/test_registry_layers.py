@@ -14,6 +14,7 @@ BELOW = {
     "blobmount.__version__",
     "blobmount.errors",
     "blobmount.defaults",
+    "blobmount.progress",
     "blobmount.reference",
     "blobmount.manifest",
     "blobmount.daemon",
