@@ -57,6 +57,7 @@ from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, Lim
 from blobmount.fetch import ChunkedSource
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
+from blobmount.lru import LRU
 from blobmount.source import RangeSource, ReadHint
 from blobmount.streaming import StreamingReads
 
@@ -156,8 +157,7 @@ class Reader(StreamingReads):
         self._completing = trio.CapacityLimiter(1)  # hashes of files read in part and closed
         self._completions = 0  # started or waiting
         self._verifying: dict[int, trio.Event] = {}
-        self._decoded: OrderedDict[bytes, bytes] = OrderedDict()  # sha256 -> content (LRU)
-        self._decoded_bytes = 0
+        self._decoded: LRU[bytes, bytes] = LRU(MEMORY_BUDGET_BYTES, len)  # sha256 -> content
         self._decodes = {}  # large zstd files served while they decode (streaming.py)
         self._pending = {}
         self._starting = {}
@@ -551,17 +551,10 @@ class Reader(StreamingReads):
         raise exc
 
     def _memory_get(self, digest: bytes) -> bytes | None:
-        data = self._decoded.get(digest)
-        if data is not None:
-            self._decoded.move_to_end(digest)
-        return data
+        return self._decoded.get(digest)
 
     def _memory_put(self, digest: bytes, data: bytes) -> None:
-        self._decoded[digest] = data
-        self._decoded_bytes += len(data)
-        while self._decoded_bytes > MEMORY_BUDGET_BYTES and self._decoded:
-            _, old = self._decoded.popitem(last=False)
-            self._decoded_bytes -= len(old)
+        self._decoded.put(digest, data)
 
     def _dir_hint(self, entry: Entry) -> ReadHint | None:
         """The read-ahead state of the directory a small file sits in (remote sources only): the

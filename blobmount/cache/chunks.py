@@ -28,7 +28,6 @@ import logging
 import os
 import struct
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,6 +36,7 @@ import xxhash
 from blobmount import defaults
 from blobmount.cache.space import CacheDir, is_disk_trouble, temp_path
 from blobmount.daemon import metrics
+from blobmount.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ class ChunkStore:
         self._name = f"{blob_hex}-{chunk_size}"
         # the hot-path form of a chunk's path (pathlib costs microseconds per call, per read)
         self._prefix = None if cache is None else f"{cache.root}/chunks/{self._name}/"
-        self._memory: OrderedDict[int, bytes] = OrderedDict()
-        self._memory_used = 0
+        self._memory: LRU[int, bytes] = LRU(self.memory_bytes, len)
         self._degraded_since: float | None = None
         self._last_warning = 0.0
         self.disk_loads = 0
@@ -115,32 +114,20 @@ class ChunkStore:
     # -- memory tier (trio thread) -------------------------------------------------------------
 
     def memory_get(self, index: int) -> bytes | None:
-        data = self._memory.get(index)
-        if data is not None:
-            self._memory.move_to_end(index)
-        return data
+        return self._memory.get(index)
 
     def memory_put(self, index: int, data: bytes) -> None:
-        old = self._memory.pop(index, None)
-        if old is not None:
-            self._memory_used -= len(old)
-        self._memory[index] = data
-        self._memory_used += len(data)
-        while self._memory_used > self.memory_bytes and len(self._memory) > 1:
-            _, dropped = self._memory.popitem(last=False)
-            self._memory_used -= len(dropped)
+        self._memory.put(index, data)
 
     def in_memory(self, index: int) -> bool:
         return index in self._memory
 
     def forget(self, index: int) -> None:
-        old = self._memory.pop(index, None)
-        if old is not None:
-            self._memory_used -= len(old)
+        self._memory.pop(index)
 
     @property
     def memory_used(self) -> int:
-        return self._memory_used
+        return self._memory.used
 
     def on_disk(self, index: int) -> bool:
         """Cheap presence test (one stat); the trailer is checked when the chunk is loaded."""

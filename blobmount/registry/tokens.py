@@ -20,7 +20,6 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from urllib.parse import urlencode, urlsplit
 import trio
 
 from blobmount.errors import AuthError, TransientError
+from blobmount.lru import LRU
 from blobmount.registry.auth import Challenge, Credentials, find_credentials, parse_www_authenticate
 from blobmount.registry.options import RegistryOptions
 from blobmount.registry.retry import RetryLater
@@ -67,8 +67,7 @@ class SharedTokens:
     options (the Python API) does not grow with them."""
 
     def __init__(self, max_entries: int = SHARED_ENTRIES) -> None:
-        self._entries: OrderedDict[tuple[str, str, str], SharedAuth] = OrderedDict()
-        self._max = max_entries
+        self._entries: LRU[tuple[str, str, str], SharedAuth] = LRU(max_entries)
         self._lock = threading.Lock()  # clients of one options object may live on two threads
 
     def __repr__(self) -> str:
@@ -76,15 +75,12 @@ class SharedTokens:
 
     def get(self, key: tuple[str, str, str]) -> SharedAuth | None:
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._entries.peek(key)
             return None if entry is None else SharedAuth(entry.challenge, entry.header, entry.refresh_at, entry.basic)
 
     def put(self, key: tuple[str, str, str], entry: SharedAuth) -> None:
         with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+            self._entries.put(key, entry)
 
 
 SHARED = SharedTokens()

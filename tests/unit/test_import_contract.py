@@ -29,7 +29,15 @@ OWNERS: Mapping[str, tuple[str, ...]] = {
 # package (ending in ".") or module -> the blobmount modules it may import besides its own package
 LOWER: Mapping[str, tuple[str, ...]] = {
     "blobmount.index.": ("blobmount.errors",),
-    "blobmount.cache.": ("blobmount.errors", "blobmount.daemon", "blobmount.daemon.metrics", "blobmount.defaults"),
+    "blobmount.cache.": (
+        "blobmount.errors",
+        "blobmount.daemon",
+        "blobmount.daemon.metrics",
+        "blobmount.defaults",
+        "blobmount.lru",
+    ),
+    "blobmount.lru": (),
+    "blobmount.progress": (),
     "blobmount.defaults": (),
     "blobmount.errors": (),
     "blobmount.reference": ("blobmount.errors",),

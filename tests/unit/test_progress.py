@@ -39,7 +39,12 @@ def test_it_never_moves_backwards(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_workers_may_advance_it_at_once() -> None:
     line = ProgressLine("create", 8 * 1000, enabled=True)
-    workers = [threading.Thread(target=lambda: [line.advance(1) for _ in range(1000)]) for _ in range(8)]
+
+    def work() -> None:
+        for _ in range(1000):
+            line.advance(1)
+
+    workers = [threading.Thread(target=work) for _ in range(8)]
     for w in workers:
         w.start()
     for w in workers:

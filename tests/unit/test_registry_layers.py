@@ -15,6 +15,7 @@ BELOW = {
     "blobmount.errors",
     "blobmount.defaults",
     "blobmount.progress",
+    "blobmount.lru",
     "blobmount.reference",
     "blobmount.manifest",
     "blobmount.daemon",
