@@ -12,13 +12,13 @@ Concurrency contract:
 - :meth:`ContentStore.begin` hands out a reserved temp file that a decode writes while its readers
   read it (decode.py); only :meth:`ContentStore.commit`, once the content is verified, renames it.
 - Within one process, :meth:`ContentStore.fill` is single-flight per key: the first caller decodes,
-  later callers wait on a ``trio.Event`` and then open the finished file. Across processes two
+  later callers wait for it (flight.py) and then open the finished file. Across processes two
   daemons may decode the same file at once; the second rename replaces an identical file.
 - Space comes from the directory's shared budget (space.py) before the file is written. A file
   open here is pinned (never evicted by this process), and an unlinked-but-open file stays readable
   anyway, so eviction never takes bytes from a reader.
 - Work on the file system (write, hash, budget) runs in worker threads; the store's bookkeeping
-  (``_pins``, ``_inflight``, ``_checked``) is touched only from the trio thread.
+  (``_pins``, ``_flights``, ``_checked``) is touched only from the trio thread.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import xxhash
 
 from blobmount.cache.space import DEFAULT_CACHE_SIZE_BYTES, CacheDir, is_disk_trouble, temp_path
 from blobmount.errors import LimitExceeded, SourceError
+from blobmount.flight import Flight, Flights
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,6 @@ class StoreUnavailable(SourceError):
 
 
 @dataclass(slots=True)
-class _Flight:
-    done: trio.Event
-    error: BaseException | None = None
-
-
-@dataclass(slots=True)
 class Pending:
     """A content file being written while it is read (:meth:`ContentStore.begin`)."""
 
@@ -63,7 +58,7 @@ class Pending:
     tmp: Path
     fd: int
     size: int
-    flight: _Flight
+    flight: Flight
 
 
 class ContentStore:
@@ -73,7 +68,7 @@ class ContentStore:
         """`cache` is the shared directory (or a path, opened with `max_bytes` as its limit)."""
         self.cache = cache if isinstance(cache, CacheDir) else CacheDir(cache, max_bytes)
         self.root = self.cache.subdir("content")
-        self._inflight: dict[str, _Flight] = {}
+        self._flights: Flights[str] = Flights()
         self._checked: set[str] = set()
 
     @property
@@ -94,30 +89,21 @@ class ContentStore:
         while True:
             if self._path(key).exists():
                 return
-            flight = self._inflight.get(key)
-            if flight is None:
+            if not self._flights.busy(key):
                 break
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
+            await self._flights.wait(key)
         if size + TRAILER_BYTES > self.max_bytes:
             raise LimitExceeded(
                 f"decoded file of {size} bytes does not fit the {self.max_bytes}-byte cache (--cache-size)"
             )
-        flight = _Flight(trio.Event())
-        self._inflight[key] = flight
         final = self._path(key)
-        self.cache.pin(final)
-        try:
-            await trio.to_thread.run_sync(self._write, final, size + TRAILER_BYTES, produce)
-            self._checked.add(key)
-        except Exception as exc:  # not Cancelled (a request's deadline): the next waiter fills afresh
-            flight.error = exc
-            raise
-        finally:
-            self.cache.unpin(final)
-            del self._inflight[key]
-            flight.done.set()
+        with self._flights.lead(key):
+            self.cache.pin(final)
+            try:
+                await trio.to_thread.run_sync(self._write, final, size + TRAILER_BYTES, produce)
+                self._checked.add(key)
+            finally:
+                self.cache.unpin(final)
 
     def _write(self, final: Path, size: int, produce: Callable[[Path], None]) -> None:
         """Worker thread: temp file at its final size, reserve, produce, trailer, commit."""
@@ -164,10 +150,10 @@ class ContentStore:
             raise LimitExceeded(
                 f"decoded file of {size} bytes does not fit the {self.max_bytes}-byte cache (--cache-size)"
             )
-        if key in self._inflight:
+        if self._flights.busy(key):
             raise StoreUnavailable(f"content cache: {key} is being decoded already")
         final = self._path(key)
-        flight = self._inflight[key] = _Flight(trio.Event())
+        flight = self._flights.start(key)
         self.cache.pin(final)
         try:
             tmp, fd = await trio.to_thread.run_sync(self._begin, final, size + TRAILER_BYTES)
@@ -226,11 +212,9 @@ class ContentStore:
             pending.tmp.unlink()
         self.cache.release(pending.size + TRAILER_BYTES)
 
-    def _end_flight(self, key: str, flight: _Flight, final: Path) -> None:
+    def _end_flight(self, key: str, flight: Flight, final: Path) -> None:
         self.cache.unpin(final)
-        if self._inflight.get(key) is flight:
-            del self._inflight[key]
-        flight.done.set()
+        self._flights.end(key, flight)
 
     async def open(self, key: str) -> int | None:
         """An fd of the content for `key` (pinned until :meth:`release`), or None on a miss. A file
