@@ -1,5 +1,8 @@
 """Test-wide guards. No test may resolve a name that is not local: this machine's resolver is
-off-limits, and a test that reaches out is a bug (it would also hang or flake)."""
+off-limits, and a test that reaches out is a bug (it would also hang or flake). No test may log a
+warning or an error it did not declare (``@pytest.mark.expect_log("regex", ...)``, searched in
+"logger: message"): a new warning
+is news, and a test that passes while the code complains hides a fault."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from tests.support.helpers import FIXTURE_NAMES, FIXTURES, REFERENCE_CREATED
+from tests.support.logstrict import collected, unexpected
 from tests.support.servers import Registry, start_registry
 
 _LOCAL = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
@@ -32,6 +36,19 @@ def _guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
 @pytest.fixture(autouse=True)
 def _no_remote_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo)
+
+
+@pytest.fixture(autouse=True)
+def _log_strict(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test on a WARNING or ERROR line of blobmount's loggers (in this process) that no
+    ``expect_log`` pattern of the test allows. Daemons are processes of their own: their lines are
+    checked by the tests that read them."""
+    patterns = [p for mark in request.node.iter_markers("expect_log") for p in mark.args]
+    with collected("blobmount") as records:
+        yield
+    lines = unexpected(records, patterns)
+    if lines:
+        pytest.fail("unexpected log lines (declare them with @pytest.mark.expect_log):\n" + "\n".join(lines))
 
 
 @pytest.fixture(scope="session")

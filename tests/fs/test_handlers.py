@@ -139,6 +139,7 @@ def test_writes_and_write_opens_are_erofs(tmp_path: Path) -> None:
     assert fuse_errno(fs.open, ROOT_INO, os.O_RDONLY, CTX) == errno.EISDIR
 
 
+@pytest.mark.expect_log("unexpected error in lookup; answered EIO")
 def test_unexpected_exception_is_eio_and_the_fs_keeps_serving(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fs = make_fs(tmp_path)
 
@@ -301,6 +302,7 @@ async def _answer(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> tupl
     return result, trio.current_time() - started
 
 
+@pytest.mark.expect_log("read: not served within")
 def test_a_read_past_its_deadline_answers_eio_and_the_next_read_tries_afresh(tmp_path: Path) -> None:
     """A small file is fetched whole on its first read; with the source stalled the read answers EIO
     at its deadline (not whenever the source comes back), and the same handle reads right after."""
@@ -323,6 +325,7 @@ def test_a_read_past_its_deadline_answers_eio_and_the_next_read_tries_afresh(tmp
     assert source.calls >= 2
 
 
+@pytest.mark.expect_log("open: not served within")
 def test_an_open_decoding_on_a_thread_past_its_deadline_is_cancelled_cleanly(tmp_path: Path) -> None:
     """A large zstd file is decoded into the content store at open, on a worker thread that reads
     the source through trio: the deadline reaches into that thread, the open answers EIO at it, and

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
@@ -79,6 +80,7 @@ def _check(src: ChunkedSource, blob: bytes, ops: list[tuple[float, int, str]]) -
     faults=st.lists(st.sampled_from([None, None, None, "refuse", "reset", "truncate"]), max_size=30),
     on_disk=st.booleans(),
 )
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.fetch: data blob bytes ")
 def test_reads_through_the_cache_equal_the_reference(
     blob: bytes, chunk: int, ops: list[tuple[float, int, str]], faults: list[str | None], on_disk: bool
 ) -> None:
@@ -134,6 +136,7 @@ class _FaultyRegistry:
     ops=reads,
     faults=st.lists(st.sampled_from([None, None, "503", "wrong-range", "short", "long", "reset"]), max_size=20),
 )
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.fetch: data blob bytes ")
 def test_registry_faults_never_become_wrong_bytes(
     blob: bytes, ops: list[tuple[float, int, str]], faults: list[str | None]
 ) -> None:

@@ -104,6 +104,7 @@ def check_consistent(view: IndexView, reader: Reader) -> None:
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(case=mutated())
+@pytest.mark.expect_log(r"^blobmount\.index\.view: ", r"^blobmount\.reader: ")
 def test_mutated_indexes_fail_cleanly_or_read_consistently(
     case: tuple[str, bytes], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -154,6 +155,7 @@ def hostile_records(draw: st.DrawFn) -> tuple[list[EntryRecord], int]:
 
 @settings(max_examples=EXAMPLES // 4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=hostile_records())
+@pytest.mark.expect_log(r"^blobmount\.index\.view: entry \d+: .*; skipped$")
 def test_hostile_fields_are_refused_or_safe(case: tuple[list[EntryRecord], int]) -> None:
     """Every entry is either refused with InvalidArchive or safe to serve: a valid path that
     lookups find and its parent lists, a 32-byte hash, a known compression, a size a file can

@@ -49,6 +49,7 @@ def test_any_other_oserror_stays_a_failure(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("code", [errno.EIO, errno.EPERM, errno.ENOSPC])
+@pytest.mark.expect_log("chunk cache: cannot write .*serving from memory")
 def test_a_chunk_the_disk_refuses_stays_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     chunks = ChunkStore(CacheDir(tmp_path / "cache"), "ef" * 32, 1 << 20, chunk_size=4096)
     real_open = open

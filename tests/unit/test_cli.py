@@ -80,6 +80,7 @@ def test_cat_of_a_tampered_file_prints_nothing(
         assert actual in err
 
 
+@pytest.mark.expect_log(r"(symlink|special file) skipped \(only regular files")
 def test_create_skips_symlinks_and_fifos_and_keeps_byte_names(
     tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes], caplog: pytest.LogCaptureFixture
 ) -> None:

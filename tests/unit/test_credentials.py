@@ -44,6 +44,7 @@ AUTHS = {"auths": {"registry.test": {"auth": base64.b64encode(f"u:{SECRET}".enco
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o666])
+@pytest.mark.expect_log("holds registry credentials but its mode is")
 def test_a_readable_credentials_file_is_warned_about_once(
     mode: int, home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -74,6 +75,7 @@ def test_a_file_without_secrets_for_us_is_not_warned_about(home: Path, caplog: p
     assert "chmod" not in caplog.text
 
 
+@pytest.mark.expect_log("holds registry credentials but its mode is")
 def test_a_readable_password_file_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "pw"
     path.write_text(SECRET + "\n")

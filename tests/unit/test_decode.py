@@ -72,6 +72,7 @@ def test_ring_reads_across_the_wrap_and_a_reader_behind_restarts(archive: Path, 
     assert decode.window_for(8 * MiB) == 4 * MiB
 
 
+@pytest.mark.expect_log("sha256 mismatch: .*reading it again from the origin")
 def test_store_takes_the_verified_file_and_a_mismatch_fails_the_completing_read(archive: Path, tmp_path: Path) -> None:
     want = _text(12 * MiB + 333)
 

@@ -120,6 +120,7 @@ def test_waiters_wake_as_each_chunk_lands(tmp_path: Path) -> None:
     run_jumping(go)
 
 
+@pytest.mark.expect_log(r"^blobmount\.fetch: data blob bytes ")
 def test_a_failed_fetch_wakes_every_waiter_with_the_error_or_a_retry(tmp_path: Path) -> None:
     """The reader whose miss started the fetch gets its error; readers that only joined it get one
     fetch of their own (the fault may have cleared meanwhile), within their own timeout."""
@@ -218,6 +219,7 @@ def test_transient_faults_are_retried_from_the_first_missing_chunk(tmp_path: Pat
         assert second[0] == 4 * CS  # chunks 0-3 had landed before the reset: not asked again
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.fetch: data blob bytes ")
 def test_max_attempts_faults_in_a_row_fail_the_read_then_it_recovers(tmp_path: Path) -> None:
     faults: list[str | None] = ["reset", "refuse", "truncate"] * MAX_ATTEMPTS
     remote = FakeRemote(BLOB, faults=faults[:MAX_ATTEMPTS])
@@ -288,6 +290,7 @@ def test_offline_serves_the_cache_and_refuses_the_rest(tmp_path: Path) -> None:
     run(go)
 
 
+@pytest.mark.expect_log("failed its checksum or length; discarded and refetched")
 def test_a_damaged_chunk_file_is_a_miss_never_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = CacheDir(tmp_path / "c")
 
@@ -329,6 +332,7 @@ def test_the_byte_limit_holds_and_evicts_least_recently_used(tmp_path: Path) -> 
     assert 0 not in names  # the oldest went first
 
 
+@pytest.mark.expect_log("chunk cache: cannot write .*serving from memory")
 def test_a_disk_that_refuses_chunks_degrades_to_memory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = CacheDir(tmp_path / "c")
     (tmp_path / "c" / "chunks").write_text("a file where the chunk directory should be")
@@ -377,6 +381,7 @@ def test_fill_uses_one_request_per_contiguous_range(tmp_path: Path) -> None:
     assert seen[-1][0] == seen[-1][1] == 31 * CS
 
 
+@pytest.mark.expect_log("differs from the bytes a file was verified with")
 def test_a_chunk_that_changed_since_verification_is_refused(tmp_path: Path) -> None:
     from blobmount.cache import MetaStore
 

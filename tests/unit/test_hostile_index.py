@@ -165,6 +165,7 @@ def test_data_size_must_match_the_blob() -> None:
         IndexView(index_of(rec(b"a")), blob_size=50)
 
 
+@pytest.mark.expect_log(r"^blobmount\.index\.view: entry \d+: .*; skipped$")
 def test_listing_skips_bad_entries_and_keeps_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     view = IndexView(index_of(rec(b"a"), rec(b"a/b", 1), rec(b"a//c", 2), rec(b"ok", 3)), blob_size=100)
     with caplog.at_level(logging.WARNING):

@@ -60,6 +60,7 @@ def test_requests_bytes_retries_and_in_flight_are_counted(caplog: pytest.LogCapt
     assert [r.levelno for r in retries] == [logging.DEBUG, logging.DEBUG]
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_a_retry_escalates_to_warning_when_it_repeats(caplog: pytest.LogCaptureFixture) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(503)

@@ -41,6 +41,7 @@ def _emit(log: logging.Logger) -> None:
         log.exception("unexpected error in read; answered EIO")
 
 
+@pytest.mark.expect_log(r"^blobmount\.test: ")
 def test_json_is_one_object_per_event(root_logger: logging.Logger) -> None:
     out = io.StringIO()
     logs.setup("info", "json", stream=out, force=True)
@@ -56,6 +57,7 @@ def test_json_is_one_object_per_event(root_logger: logging.Logger) -> None:
     assert docs[0]["ts"].endswith("Z")
 
 
+@pytest.mark.expect_log(r"^blobmount\.test: ")
 def test_journal_prefixes_only_when_journal_stream_names_the_stream(
     tmp_path: Path, root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -116,6 +118,7 @@ def test_levels() -> None:
     assert logs.level_for("error", 2) == logging.ERROR  # --log-level wins over -v
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.remote: still shown")
 def test_one_shot_commands_quiet_retries_and_reader_reports_at_the_default_level_only(
     root_logger: logging.Logger,
 ) -> None:

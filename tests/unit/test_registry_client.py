@@ -46,6 +46,7 @@ def test_retry_after_is_honoured_then_the_read_succeeds() -> None:
     assert all(r.headers["accept-encoding"] == "identity" for r in calls)
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_transient_failures_end_in_an_error_after_bounded_retries() -> None:
     calls = []
 
@@ -74,6 +75,7 @@ def test_transient_failures_end_in_an_error_after_bounded_retries() -> None:
         (206, {"Content-Range": "garbage"}, BLOB[10:20]),
     ],
 )
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_wrong_answers_are_never_returned_as_data(status: int, headers: dict[str, str], body: bytes) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, headers=headers, content=body)
@@ -229,6 +231,7 @@ def _token_server(
     return handler, tokens, statuses
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_a_token_endpoint_that_keeps_failing_is_a_bounded_error_naming_it() -> None:
     handler, _, statuses = _token_server(300, token_status=500)
 
@@ -362,6 +365,7 @@ def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPa
     trio.run(go)
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_an_open_that_runs_out_of_time_names_what_it_was_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
     """A registry answering 503 to everything: the one-line error says so, not only "no answer"."""
     from blobmount import remote as source

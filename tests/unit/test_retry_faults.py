@@ -159,6 +159,7 @@ def test_a_brief_fault_is_retried_and_the_bytes_are_right(fault: str) -> None:
 
 
 @pytest.mark.parametrize("fault", list(TRANSIENT))
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_a_lasting_fault_ends_in_a_transient_error_after_bounded_attempts(fault: str) -> None:
     calls: list[float] = []
     with pytest.raises(TransientError):
@@ -169,6 +170,7 @@ def test_a_lasting_fault_ends_in_a_transient_error_after_bounded_attempts(fault:
 
 
 @pytest.mark.parametrize("fault", list(TRANSIENT))
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_the_timeout_bounds_a_read_whatever_the_fault(fault: str) -> None:
     """Through the data source: --timeout 2 ends the read at 2 s (virtual), never later."""
     calls: list[float] = []
@@ -349,6 +351,7 @@ def test_a_token_endpoint_failing_briefly_is_retried(failure: Callable[[httpx.Re
     assert counts["token"] == 3
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_a_token_endpoint_down_ends_at_the_timeout_and_recovers() -> None:
     down = [True]
     handler, _ = _bearer_server(lambda n: httpx.Response(502) if down[0] else None)
@@ -404,6 +407,7 @@ def test_many_readers_share_one_token_refresh_through_a_brief_outage() -> None:
     assert counts["token"] == 4  # the first, two failures, one success: not one per reader
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ")
 def test_retry_logs_escalate_from_debug_to_warning(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[float] = []
     with caplog.at_level(logging.DEBUG, logger="blobmount"):
@@ -441,6 +445,7 @@ def test_dns_failure_through_the_real_transport(monkeypatch: pytest.MonkeyPatch,
     assert 2 <= len(asked) <= 4  # each of the two attempts (trio may probe numeric-only first)
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.fetch: data blob bytes .*GET answered 503")
 def test_a_lasting_503_costs_max_attempts_requests_for_a_cold_read() -> None:
     """The README's count is what happens: a data read through the fetcher against a registry that
     answers 503 forever sends exactly MAX_ATTEMPTS range requests (the fetcher's loop is the only
