@@ -9,13 +9,23 @@ BIN := $(VENV)/bin
 # git sqlite3 unzip rsync (and gcc, tar): the programs tests/fuse/test_real_programs.py runs on a mount
 # iproute2 iptables: bench/netshape, the shaped namespace of the benchmark (tests/bench/test_netshape.py)
 # podman buildah runc mmdebstrap uidmap fuse-overlayfs: tests/fuse/test_sidecar.py builds and runs the image
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv docker-registry systemd \
+# patch: applies patches/pyfuse3-*.patch to the pyfuse3 sdist (libfuse3-dev pkg-config gcc python3-dev build it)
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv docker-registry systemd patch \
   squashfuse squashfs-tools httpfs2 nginx-light curl git openssl sqlite3 unzip rsync zstd iproute2 iptables \
   podman buildah runc mmdebstrap uidmap fuse-overlayfs
 MNT ?= /tmp/blobmount-sample
 SAMPLE_ARCHIVE ?= /tmp/blobmount-sample-archive
 
-.PHONY: run test deps venv gen lint check-gen bench umount clean install
+.PHONY: run test deps venv gen lint check-gen bench umount clean install pyfuse3
+
+# pyfuse3, patched: its read/flush/release/readdir/releasedir handlers also get the inode
+# (Operations.pass_inode), which the kernel's no-open/no-opendir mode needs (fh is 0 there; fs.py).
+# Built from the pinned sdist (sha256 checked) with a pinned Cython; offered upstream as it is.
+PYFUSE3_VERSION := 3.5.0
+PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_PATCH := patches/pyfuse3-$(PYFUSE3_VERSION)-pass-inode.patch
+PYFUSE3_BUILD := build/pyfuse3
+PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_VERSION)-pass-inode
 
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -28,9 +38,22 @@ deps:
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-venv: deps $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
+venv: deps $(BIN)/python $(PYFUSE3_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
+
+pyfuse3: $(PYFUSE3_STAMP)
+
+$(PYFUSE3_STAMP): $(PYFUSE3_PATCH) patches/pyfuse3-build-constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
+	$(BIN)/pip download -q --no-deps --no-binary :all: pyfuse3==$(PYFUSE3_VERSION) -d $(PYFUSE3_BUILD)
+	echo "$(PYFUSE3_SHA256)  $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz" | sha256sum -c --quiet
+	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz -C $(PYFUSE3_BUILD)
+	patch -s -d $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION) -p1 < $(PYFUSE3_PATCH)
+	PIP_CONSTRAINT="$(CURDIR)/patches/pyfuse3-build-constraints.txt" \
+	  $(BIN)/pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
+	$(BIN)/python -c "import pyfuse3; assert pyfuse3.Operations.pass_inode is False"
+	touch $@
 
 # Builds a sample archive from examples/sample and mounts it (embedded default, no registry needed).
 run: venv
