@@ -13,6 +13,10 @@ a test can assert that every class is mapped::
     ├── IsADirectory                    a file operation on a directory (fs.py, cli.py)     -> EISDIR
     ├── ReadOnly                        any write on the read-only mount (fs.py)            -> EROFS
     ├── NoAttribute                     an xattr the file does not have (fs.py)             -> ENODATA
+    ├── NotSupported                    an xattr namespace no file has (security.*, trusted.*;
+    │                                   fs.py): ls(1) stops asking for the mount       -> EOPNOTSUPP
+    ├── RequestNotNeeded                a request kind the daemon keeps no state for (open,
+    │                                   opendir, flush): the kernel stops sending it (fs.py) -> ENOSYS
     ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
     ├── SourceError                     the bytes could not be obtained (I/O, network)      -> EIO
     │   ├── TransientError              worth retrying: reset, timeout, 429, 5xx (registry/) -> EIO
@@ -46,7 +50,9 @@ __all__ = [
     "NoAttribute",
     "NotADirectory",
     "NotFound",
+    "NotSupported",
     "ReadOnly",
+    "RequestNotNeeded",
     "SourceError",
     "TransientError",
     "UsageError",
@@ -87,6 +93,18 @@ class NoAttribute(BlobmountError):
     """The extended attribute does not exist on this file or directory."""
 
 
+class NotSupported(BlobmountError):
+    """An extended attribute namespace no file of the mount can have (fs.py: security.*, trusted.*).
+    EOPNOTSUPP rather than ENODATA: programs remember it per filesystem (ls -l asks for
+    security.selinux once per mount instead of once per file; the kernel caches no negative xattr)."""
+
+
+class RequestNotNeeded(BlobmountError):
+    """A request kind the daemon keeps no state for (fs.py: open, opendir, flush): ENOSYS tells the
+    kernel to stop sending it for this mount (for open/opendir: its no-open / no-opendir mode, in
+    which the open itself succeeds)."""
+
+
 class LimitExceeded(BlobmountError):
     """A configured size or memory limit would be exceeded; the message names the limit."""
 
@@ -119,6 +137,8 @@ _ERRNO: tuple[tuple[type[BlobmountError], int], ...] = (
     (IsADirectory, errno.EISDIR),
     (ReadOnly, errno.EROFS),
     (NoAttribute, errno.ENODATA),
+    (RequestNotNeeded, errno.ENOSYS),
+    (NotSupported, errno.EOPNOTSUPP),
     (LimitExceeded, errno.EFBIG),
     (InvalidArchive, errno.EIO),
     (IntegrityError, errno.EIO),

@@ -54,7 +54,7 @@ from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.decode import Decode, RangeStream
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.fetch import ChunkedSource
-from blobmount.index import COMPRESSION_ZSTD, Entry
+from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
 from blobmount.index.paths import show
 from blobmount.source import RangeSource, ReadHint
 from blobmount.streaming import StreamingReads
@@ -251,6 +251,27 @@ class Reader(StreamingReads):
             number, old = self._kept.popitem(last=False)
             del self._progress[number]
             self._notify_poison(old)  # its served pages go too: a later read starts at byte 0
+
+    def verifies_lazily(self, entry: Entry) -> bool:
+        """Whether bytes of this file may be served before all of it was verified (a raw file read
+        lazily, a zstd file served while it decodes): its guarantees need per-open state (the
+        distrust count of each open, :meth:`_check_generation`), so the filesystem keeps real
+        opens for an archive that holds such a file (fs.py)."""
+        return self.config.verify != "strict" and entry.original_size > self.config.verify_threshold
+
+    def holds_lazy(self, view: IndexView) -> bool:
+        """Whether any file of `view` is verified lazily. A pass over the index: run it on a worker
+        thread (it touches only the immutable view and the frozen config)."""
+        if self.config.verify == "strict":
+            return False
+        threshold = self.config.verify_threshold
+        for number in range(len(view)):
+            try:
+                if view.entry(number).original_size > threshold:
+                    return True
+            except InvalidArchive:  # never served
+                continue
+        return False
 
     def _upfront(self, entry: Entry) -> bool:
         """Whether this raw file is verified whole before its first byte is served."""

@@ -57,6 +57,8 @@ def test_every_error_class_is_mapped_to_its_errno() -> None:
         errors.IsADirectory: errno.EISDIR,
         errors.ReadOnly: errno.EROFS,
         errors.NoAttribute: errno.ENODATA,
+        errors.RequestNotNeeded: errno.ENOSYS,
+        errors.NotSupported: errno.EOPNOTSUPP,
         errors.LimitExceeded: errno.EFBIG,
         errors.InvalidArchive: errno.EIO,
         errors.IntegrityError: errno.EIO,
