@@ -6,9 +6,10 @@ for the life of the mount (st_ino is stable and unique). Under ``--follow`` each
 switches to is a generation whose files are numbered in a space of their own (generations.py);
 ``forget`` counts down the kernel's lookups so an old generation can be dropped.
 
-Opens (the kernel's no-open / no-opendir mode): ``opendir`` answers ENOSYS, so the kernel opens
-directories without a request, caches their listings (FOPEN_CACHE_DIR) and sends no releasedir;
-``readdir`` then gets fh 0 and the inode (the patched pyfuse3, ``pass_inode``). ``open`` answers
+Opens (the kernel's no-open / no-opendir mode): ``opendir`` answers ENOSYS (not under --follow:
+a listing begun continues in its archive), so the kernel opens directories without a request,
+caches their listings (FOPEN_CACHE_DIR) and sends no releasedir; ``readdir`` then gets fh 0 and
+the inode (the patched pyfuse3, ``pass_inode``). ``open`` answers
 ENOSYS too once :meth:`BlobFS.decide_opens` found that the archive holds no file verified lazily
 (every byte of every file is verified before it is served): the kernel then opens files without a
 request and keeps their pages across opens, and a read of fh 0 is served through a per-inode
@@ -197,7 +198,6 @@ class BlobFS(pyfuse3.Operations):
         self._invalidating: dict[int, tuple[int, trio.Event]] = {}  # ino -> (queued, set when done)
         # the kernel's no-open mode (module docstring): opens answered ENOSYS once decide_opens says so
         self.skip_open = False
-        self.skip_opendir = PYFUSE3_PASSES_INODE
         self._inode_handles = InodeHandles()
         reader.on_poison = functools.partial(self._poisoned, self.current)
 
@@ -229,6 +229,13 @@ class BlobFS(pyfuse3.Operations):
     @cached_bytes.setter
     def cached_bytes(self, func: Callable[[Entry], int] | None) -> None:
         self.current.cached_bytes = func
+
+    @property
+    def skip_opendir(self) -> bool:
+        """Whether opendir answers ENOSYS (no-opendir mode). Not under --follow: there a listing
+        already begun continues in the archive it began in (README, Following a tag), which
+        needs its opendir; the kernel's cached listing could not say which archive it is from."""
+        return PYFUSE3_PASSES_INODE and not self.follows
 
     def room_for_switch(self) -> bool:
         """Whether a switch keeps at most :attr:`keep` generations: the current one stays (the
