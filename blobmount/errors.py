@@ -13,8 +13,8 @@ a test can assert that every class is mapped::
     ├── IsADirectory                    a file operation on a directory (fs.py, cli.py)     -> EISDIR
     ├── ReadOnly                        any write on the read-only mount (fs.py)            -> EROFS
     ├── NoAttribute                     an xattr the file does not have (fs.py)             -> ENODATA
-    ├── NotSupported                    an xattr namespace no file has (security.*, trusted.*;
-    │                                   fs.py): ls(1) stops asking for the mount       -> EOPNOTSUPP
+    ├── NotSupported                    an xattr namespace no file has (security.*, trusted.*,
+    │                                   ACLs; fs.py): ls(1) stops asking for the mount -> EOPNOTSUPP
     ├── RequestNotNeeded                a request kind the daemon keeps no state for (open,
     │                                   opendir, flush): the kernel stops sending it (fs.py) -> ENOSYS
     ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
@@ -94,9 +94,10 @@ class NoAttribute(BlobmountError):
 
 
 class NotSupported(BlobmountError):
-    """An extended attribute namespace no file of the mount can have (fs.py: security.*, trusted.*).
-    EOPNOTSUPP rather than ENODATA: programs remember it per filesystem (ls -l asks for
-    security.selinux once per mount instead of once per file; the kernel caches no negative xattr)."""
+    """An extended attribute namespace no file of the mount can have (fs.py: security.*, trusted.*,
+    system.posix_acl_*). EOPNOTSUPP rather than ENODATA: programs remember it per filesystem (ls -l
+    asks for security.selinux and the ACL once per run instead of once per file; the kernel caches
+    no negative xattr answer)."""
 
 
 class RequestNotNeeded(BlobmountError):

@@ -72,7 +72,8 @@ DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (docs/FORMAT
 XATTR_PREFIX = b"user.blobmount."
 XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")  # and cached_bytes: by name only
 ROOT_XATTR_DIGEST = XATTR_PREFIX + b"digest"  # on the root: the archive being served (--follow moves it)
-UNSUPPORTED_XATTRS = (b"security.", b"trusted.")  # namespaces no file has: EOPNOTSUPP (errors.NotSupported)
+# xattr namespaces no file here has (no labels, no ACLs in the format): EOPNOTSUPP (errors.NotSupported)
+UNSUPPORTED_XATTRS = (b"security.", b"trusted.", b"system.posix_acl_")
 INVALIDATE_WAIT_S = 5.0  # an open waits at most this for a queued page drop (normally microseconds)
 # pyfuse3 built with patches/pyfuse3-3.5.0-pass-inode.patch (make venv): read/readdir/release get the
 # inode, which the kernel's no-open mode needs (its requests carry fh 0)
@@ -154,10 +155,12 @@ class BlobFS(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
-    # FUSE_POSIX_ACL: the kernel asks for an inode's system.posix_acl_* once and keeps the answer
-    # (ENODATA: no ACL) with the inode, instead of passing every getxattr of them on (ls -l asks for
-    # one per file). It implies default_permissions, which the mount sets anyway (mount.py).
-    enable_acl = True
+    # No FUSE_POSIX_ACL. Measured (kernel 6.18, coreutils 9.1 ls -l of 3,000 files): with it the
+    # kernel keeps an inode's ENODATA for system.posix_acl_* (warm: 1 getxattr request), but asks
+    # once per inode cold, and again in every permission check of a non-owner; without it, and
+    # EOPNOTSUPP for those names (UNSUPPORTED_XATTRS), ls remembers the answer per filesystem:
+    # 2 requests per ls -l, cold or warm.
+    enable_acl = False
     pass_inode = True  # the patched pyfuse3 (module docstring); ignored by an unpatched one
 
     def __init__(
@@ -597,9 +600,9 @@ class BlobFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        """user.blobmount.* by name; ENODATA for other names (system.posix_acl_*: the kernel keeps
-        that answer, enable_acl), EOPNOTSUPP for the security.* and trusted.* namespaces (ls -l
-        then stops asking for security.selinux on this mount)."""
+        """user.blobmount.* by name; EOPNOTSUPP for the security.*, trusted.* and POSIX ACL names
+        (ls -l then stops asking for security.selinux and the ACL on this mount: the kernel
+        caches no negative xattr answer); ENODATA for other names."""
         if name.startswith(UNSUPPORTED_XATTRS):
             raise NotSupported(f"inode {inode}: {show(name)}: no such attributes on this filesystem")
         found = self._file_of(inode)

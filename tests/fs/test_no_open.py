@@ -182,11 +182,12 @@ def test_readdir_of_fh_0_lists_by_inode(tmp_path: Path, monkeypatch: pytest.Monk
 def test_xattr_probes(tmp_path: Path) -> None:
     fs = _fs(tmp_path)
     ino = _ino(fs, "a/one.txt")
-    assert BlobFS.enable_acl  # the kernel keeps an inode's answer for system.posix_acl_*
-    for name in (b"security.selinux", b"security.capability", b"trusted.overlay.opaque"):
+    assert not BlobFS.enable_acl  # no FUSE_POSIX_ACL: the ACL names are answered EOPNOTSUPP
+    names = (b"security.selinux", b"security.capability", b"trusted.overlay.opaque", b"system.posix_acl_access")
+    for name in (*names, b"system.posix_acl_default"):
         assert fuse_errno(fs.getxattr, ino, name, CTX) == errno.EOPNOTSUPP, name
         assert fuse_errno(fs.getxattr, ROOT_INO, name, CTX) == errno.EOPNOTSUPP, name
-    for name in (b"system.posix_acl_access", b"system.posix_acl_default", b"user.other"):
+    for name in (b"user.other", b"system.nfs4_acl", b"user.blobmount.nope"):
         assert fuse_errno(fs.getxattr, ino, name, CTX) == errno.ENODATA, name
     digest = hashlib.sha256(FILES["a/one.txt"]).hexdigest().encode()
     assert run(fs.getxattr, ino, b"user.blobmount.sha256", CTX) == digest

@@ -103,9 +103,9 @@ def test_warm_walk_read_all_and_ls_stay_in_the_kernel(tmp_path: Path) -> None:
         assert op not in warm_walk, warm_walk
     for op in ("open", "read", "flush", "release"):
         assert op not in warm_read, warm_read
-    # ls -l asks security.selinux (answered EOPNOTSUPP: ls stops asking for this mount) and
-    # system.posix_acl_access (ENODATA, kept by the kernel with the inode: FUSE_POSIX_ACL)
-    assert cold_ls.get("getxattr", 0) >= BIG_DIR_FILES
+    # ls -l asks for security.selinux and system.posix_acl_access: answered EOPNOTSUPP, which ls
+    # remembers for the filesystem, so once per run (with ENODATA: once per file, every run)
+    assert cold_ls.get("getxattr", 0) <= 2, cold_ls
     assert warm_ls.get("getxattr", 0) <= 2, warm_ls
     assert 1 <= cold_read.get("open", 0) <= 2  # the first open answered ENOSYS: no more
 
