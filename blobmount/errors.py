@@ -20,6 +20,8 @@ a test can assert that every class is mapped::
     ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
     ├── SourceError                     the bytes could not be obtained (I/O, network)      -> EIO
     │   ├── TransientError              worth retrying: reset, timeout, 429, 5xx (registry/) -> EIO
+    │   ├── Unservable                  a file beyond every size limit; logged once by the
+    │                                   reader, EIO for each read (reader.py)                -> EIO
     │   └── AuthError                   the registry refused our credentials (registry/)     -> EACCES
     ├── DestinationError                `cp` cannot write where it must (extract.py): a
     │                                   symbolic link in the way, a full disk          -> EIO
@@ -55,6 +57,7 @@ __all__ = [
     "RequestNotNeeded",
     "SourceError",
     "TransientError",
+    "Unservable",
     "UsageError",
     "errno_for",
     "exit_code_for",
@@ -118,6 +121,13 @@ class TransientError(SourceError):
     """A failure that may clear by itself (connection reset, timeout, 429, 5xx); retried first."""
 
 
+class Unservable(SourceError):
+    """A file this mount cannot serve at all: a zstd file larger than both the content store and
+    the in-memory limit (reader.py). The reader logs it once per file; with the kernel's no-open
+    mode each read tries (and fails) again, and the kernel retries a failed read, so the
+    filesystem logs this one at debug level only."""
+
+
 class AuthError(SourceError):
     """The registry refused the credentials (or anonymous access); exit status 6."""
 
@@ -144,6 +154,7 @@ _ERRNO: tuple[tuple[type[BlobmountError], int], ...] = (
     (InvalidArchive, errno.EIO),
     (IntegrityError, errno.EIO),
     (AuthError, errno.EACCES),
+    (Unservable, errno.EIO),
     (SourceError, errno.EIO),
     (UsageError, errno.EINVAL),
     (BlobmountError, errno.EIO),

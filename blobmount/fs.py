@@ -53,6 +53,7 @@ from blobmount.errors import (
     ReadOnly,
     RequestNotNeeded,
     TransientError,
+    Unservable,
     errno_for,
 )
 from blobmount.generations import FILE_INO_BASE as FILE_INO_BASE
@@ -78,6 +79,7 @@ INVALIDATE_WAIT_S = 5.0  # an open waits at most this for a queued page drop (no
 # pyfuse3 built with patches/pyfuse3-3.5.0-pass-inode.patch (make venv): read/readdir/release get the
 # inode, which the kernel's no-open mode needs (its requests carry fh 0)
 PYFUSE3_PASSES_INODE = "pass_inode" in vars(pyfuse3.Operations)
+DECIDE_SLICE_ENTRIES = 4096  # entries read between checkpoints of decide_opens (~10 ms of the trio thread)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -126,7 +128,7 @@ def _fuse_errors(
         except pyfuse3.FUSEError as exc:
             code = exc.errno
             raise
-        except IntegrityError as exc:  # the reader logged it once, when it found the mismatch
+        except (IntegrityError, Unservable) as exc:  # the reader logged it once, when it found it
             code = errno_for(exc)
             log.debug("%s: %s", func.__name__, exc)
             raise pyfuse3.FUSEError(code) from None
@@ -281,16 +283,16 @@ class BlobFS(pyfuse3.Operations):
 
     async def decide_opens(self) -> None:
         """Started by mount.py: answer opens with ENOSYS from now on (the kernel's no-open mode) if
-        the archive holds no file verified lazily. The pass over the index runs on a worker thread;
-        until it ends opens are real. Decided for the first archive only: once a ``--follow``
-        switch happened, opens stay real (the follower verifies later archives before serving when
-        the mode is on, follow.py), and the kernel's mode is for the life of the mount."""
+        the archive holds no file verified lazily. The pass over the index runs on the trio thread
+        in slices (the view's entry cache is not for threads); until it ends opens are real.
+        Decided for the first archive only: once a ``--follow`` switch happened, opens stay real
+        (the follower verifies later archives before serving when the mode is on, follow.py), and
+        the kernel's mode is for the life of the mount."""
         if not PYFUSE3_PASSES_INODE:
             log.info("pyfuse3 is not the patched build (make venv): every open reaches the daemon")
             return
         gen = self.current
-        lazy = await trio.to_thread.run_sync(gen.reader.holds_lazy, gen.view, abandon_on_cancel=True)
-        if lazy:
+        if await _holds_lazy(gen.view, gen.reader.lazy_above()):
             log.info(
                 "the archive holds files verified as they are read (larger than --verify-threshold):"
                 " every open reaches the daemon (an open before a mismatch must fail)"
@@ -711,6 +713,23 @@ class BlobFS(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
     write = create = setxattr = removexattr = _erofs
+
+
+async def _holds_lazy(view: IndexView, above: int | None) -> bool:
+    """Whether any file of `view` is larger than `above` (None: no file is verified lazily). An
+    entry whose size cannot be read counts as not lazy: it is never served."""
+    if above is None:
+        return False
+    original_size = view.original_size
+    for start in range(0, len(view), DECIDE_SLICE_ENTRIES):
+        for number in range(start, min(start + DECIDE_SLICE_ENTRIES, len(view))):
+            try:
+                if original_size(number) > above:
+                    return True
+            except InvalidArchive:
+                continue
+        await trio.lowlevel.checkpoint()  # requests are served between slices
+    return False
 
 
 def _invalidate(names: list[tuple[int, bytes]], dirs: list[int]) -> int:

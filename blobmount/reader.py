@@ -52,9 +52,9 @@ import zstandard
 from blobmount import metrics
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.decode import Decode, RangeStream
-from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
+from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError, Unservable
 from blobmount.fetch import ChunkedSource
-from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
+from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
 from blobmount.source import RangeSource, ReadHint
 from blobmount.streaming import StreamingReads
@@ -148,6 +148,7 @@ class Reader(StreamingReads):
         self._dir_hints: OrderedDict[bytes, ReadHint | None] = OrderedDict()
         self._verified: set[int] = set()
         self._poisoned: set[int] = set()
+        self._unservable: set[int] = set()  # files beyond every size limit, logged once (Unservable)
         self._progress: dict[int, _Progress] = {}
         self._kept: OrderedDict[int, Entry] = OrderedDict()  # progress of files with no handle (LRU)
         self._generation: dict[int, int] = {}  # entry -> distrusts so far (see _distrust)
@@ -188,10 +189,14 @@ class Reader(StreamingReads):
                 handle.content_fd = await self._open_decoded(entry)
             except (StoreUnavailable, LimitExceeded) as exc:
                 if entry.original_size > SPILL_DECODE_BYTES:
-                    raise SourceError(
+                    err = Unservable(
                         f"{show(entry.path)}: {exc}, and its {entry.original_size} bytes exceed the"
                         f" {SPILL_DECODE_BYTES}-byte in-memory limit for decoded files; not served"
-                    ) from exc
+                    )
+                    if entry.number not in self._unservable:  # one line per file, however often it is read
+                        self._unservable.add(entry.number)
+                        log.error("%s", err)
+                    raise err from exc
                 log.warning("%s: %s; decoding it into memory instead", show(entry.path), exc)
                 handle.content = await self._decode_small(entry)
         elif entry.original_size:
@@ -259,19 +264,9 @@ class Reader(StreamingReads):
         opens for an archive that holds such a file (fs.py)."""
         return self.config.verify != "strict" and entry.original_size > self.config.verify_threshold
 
-    def holds_lazy(self, view: IndexView) -> bool:
-        """Whether any file of `view` is verified lazily. A pass over the index: run it on a worker
-        thread (it touches only the immutable view and the frozen config)."""
-        if self.config.verify == "strict":
-            return False
-        threshold = self.config.verify_threshold
-        for number in range(len(view)):
-            try:
-                if view.entry(number).original_size > threshold:
-                    return True
-            except InvalidArchive:  # never served
-                continue
-        return False
+    def lazy_above(self) -> int | None:
+        """The size above which files are verified lazily (:meth:`verifies_lazily`); None: none is."""
+        return None if self.config.verify == "strict" else self.config.verify_threshold
 
     def _upfront(self, entry: Entry) -> bool:
         """Whether this raw file is verified whole before its first byte is served."""

@@ -22,6 +22,7 @@ returned as an :class:`Entry`. Every failure is an :class:`InvalidArchive` with 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import struct
@@ -587,9 +588,19 @@ class IndexView:
             raise InvalidArchive(f"{what}: path is both a file and a directory")
         entry = Entry(i, path, offset, size, original, digest, mode, uid, gid, mtime, comp)
         if len(self._entries_cache) >= _ENTRY_CACHE_SIZE:
-            del self._entries_cache[next(iter(self._entries_cache))]  # the oldest (FIFO)
+            # the oldest (FIFO). A view is also read on worker threads (generations.changes) while
+            # the trio thread reads it: two evictions may pick the same key, or the dict may change
+            # between iter and next; a cache needs neither to succeed
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self._entries_cache[next(iter(self._entries_cache))]
         self._entries_cache[i] = entry
         return entry
+
+    def original_size(self, i: int) -> int:
+        """Entry `i`'s stored original_size alone (0 when absent), bounds-checked, nothing cached:
+        fs.py's pass over every entry at mount time (is any file verified lazily?) costs ~2 us per
+        entry this way instead of :meth:`entry`'s ~35 us, and leaves the entry cache to the reads."""
+        return self._field_uint(self._entry_table(i), _E_ORIG, 8, 0, f"entry {i}", "original_size")
 
     def mtime_ns(self, i: int) -> int:
         """Entry `i`'s stored mtime alone (0 when absent), bounds-checked like every read.

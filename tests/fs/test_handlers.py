@@ -64,6 +64,7 @@ def test_every_error_class_is_mapped_to_its_errno() -> None:
         errors.IntegrityError: errno.EIO,
         errors.SourceError: errno.EIO,
         errors.TransientError: errno.EIO,
+        errors.Unservable: errno.EIO,
         errors.AuthError: errno.EACCES,
         errors.UsageError: errno.EINVAL,
         errors.DestinationError: errno.EIO,  # never reaches the kernel (cp, create), the table's default
