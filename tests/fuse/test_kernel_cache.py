@@ -11,13 +11,17 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from blobmount.archive import CreateOptions, create_archive
+from blobmount.manifest import archive_manifest
+from blobmount.source import write_oci_layout
 from tests.fuse.conftest import Mount, mounted
+from tests.fuse.test_follow import SWITCH_WAIT_S, _archive, _served
 from tests.fuse.test_introspect import get, samples, status
 
 pytestmark = pytest.mark.fuse
@@ -131,3 +135,33 @@ def test_a_lazily_verified_file_keeps_opens_and_xattrs_stay_readable(tmp_path: P
         with pytest.raises(OSError) as info:
             os.getxattr(raw, "user.other")
         assert info.value.errno == errno.ENODATA
+
+
+def test_follow_in_no_open_mode_serves_new_bytes_and_verifies_a_later_big_file_first(tmp_path: Path) -> None:
+    """--follow with the first archive in no-open mode (small files only): the kernel keeps pages
+    of the old inodes, but a switch gives every file a new inode, so a same-size change is read
+    new; and a later archive's file above --verify-threshold is verified whole before its first
+    byte (no open of it reaches the daemon, so it cannot be verified lazily)."""
+    big = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(6 * 32768))  # 6 MiB
+    v1 = _archive(tmp_path, "v1", {"f.txt": b"version 1\n", "g.txt": b"g\n"})
+    v2 = _archive(tmp_path, "v2", {"f.txt": b"version 2\n", "big.bin": big})
+    layout = tmp_path / "layout"
+    write_oci_layout(v1, f"{layout}:t", archive_manifest(v1, {}))
+    args = ("--follow", "--follow-interval", "1", "--metrics", "127.0.0.1:0")
+    with mounted(f"oci:{layout}:t", tmp_path / "mnt", *args) as m:
+        url = _metrics_url(m)
+        before = _served(m.path)
+        assert (m.path / "f.txt").read_bytes() == b"version 1\n"
+        again = _counted(url, lambda: (m.path / "f.txt").read_bytes())
+        assert "open" not in again  # no-open mode: the first archive holds no lazily verified file
+        assert "read" not in again
+        write_oci_layout(v2, f"{layout}:t", archive_manifest(v2, {}))
+        started = time.monotonic()
+        while _served(m.path) == before:
+            assert time.monotonic() - started < SWITCH_WAIT_S, m.log()
+            time.sleep(0.1)
+        assert (m.path / "f.txt").read_bytes() == b"version 2\n"  # same size, new inode: new pages
+        with open(m.path / "big.bin", "rb") as f:
+            assert f.read(4096) == big[:4096]
+        # one page read, yet verified: the whole file was hashed before that first byte
+        assert os.getxattr(m.path / "big.bin", "user.blobmount.verified") == b"verified"
