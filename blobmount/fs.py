@@ -9,13 +9,13 @@ switches to is a generation whose files are numbered in a space of their own (ge
 Opens (the kernel's no-open / no-opendir mode): ``opendir`` answers ENOSYS (not under --follow:
 a listing begun continues in its archive), so the kernel opens directories without a request,
 caches their listings (FOPEN_CACHE_DIR) and sends no releasedir; ``readdir`` then gets fh 0 and
-the inode (the patched pyfuse3, ``pass_inode``). ``open`` answers
-ENOSYS too once :meth:`BlobFS.decide_opens` found that the archive holds no file verified lazily
-(every byte of every file is verified before it is served): the kernel then opens files without a
-request and keeps their pages across opens, and a read of fh 0 is served through a per-inode
-handle set up by the file's first read (handles.py). An archive with a lazily verified file keeps
-real opens: a handle opened before a mismatch must fail ("Trust first"), which needs per-open state.
-Without the patched pyfuse3 every open and opendir reaches the daemon, as before.
+the inode (the patched pyfuse3, ``pass_inode``). ``open`` answers ENOSYS too once
+:meth:`BlobFS.decide_opens` found that the archive holds no file verified lazily (every byte of
+every file is verified before it is served): the kernel then opens files without a request, keeps
+their pages across opens and sends no flush or release, and a read of fh 0 is served through a
+per-inode handle set up by the file's first read (handles.py). An archive with a lazily verified
+file keeps real opens: a handle opened before a mismatch must fail ("Trust first"), which needs
+per-open state. Without the patched pyfuse3 every open and opendir reaches the daemon, as before.
 
 Every handler runs inside :func:`_fuse_errors`: a :class:`BlobmountError` becomes its errno from the
 one table in errors.py; anything else is logged with its traceback and becomes EIO. Only FUSEError
