@@ -31,6 +31,7 @@ from bench.servers import free_port
 
 RATE_HZ = 250
 LINE = re.compile(r":\d+\)$")
+WORKER = "WorkerThread._work"  # stacks of trio's worker threads: left out (no thread work in a walk)
 TOP = 25
 
 
@@ -41,7 +42,7 @@ def _summary(raw: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, int
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
-        if not stack:
+        if not stack or WORKER in stack:  # trio's idle thread cache: py-spy counts its timed wait
             continue
         count = int(count_s)
         frames = [LINE.sub(")", f) for f in stack.split(";")]  # per function, not per line
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`flock /tmp/bench.lock python -m bench.profile_metadata` at commit {code_state()['head']};"
         f" load {load_start} at the start, {loadavg()} at the end. py-spy {RATE_HZ} Hz on the daemon during a"
         f" cold `find MOUNT -printf '%s\\n'` of {archives[-1].name} ({walk_s:.3f} s); {total} samples"
-        f" (idle samples excluded by py-spy). FUSE requests served: {reqs}.",
+        f" of the trio thread (py-spy leaves idle samples out; trio's idle worker threads are left out"
+        f" here; epoll get_events is the loop waiting for the next request). FUSE requests: {reqs}.",
         "",
         "| self samples | share | function |",
         "|---|---|---|",
