@@ -14,6 +14,7 @@ import pyfuse3
 import pytest
 import trio
 
+from blobmount import fs as fs_module
 from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
@@ -192,3 +193,17 @@ def test_xattr_probes(tmp_path: Path) -> None:
     digest = hashlib.sha256(FILES["a/one.txt"]).hexdigest().encode()
     assert run(fs.getxattr, ino, b"user.blobmount.sha256", CTX) == digest
     assert run(fs.getxattr, ROOT_INO, b"user.blobmount.digest", CTX).startswith(b"sha256:")
+
+
+def test_an_unpatched_pyfuse3_keeps_every_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Operations.pass_inode a read of fh 0 could not say its file: opens stay real."""
+    monkeypatch.setattr(fs_module, "PYFUSE3_PASSES_INODE", False)
+    fs = _fs(tmp_path)
+    run(fs.decide_opens)
+    assert not fs.skip_open
+    assert not fs.skip_opendir
+    fh = run(fs.opendir, ROOT_INO, CTX)
+    run(fs.releasedir, fh)
+    info = run(fs.open, _ino(fs, "a/one.txt"), os.O_RDONLY, CTX)
+    assert run(fs.read, info.fh, 0, 1 << 20) == FILES["a/one.txt"]
+    run(fs.release, info.fh)
