@@ -13,9 +13,15 @@ a test can assert that every class is mapped::
     ├── IsADirectory                    a file operation on a directory (fs.py, cli/)       -> EISDIR
     ├── ReadOnly                        any write on the read-only mount (fs.py)            -> EROFS
     ├── NoAttribute                     an xattr the file does not have (fs.py)             -> ENODATA
+    ├── NotSupported                    an xattr namespace no file has (security.*, trusted.*,
+    │                                   ACLs; fs.py): ls(1) stops asking for the mount -> EOPNOTSUPP
+    ├── RequestNotNeeded                a request kind the daemon keeps no state for (open,
+    │                                   opendir, flush): the kernel stops sending it (fs.py) -> ENOSYS
     ├── LimitExceeded                   a configured limit (size, memory) would be passed   -> EFBIG
     ├── SourceError                     the bytes could not be obtained (I/O, network)      -> EIO
     │   ├── TransientError              worth retrying: reset, timeout, 429, 5xx (registry/) -> EIO
+    │   ├── Unservable                  a file beyond every size limit; logged once by the
+    │                                   reader, EIO for each read (reader.py)                -> EIO
     │   └── AuthError                   the registry refused our credentials (registry/)     -> EACCES
     ├── DestinationError                `cp` cannot write where it must (extract.py): a
     │                                   symbolic link in the way, a full disk          -> EIO
@@ -46,9 +52,12 @@ __all__ = [
     "NoAttribute",
     "NotADirectory",
     "NotFound",
+    "NotSupported",
     "ReadOnly",
+    "RequestNotNeeded",
     "SourceError",
     "TransientError",
+    "Unservable",
     "UsageError",
     "errno_for",
     "exit_code_for",
@@ -87,6 +96,19 @@ class NoAttribute(BlobmountError):
     """The extended attribute does not exist on this file or directory."""
 
 
+class NotSupported(BlobmountError):
+    """An extended attribute namespace no file of the mount can have (fs.py: security.*, trusted.*,
+    system.posix_acl_*). EOPNOTSUPP rather than ENODATA: programs remember it per filesystem (ls -l
+    asks for security.selinux and the ACL once per run instead of once per file; the kernel caches
+    no negative xattr answer)."""
+
+
+class RequestNotNeeded(BlobmountError):
+    """A request kind the daemon keeps no state for (fs.py: open, opendir, flush): ENOSYS tells the
+    kernel to stop sending it for this mount (for open/opendir: its no-open / no-opendir mode, in
+    which the open itself succeeds)."""
+
+
 class LimitExceeded(BlobmountError):
     """A configured size or memory limit would be exceeded; the message names the limit."""
 
@@ -97,6 +119,13 @@ class SourceError(BlobmountError):
 
 class TransientError(SourceError):
     """A failure that may clear by itself (connection reset, timeout, 429, 5xx); retried first."""
+
+
+class Unservable(SourceError):
+    """A file this mount cannot serve at all: a zstd file larger than both the content store and
+    the in-memory limit (reader.py). The reader logs it once per file; with the kernel's no-open
+    mode each read tries (and fails) again, and the kernel retries a failed read, so the
+    filesystem logs this one at debug level only."""
 
 
 class AuthError(SourceError):
@@ -119,10 +148,13 @@ _ERRNO: tuple[tuple[type[BlobmountError], int], ...] = (
     (IsADirectory, errno.EISDIR),
     (ReadOnly, errno.EROFS),
     (NoAttribute, errno.ENODATA),
+    (RequestNotNeeded, errno.ENOSYS),
+    (NotSupported, errno.EOPNOTSUPP),
     (LimitExceeded, errno.EFBIG),
     (InvalidArchive, errno.EIO),
     (IntegrityError, errno.EIO),
     (AuthError, errno.EACCES),
+    (Unservable, errno.EIO),
     (SourceError, errno.EIO),
     (UsageError, errno.EINVAL),
     (BlobmountError, errno.EIO),

@@ -259,10 +259,14 @@ class Follower:
         if fs.current is not old or not fs.room_for_switch():  # changed while it was being checked
             await _close(archive)
             return False
+        # In the kernel's no-open mode (fs.py: decided for the first archive, for the life of the
+        # mount) no open reaches the daemon, so no file of a later archive may be served before it
+        # is verified whole: per-open distrust needs opens ("Trust first" wins over the lever).
+        verify = "strict" if fs.skip_open else self.config.verify
         reader = Reader(
             archive.data,
             self.store,
-            ReaderConfig(self.config.verify, self.config.verify_threshold, self.config.registry.timeout_s),  # type: ignore[arg-type]
+            ReaderConfig(verify, self.config.verify_threshold, self.config.registry.timeout_s),  # type: ignore[arg-type]
             dir_span=view.data_span,
         )
         assert self._nursery is not None

@@ -6,6 +6,17 @@ for the life of the mount (st_ino is stable and unique). Under ``--follow`` each
 switches to is a generation whose files are numbered in a space of their own (generations.py);
 ``forget`` counts down the kernel's lookups so an old generation can be dropped.
 
+Opens (the kernel's no-open / no-opendir mode): ``opendir`` answers ENOSYS (not under --follow:
+a listing begun continues in its archive), so the kernel opens directories without a request,
+caches their listings (FOPEN_CACHE_DIR) and sends no releasedir; ``readdir`` then gets fh 0 and
+the inode (the patched pyfuse3, ``pass_inode``). ``open`` answers ENOSYS too once
+:meth:`BlobFS.decide_opens` found that the archive holds no file verified lazily (every byte of
+every file is verified before it is served): the kernel then opens files without a request, keeps
+their pages across opens and sends no flush or release, and a read of fh 0 is served through a
+per-inode handle set up by the file's first read (handles.py). An archive with a lazily verified
+file keeps real opens: a handle opened before a mismatch must fail ("Trust first"), which needs
+per-open state. Without the patched pyfuse3 every open and opendir reaches the daemon, as before.
+
 Every handler runs inside :func:`_fuse_errors`: a :class:`BlobmountError` becomes its errno from the
 one table in errors.py; anything else is logged with its traceback and becomes EIO. Only FUSEError
 leaves a handler, so one bad request never takes the mount down. trio.Cancelled is never caught.
@@ -38,12 +49,16 @@ from blobmount.errors import (
     NoAttribute,
     NotADirectory,
     NotFound,
+    NotSupported,
     ReadOnly,
+    RequestNotNeeded,
     TransientError,
+    Unservable,
     errno_for,
 )
 from blobmount.generations import FILE_INO_BASE as FILE_INO_BASE
 from blobmount.generations import GEN_SHIFT, Changes, Generation
+from blobmount.handles import InodeHandles
 from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
 from blobmount.index.paths import show
 from blobmount.reader import Handle, Reader
@@ -58,7 +73,13 @@ DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (docs/FORMAT
 XATTR_PREFIX = b"user.blobmount."
 XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")  # and cached_bytes: by name only
 ROOT_XATTR_DIGEST = XATTR_PREFIX + b"digest"  # on the root: the archive being served (--follow moves it)
+# xattr namespaces no file here has (no labels, no ACLs in the format): EOPNOTSUPP (errors.NotSupported)
+UNSUPPORTED_XATTRS = (b"security.", b"trusted.", b"system.posix_acl_")
 INVALIDATE_WAIT_S = 5.0  # an open waits at most this for a queued page drop (normally microseconds)
+# pyfuse3 built with patches/pyfuse3-3.5.0-pass-inode.patch (make venv): read/readdir/release get the
+# inode, which the kernel's no-open mode needs (its requests carry fh 0)
+PYFUSE3_PASSES_INODE = "pass_inode" in vars(pyfuse3.Operations)
+DECIDE_SLICE_ENTRIES = 4096  # entries read between checkpoints of decide_opens (~10 ms of the trio thread)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -107,7 +128,7 @@ def _fuse_errors(
         except pyfuse3.FUSEError as exc:
             code = exc.errno
             raise
-        except IntegrityError as exc:  # the reader logged it once, when it found the mismatch
+        except (IntegrityError, Unservable) as exc:  # the reader logged it once, when it found it
             code = errno_for(exc)
             log.debug("%s: %s", func.__name__, exc)
             raise pyfuse3.FUSEError(code) from None
@@ -136,7 +157,13 @@ class BlobFS(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # No FUSE_POSIX_ACL. Measured (kernel 6.18, coreutils 9.1 ls -l of 3,000 files): with it the
+    # kernel keeps an inode's ENODATA for system.posix_acl_* (warm: 1 getxattr request), but asks
+    # once per inode cold, and again in every permission check of a non-owner; without it, and
+    # EOPNOTSUPP for those names (UNSUPPORTED_XATTRS), ls remembers the answer per filesystem:
+    # 2 requests per ls -l, cold or warm.
     enable_acl = False
+    pass_inode = True  # the patched pyfuse3 (module docstring); ignored by an unpatched one
 
     def __init__(
         self,
@@ -174,6 +201,9 @@ class BlobFS(pyfuse3.Operations):
         self._next_fh = 1
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
         self._invalidating: dict[int, tuple[int, trio.Event]] = {}  # ino -> (queued, set when done)
+        # the kernel's no-open mode (module docstring): opens answered ENOSYS once decide_opens says so
+        self.skip_open = False
+        self._inode_handles = InodeHandles()
         reader.on_poison = functools.partial(self._poisoned, self.current)
 
     # -- the archive served ----------------------------------------------------------------------
@@ -204,6 +234,13 @@ class BlobFS(pyfuse3.Operations):
     @cached_bytes.setter
     def cached_bytes(self, func: Callable[[Entry], int] | None) -> None:
         self.current.cached_bytes = func
+
+    @property
+    def skip_opendir(self) -> bool:
+        """Whether opendir answers ENOSYS (no-opendir mode). Not under --follow: there a listing
+        already begun continues in the archive it began in (README, Following a tag), which
+        needs its opendir; the kernel's cached listing could not say which archive it is from."""
+        return PYFUSE3_PASSES_INODE and not self.follows
 
     def room_for_switch(self) -> bool:
         """Whether a switch keeps at most :attr:`keep` generations: the current one stays (the
@@ -237,11 +274,32 @@ class BlobFS(pyfuse3.Operations):
             if gen is self.current or gen.in_use():
                 continue
             del self.generations[number]
+            self._inode_handles.drop_generation(gen)
             for other in self.generations.values():
                 if other.prev is gen:
                     other.prev = None
             self._retired.append(gen)
             metrics.FOLLOW_ARCHIVES.set(len(self.generations))
+
+    async def decide_opens(self) -> None:
+        """Started by mount.py: answer opens with ENOSYS from now on (the kernel's no-open mode) if
+        the archive holds no file verified lazily. The pass over the index runs on the trio thread
+        in slices (the view's entry cache is not for threads); until it ends opens are real.
+        Decided for the first archive only: once a ``--follow`` switch happened, opens stay real
+        (the follower verifies later archives before serving when the mode is on, follow.py), and
+        the kernel's mode is for the life of the mount."""
+        if not PYFUSE3_PASSES_INODE:
+            log.info("pyfuse3 is not the patched build (make venv): every open reaches the daemon")
+            return
+        gen = self.current
+        if await _holds_lazy(gen.view, gen.reader.lazy_above()):
+            log.info(
+                "the archive holds files verified as they are read (larger than --verify-threshold):"
+                " every open reaches the daemon (an open before a mismatch must fail)"
+            )
+        elif self.current is gen and gen.number == 0:
+            self.skip_open = True
+            log.debug("every file is verified before it is served: opens answered ENOSYS (no-open mode)")
 
     def take_retired(self) -> list[Generation]:
         """Generations dropped since the last call, for the caller to close their data sources."""
@@ -412,6 +470,8 @@ class BlobFS(pyfuse3.Operations):
     @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._dir_of(inode)
+        if self.skip_opendir:
+            raise RequestNotNeeded("opendir: no state kept; the kernel need not ask (no-opendir mode)")
         fh = self._next_fh
         self._next_fh += 1
         self._dir_handles[fh] = (inode, self.current)  # a listing continues in the archive it began in
@@ -419,9 +479,11 @@ class BlobFS(pyfuse3.Operations):
         return fh
 
     @_fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken, inode: int | None = None) -> None:
         # ids: 1 = after ".", 2 = after "..", 3 + p = resume the listing at sorted position p
-        ino, gen = self._dir_handles[fh]
+        # fh 0: no-opendir mode, the listing of the archive served now (it is cached by the kernel
+        # until a --follow switch invalidates the directory)
+        ino, gen = (inode, self.current) if fh == 0 and inode is not None else self._dir_handles[fh]
         path = self._dir_of(ino)
         if start_id < 1:
             if not pyfuse3.readdir_reply(token, b".", self._attrs(ino), 1):
@@ -445,7 +507,7 @@ class BlobFS(pyfuse3.Operations):
                 self._looked_up(attr.st_ino)
 
     @_fuse_errors
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: int, inode: int | None = None) -> None:
         held = self._dir_handles.pop(fh, None)
         if held is not None:
             held[1].handles -= 1
@@ -462,6 +524,8 @@ class BlobFS(pyfuse3.Operations):
         if found is None:
             self._dir_of(inode)
             raise IsADirectory(f"inode {inode}: is a directory")
+        if self.skip_open:
+            raise RequestNotNeeded("open: every file is verified before it is served; the kernel need not ask")
         gen, entry = found[0].source_of(found[1])  # unchanged bytes: from an older archive's cache
         handle = await gen.reader.open(entry)
         gen.handles += 1
@@ -473,12 +537,38 @@ class BlobFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int, inode: int | None = None) -> bytes:
+        if fh == 0 and inode is not None:
+            return await self._read_unopened(inode, off, size)
         gen, handle = self._handles[fh]  # the archive it was opened on, whatever is current now
         return await gen.reader.read(handle, off, size)
 
+    async def _read_unopened(self, inode: int, off: int, size: int) -> bytes:
+        """A read in no-open mode: through the inode's handle, opened by its first read (what an
+        open did: the poisoned check, a decoded file's store fd, read-ahead state; handles.py)."""
+
+        async def open_file() -> tuple[Generation, Handle]:
+            found = self._file_of(inode)
+            if found is None:
+                self._dir_of(inode)
+                raise IsADirectory(f"inode {inode}: is a directory")
+            gen, entry = found[0].source_of(found[1])
+            return gen, await gen.reader.open(entry)
+
+        held = await self._inode_handles.acquire(inode, open_file)
+        try:
+            return await held.gen.reader.read(held.handle, off, size)
+        finally:
+            self._inode_handles.release(held)
+            if not held.gen.handles and held.gen is not self.current:
+                self._retire_unused()
+
     @_fuse_errors
-    async def release(self, fh: int) -> None:
+    async def flush(self, fh: int, inode: int | None = None) -> None:
+        raise RequestNotNeeded("flush: nothing to write back; the kernel need not ask")
+
+    @_fuse_errors
+    async def release(self, fh: int, inode: int | None = None) -> None:
         held = self._handles.pop(fh, None)
         if held is not None:
             gen, handle = held
@@ -512,6 +602,11 @@ class BlobFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        """user.blobmount.* by name; EOPNOTSUPP for the security.*, trusted.* and POSIX ACL names
+        (ls -l then stops asking for security.selinux and the ACL on this mount: the kernel
+        caches no negative xattr answer); ENODATA for other names."""
+        if name.startswith(UNSUPPORTED_XATTRS):
+            raise NotSupported(f"inode {inode}: {show(name)}: no such attributes on this filesystem")
         found = self._file_of(inode)
         if found is None:
             self._dir_of(inode)
@@ -618,6 +713,23 @@ class BlobFS(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
     write = create = setxattr = removexattr = _erofs
+
+
+async def _holds_lazy(view: IndexView, above: int | None) -> bool:
+    """Whether any file of `view` is larger than `above` (None: no file is verified lazily). An
+    entry whose size cannot be read counts as not lazy: it is never served."""
+    if above is None:
+        return False
+    original_size = view.original_size
+    for start in range(0, len(view), DECIDE_SLICE_ENTRIES):
+        for number in range(start, min(start + DECIDE_SLICE_ENTRIES, len(view))):
+            try:
+                if original_size(number) > above:
+                    return True
+            except InvalidArchive:
+                continue
+        await trio.lowlevel.checkpoint()  # requests are served between slices
+    return False
 
 
 def _invalidate(names: list[tuple[int, bytes]], dirs: list[int]) -> int:

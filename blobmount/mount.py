@@ -236,6 +236,7 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
             if prep.metrics_socket is not None:
                 nursery.start_soon(http.serve_metrics, state, prep.metrics_socket)
             nursery.start_soon(fs.invalidator)
+            nursery.start_soon(fs.decide_opens)  # the kernel's no-open mode, if no file is verified lazily
             nursery.start_soon(_signals, nursery.cancel_scope, follower)
             if follower is not None:
                 nursery.start_soon(follower.run)

@@ -53,7 +53,7 @@ from blobmount import defaults
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.daemon import metrics
 from blobmount.decode import Decode, RangeStream
-from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
+from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError, Unservable
 from blobmount.fetch import ChunkedSource
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
@@ -150,6 +150,7 @@ class Reader(StreamingReads):
         self._dir_hints: OrderedDict[bytes, ReadHint | None] = OrderedDict()
         self._verified: set[int] = set()
         self._poisoned: set[int] = set()
+        self._unservable: set[int] = set()  # files beyond every size limit, logged once (Unservable)
         self._progress: dict[int, _Progress] = {}
         self._kept: OrderedDict[int, Entry] = OrderedDict()  # progress of files with no handle (LRU)
         self._generation: dict[int, int] = {}  # entry -> distrusts so far (see _distrust)
@@ -189,10 +190,14 @@ class Reader(StreamingReads):
                 handle.content_fd = await self._open_decoded(entry)
             except (StoreUnavailable, LimitExceeded) as exc:
                 if entry.original_size > SPILL_DECODE_BYTES:
-                    raise SourceError(
+                    err = Unservable(
                         f"{show(entry.path)}: {exc}, and its {entry.original_size} bytes exceed the"
                         f" {SPILL_DECODE_BYTES}-byte in-memory limit for decoded files; not served"
-                    ) from exc
+                    )
+                    if entry.number not in self._unservable:  # one line per file, however often it is read
+                        self._unservable.add(entry.number)
+                        log.error("%s", err)
+                    raise err from exc
                 log.warning("%s: %s; decoding it into memory instead", show(entry.path), exc)
                 handle.content = await self._decode_small(entry)
         elif entry.original_size:
@@ -252,6 +257,17 @@ class Reader(StreamingReads):
             number, old = self._kept.popitem(last=False)
             del self._progress[number]
             self._notify_poison(old)  # its served pages go too: a later read starts at byte 0
+
+    def verifies_lazily(self, entry: Entry) -> bool:
+        """Whether bytes of this file may be served before all of it was verified (a raw file read
+        lazily, a zstd file served while it decodes): its guarantees need per-open state (the
+        distrust count of each open, :meth:`_check_generation`), so the filesystem keeps real
+        opens for an archive that holds such a file (fs.py)."""
+        return self.config.verify != "strict" and entry.original_size > self.config.verify_threshold
+
+    def lazy_above(self) -> int | None:
+        """The size above which files are verified lazily (:meth:`verifies_lazily`); None: none is."""
+        return None if self.config.verify == "strict" else self.config.verify_threshold
 
     def _upfront(self, entry: Entry) -> bool:
         """Whether this raw file is verified whole before its first byte is served."""

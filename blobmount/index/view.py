@@ -22,6 +22,8 @@ returned as an :class:`Entry`. Every failure is an :class:`InvalidArchive` with 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import struct
@@ -56,6 +58,23 @@ _i64 = struct.Struct("<q").unpack_from
 
 # Entry vtable slots (docs/FORMAT.md, "The index blob")
 _E_PATH, _E_OFFSET, _E_SIZE, _E_ORIG, _E_HASH, _E_MODE, _E_UID, _E_GID, _E_MTIME, _E_COMP = range(10)
+# the unsigned fields of an entry in Entry's order, with their widths: data_offset .. gid
+_E_UINTS = (
+    (_E_OFFSET, 8, _u64),
+    (_E_SIZE, 8, _u64),
+    (_E_ORIG, 8, _u64),
+    (_E_MODE, 4, _u32),
+    (_E_UID, 4, _u32),
+    (_E_GID, 4, _u32),
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _u16s(count: int) -> struct.Struct:
+    """A vtable's field offsets, read at once."""
+    return struct.Struct(f"<{count}H")
+
+
 _MTIME_SLOT = 4 + 2 * _E_MTIME  # its offset within an entry's vtable
 # Index vtable slots
 _I_VERSION, _I_HASHALG, _I_ENTRIES, _I_DATA_SIZE, _I_DATA_HASH = range(5)
@@ -551,6 +570,79 @@ class IndexView:
             return cached
         if not 0 <= i < self._n:
             raise InvalidArchive(f"entry {i}: no such entry (the index has {self._n})")
+        entry = self._entry_fast(i)
+        if entry is None:  # something is off: the checked reads below say what
+            entry = self._entry_checked(i)
+        if len(self._entries_cache) >= _ENTRY_CACHE_SIZE:
+            # the oldest (FIFO). A view is also read on worker threads (generations.changes) while
+            # the trio thread reads it: two evictions may pick the same key, or the dict may change
+            # between iter and next; a cache needs neither to succeed
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self._entries_cache[next(iter(self._entries_cache))]
+        self._entries_cache[i] = entry
+        return entry
+
+    def _entry_fast(self, i: int) -> Entry | None:
+        """:meth:`_entry_checked` for an entry that breaks no rule, its table read once with every
+        bound checked inline (each field through _slot and an error text built per field cost
+        ~22 us per entry, most of a cold readdirplus entry's time; bench/results/2026-12-07-
+        metadata-profile.md); None as soon as anything is off, for the checked path to name it."""
+        buf, size = self._buf, self._size
+        table = self._vec + 4 * i + self._offs[i]
+        if table < 0 or table + 4 > size:
+            return None
+        vt = table - _i32(buf, table)[0]
+        if vt < 0 or vt + 4 > size:
+            return None
+        vsize = _u16(buf, vt)[0]
+        if vsize < 4 or vsize % 2 or vt + vsize > size:
+            return None
+        slots = _u16s(vsize // 2 - 2).unpack_from(buf, vt + 4) if vsize > 4 else ()
+        nslots = len(slots)
+
+        def at(slot: int, width: int) -> int:  # the field's position, 0: absent, -1: out of bounds
+            fo = slots[slot] if slot < nslots else 0
+            if not fo:
+                return 0
+            return table + fo if table + fo + width <= size else -1
+
+        p, h = at(_E_PATH, 4), at(_E_HASH, 4)
+        if p <= 0 or h <= 0:
+            return None
+        s = p + _u32(buf, p)[0]
+        if s + 4 > size or s + 4 + _u32(buf, s)[0] > size:
+            return None
+        path = buf[s + 4 : s + 4 + _u32(buf, s)[0]]
+        hv = h + _u32(buf, h)[0]
+        if hv + 4 > size or _u32(buf, hv)[0] != HASH_SIZE_BYTES or hv + 4 + HASH_SIZE_BYTES > size:
+            return None
+        values = []
+        for slot, width, unpack in _E_UINTS:
+            pos = at(slot, width)
+            if pos < 0:
+                return None
+            values.append(unpack(buf, pos)[0] if pos else 0)
+        offset, data_size, original, mode, uid, gid = values
+        mpos, cpos = at(_E_MTIME, 8), at(_E_COMP, 1)
+        if mpos < 0 or cpos < 0:
+            return None
+        mtime = _i64(buf, mpos)[0] if mpos else 0
+        comp = _i8(buf, cpos)[0] if cpos else COMPRESSION_NONE
+        if (
+            path_problem(path) is not None
+            or comp not in (COMPRESSION_NONE, COMPRESSION_ZSTD)
+            or original > MAX_FILE_SIZE_BYTES
+            or (comp == COMPRESSION_NONE and data_size != original)
+            or (comp == COMPRESSION_ZSTD and data_size == 0 and original != 0)
+            or offset + data_size > self.blob_size
+            or (self._is_dir_after(path, i) if self._perm is None else self.is_dir(path))
+        ):
+            return None
+        digest = buf[hv + 4 : hv + 4 + HASH_SIZE_BYTES]
+        return Entry(i, path, offset, data_size, original, digest, mode, uid, gid, mtime, comp)
+
+    def _entry_checked(self, i: int) -> Entry:
+        """Entry `i` read field by field, each check raising the InvalidArchive that names it."""
         path = self.path(i)
         problem = path_problem(path)
         if problem is not None:
@@ -585,11 +677,13 @@ class IndexView:
         conflict = self._is_dir_after(path, i) if self._perm is None else self.is_dir(path)
         if conflict:
             raise InvalidArchive(f"{what}: path is both a file and a directory")
-        entry = Entry(i, path, offset, size, original, digest, mode, uid, gid, mtime, comp)
-        if len(self._entries_cache) >= _ENTRY_CACHE_SIZE:
-            del self._entries_cache[next(iter(self._entries_cache))]  # the oldest (FIFO)
-        self._entries_cache[i] = entry
-        return entry
+        return Entry(i, path, offset, size, original, digest, mode, uid, gid, mtime, comp)
+
+    def original_size(self, i: int) -> int:
+        """Entry `i`'s stored original_size alone (0 when absent), bounds-checked, nothing cached:
+        fs.py's pass over every entry at mount time (is any file verified lazily?) costs ~2 us per
+        entry this way instead of :meth:`entry`'s ~35 us, and leaves the entry cache to the reads."""
+        return self._field_uint(self._entry_table(i), _E_ORIG, 8, 0, f"entry {i}", "original_size")
 
     def mtime_ns(self, i: int) -> int:
         """Entry `i`'s stored mtime alone (0 when absent), bounds-checked like every read.

@@ -27,34 +27,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.manifest import archive_manifest
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from blobmount.source import write_oci_layout
 from tests.support.faults import Fault, FaultProxy, Kind
+from tests.support.follow import SWITCH_WAIT_S, archive_of, served_digest
 from tests.support.helpers import FIXTURES
 from tests.support.mounts import blobmount_cmd, is_mounted, mounted
 from tests.support.servers import QuirkProxy, Registry, free_port
 
 pytestmark = pytest.mark.fuse
 
-SWITCH_WAIT_S = 90.0  # hang guard: a switch takes about one interval (1 s) plus a few round trips
 MiB = 1 << 20
 BIG = 8 * MiB
-
-
-def _archive(tmp: Path, name: str, files: dict[str, bytes]) -> Path:
-    src = tmp / f"{name}-src"
-    for rel, data in files.items():
-        path = src / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))  # same metadata in v1 and v2
-    out = tmp / f"{name}-archive"
-    create_archive(src, out, CreateOptions(compression="none"))
-    return out
 
 
 def _push(host: str, repo_tag: str, archive_dir: Path) -> str:
@@ -62,13 +49,9 @@ def _push(host: str, repo_tag: str, archive_dir: Path) -> str:
     return str(trio.run(functools.partial(push_archive, archive_dir, ref, RegistryOptions())))
 
 
-def _served(mnt: Path) -> str:
-    return os.getxattr(mnt, "user.blobmount.digest").decode()
-
-
 def _wait_served(mnt: Path, digest: str, log: Path) -> float:
     started = time.monotonic()
-    while _served(mnt) != digest:
+    while served_digest(mnt) != digest:
         if time.monotonic() - started > SWITCH_WAIT_S:
             pytest.fail(f"no switch to {digest} within {SWITCH_WAIT_S} s:\n{log.read_text(errors='replace')}")
         time.sleep(0.1)
@@ -99,7 +82,7 @@ V2 = {"big.bin": os.urandom(BIG), "same.bin": V1["same.bin"], "new.txt": b"new\n
 def test_follow_switches_atomically_and_fetches_only_what_changed(
     registry: Registry, proxy: QuirkProxy, tmp_path: Path
 ) -> None:
-    v1, v2 = _archive(tmp_path, "v1", V1), _archive(tmp_path, "v2", V2)
+    v1, v2 = archive_of(tmp_path, "v1", V1), archive_of(tmp_path, "v2", V2)
     d1 = _push(registry.host, "follow/main:cur", v1)
     ref = f"127.0.0.1:{proxy.port}/follow/main:cur"
     port = free_port()
@@ -107,7 +90,7 @@ def test_follow_switches_atomically_and_fetches_only_what_changed(
         ref, tmp_path / "mnt", "--follow", "--follow-interval", "1", "-v", "--metrics", f"127.0.0.1:{port}"
     ) as m:
         root = m.path
-        assert _served(root) == d1
+        assert served_digest(root) == d1
         assert sorted(os.listdir(root)) == ["big.bin", "gone.txt", "same.bin", "sub"]
         for rel, data in V1.items():  # everything of v1 in the cache
             assert (root / rel).read_bytes() == data, rel
@@ -161,7 +144,7 @@ def test_follow_switches_atomically_and_fetches_only_what_changed(
 
 def test_a_corrupt_new_archive_is_refused_while_the_old_one_serves(registry: Registry, tmp_path: Path) -> None:
     small = {"a.txt": b"one\n", "b.txt": b"two\n"}
-    v1 = _archive(tmp_path, "v1", small)
+    v1 = archive_of(tmp_path, "v1", small)
     d1 = _push(registry.host, "follow/bad:cur", v1)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -174,7 +157,7 @@ def test_a_corrupt_new_archive_is_refused_while_the_old_one_serves(registry: Reg
             assert time.monotonic() - started < SWITCH_WAIT_S, m.log()
             time.sleep(0.2)
         time.sleep(3)  # three more checks: the same bad digest is not reported again
-        assert _served(m.path) == d1
+        assert served_digest(m.path) == d1
         assert (m.path / "a.txt").read_bytes() == b"one\n"
         assert sorted(os.listdir(m.path)) == ["a.txt", "b.txt"]
         refused = [line for line in m.log().splitlines() if "refused" in line]
@@ -183,7 +166,7 @@ def test_a_corrupt_new_archive_is_refused_while_the_old_one_serves(registry: Reg
         st = _status(m.path)
         assert isinstance(st["follow"], dict)
         assert st["follow"]["refused"] == d_bad
-        v2 = _archive(tmp_path, "v2", {"a.txt": b"one again\n"})  # a good one after it is taken
+        v2 = archive_of(tmp_path, "v2", {"a.txt": b"one again\n"})  # a good one after it is taken
         d2 = _push(registry.host, "follow/bad:cur", v2)
         _wait_served(m.path, d2, m.log_path)
         assert sorted(os.listdir(m.path)) == ["a.txt"]
@@ -192,8 +175,8 @@ def test_a_corrupt_new_archive_is_refused_while_the_old_one_serves(registry: Reg
 
 
 def test_sighup_checks_at_once_under_follow(registry: Registry, tmp_path: Path) -> None:
-    v1 = _archive(tmp_path, "v1", {"f.txt": b"v1\n"})
-    v2 = _archive(tmp_path, "v2", {"f.txt": b"v2\n"})
+    v1 = archive_of(tmp_path, "v1", {"f.txt": b"v1\n"})
+    v2 = archive_of(tmp_path, "v2", {"f.txt": b"v2\n"})
     d1 = _push(registry.host, "follow/hup:cur", v1)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify"))
@@ -203,7 +186,7 @@ def test_sighup_checks_at_once_under_follow(registry: Registry, tmp_path: Path) 
     with sock, mounted(f"{registry.host}/follow/hup:cur", tmp_path / "mnt", *args, env=env) as m:
         d2 = _push(registry.host, "follow/hup:cur", v2)
         time.sleep(2)
-        assert _served(m.path) == d1  # the interval is an hour: nothing checked yet
+        assert served_digest(m.path) == d1  # the interval is an hour: nothing checked yet
         sock.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             while sock.recv(4096):  # what was said before the switch
@@ -226,16 +209,16 @@ def test_sighup_without_follow_still_unmounts(tmp_path: Path) -> None:
 
 
 def test_an_oci_layout_is_followed_through_its_index_json(tmp_path: Path) -> None:
-    v1 = _archive(tmp_path, "v1", {"f.txt": b"v1\n", "g.txt": b"g\n"})
-    v2 = _archive(tmp_path, "v2", {"f.txt": b"v2 longer\n"})
+    v1 = archive_of(tmp_path, "v1", {"f.txt": b"v1\n", "g.txt": b"g\n"})
+    v2 = archive_of(tmp_path, "v2", {"f.txt": b"v2 longer\n"})
     layout = tmp_path / "layout"
     write_oci_layout(v1, f"{layout}:t", archive_manifest(v1, {}))
     with mounted(f"oci:{layout}:t", tmp_path / "mnt", "--follow", "--follow-interval", "1") as m:
-        before = _served(m.path)
+        before = served_digest(m.path)
         assert (m.path / "f.txt").read_bytes() == b"v1\n"
         write_oci_layout(v2, f"{layout}:t", archive_manifest(v2, {}))
         started = time.monotonic()
-        while _served(m.path) == before:
+        while served_digest(m.path) == before:
             assert time.monotonic() - started < SWITCH_WAIT_S, m.log()
             time.sleep(0.1)
         assert sorted(os.listdir(m.path)) == ["f.txt"]
@@ -272,8 +255,8 @@ def test_follow_of_what_cannot_move_is_a_usage_error(
 def test_a_registry_failing_while_the_new_archive_is_fetched_is_retried_not_refused(
     registry: Registry, tmp_path: Path
 ) -> None:
-    v1 = _archive(tmp_path, "v1", {"f.txt": b"v1\n"})
-    v2 = _archive(tmp_path, "v2", {"f.txt": b"v2\n"})
+    v1 = archive_of(tmp_path, "v1", {"f.txt": b"v1\n"})
+    v2 = archive_of(tmp_path, "v2", {"f.txt": b"v2\n"})
     d1 = _push(registry.host, "follow/flaky:cur", v1)
     index_path = "/blobs/sha256:" + hashlib.sha256((v2 / "index.blob").read_bytes()).hexdigest()
     proxy = FaultProxy(registry.host)
@@ -287,7 +270,7 @@ def test_a_registry_failing_while_the_new_archive_is_fetched_is_retried_not_refu
                 assert time.monotonic() - started < SWITCH_WAIT_S, m.log()
                 time.sleep(0.2)
             assert fault.hits >= 1
-            assert _served(m.path) == d1
+            assert served_digest(m.path) == d1
             st = _status(m.path)
             assert isinstance(st["follow"], dict)
             assert st["follow"]["refused"] is None

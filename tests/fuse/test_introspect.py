@@ -4,51 +4,21 @@ both. Real mounts, real HTTP over loopback, the real docker-registry for the rem
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.daemon import get, samples, status
 from tests.support.helpers import FIXTURES, tree_files
 from tests.support.mounts import mounted
 
 pytestmark = pytest.mark.fuse
 WAIT_S = 20.0
-
-
-def status(mnt: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "blobmount.cli", "status", str(mnt), *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def get(url: str, path: str, method: str = "GET") -> tuple[int, bytes]:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=WAIT_S)
-    try:
-        conn.request(method, path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_status_and_metrics_of_a_local_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

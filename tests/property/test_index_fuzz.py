@@ -125,6 +125,39 @@ def test_mutated_indexes_fail_cleanly_or_read_consistently(
         data.close()
 
 
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(case=mutated())
+def test_the_inlined_entry_read_agrees_with_the_checked_one(case: tuple[str, bytes]) -> None:
+    """IndexView.entry reads a well-formed entry in one pass (_entry_fast) and falls back to the
+    field-by-field reads (_entry_checked) for the error: on any mutation the fast read either
+    gives up or returns exactly what the checked read returns (never an entry it would refuse)."""
+    name, buf = case
+    try:
+        view = IndexView(buf, blob_size=len((FIXTURES / name / "data.blob").read_bytes()))
+    except InvalidArchive:
+        return
+    with hang_guard():
+        for i in range(len(view)):
+            fast = view._entry_fast(i)
+            try:
+                checked = view._entry_checked(i)
+            except InvalidArchive:
+                assert fast is None, i
+                continue
+            assert fast in (None, checked), i
+
+
+def test_the_inlined_entry_read_takes_every_well_formed_entry() -> None:
+    for name, buf in SOURCES.items():
+        view = IndexView(buf, blob_size=len((FIXTURES / name / "data.blob").read_bytes()))
+        assert all(view._entry_fast(i) == view._entry_checked(i) for i in range(len(view))), name
+
+
 # -- structured target: well-formed FlatBuffers whose every field is hostile ----------------------
 
 _H = hashlib.sha256(b"x").digest()

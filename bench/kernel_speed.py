@@ -1,0 +1,346 @@
+"""Metadata and warm reads at kernel speed (issue 17): a walk, a read of every file and ``ls -l`` of a
+30,000-file directory, each twice, through blobmount (a local archive), squashfuse_ll (a local
+squashfs image) and plain files, interleaved in one run, with the FUSE requests blobmount took in
+each phase (its ``blobmount_fuse_requests_total``).
+
+    python -m bench.kernel_speed --prepare   # builds the data, outside the lock
+    flock /tmp/bench.lock python -m bench.kernel_speed [--reps 3] [--generated] [--json [OUT]] [--md OUT]
+
+Data: the ``drivers/net fs kernel include net Documentation`` subtrees of Debian's linux-source-6.1
+(/usr/src/linux-source-*.tar.xz; issue 17's dataset, ~25,000 files / ~295 MB), else (or with
+``--generated``) a generated tree of the same shape; archived with blobmount's default zstd and
+squashed with ``-comp zstd``; plus ``many/``: 30,000 files of a few bytes in one directory, an
+archive and an image of their own.
+
+Per repetition each peer (in a rotated order) is mounted fresh (blobmount: an empty cache
+directory) and runs, twice each: ``find ROOT -type f -printf '%s\\n'`` (walk), ``find ROOT -type f
+-print0 | xargs -0 -P8 -n64 cat`` (read-all), ``ls -l many`` (ls). The first pass of each is the
+first after the mount; the page cache is not dropped (a shared machine), so plain files' first pass
+is warm as well: compare the second (warm) passes, and the request counts. Medians; ratios to
+plain files. The load average is printed with every row. Printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench._common import cleanup_on_term, code_state, loadavg, machine, median, write_json
+from bench.janitor import Janitor, fresh_dir, unmount
+from bench.peers import blobmount_cmd
+from bench.servers import free_port
+
+WORK_ROOT = Path(os.environ.get("BENCH_KSPEED_WORK_ROOT", "/var/tmp/blobmount-bench-kspeed"))
+SUBTREES = ("drivers/net", "fs", "kernel", "include", "net", "Documentation")  # issue 17's dataset
+MANY_FILES = 30_000  # the ls -l directory of issue 17
+GENERATED_DIRS, GENERATED_FILES_PER_DIR = 1_000, 25  # the fallback tree: 25,000 files, ~12 KB each
+MOUNT_WAIT_S = 60.0
+RUN_TIMEOUT_S = 900.0
+PHASES = ("walk", "read", "ls")
+PASSES = ("first", "warm")
+COMMANDS = {
+    "walk": "find {root} -type f -printf '%s\\n'",
+    "read": "find {root} -type f -print0 | xargs -0 -P8 -n64 cat",
+    "ls": "ls -l {many}",
+}
+PEERS = ("plain", "squashfuse_ll", "blobmount")
+REQUESTS = re.compile(r'^blobmount_fuse_requests_total\{op="(\w+)"\} (\S+)$', re.M)
+
+
+def _linux_tarball() -> Path | None:
+    found = sorted(Path("/usr/src").glob("linux-source-*.tar.xz"))
+    return found[-1] if found else None
+
+
+def _extract(tarball: Path, dest: Path) -> None:
+    """The SUBTREES' regular files, one streaming pass over the tarball."""
+    tmp = fresh_dir(dest.with_name(dest.name + ".tmp"))
+    with tarfile.open(tarball, "r|xz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts[1:]  # drop linux-source-X.Y/
+            if not member.isreg() or not parts or any(p in ("..", "") for p in parts):
+                continue
+            rel = "/".join(parts)
+            if not any(rel.startswith(s + "/") for s in SUBTREES):
+                continue
+            target = tmp.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            assert src is not None
+            with open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            os.chmod(target, member.mode & 0o755 | 0o644)
+            os.utime(target, (member.mtime, member.mtime))
+    tmp.rename(dest)
+
+
+def _generate(dest: Path) -> None:
+    tmp = fresh_dir(dest.with_name(dest.name + ".tmp"))
+    for d in range(GENERATED_DIRS):
+        sub = tmp / f"d{d // 50:02d}" / f"s{d:04d}"
+        sub.mkdir(parents=True)
+        for f in range(GENERATED_FILES_PER_DIR):
+            line = f"/* {d}/{f} */ static int value_{d}_{f} = {d * f};\n".encode()
+            (sub / f"f{f:02d}.c").write_bytes(line * (1 + (d * 31 + f * 17) % 400))
+    tmp.rename(dest)
+
+
+def _many(dest: Path) -> None:
+    tmp = fresh_dir(dest.with_name(dest.name + ".tmp"))
+    many = tmp / "many"
+    many.mkdir()
+    for i in range(MANY_FILES):
+        (many / f"f{i:05d}.txt").write_bytes(f"{i}\n".encode())
+    tmp.rename(dest)
+
+
+def _tree_stats(root: Path) -> tuple[int, int]:
+    files = size = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            files += 1
+            size += os.lstat(os.path.join(dirpath, name)).st_size
+    return files, size
+
+
+def _build(name: str, src: Path, work: Path, log: Any) -> tuple[Path, Path]:
+    """blobmount archive (default zstd) and squashfs image (-comp zstd) of `src`, kept across runs
+    (keyed by the blobmount sources' digest for the archive: the writer may change)."""
+    key = code_state()["package_sha256"]
+    archive = work / f"{name}-archive-{key}"
+    if not archive.exists():
+        log(f"creating the blobmount archive of {name}")
+        tmp = work / f"{name}-archive.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([*blobmount_cmd(), "create", str(src), str(tmp)], check=True, capture_output=True)
+        tmp.rename(archive)
+    image = work / f"{name}.squashfs"
+    if not image.exists():
+        log(f"creating the squashfs image of {name}")
+        tmp_image = work / f"{name}.squashfs.tmp"
+        subprocess.run(
+            ["mksquashfs", str(src), str(tmp_image), "-comp", "zstd", "-noappend", "-quiet", "-no-progress"],
+            check=True,
+            capture_output=True,
+        )
+        tmp_image.rename(image)
+    return archive, image
+
+
+def _requests(url: str | None) -> dict[str, float]:
+    if url is None:
+        return {}
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:  # 127.0.0.1 only
+        body = response.read().decode()
+    return {m.group(1): float(m.group(2)) for m in REQUESTS.finditer(body)}
+
+
+def _wait_mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + MOUNT_WAIT_S
+    while time.monotonic() < deadline:
+        if os.path.ismount(path):
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"the daemon for {path} exited ({proc.returncode}) before mounting")
+        time.sleep(0.01)
+    raise SystemExit(f"{path} not mounted within {MOUNT_WAIT_S:g} s")
+
+
+class Peer:
+    """One peer's two mounts (the tree and many/) for one repetition."""
+
+    def __init__(self, kind: str, janitor: Janitor, work: Path, data: dict[str, Path]) -> None:
+        self.kind, self.janitor, self.work, self.data = kind, janitor, work, data
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.mounts: list[Path] = []
+        self.url: str | None = None  # the tree mount's metrics
+        self.many_url: str | None = None  # many/'s
+
+    def __enter__(self) -> tuple[Path, Path]:
+        if self.kind == "plain":
+            return self.data["tree"], self.data["many"] / "many"
+        roots = []
+        for name in ("tree", "many"):
+            mnt = fresh_dir(self.work / "mnt" / name)
+            if self.kind == "squashfuse_ll":
+                cmd = ["squashfuse_ll", "-f", str(self.data[f"{name}-image"]), str(mnt)]
+            else:
+                port = free_port()
+                cache = fresh_dir(self.work / "cache" / name)
+                cmd = [*blobmount_cmd(), "mount", "-f", f"dir:{self.data[f'{name}-archive']}", str(mnt)]
+                cmd += ["--cache-dir", str(cache), "--metrics", f"127.0.0.1:{port}"]
+            proc = self.janitor.spawn(cmd, log=self.work / f"{self.kind}-{name}.log")
+            self.procs.append(proc)
+            _wait_mounted(mnt, proc)
+            self.mounts.append(mnt)
+            if self.kind == "blobmount":
+                url = f"http://127.0.0.1:{port}"
+                deadline = time.monotonic() + MOUNT_WAIT_S
+                while not _requests_ok(url) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if name == "tree":
+                    self.url = url
+                else:
+                    self.many_url = url
+            roots.append(mnt)
+        return roots[0], roots[1] / "many"
+
+    def __exit__(self, *exc: object) -> None:
+        for mnt in self.mounts:
+            unmount(mnt)
+        for proc in self.procs:
+            self.janitor.wait_exit(proc, 20.0)
+
+
+def _requests_ok(url: str) -> bool:
+    try:
+        _requests(url)
+    except OSError:
+        return False
+    return True
+
+
+def _run_phase(cmd: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL, timeout=RUN_TIMEOUT_S)
+    return time.perf_counter() - started
+
+
+def _one(peer: Peer, tree: Path, many: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for phase in PHASES:
+        url = peer.many_url if phase == "ls" else peer.url
+        for pas in PASSES:
+            before = _requests(url)
+            seconds = _run_phase(COMMANDS[phase].format(root=tree, many=many))
+            after = _requests(url)
+            reqs = {op: int(n - before.get(op, 0)) for op, n in after.items() if n - before.get(op, 0)}
+            out[f"{phase}/{pas}"] = {"s": seconds, "requests": reqs if peer.kind == "blobmount" else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--generated", action="store_true", help="a generated tree even if linux-source is installed")
+    ap.add_argument("--prepare", action="store_true", help="build the data (outside the bench lock) and exit")
+    ap.add_argument("--json", nargs="?", const="-", type=Path, default=None)
+    ap.add_argument("--md", type=Path, default=None)
+    args = ap.parse_args(argv)
+    log = print
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    janitor = Janitor(WORK_ROOT)
+    for line in janitor.recover(None):
+        log(line)
+    tarball = None if args.generated else _linux_tarball()
+    name = f"linux-{tarball.name.removesuffix('.tar.xz')}" if tarball else "generated"
+    tree = WORK_ROOT / f"tree-{name}"
+    if not tree.exists():
+        log(f"building the tree {tree} from {tarball or 'a generator'}")
+        if tarball is not None:
+            _extract(tarball, tree)
+        else:
+            _generate(tree)
+    many = WORK_ROOT / "many"
+    if not many.exists():
+        _many(many)
+    data = {"tree": tree, "many": many}
+    data["tree-archive"], data["tree-image"] = _build("tree", tree, WORK_ROOT, log)
+    data["many-archive"], data["many-image"] = _build("many", many, WORK_ROOT, log)
+    if args.prepare:
+        return 0
+    files, size = _tree_stats(tree)
+    info, machine_line = machine()
+    header = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "code": code_state(),
+        "machine": info,
+        "dataset": f"{name}: {' '.join(SUBTREES) if tarball else 'generated'}; {files} files, {size} bytes",
+        "many": f"{MANY_FILES} files in one directory",
+        "squashfuse_ll": subprocess.run(["dpkg-query", "-W", "squashfuse"], capture_output=True, text=True).stdout,
+        "load_start": loadavg(),
+        "reps": args.reps,
+    }
+    log(f"# kernel speed, {header['date']}, commit {header['code']['head']} {header['code']['dirty']}")
+    log(machine_line)
+    log(f"dataset: {header['dataset']}; many/: {header['many']}; load {header['load_start']}")
+    runs: list[dict[str, Any]] = []
+    with cleanup_on_term():
+        try:
+            for rep in range(args.reps):
+                order = PEERS[rep % len(PEERS) :] + PEERS[: rep % len(PEERS)]
+                for kind in order:
+                    peer = Peer(kind, janitor, WORK_ROOT, data)
+                    with peer as (root, many_dir):
+                        result = _one(peer, root, many_dir)
+                    load = loadavg()
+                    runs.append({"rep": rep, "peer": kind, "load": load, "phases": result})
+                    figures = "  ".join(f"{k} {v['s']:.3f}s" for k, v in result.items())
+                    log(f"rep {rep} {kind:14s} load {load}: {figures}")
+        finally:
+            janitor.stop_all()
+    header["load_end"] = loadavg()
+    table = _table(runs)
+    log(table)
+    doc: dict[str, object] = {"header": header, "commands": COMMANDS, "runs": runs}
+    if args.json is not None:
+        path = args.json
+        if str(path) == "-":
+            path = Path("bench/results") / f"{datetime.date.today()}-kernel-speed.json"
+        write_json(path, doc)
+    if args.md is not None:
+        args.md.write_text(_markdown(header, table))
+        log(f"wrote {args.md}")
+    return 0
+
+
+def _table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| phase | plain files | squashfuse_ll | blobmount | blobmount / plain | squashfuse_ll / plain"
+        " | blobmount FUSE requests (median; kinds of the last run) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for phase in PHASES:
+        for pas in PASSES:
+            key = f"{phase}/{pas}"
+            med = {p: median([r["phases"][key]["s"] for r in runs if r["peer"] == p]) for p in PEERS}
+            counts = [r["phases"][key]["requests"] for r in runs if r["peer"] == "blobmount"]
+            total = median([sum(c.values()) for c in counts])
+            kinds = ", ".join(f"{op} {n}" for op, n in sorted(counts[-1].items()))
+            lines.append(
+                f"| {phase} ({pas}) | {med['plain']:.3f} s | {med['squashfuse_ll']:.3f} s | {med['blobmount']:.3f} s"
+                f" | {med['blobmount'] / med['plain']:.2f}x | {med['squashfuse_ll'] / med['plain']:.2f}x"
+                f" | {total:g} ({kinds}) |"
+            )
+    return "\n".join(lines)
+
+
+def _markdown(header: dict[str, Any], table: str) -> str:
+    code = header["code"]
+    return (
+        f"# Kernel speed (issue 17): walk, read-all, ls -l; {header['date']}\n\n"
+        f"`flock /tmp/bench.lock python -m bench.kernel_speed --reps {header['reps']}`"
+        f" at commit {code['head']} {code['dirty']} (package {code['package_sha256']}).\n\n"
+        f"Machine: {json.dumps(header['machine'])}. Load average at the start {header['load_start']},"
+        f" at the end {header['load_end']} (every row's load is in the JSON).\n\n"
+        f"Dataset: {header['dataset']}; ls -l on {header['many']}. squashfuse: {header['squashfuse_ll'].strip()}.\n\n"
+        "Commands: walk `find ROOT -type f -printf '%s\\n'`; read `find ROOT -type f -print0 | xargs -0 -P8"
+        ' -n64 cat`; ls `ls -l many`. "first" is the first pass after a fresh mount (blobmount: empty cache'
+        " directory); the page cache is not dropped, so plain files' first pass is warm too.\n\n"
+        f"{table}\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
