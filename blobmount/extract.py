@@ -18,7 +18,8 @@ Three phases, so that a bad request changes nothing on disk:
    read but not yet written are bounded by ``buffer_bytes``. Pieces are taken and charged to the
    budget in order, and a file's pieces are consumed in order (hashed, or fed to a streaming zstd
    decoder whose output is bounded by the entry's size), so memory stays bounded for any file
-   size and the pipeline cannot deadlock: the oldest piece never waits for a younger one.
+   size and the pipeline cannot deadlock: the oldest piece never waits for a younger one. The
+   trio thread receives; pieces are consumed on one worker thread at a time (CONSUMER_THREADS).
 
 Every file is written to a temporary name in its own directory, checked against its sha256 and
 size, given its mode and times, and only then renamed to its name: a failure never leaves a partial
@@ -71,6 +72,9 @@ MAX_PIECE_BYTES = 8 << 20  # one range read: the fetch layer's request size (~70
 MIN_PIECE_BYTES = 64 << 10
 BATCH_GAP_BYTES = 64 << 10  # neighbouring small files this far apart still share one read
 THREAD_MIN_BYTES = 256 << 10  # consuming (hash, decode, write) this much goes to a worker thread
+CONSUMER_THREADS = 1  # worker threads consuming at once: each syscall of one hands the GIL to another,
+# and four (one per reader) spent 2 s of system time in futex on the bench tree; one thread beside the
+# trio thread (which receives) was as fast as two on the 2-core bench machine, with the least CPU
 DECODE_BLOCK_BYTES = 1 << 20  # the streaming decoder's output unit: its memory bound
 SMALL_DECODE_BYTES = 1 << 20  # zstd files up to this size are decoded in one call (bounded output)
 DIR_FDS = 128  # directory descriptors kept open (LRU); more are reopened from DEST
@@ -200,6 +204,8 @@ class _Dest:
             raise DestinationError(f"{os.fsdecode(dest)}: {exc.strerror}") from exc
         self._fds: OrderedDict[bytes, int] = OrderedDict()
         self._pins: dict[bytes, int] = {}
+        self._fresh: set[bytes] = set()  # directories this copy created: nothing was in them
+        self._names: dict[bytes, frozenset[bytes]] = {}  # what the others held when first looked at
         self._lock = threading.RLock()  # worker threads open and rename files too
 
     def show(self, rel: bytes) -> str:
@@ -233,17 +239,25 @@ class _Dest:
     def use(self, rel: bytes) -> Iterator[int]:
         """DEST/`rel`'s descriptor, pinned (never closed by the LRU) while the caller uses it, on
         whichever thread."""
-        with self._lock:
-            fd = self._open(rel, False)
-            self._pins[rel] = self._pins.get(rel, 0) + 1
+        fd = self.pin(rel)
         try:
             yield fd
         finally:
-            with self._lock:
-                left = self._pins.pop(rel) - 1
-                if left:
-                    self._pins[rel] = left
-                self._evict()
+            self.unpin(rel)
+
+    def pin(self, rel: bytes) -> int:
+        """DEST/`rel`'s descriptor, never closed by the LRU until as many :meth:`unpin` calls."""
+        with self._lock:
+            fd = self._open(rel, False)
+            self._pins[rel] = self._pins.get(rel, 0) + 1
+            return fd
+
+    def unpin(self, rel: bytes) -> None:
+        with self._lock:
+            left = self._pins.pop(rel) - 1
+            if left:
+                self._pins[rel] = left
+            self._evict()
 
     def _open(self, rel: bytes, create: bool) -> int:
         if not rel:
@@ -257,6 +271,7 @@ class _Dest:
         if create:
             try:
                 os.mkdir(name, 0o777, dir_fd=parent)
+                self._fresh.add(rel)
             except FileExistsError:
                 pass
             except OSError as exc:
@@ -283,7 +298,21 @@ class _Dest:
                 os.close(self._fds.pop(old))
 
     def exists(self, rel: bytes) -> bool:
+        """Whether DEST/`rel` is there (a directory in the way is an error). A directory this copy
+        created holds nothing of before; any other is listed once, so only the names it holds cost
+        a stat (not one stat per file of the archive)."""
         parent_rel, _, name = rel.rpartition(b"/")
+        if parent_rel in self._fresh:
+            return False
+        names = self._names.get(parent_rel)
+        if names is None:
+            try:
+                names = frozenset(map(os.fsencode, os.listdir(self.dir_fd(parent_rel))))
+            except OSError as exc:
+                raise DestinationError(f"{self.show(parent_rel)}: {exc.strerror}") from exc
+            self._names[parent_rel] = names
+        if name not in names:
+            return False
         try:
             st = os.stat(name, dir_fd=self.dir_fd(parent_rel), follow_symlinks=False)
         except FileNotFoundError:
@@ -307,12 +336,17 @@ def _is_link(name: bytes, dir_fd: int) -> bool:
 
 @dataclass(slots=True, eq=False)
 class _File:
+    """One file being written. Built for every file of the copy, so what only a file of several
+    pieces needs (its turn) is made when it is needed; a file's directory descriptor is pinned
+    from its temporary's creation to its rename (or removal)."""
+
     item: Item
     pieces: int = 0  # how many pieces carry its bytes
     fed: int = 0  # pieces consumed so far (they are consumed in order)
-    turn: trio.Event = field(default_factory=trio.Event)
+    turn: trio.Event | None = None  # set when a piece of it was consumed (files of several pieces)
     fd: int = -1
     tmp: bytes = b""
+    parent: int = -1  # its directory's descriptor, pinned while the temporary exists
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     written: int = 0
     decoder: zstandard.ZstdDecompressionWriter | None = None
@@ -428,6 +462,12 @@ class _Copier:
         os.umask(umask)
         self.file_mode = 0o666 & ~umask
         self.result = CopyResult()
+        # temporary names: one random part per copy, a counter per file (no getrandom per file;
+        # O_EXCL still refuses a name that is taken, and the next number is tried)
+        self._tmp_prefix = b".blobmount-cp." + secrets.token_hex(6).encode() + b"."
+        self._tmp_numbers = itertools.count()  # next() is atomic under the GIL: threads share it
+        self._local = threading.local()  # a zstd decompression context per thread, reused
+        self._threads = trio.CapacityLimiter(CONSUMER_THREADS)
         self.temps: dict[_File, None] = {}  # open temporaries, removed if the copy fails
         self._counting = threading.Lock()  # files finish on worker threads too
         self.mismatched: list[_File] = []
@@ -470,21 +510,26 @@ class _Copier:
         threaded = piece.size >= THREAD_MIN_BYTES or self.options.fsync
         if len(piece.parts) > 1:  # a batch: every file whole, in this piece only (no turns)
             if threaded:
-                await trio.to_thread.run_sync(self._batch, piece, view)
+                await trio.to_thread.run_sync(self._batch, piece, view, limiter=self._threads)
             else:
                 self._batch(piece, view)
             return
         f, a, b, number = piece.parts[0]
         while f.fed != number:  # a younger piece of a large file read first waits for its turn
+            if f.turn is None:
+                f.turn = trio.Event()
             await f.turn.wait()
         try:
             if threaded:
-                await trio.to_thread.run_sync(self._feed, f, view[a - piece.start : b - piece.start])
+                await trio.to_thread.run_sync(
+                    self._feed, f, view[a - piece.start : b - piece.start], limiter=self._threads
+                )
             else:
                 self._feed(f, view[a - piece.start : b - piece.start])
         finally:
-            f.turn.set()
-            f.turn = trio.Event()
+            if f.turn is not None:
+                f.turn.set()
+                f.turn = None
 
     def _batch(self, piece: _Piece, view: memoryview) -> None:
         for f, a, b, _ in piece.parts:
@@ -507,19 +552,26 @@ class _Copier:
             self._finish(f)
 
     def _open_temp(self, f: _File) -> None:
+        """The file's temporary in its directory (pinned until the rename). Created with its
+        final mode when that is the umask's (the common case: no fchmod per file); with
+        --preserve-mode it stays 0600 until it is verified and given the archive's mode."""
         parent_rel = f.item.rel.rpartition(b"/")[0]
-        with self.dest.use(parent_rel) as parent:
-            for _ in range(8):  # bounded: a name collision is a 2^-48 event
-                f.tmp = b".blobmount-cp." + secrets.token_hex(6).encode()
-                try:
-                    f.fd = os.open(f.tmp, _O_TMP, 0o600, dir_fd=parent)
-                    break
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    raise DestinationError(f"{self.dest.show(f.item.rel)}: cannot create it: {exc.strerror}") from exc
-            else:  # pragma: no cover
-                raise DestinationError(f"{self.dest.show(f.item.rel)}: no free temporary name")
+        parent = self.dest.pin(parent_rel)
+        mode = 0o600 if self.options.preserve_mode else self.file_mode
+        for _ in range(8):  # bounded: only a name left by another copy with the same random part
+            f.tmp = self._tmp_prefix + str(next(self._tmp_numbers)).encode()
+            try:
+                f.fd = os.open(f.tmp, _O_TMP, mode, dir_fd=parent)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                self.dest.unpin(parent_rel)
+                raise DestinationError(f"{self.dest.show(f.item.rel)}: cannot create it: {exc.strerror}") from exc
+        else:  # pragma: no cover
+            self.dest.unpin(parent_rel)
+            raise DestinationError(f"{self.dest.show(f.item.rel)}: no free temporary name")
+        f.parent = parent
         self.temps[f] = None
         e = f.item.entry
         if e.compression == COMPRESSION_ZSTD and e.original_size > SMALL_DECODE_BYTES:
@@ -541,10 +593,18 @@ class _Copier:
             if f.decoder is not None:
                 f.decoder.write(data)
             elif e.original_size:
-                decoded = zstandard.ZstdDecompressor().decompress(data, max_output_size=e.original_size)
+                decoded = self._dctx().decompress(data, max_output_size=e.original_size)
                 self._write(f, memoryview(decoded))
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{show(e.path)}: corrupt zstd frame (expected sha256 {e.hash.hex()}): {exc}") from exc
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        """This thread's decompressor: making one per file cost as much as the decoding itself
+        (a context of its own each time); one object must not be used by two threads at once."""
+        dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        return dctx
 
     def _write(self, f: _File, data: memoryview) -> None:
         e = f.item.entry
@@ -580,19 +640,20 @@ class _Copier:
             return
         rel = f.item.rel
         try:
-            os.fchmod(f.fd, (e.mode & 0o777) if self.options.preserve_mode else self.file_mode)
+            if self.options.preserve_mode:
+                os.fchmod(f.fd, e.mode & 0o777)
             if self.options.preserve_times:
                 os.utime(f.fd, ns=(e.mtime_ns, e.mtime_ns))
             if self.options.fsync:
                 os.fsync(f.fd)  # on a worker thread (see _piece)
             os.close(f.fd)
             f.fd = -1
-            with self.dest.use(rel.rpartition(b"/")[0]) as parent:
-                os.rename(f.tmp, rel.rpartition(b"/")[2], src_dir_fd=parent, dst_dir_fd=parent)
+            os.rename(f.tmp, rel.rpartition(b"/")[2], src_dir_fd=f.parent, dst_dir_fd=f.parent)
         except OSError as exc:
             self._discard(f)
             raise DestinationError(f"{self.dest.show(rel)}: {exc.strerror}") from exc
         self.temps.pop(f, None)
+        self._unpin(f)
         with self._counting:
             self.result.files += 1
             self.result.bytes += e.original_size
@@ -605,11 +666,16 @@ class _Copier:
             f.fd = -1
         if f.tmp and f in self.temps:
             try:
-                with self.dest.use(f.item.rel.rpartition(b"/")[0]) as parent:
-                    os.unlink(f.tmp, dir_fd=parent)
-            except (OSError, BlobmountError) as exc:
+                os.unlink(f.tmp, dir_fd=f.parent)
+            except OSError as exc:
                 log.warning("%s: could not remove %s: %s", self.dest.show(f.item.rel), f.tmp, exc)
         self.temps.pop(f, None)
+        self._unpin(f)
+
+    def _unpin(self, f: _File) -> None:
+        if f.parent >= 0:
+            f.parent = -1
+            self.dest.unpin(f.item.rel.rpartition(b"/")[0])
 
     def cleanup(self) -> None:
         for f in list(self.temps):
