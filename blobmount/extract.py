@@ -574,7 +574,8 @@ class _Copier:
         f.parent = parent
         self.temps[f] = None
         e = f.item.entry
-        if e.compression == COMPRESSION_ZSTD and e.original_size > SMALL_DECODE_BYTES:
+        # one call decodes a whole frame only: a file cut into pieces streams, whatever its size
+        if e.compression == COMPRESSION_ZSTD and (e.original_size > SMALL_DECODE_BYTES or f.pieces > 1):
             sink = _Sink(self, f)
             f.decoder = zstandard.ZstdDecompressor().stream_writer(
                 sink,  # type: ignore[arg-type]  # any object with write() will do

@@ -356,6 +356,17 @@ def test_large_files_stream_in_pieces(args: list[str], tmp_path: Path) -> None:
     }
 
 
+def test_a_small_zstd_file_larger_than_a_piece_is_streamed(tmp_path: Path) -> None:
+    """Under the one-call decoding size (1 MiB) but stored in more than one piece (random bytes
+    barely compress): its pieces go through the streaming decoder, not one call per piece."""
+    rnd = os.urandom(200 << 10)
+    arc = tmp_path / "arc"
+    write_archive(arc, [Spec(b"a.txt", b"a"), Spec(b"r.bin", rnd, zstd=True), Spec(b"z.txt", b"z")])
+    dest = tmp_path / "out"
+    assert main(["cp", str(arc), ".", str(dest), "--buffer", "256K", "--concurrency", "4"]) == 0
+    assert _files_under(dest) == {b"a.txt": b"a", b"r.bin": rnd, b"z.txt": b"z"}
+
+
 def test_a_large_zstd_bomb_is_stopped_at_its_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Streamed through the decoder (over the one-call size): the output stops at original_size."""
     arc = tmp_path / "arc"
