@@ -69,6 +69,20 @@ def test_a_missing_path_fetches_no_data_and_writes_nothing(
     assert [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"] == []  # only the open's probe
 
 
+def test_a_directorys_first_half_buffer_is_one_request_started_before_any_piece(
+    proxy: QuirkProxy, tmp_path: Path
+) -> None:
+    """The plan starts fetching a directory's data (half --buffer, one request) while it validates
+    the entries; the pieces, which start at one chunk, join that request instead of their own."""
+    ref = f"{proxy.host}/fixtures/mixed:v1"
+    args = ["--cache-dir", str(tmp_path / "c"), "--buffer", "2M", "--chunk-size", "64K"]
+    assert main(["cp", ref, ".", str(tmp_path / "out"), *args]) == 0
+    gets = [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"]
+    assert gets[0] == f"bytes=0-{(1 << 20) - 1}", gets
+    assert not [r for r in gets[1:] if int(r.split("=")[1].split("-")[0]) < 1 << 20]  # nothing in it again
+    assert _files_under(tmp_path / "out") == {p: f.data for p, f in tree_files("mixed").items()}
+
+
 def test_a_second_copy_is_served_by_the_cache(proxy: QuirkProxy, tmp_path: Path) -> None:
     ref = f"{proxy.host}/fixtures/mixed:v1"
     cache = str(tmp_path / "cache")
