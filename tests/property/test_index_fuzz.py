@@ -118,10 +118,32 @@ def test_mutated_indexes_fail_cleanly_or_read_consistently(
                 assert message
                 assert "\n" not in message
                 return
+            fast_path_agrees(view)
             store = ContentStore(tmp_path_factory.getbasetemp() / "fuzz-cache", max_bytes=1 << 30)
             check_consistent(view, Reader(data, store))
     finally:
         data.close()
+
+
+def fast_path_agrees(view: IndexView) -> None:
+    """entry()'s fast path accepts exactly what the field-by-field check accepts, with the same
+    values (it falls back to the check only to name what is wrong)."""
+    from blobmount.index.paths import path_problem
+
+    for i in range(len(view)):
+        try:
+            path = view.path(i)
+        except InvalidArchive:
+            continue
+        if path_problem(path) is not None:
+            continue
+        fast = view._entry_fast(i, path)
+        try:
+            checked = view._entry_checked(i, path)
+        except InvalidArchive:
+            assert fast is None, (i, fast)
+            continue
+        assert fast == checked, (i, fast, checked)
 
 
 # -- structured target: well-formed FlatBuffers whose every field is hostile ----------------------
@@ -167,6 +189,7 @@ def test_hostile_fields_are_refused_or_safe(case: tuple[list[EntryRecord], int])
         except InvalidArchive as exc:
             _one_line(exc)
             return
+        fast_path_agrees(view)
         for i in range(len(view)):
             try:
                 entry = view.entry(i)
