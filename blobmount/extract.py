@@ -239,22 +239,13 @@ class _Dest:
 
     def dir_fd(self, rel: bytes, create: bool = False) -> int:
         """The descriptor of directory DEST/`rel`, creating it (and its parents) when asked. Only
-        for the single-threaded set-up; the copy itself holds descriptors through :meth:`use`."""
+        for the single-threaded set-up; the copy itself holds descriptors through :meth:`pin`."""
         with self._lock:
             return self._open(rel, create)
 
-    @contextlib.contextmanager
-    def use(self, rel: bytes) -> Iterator[int]:
-        """DEST/`rel`'s descriptor, pinned (never closed by the LRU) while the caller uses it, on
-        whichever thread."""
-        fd = self.pin(rel)
-        try:
-            yield fd
-        finally:
-            self.unpin(rel)
-
     def pin(self, rel: bytes) -> int:
-        """DEST/`rel`'s descriptor, never closed by the LRU until as many :meth:`unpin` calls."""
+        """DEST/`rel`'s descriptor, never closed by the LRU until as many :meth:`unpin` calls (on
+        whichever thread: a file's directory from its temporary's creation to its rename)."""
         with self._lock:
             fd = self._open(rel, False)
             self._pins[rel] = self._pins.get(rel, 0) + 1
