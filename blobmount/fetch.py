@@ -259,11 +259,19 @@ class ChunkedSource:
         self._abandon_silent(first, last, waiting_since, error)
         raise error
 
-    def prefetch(self, start: int, end: int) -> None:
-        """Fetch [start, end) in the background, within the read-ahead budget (best effort)."""
+    def prefetch(self, start: int, end: int, *, request_bytes: int | None = None) -> None:
+        """Fetch [start, end) in the background, within the read-ahead budget (best effort).
+        `request_bytes`: requests up to this long instead of the usual ones (a reader that will
+        consume the range in order gets it in order, at the speed of one stream)."""
         if start < end and self._nursery is not None:
             cs = self.store.chunk_size
-            self._schedule(range(start // cs, (end - 1) // cs + 1), ahead=True, load_present=False)
+            saved = self.request_chunks
+            if request_bytes:
+                self.request_chunks = max(1, request_bytes // cs)
+            try:
+                self._schedule(range(start // cs, (end - 1) // cs + 1), ahead=True, load_present=False)
+            finally:
+                self.request_chunks = saved
 
     async def fill(
         self,

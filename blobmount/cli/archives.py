@@ -155,11 +155,24 @@ def cmd_cp(args: argparse.Namespace) -> int:
         data = archive.data
         try:
             view = IndexView(archive.index_bytes, blob_size=data.size)
-            items = plan(view, [os.fsencode(p) for p in args.paths])  # nothing is written before this
             try:
                 async with contextlib.AsyncExitStack() as stack:
+                    on_span = None
                     if isinstance(data, ChunkedSource):
                         await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
+                        remote = data
+
+                        def on_span(start: int, end: int) -> None:
+                            # A directory's first half --buffer fetched while its entries are
+                            # validated (into the chunk cache; DEST is untouched until the plan
+                            # holds), as one request: the copy consumes it in order, and one stream
+                            # delivers it in order at full speed where parallel ones finish together.
+                            # Half: a piece then waits for at most as many bytes as four readers of
+                            # --buffer/4 did (--timeout applies to each read).
+                            end = min(end, start + options.buffer_bytes // 2)
+                            remote.prefetch(start, end, request_bytes=end - start)
+
+                    items = plan(view, [os.fsencode(p) for p in args.paths], on_span)  # nothing written before
                     result = await copy_items(
                         data, items, dest, options, cache_dir=cache_dir, created_ns=archive.created_ns
                     )

@@ -69,6 +69,51 @@ def test_a_missing_path_fetches_no_data_and_writes_nothing(
     assert [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"] == []  # only the open's probe
 
 
+def test_a_directorys_first_half_buffer_is_one_request_started_before_any_piece(
+    proxy: QuirkProxy, tmp_path: Path
+) -> None:
+    """The plan starts fetching a directory's data (half --buffer, one request) while it validates
+    the entries; the pieces, which start at one chunk, join that request instead of their own."""
+    ref = f"{proxy.host}/fixtures/mixed:v1"
+    args = ["--cache-dir", str(tmp_path / "c"), "--buffer", "2M", "--chunk-size", "64K"]
+    assert main(["cp", ref, ".", str(tmp_path / "out"), *args]) == 0
+    gets = [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"]
+    assert gets[0] == f"bytes=0-{(1 << 20) - 1}", gets
+    assert not [r for r in gets[1:] if int(r.split("=")[1].split("-")[0]) < 1 << 20]  # nothing in it again
+    assert _files_under(tmp_path / "out") == {p: f.data for p, f in tree_files("mixed").items()}
+
+
+def test_a_hostile_entry_found_while_the_data_is_fetched_is_exit_4_and_dest_is_never_created(
+    registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory whose first and last entries are sound: the plan starts fetching its data
+    (on_span), then meets the '..' entry between them. One line, exit 4, DEST never created."""
+    import functools
+
+    import trio
+
+    from blobmount.reference import Reference
+    from blobmount.registry.client import RegistryOptions
+    from blobmount.registry.push import push_archive
+    from tests.support.corpus import Spec, write_archive
+
+    arc = tmp_path / "arc"
+    specs = [Spec(b"a/a.txt", b"a" * 5000), Spec(b"a/b/../../escape", b"out"), Spec(b"a/c.txt", b"c" * 5000)]
+    write_archive(arc, specs)
+    view = IndexView((arc / "index.blob").read_bytes())
+    assert view.data_span(b"a") is not None  # so on_span fires before the bad entry is met
+    ref = Reference.parse(f"{registry.host}/cp/hostile:v1")
+    trio.run(functools.partial(push_archive, arc, ref, RegistryOptions()))
+    dest = tmp_path / "out"
+    assert main(["cp", str(ref), "a", str(dest), "--cache-dir", str(tmp_path / "c")]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("blobmount: entry ")
+    assert "'..'" in err
+    assert err.count("\n") == 1
+    assert not dest.exists()
+    assert not (tmp_path / "escape").exists()
+
+
 def test_a_second_copy_is_served_by_the_cache(proxy: QuirkProxy, tmp_path: Path) -> None:
     ref = f"{proxy.host}/fixtures/mixed:v1"
     cache = str(tmp_path / "cache")
@@ -191,7 +236,12 @@ def test_a_network_failure_names_a_file_and_leaves_no_temporaries(
     assert err.count("\n") == 1
     assert "blobmount: 'd0" in err  # the first file of the read that failed
     assert fault.hits >= 1
-    assert _files_under(dest) == {}
+    # the reset comes mid-body: files whose bytes landed before it are written, verified; the
+    # others are not there at all (no partial file under a final name, no temporary)
+    whole = {p: f.data for p, f in tree_files("mixed").items()}
+    written = _files_under(dest)
+    assert len(written) < len(whole)
+    assert all(whole[p] == data for p, data in written.items())
 
 
 def test_the_buffer_bounds_fetched_bytes_beyond_what_the_readers_hold(

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from blobmount.cli import main
-from blobmount.extract import CopyOptions, Item, _File, _pieces, directory_mtime_ns, piece_bytes
+from blobmount.errors import NotFound
+from blobmount.extract import CopyOptions, Item, _File, _pieces, directory_mtime_ns, piece_bytes, plan
 from blobmount.index import Entry, IndexView
 from tests.support.corpus import Spec, bomb_frame, compress, write_archive
 from tests.support.helpers import FIXTURES, make_oci_layout, tree_files
@@ -356,6 +357,17 @@ def test_large_files_stream_in_pieces(args: list[str], tmp_path: Path) -> None:
     }
 
 
+def test_a_small_zstd_file_larger_than_a_piece_is_streamed(tmp_path: Path) -> None:
+    """Under the one-call decoding size (1 MiB) but stored in more than one piece (random bytes
+    barely compress): its pieces go through the streaming decoder, not one call per piece."""
+    rnd = os.urandom(200 << 10)
+    arc = tmp_path / "arc"
+    write_archive(arc, [Spec(b"a.txt", b"a"), Spec(b"r.bin", rnd, zstd=True), Spec(b"z.txt", b"z")])
+    dest = tmp_path / "out"
+    assert main(["cp", str(arc), ".", str(dest), "--buffer", "256K", "--concurrency", "4"]) == 0
+    assert _files_under(dest) == {b"a.txt": b"a", b"r.bin": rnd, b"z.txt": b"z"}
+
+
 def test_a_large_zstd_bomb_is_stopped_at_its_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Streamed through the decoder (over the one-call size): the output stops at original_size."""
     arc = tmp_path / "arc"
@@ -387,6 +399,41 @@ def test_pieces_batch_small_files_and_cut_large_ones() -> None:
     covered = sorted((p.start, p.end) for p in pieces)
     assert covered[0][0] == 0
     assert covered[-1][1] == offset
+
+
+def test_pieces_ramp_from_the_first_size_on_chunk_boundaries() -> None:
+    """With `first`, pieces double from it to the piece size; a large file's cuts stay on
+    multiples of the first size (the chunk size), so no chunk is split but at a file boundary."""
+    sizes = [300_000] * 20 + [5 * MiB] + [10] * 3
+    files, offset = [], 0
+    for number, n in enumerate(sizes):
+        files.append(_File(Item(_entry(number, b"f%02d" % number, offset, n), b"f%02d" % number)))
+        offset += n
+    pieces = list(_pieces(files, 4 * MiB, first=1 * MiB))
+    assert pieces[0].size <= 1 * MiB < pieces[1].size <= 2 * MiB
+    assert max(p.size for p in pieces) <= 4 * MiB
+    assert sum(p.size for p in pieces) == offset
+    big = files[20]
+    assert big.pieces > 1
+    cuts = [p.start for p in pieces if p.parts[0][0] is big][1:]
+    assert cuts
+    assert all(c % MiB == 0 for c in cuts)
+
+
+def test_plan_tells_a_directorys_span_before_validating_and_never_for_a_missing_path(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    write_archive(arc, [Spec(b"a/x", b"x" * 100), Spec(b"a/y", b"y" * 50), Spec(b"b/z", b"z" * 7)])
+    view = IndexView((arc / "index.blob").read_bytes())
+    spans: list[tuple[int, int]] = []
+    items = plan(view, [b"a"], lambda lo, hi: spans.append((lo, hi)))
+    assert spans == [view.data_span(b"a")]
+    lo, hi = spans[0]
+    assert all(lo <= i.entry.data_offset and i.entry.data_offset + i.entry.data_size <= hi for i in items)
+    spans.clear()
+    with pytest.raises(NotFound):
+        plan(view, [b"nothing/here"], lambda lo, hi: spans.append((lo, hi)))
+    assert plan(view, [b"b/z"], lambda lo, hi: spans.append((lo, hi)))[0].rel == b"b/z"
+    assert spans == []  # files alone: nothing to start early
 
 
 def _entry(number: int, path: bytes, offset: int, size: int) -> Entry:

@@ -475,6 +475,21 @@ def test_queued_read_ahead_never_takes_the_request_slots_a_miss_needs() -> None:
     run_jumping(go)
 
 
+def test_prefetch_with_request_bytes_is_one_long_request(tmp_path: Path) -> None:
+    """cp's start of a directory: one stream for the whole range, not request_bytes pieces."""
+    remote = FakeRemote(BLOB)
+
+    async def go() -> None:
+        async with serving(_source(remote, CacheDir(tmp_path / "c"), request_bytes=2 * CS)) as src:
+            src.prefetch(0, 20 * CS, request_bytes=20 * CS)
+            assert await src.read_range(19 * CS, 20 * CS) == BLOB[19 * CS : 20 * CS]
+            src.prefetch(20 * CS, 26 * CS)  # without it: the usual requests of 2 chunks
+            await src.read_range(25 * CS, 26 * CS)
+
+    run(go)
+    assert sorted((s // CS, e // CS) for s, e, _ in remote.requests) == [(0, 20), (20, 22), (22, 24), (24, 26)]
+
+
 def test_fill_as_read_ahead_caps_its_requests(tmp_path: Path) -> None:
     remote = FakeRemote(BLOB)
 
