@@ -52,6 +52,16 @@ def trial(tree: Path, ref: str, work: Path, n: int) -> dict[str, float]:
     cmd = [sys.executable, "-m", "blobmount.cli", "mount", "-f", ref, str(mnt), "--cache-dir", str(cache)]
     # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: run from
     # a checkout's root, both sides would import that checkout
+    imported = subprocess.run(
+        [sys.executable, "-c", "import blobmount; print(blobmount.__file__)"],
+        env=env,
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(imported).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the trial of {tree} would run {imported}")  # both sides must not run one tree
     proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
