@@ -63,7 +63,7 @@ READ_GUARD_S = 4 * BOUND_S  # hang guard of one read once the registry is back
 
 def _readers(mnt: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
     groups = [READERS // 2] + [1] * (READERS - READERS // 2)
-    root = Path(load.__file__).resolve().parents[1]
+    root = Path(load.__file__).resolve().parents[2]  # the repository: tests.support.load imports from it
     return [
         subprocess.Popen(
             [

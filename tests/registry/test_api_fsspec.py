@@ -259,6 +259,7 @@ def _big_offset(p: Pushed) -> int:
 
 
 @pytest.mark.parametrize("verify", ["lazy", "strict"])
+@pytest.mark.expect_log(r"^blobmount\.reader: .*(corrupt zstd frame|sha256 mismatch)", r"; retry \d+ in ")
 def test_an_integrity_failure_raises_and_never_returns_wrong_bytes(
     verify: str, pushed_tree: Pushed, flipping: tuple[FaultProxy, str], tmp_path: Path
 ) -> None:

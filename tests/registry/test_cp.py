@@ -141,6 +141,7 @@ def _victim() -> tuple[bytes, int]:
     return entry.path, entry.data_offset + entry.data_size // 2
 
 
+@pytest.mark.expect_log(r"^blobmount\.(extract|reader): .*(corrupt zstd frame|sha256 mismatch)", r"; retry \d+ in ")
 def test_an_integrity_failure_through_the_proxy_is_exit_5_and_leaves_no_file(
     faults: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -162,6 +163,7 @@ def test_an_integrity_failure_through_the_proxy_is_exit_5_and_leaves_no_file(
     assert all(files[p].data == d for p, d in written.items())
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract): ")
 def test_a_fault_that_clears_is_read_again_and_the_copy_succeeds(
     faults: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -224,6 +226,7 @@ def test_concurrent_range_reads_overlap(
     assert _files_under(dest) == {p: f.data for p, f in tree_files("mixed").items()}
 
 
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract): ")
 def test_a_network_failure_names_a_file_and_leaves_no_temporaries(
     faults: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

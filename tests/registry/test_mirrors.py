@@ -77,6 +77,7 @@ def test_reads_go_through_a_mirror_first(
     assert any("/blobs/sha256:" in h for h in hits)
 
 
+@pytest.mark.expect_log(r"^blobmount\.registry\.mirrors: mirror \S+ failed")
 def test_a_dead_mirror_falls_back_to_the_next_and_the_origin(
     registry: Registry,
     mirror: Registry,
@@ -95,6 +96,7 @@ def test_a_dead_mirror_falls_back_to_the_next_and_the_origin(
     assert capsysbinary.readouterr().out == f.data  # origin, after the dead mirror
 
 
+@pytest.mark.expect_log(r"^blobmount\.registry\.mirrors: mirror \S+ failed")
 def test_a_mirror_without_the_content_falls_back_to_the_origin(
     registry: Registry,
     pushed: dict[str, str],
@@ -116,6 +118,7 @@ def test_a_mirror_without_the_content_falls_back_to_the_origin(
         empty.stop()
 
 
+@pytest.mark.expect_log(r"^blobmount\.registry\.mirrors: mirror \S+ failed")
 def test_flag_mirrors_come_before_hosts_toml_mirrors(
     registry: Registry,
     mirror: Registry,
@@ -249,6 +252,9 @@ def no_stored_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     return home
 
 
+@pytest.mark.expect_log(
+    r"^blobmount\.registry\.mirrors: mirror \S+ failed", r"holds registry credentials but its mode is"
+)
 def test_a_mirror_never_gets_the_origins_credentials(
     auth_registry: Registry,
     no_stored_credentials: Path,

@@ -90,6 +90,7 @@ def test_range_reads_fetch_only_what_is_asked(pushed: dict[str, str]) -> None:
     assert fetched == 4096
 
 
+@pytest.mark.expect_log(r"holds registry credentials but its mode is", r"the registry ignores range requests")
 def test_basic_auth(
     auth_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,6 +164,7 @@ def test_429_with_retry_after_then_success(proxy: QuirkProxy) -> None:
     assert data == (FIXTURES / "basic" / "data.blob").read_bytes()[:200]
 
 
+@pytest.mark.expect_log(r"the registry ignores range requests; downloading the whole")
 def test_200_for_ranges_falls_back_to_a_verified_whole_blob(
     proxy: QuirkProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -193,6 +195,7 @@ def test_empty_archive_sends_no_range_request(proxy: QuirkProxy) -> None:
     assert not [h for m, p, h in proxy.state.seen if "range" in h]
 
 
+@pytest.mark.expect_log(r"holds registry credentials but its mode is")
 def test_credential_helper_and_auth_json(
     auth_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -96,6 +96,7 @@ def test_large_blobs_go_up_in_a_patch_sequence(
     assert capsysbinary.readouterr().out == random.Random(1).randbytes(3 << 20)
 
 
+@pytest.mark.expect_log(r"^blobmount\.registry\.upload: .* broke \(")
 def test_a_lost_chunk_answer_starts_the_upload_over(
     registry: Registry, proxy: QuirkProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

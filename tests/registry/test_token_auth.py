@@ -55,6 +55,7 @@ def test_anonymous_pull_gets_a_pull_only_token(
     assert all("service=blobmount-test" in path for _, path, _ in requests)
 
 
+@pytest.mark.expect_log(r"holds registry credentials but its mode is")
 def test_push_without_credentials_is_refused_then_pushes_with_them(
     token_registry: Registry, no_stored_credentials: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -74,6 +75,7 @@ def test_push_without_credentials_is_refused_then_pushes_with_them(
     assert {"type": "repository", "name": "tok/pushed", "actions": ["pull", "push"]} in [a[0] for a in granted]
 
 
+@pytest.mark.expect_log(r"holds registry credentials but its mode is")
 def test_a_wrong_password_is_refused_at_the_token_endpoint(
     token_registry: Registry, no_stored_credentials: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
