@@ -63,13 +63,17 @@ class Stopped(SourceError):
 class RangeStream(io.RawIOBase):
     """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
 
-    def __init__(self, source: RangeSource, start: int, end: int, decode: Decode | None = None) -> None:
+    def __init__(
+        self, source: RangeSource, start: int, end: int, decode: Decode | None = None, keep: bool = True
+    ) -> None:
         """`decode`: its :meth:`Decode.stop` also cancels a read under way (a stalled fetch must
-        not keep a decode nobody reads alive)."""
+        not keep a decode nobody reads alive). `keep=False`: the compressed bytes are not written
+        to the chunk cache (ReadHint.keep): the decoded file goes to the content store, and a
+        second copy, compressed, would cost a write per byte and never be read."""
         self._source = source
         self._pos = start
         self._end = end
-        self._hint = ReadHint(start, end)
+        self._hint = ReadHint(start, end, keep=keep)
         self._decode = decode
 
     def readable(self) -> bool:
@@ -240,7 +244,10 @@ class Decode:
         """Worker thread: decode, hash, write, publish. Returns the content's xxh3."""
         entry = self.entry
         size = entry.original_size
-        stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size, self)
+        # into the store: its compressed bytes are not kept (a ring's are: a restart reads them)
+        stream = RangeStream(
+            self.source, entry.data_offset, entry.data_offset + entry.data_size, self, keep=self.fd is None
+        )
         hashing = _Hashing(self._put_and_publish)
         pos = 0
         step = FIRST_STEP_BYTES  # the first bytes out soon: time to first byte
