@@ -45,8 +45,10 @@ from blobmount.source import RangeSource, ReadHint, SyncRangeSource
 STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop to the trio thread
 WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
 MIN_WINDOW_BYTES = 4 << 20
-FIRST_STEP_BYTES = 64 << 10  # the first output step, doubled up to STEP_BYTES
+FIRST_STEP_BYTES = 64 << 10  # the first output step; then as long as what came before, up to
+# STEP_BYTES (64K, 64K, 128K, ... 1M: the steps end on STEP_BYTES boundaries, like the kernel's reads)
 HASH_QUEUE = 8  # decoded blocks waiting for the hashing thread (memory: this many STEP_BYTES)
+BUFFERS = HASH_QUEUE + 2  # output buffers the decoder fills in turn (one being filled, one hashed)
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
 LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
@@ -250,22 +252,23 @@ class Decode:
         )
         hashing = _Hashing(self._put_and_publish)
         pos = 0
-        step = FIRST_STEP_BYTES  # the first bytes out soon: time to first byte
         try:
             with zstandard.ZstdDecompressor().stream_reader(stream, read_size=STEP_BYTES) as reader:  # type: ignore[arg-type]
                 while True:
                     if self._stop:
                         raise Stopped(f"{show(entry.path)}: decode stopped at byte {pos}: no reader left")
-                    block = reader.read(step)
-                    step = min(step * 2, STEP_BYTES)
-                    if not block:
+                    buf = hashing.buffer()
+                    step = min(max(pos, FIRST_STEP_BYTES), STEP_BYTES)  # the first bytes soon (TTFB)
+                    n = reader.readinto(memoryview(buf)[:step])  # into a recycled buffer: no new
+                    # 1 MiB object (and its page faults) per step
+                    if not n:
+                        hashing.recycle(buf)
                         break
-                    n = len(block)
                     if pos + n > size:
                         raise IntegrityError(
                             f"{show(entry.path)}: zstd frame decodes past original_size {size}; refused"
                         )
-                    hashing.put(pos, block)  # hashed, written and published on the hashing thread
+                    hashing.put(pos, buf, n)  # hashed, written and published on the hashing thread
                     pos += n
         except zstandard.ZstdError as exc:
             hashing.close(check=False)
@@ -284,17 +287,17 @@ class Decode:
             )
         return xxh3
 
-    def _put_and_publish(self, pos: int, block: bytes) -> None:
+    def _put_and_publish(self, pos: int, block: memoryview) -> None:
         """The hashing thread: the block goes to the output, then its end to the readers."""
         self._put(pos, block)
         token = self._token
         assert token is not None
         token.run_sync_soon(self._publish, pos + len(block))
 
-    def _put(self, pos: int, block: bytes) -> None:
+    def _put(self, pos: int, block: memoryview) -> None:
         if self._ring is None:
             assert self.fd is not None
-            view = memoryview(block)
+            view = block
             while view:
                 n = os.pwrite(self.fd, view, pos)
                 view, pos = view[n:], pos + n
@@ -325,10 +328,17 @@ class Decode:
 class _Hashing:
     """sha256 and xxh3 of the decoded blocks, and `sink(pos, block)` (write and publish), on a thread
     of their own: the decoder goes on with the next block meanwhile (zstd, hashlib and the write
-    each release the GIL, so on two cores the decode no longer waits for them)."""
+    each release the GIL, so on two cores the decode no longer waits for them).
 
-    def __init__(self, sink: Callable[[int, bytes], None]) -> None:
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(HASH_QUEUE)
+    The blocks live in ``BUFFERS`` recycled bytearrays: the decoder takes one (:meth:`buffer`, which
+    waits while all are queued), fills it, hands it over (:meth:`put`); this thread gives it back
+    once it is hashed and written. The sink must not keep the block (it copies or writes it)."""
+
+    def __init__(self, sink: Callable[[int, memoryview], None]) -> None:
+        self._queue: queue.Queue[tuple[int, bytearray, int] | None] = queue.Queue(HASH_QUEUE)
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(BUFFERS):
+            self._free.put(bytearray(STEP_BYTES))
         self._sink = sink
         self._sha256 = hashlib.sha256()
         self._xxh3 = xxhash.xxh3_64()
@@ -338,20 +348,37 @@ class _Hashing:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self.error is not None:
-                continue  # drained, so the decoder never blocks on a full queue
-            pos, block = item
-            self._sha256.update(block)
-            self._xxh3.update(block)
+            pos, buf, n = item
             try:
-                self._sink(pos, block)
-            except BaseException as exc:  # handed to the decoder's thread
-                self.error = exc
+                if self.error is not None:
+                    continue  # drained, so the decoder never blocks on a full queue
+                block = memoryview(buf)[:n]
+                self._sha256.update(block)
+                self._xxh3.update(block)
+                try:
+                    self._sink(pos, block)
+                except BaseException as exc:  # handed to the decoder's thread
+                    self.error = exc
+                finally:
+                    block.release()
+            finally:
+                self._free.put(buf)
 
-    def put(self, pos: int, block: bytes) -> None:
+    def buffer(self) -> bytearray:
+        """A free output buffer of ``STEP_BYTES`` (waits while every one is queued)."""
         if self.error is not None:
             raise self.error
-        self._queue.put((pos, block))
+        return self._free.get()
+
+    def recycle(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+    def put(self, pos: int, buf: bytearray, n: int) -> None:
+        """Hash, write and publish ``buf[:n]`` (decoded bytes [pos, pos + n)); `buf` comes back
+        to :meth:`buffer` once done."""
+        if self.error is not None:
+            raise self.error
+        self._queue.put((pos, buf, n))
 
     def close(self, check: bool = True) -> tuple[bytes, int]:
         """Waits for the blocks put so far; returns (sha256, xxh3), or (`check`) raises the sink's
