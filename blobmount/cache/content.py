@@ -24,6 +24,7 @@ Concurrency contract:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -188,6 +189,7 @@ class ContentStore:
             raise StoreUnavailable(f"content cache {final.parent}: cannot write: {exc.strerror}") from exc
         try:
             os.ftruncate(fd, size)
+            _preallocate(fd, size)
             if not self.cache.reserve(size):
                 raise StoreUnavailable(f"content cache {self.cache.root}: --cache-size leaves no room for {size} bytes")
         except BaseException as exc:
@@ -261,6 +263,26 @@ class ContentStore:
     def release(self, key: str, fd: int) -> None:
         os.close(fd)
         self.cache.unpin(self._path(key))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Allocate the blocks of a file a decode is about to write whole (fallocate(2), mode 0: no
+    zeroing, no write). Measured: writing the decoded bytes into allocated blocks cost less system
+    time than into a sparse file (ext4's delayed allocation per page). Best effort: a file system
+    without fallocate keeps the sparse file (never glibc's posix_fallocate, which emulates it by
+    writing zeros over the whole file). A disk too full for it raises ENOSPC now, before any byte
+    is decoded (the caller decodes through a window instead)."""
+    if _fallocate is not None and _fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err, os.strerror(err))
 
 
 def _trailer_ok(fd: int) -> bool:

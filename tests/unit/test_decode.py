@@ -5,6 +5,7 @@ several processes, the registry) is tests/fuse/test_zstd_stream.py."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import trio
 
 from blobmount import decode
 from blobmount.cache import ContentStore
+from blobmount.cache.content import TRAILER_BYTES
 from blobmount.errors import IntegrityError
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
@@ -126,3 +128,21 @@ def test_a_decode_whose_readers_left_stops_and_gives_its_space_back(
         assert not list((tmp_path / "c").rglob("*.tmp"))
 
     trio.run(_with_reader, archive, tmp_path / "c", 1 << 30, body)
+
+
+def test_the_store_temp_file_of_a_decode_is_allocated_before_it_is_written(tmp_path: Path) -> None:
+    """begin() allocates the blocks of the temp file a decode writes (fallocate: cheaper writes than
+    into a sparse file); it stays the size the budget reserved, and abort frees it."""
+    size = 8 * MiB + 5
+
+    async def go() -> None:
+        store = ContentStore(tmp_path / "cache", 64 * MiB)
+        pending = await store.begin("ab" * 32, size)
+        st = os.fstat(pending.fd)
+        assert st.st_size == size + TRAILER_BYTES
+        assert st.st_blocks * 512 >= size, st.st_blocks  # allocated, not a hole
+        await store.abort(pending)
+        os.close(pending.fd)
+        assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+    trio.run(go)
