@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from blobmount import decode
 from blobmount.cache import ContentStore
@@ -146,3 +147,54 @@ def test_the_store_temp_file_of_a_decode_is_allocated_before_it_is_written(tmp_p
         assert not list((tmp_path / "cache").rglob("*.tmp"))
 
     trio.run(go)
+
+
+class _TimedSource:
+    """A remote-like source (no read_range_sync) that records each read's size; `delay_s` per read."""
+
+    def __init__(self, data: bytes, delay_s: float) -> None:
+        self.data = data
+        self.delay_s = delay_s
+        self.asked: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    async def read_range(self, start: int, end: int, hint: object = None) -> bytes:
+        self.asked.append(end - start)
+        if self.delay_s:
+            await trio.sleep(self.delay_s)
+        return self.data[start:end]
+
+    def close(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 1.0])
+def test_the_frame_is_read_in_growing_hops_while_they_are_fast(delay_s: float) -> None:
+    """The decoder reads the frame from the trio thread in hops of 1 MiB doubling to INPUT_BYTES
+    while each comes back fast (fewer waits for the trio thread); over a slow link every hop stays
+    1 MiB, so no read asks it for more than it delivers within --timeout. Trio's mock clock."""
+    src = _TimedSource(bytes(range(256)) * (100_000), delay_s)
+    got = bytearray()
+
+    def drain() -> None:
+        stream = decode.RangeStream(src, 0, src.size)
+        buf = bytearray(decode.INPUT_BYTES)
+        for _ in range(8):
+            n = stream.readinto(buf)
+            got.extend(buf[:n])
+
+    async def go() -> None:
+        await trio.to_thread.run_sync(drain)
+
+    trio.run(go, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert bytes(got) == src.data[: len(got)]
+    if delay_s < decode.INPUT_FAST_S:
+        assert src.asked[:5] == [MiB, 2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB], src.asked
+    else:
+        assert src.asked == [MiB] * 8, src.asked
