@@ -50,7 +50,9 @@ def trial(tree: Path, ref: str, work: Path, n: int) -> dict[str, float]:
     mnt.mkdir()
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, "-m", "blobmount.cli", "mount", "-f", ref, str(mnt), "--cache-dir", str(cache)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: run from
+    # a checkout's root, both sides would import that checkout
+    proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not os.path.ismount(mnt):
