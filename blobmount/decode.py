@@ -124,8 +124,18 @@ class RangeStream(io.RawIOBase):
 class Decode:
     """A running (or finished) decode of `entry` into `fd` (a pre-sized file) or a ring."""
 
-    def __init__(self, entry: Entry, source: RangeSource, fd: int | None, window: int) -> None:
+    def __init__(
+        self,
+        entry: Entry,
+        source: RangeSource,
+        fd: int | None,
+        window: int,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        """`prepare`: run on the hashing thread once the first block is out (the store's
+        preallocation of `fd`: never before the first byte)."""
         self.entry = entry
+        self._prepare = prepare
         self.source = source
         self.fd = fd
         self.window = window
@@ -264,7 +274,7 @@ class Decode:
         stream = RangeStream(
             self.source, entry.data_offset, entry.data_offset + entry.data_size, self, keep=self.fd is None
         )
-        hashing = _Hashing(self._put_and_publish)
+        hashing = _Hashing(self._put_and_publish, self._prepare)
         pos = 0
         try:
             with zstandard.ZstdDecompressor().stream_reader(stream, read_size=INPUT_BYTES) as reader:  # type: ignore[arg-type]
@@ -344,16 +354,18 @@ class _Hashing:
     of their own: the decoder goes on with the next block meanwhile (zstd, hashlib and the write
     each release the GIL, so on two cores the decode no longer waits for them).
 
-    The blocks live in ``BUFFERS`` recycled bytearrays: the decoder takes one (:meth:`buffer`, which
+    The blocks live in at most ``BUFFERS`` recycled bytearrays, made as they are first needed (making
+    all ten at once cost 6-9 ms before the first byte): the decoder takes one (:meth:`buffer`, which
     waits while all are queued), fills it, hands it over (:meth:`put`); this thread gives it back
-    once it is hashed and written. The sink must not keep the block (it copies or writes it)."""
+    once it is hashed and written. The sink must not keep the block (it copies or writes it).
+    `after_first()` runs on this thread once the first block is out (work that must not delay it)."""
 
-    def __init__(self, sink: Callable[[int, memoryview], None]) -> None:
+    def __init__(self, sink: Callable[[int, memoryview], None], after_first: Callable[[], None] | None = None) -> None:
         self._queue: queue.Queue[tuple[int, bytearray, int] | None] = queue.Queue(HASH_QUEUE)
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(BUFFERS):
-            self._free.put(bytearray(STEP_BYTES))
+        self._made = 0  # buffers made so far (the decoder's thread only)
         self._sink = sink
+        self._after_first = after_first
         self._sha256 = hashlib.sha256()
         self._xxh3 = xxhash.xxh3_64()
         self.error: BaseException | None = None  # the sink failed: the decode fails with it
@@ -371,6 +383,9 @@ class _Hashing:
                 self._xxh3.update(block)
                 try:
                     self._sink(pos, block)
+                    if self._after_first is not None:
+                        after, self._after_first = self._after_first, None
+                        after()
                 except BaseException as exc:  # handed to the decoder's thread
                     self.error = exc
                 finally:
@@ -382,6 +397,12 @@ class _Hashing:
         """A free output buffer of ``STEP_BYTES`` (waits while every one is queued)."""
         if self.error is not None:
             raise self.error
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._made < BUFFERS:
+                self._made += 1
+                return bytearray(STEP_BYTES)
         return self._free.get()
 
     def recycle(self, buf: bytearray) -> None:

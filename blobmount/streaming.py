@@ -19,6 +19,7 @@ A mixin of :class:`blobmount.reader.Reader`, touched only from the trio thread.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -156,7 +157,10 @@ class StreamingReads:
             show(entry.path),
             "into the content store" if pending is not None else f"through a {window}-byte window",
         )
-        dec = Decode(entry, self.source, pending.fd if pending is not None else None, window)
+        if pending is not None:
+            dec = Decode(entry, self.source, pending.fd, window, functools.partial(ContentStore.preallocate, pending))
+        else:
+            dec = Decode(entry, self.source, None, window)
         if pending is not None:
             self._pending[id(dec)] = pending
         self._decodes.setdefault(entry.number, []).append(dec)

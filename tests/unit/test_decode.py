@@ -15,7 +15,7 @@ import trio.testing
 
 from blobmount import decode
 from blobmount.cache import ContentStore
-from blobmount.cache.content import TRAILER_BYTES
+from blobmount.cache.content import TRAILER_BYTES, Pending
 from blobmount.errors import IntegrityError
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
@@ -131,22 +131,47 @@ def test_a_decode_whose_readers_left_stops_and_gives_its_space_back(
     trio.run(_with_reader, archive, tmp_path / "c", 1 << 30, body)
 
 
-def test_the_store_temp_file_of_a_decode_is_allocated_before_it_is_written(tmp_path: Path) -> None:
-    """begin() allocates the blocks of the temp file a decode writes (fallocate: cheaper writes than
-    into a sparse file); it stays the size the budget reserved, and abort frees it."""
+def test_the_store_temp_file_of_a_decode_is_allocated_once_its_first_bytes_are_out(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """preallocate() allocates the blocks of the temp file a decode writes (fallocate: cheaper
+    writes than into a sparse file), keeping the size the budget reserved; a decode into the store
+    calls it once, from its hashing thread, after its first block was written (never before the
+    first byte)."""
     size = 8 * MiB + 5
 
-    async def go() -> None:
-        store = ContentStore(tmp_path / "cache", 64 * MiB)
+    async def alone() -> None:
+        store = ContentStore(tmp_path / "alone", 64 * MiB)
         pending = await store.begin("ab" * 32, size)
+        assert os.fstat(pending.fd).st_blocks == 0  # sparse until preallocated
+        await trio.to_thread.run_sync(ContentStore.preallocate, pending)
         st = os.fstat(pending.fd)
         assert st.st_size == size + TRAILER_BYTES
         assert st.st_blocks * 512 >= size, st.st_blocks  # allocated, not a hole
         await store.abort(pending)
         os.close(pending.fd)
-        assert not list((tmp_path / "cache").rglob("*.tmp"))
+        assert not list((tmp_path / "alone").rglob("*.tmp"))
 
-    trio.run(go)
+    trio.run(alone)
+
+    want = _text(12 * MiB + 333)
+    calls: list[bytes] = []
+    real = ContentStore.preallocate
+
+    def spy(pending: Pending) -> None:
+        calls.append(os.pread(pending.fd, 4096, 0))  # what the file holds when it is called
+        real(pending)
+
+    monkeypatch.setattr(ContentStore, "preallocate", staticmethod(spy))
+
+    async def body(reader: Reader, entries: dict[bytes, object]) -> None:
+        entry = entries[b"a.txt"]
+        handle = await reader.open(entry)  # type: ignore[arg-type]
+        assert await reader.read(handle, len(want) - 10, 100) == want[-10:]
+        reader.close(handle)
+
+    trio.run(_with_reader, archive, tmp_path / "c", 1 << 30, body)
+    assert calls == [want[:4096]]
 
 
 class _TimedSource:
