@@ -2,6 +2,7 @@
 ``curl | zstd -d | openssl dgst -sha256`` of the same bytes, one run.
 
     python -m bench.zstd_stream [--sizes 64M,384M,2G] [--reps 3] [--json [OUT]]
+                               [--trees BEFORE AFTER]
 
 Compressible text (words of a fixed vocabulary in random order, ~3.5x with zstd; files above 64 MiB
 are rotated copies of a 64 MiB base, each with its own first line, so zstd's window never sees a
@@ -13,6 +14,12 @@ loopback. Per size and repetition, each with a fresh mount and an empty cache di
 - ``seq``: ``openssl dgst -sha256 MOUNT/FILE``, the whole file cold;
 - ``pipe``: ``curl -r`` of the file's frame from the registry ``| zstd -d | openssl dgst -sha256``,
   the same bytes decoded and hashed by the fastest tools at hand (target: ``pipe / seq >= 0.8``).
+
+With each ``seq``: the daemon's CPU (utime + stime from /proc, per GiB of the file) and the pipe's
+(its three processes). ``--trees BEFORE AFTER`` (two blobmount source trees, ``PYTHONPATH`` per
+mount, as bench/registry_pairs.py) runs ``seq`` for both in every repetition, in alternating order
+(before-after, after-before, ...), beside the same ``pipe``: a before/after in one run, whose
+ratios are taken per pair.
 
 The page cache is not dropped (a shared machine): the registry's blob is read warm for both. The
 load average is printed with every row; on a loaded machine compare the ratios, not the seconds.
@@ -118,8 +125,10 @@ def data_digest(archive: Path) -> str:
 class Mount:
     """`blobmount mount -f` of the pushed archive with an empty cache; always taken down."""
 
-    def __init__(self, janitor: Janitor, work: Path, ref: str, n: int) -> None:
+    def __init__(self, janitor: Janitor, work: Path, ref: str, n: int, tree: Path | None = None) -> None:
+        """`tree`: a blobmount source tree to run the daemon from (``PYTHONPATH``)."""
         self.janitor = janitor
+        self.tree = tree
         self.mnt = work / f"mnt-{n}"
         self.cache = work / f"cache-{n}"
         self.log = work / f"mount-{n}.log"
@@ -129,8 +138,11 @@ class Mount:
         fresh_dir(self.mnt)
         fresh_dir(self.cache)
         extra = os.environ.get("BENCH_MOUNT_ARGS", "").split()  # e.g. "--log-level debug" to look inside
-        cmd = [*blobmount_cmd(), "mount", "-f", self.ref, str(self.mnt), "--cache-dir", str(self.cache), *extra]
-        self.proc = self.janitor.spawn(cmd, self.log)
+        base, env, cwd = blobmount_cmd(), None, None
+        if self.tree is not None:
+            base, env, cwd = [sys.executable, "-m", "blobmount.cli"], tree_env(self.tree), self.tree
+        cmd = [*base, "mount", "-f", self.ref, str(self.mnt), "--cache-dir", str(self.cache), *extra]
+        self.proc = self.janitor.spawn(cmd, self.log, env=env, cwd=cwd)
         deadline = time.monotonic() + MOUNT_WAIT_S
         while not os.path.ismount(self.mnt):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -146,6 +158,20 @@ class Mount:
         shutil.rmtree(self.cache, ignore_errors=True)
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(tree))
+
+
+def check_tree(tree: Path) -> None:
+    """The daemon imports blobmount from `tree`, not from the installed (editable) package. Run
+    from `tree` as its working directory: ``python -m`` puts the working directory first on
+    ``sys.path``, ahead of PYTHONPATH."""
+    cmd = [sys.executable, "-c", "import blobmount; print(blobmount.__file__)"]
+    out = subprocess.run(cmd, env=tree_env(tree), cwd=tree, capture_output=True, check=True, text=True)
+    if not Path(out.stdout.strip()).is_relative_to(tree):
+        raise SystemExit(f"--trees: blobmount comes from {out.stdout.strip()}, not {tree}")
+
+
 def ttfb(path: Path) -> float:
     t = time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
@@ -158,14 +184,39 @@ def ttfb(path: Path) -> float:
     return took
 
 
-def timed(cmd: list[str] | str, want: str, shell: bool = False) -> float:
+def children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a running process, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str] | str, want: str, shell: bool = False) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (of the command's processes) of one run."""
+    c = children_cpu()
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, check=True, shell=shell, timeout=RUN_TIMEOUT_S)
     took = time.perf_counter() - t
     got = out.stdout.split()[0].decode()
     if got != want:
         raise SystemExit(f"{cmd}: wrong sha256 {got}, expected {want}")
-    return took
+    return took, children_cpu() - c
+
+
+def seq_trial(
+    janitor: Janitor, work: Path, ref: str, n: int, tree: Path | None, path: str, want: str
+) -> dict[str, float]:
+    """A cold `openssl dgst` of the file through a fresh mount: wall s, daemon and openssl CPU-s."""
+    mount = Mount(janitor, work, ref, n, tree)
+    with mount as mnt:
+        c0 = proc_cpu(mount.proc.pid)
+        took, ossl = timed(["openssl", "dgst", "-sha256", "-r", str(mnt / path)], want)
+        c1 = proc_cpu(mount.proc.pid)
+    return {"seq": took, "daemon_cpu": c1 - c0, "openssl_cpu": ossl}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="64M,384M,2G")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", nargs="?", const=AUTO_JSON, default=None, type=Path, metavar="OUT")
+    ap.add_argument("--trees", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), default=None)
     args = ap.parse_args(argv)
+    sides: list[tuple[str, Path | None]] = [("", None)]
+    if args.trees is not None:
+        sides = [("before", args.trees[0].resolve()), ("after", args.trees[1].resolve())]
+        for _, tree in sides:
+            assert tree is not None
+            check_tree(tree)
     if os.geteuid() != 0:
         raise SystemExit("needs root (mounts)")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
@@ -200,38 +258,67 @@ def main(argv: list[str] | None = None) -> int:
                 for size in sizes:
                     name = names[size]
                     offset, stored, want = where[name.encode()]
-                    row: dict[str, Any] = {"size": size, "rep": rep, "stored": stored}
-                    n += 1
-                    with Mount(janitor, work, ref, n) as mnt:
-                        row["ttfb"] = ttfb(mnt / name)
-                    n += 1
-                    with Mount(janitor, work, ref, n) as mnt:
-                        row["seq"] = timed(["openssl", "dgst", "-sha256", "-r", str(mnt / name)], want)
                     pipe = f"curl -sf -r {offset}-{offset + stored - 1} {blob_url} | zstd -dc | openssl dgst -sha256 -r"
-                    row["pipe"] = timed(pipe, want, shell=True)
-                    row["ratio"] = row["pipe"] / row["seq"]
-                    row["load"] = loadavg()
-                    rows.append(row)
-                    print(
-                        f"{size >> 20} MiB (frame {stored >> 20} MiB) rep {rep}: ttfb {row['ttfb'] * 1000:.1f} ms;"
-                        f" seq {row['seq']:.2f} s ({size / row['seq'] / 2**20:.0f} MiB/s); pipe {row['pipe']:.2f} s;"
-                        f" pipe/seq {row['ratio']:.2f}; load {row['load']}",
-                        flush=True,
-                    )
+                    pipe_s, pipe_cpu = timed(pipe, want, shell=True)
+                    order = sides if rep % 2 == 0 else sides[::-1]
+                    for side, tree in order:
+                        row: dict[str, Any] = {"size": size, "rep": rep, "stored": stored, "side": side}
+                        n += 1
+                        with Mount(janitor, work, ref, n, tree) as mnt:
+                            row["ttfb"] = ttfb(mnt / name)
+                        n += 1
+                        row.update(seq_trial(janitor, work, ref, n, tree, name, want))
+                        row["pipe"], row["pipe_cpu"] = pipe_s, pipe_cpu
+                        row["ratio"] = row["pipe"] / row["seq"]
+                        row["load"] = loadavg()
+                        rows.append(row)
+                        gib = size / 2**30
+                        print(
+                            f"{size >> 20} MiB (frame {stored >> 20} MiB) rep {rep}{' ' + side if side else ''}:"
+                            f" ttfb {row['ttfb'] * 1000:.1f} ms; seq {row['seq']:.2f} s"
+                            f" ({size / row['seq'] / 2**20:.0f} MiB/s, daemon {row['daemon_cpu'] / gib:.2f} CPU-s/GiB,"
+                            f" openssl {row['openssl_cpu'] / gib:.2f}); pipe {row['pipe']:.2f} s"
+                            f" ({pipe_cpu / gib:.2f} CPU-s/GiB); pipe/seq {row['ratio']:.2f}; load {row['load']}",
+                            flush=True,
+                        )
             janitor.stop(registry.proc)
         finally:
             janitor.stop_all()
-    print("| size | ttfb ms (median, max) | seq s | curl \\| zstd -d \\| openssl s | pipe / seq (target >= 0.8) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| size | side | ttfb ms (median, max) | seq s [min-max] | seq MiB/s | daemon CPU-s/GiB"
+        " | curl \\| zstd -d \\| openssl s (CPU-s/GiB) | pipe / seq, median of pairs [min-max] (target >= 0.8) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
-        mine = [r for r in rows if r["size"] == size]
-        if not mine:
-            continue
-        ttfbs = [r["ttfb"] * 1000 for r in mine]
-        print(
-            f"| {size >> 20} MiB | {median(ttfbs):.1f}, {max(ttfbs):.1f} | {median([r['seq'] for r in mine]):.2f} "
-            f"| {median([r['pipe'] for r in mine]):.2f} | {median([r['ratio'] for r in mine]):.2f} |"
-        )
+        gib = size / 2**30
+        for side, _ in sides:
+            mine = [r for r in rows if r["size"] == size and r["side"] == side]
+            if not mine:
+                continue
+            ttfbs = [r["ttfb"] * 1000 for r in mine]
+            seqs = [r["seq"] for r in mine]
+            ratios = [r["ratio"] for r in mine]
+            print(
+                f"| {size >> 20} MiB | {side or '-'} | {median(ttfbs):.1f}, {max(ttfbs):.1f}"
+                f" | {median(seqs):.2f} [{min(seqs):.2f}-{max(seqs):.2f}] | {size / median(seqs) / 2**20:.0f}"
+                f" | {median([r['daemon_cpu'] for r in mine]) / gib:.2f}"
+                f" | {median([r['pipe'] for r in mine]):.2f} ({median([r['pipe_cpu'] for r in mine]) / gib:.2f})"
+                f" | {median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] |"
+            )
+        if len(sides) == 2:
+            pairs: dict[int, dict[str, dict[str, Any]]] = {}
+            for r in rows:
+                if r["size"] == size:
+                    pairs.setdefault(r["rep"], {})[r["side"]] = r
+            full = [p for p in pairs.values() if len(p) == 2]
+            if full:
+                speed = [p["before"]["seq"] / p["after"]["seq"] for p in full]
+                cpu = [p["after"]["daemon_cpu"] / p["before"]["daemon_cpu"] for p in full]
+                print(
+                    f"| {size >> 20} MiB | after/before, per pair | | speed {median(speed):.2f}x"
+                    f" [{min(speed):.2f}-{max(speed):.2f}] | | daemon CPU {median(cpu):.2f}x"
+                    f" [{min(cpu):.2f}-{max(cpu):.2f}] | | |"
+                )
     if args.json is not None:
         out = default_json_path("zstd-stream") if args.json == AUTO_JSON else args.json
         write_json(

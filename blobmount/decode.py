@@ -45,8 +45,14 @@ from blobmount.source import RangeSource, ReadHint, SyncRangeSource
 STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop to the trio thread
 WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
 MIN_WINDOW_BYTES = 4 << 20
-FIRST_STEP_BYTES = 64 << 10  # the first output step, doubled up to STEP_BYTES
+INPUT_BYTES = 8 << 20  # compressed bytes per hop to the trio thread, once a decode is under way
+INPUT_FIRST_BYTES = 1 << 20  # the first hop's (doubling): the first bytes come after 1 MiB of frame
+INPUT_FAST_S = 0.25  # a hop that took longer (a slow link) sends the next one back to the first size,
+# so one read never asks a slow link for more than it delivers well within --timeout
+FIRST_STEP_BYTES = 64 << 10  # the first output step; then as long as what came before, up to
+# STEP_BYTES (64K, 64K, 128K, ... 1M: the steps end on STEP_BYTES boundaries, like the kernel's reads)
 HASH_QUEUE = 8  # decoded blocks waiting for the hashing thread (memory: this many STEP_BYTES)
+BUFFERS = HASH_QUEUE + 2  # output buffers the decoder fills in turn (one being filled, one hashed)
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
 LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
@@ -63,29 +69,43 @@ class Stopped(SourceError):
 class RangeStream(io.RawIOBase):
     """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
 
-    def __init__(self, source: RangeSource, start: int, end: int, decode: Decode | None = None) -> None:
+    def __init__(
+        self, source: RangeSource, start: int, end: int, decode: Decode | None = None, keep: bool = True
+    ) -> None:
         """`decode`: its :meth:`Decode.stop` also cancels a read under way (a stalled fetch must
-        not keep a decode nobody reads alive)."""
+        not keep a decode nobody reads alive). `keep=False`: the compressed bytes are not written
+        to the chunk cache (ReadHint.keep): the decoded file goes to the content store, and a
+        second copy, compressed, would cost a write per byte and never be read."""
         self._source = source
         self._pos = start
         self._end = end
-        self._hint = ReadHint(start, end)
+        self._hint = ReadHint(start, end, keep=keep)
         self._decode = decode
+        self._ask = INPUT_FIRST_BYTES  # per hop: doubles up to what the decoder asks (INPUT_BYTES)
+        # while hops are fast: fewer hops, each a wait for the trio thread (22 % of the decoder's
+        # time in a profile of a cold 2 GiB read at 1 MiB per hop)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(b), self._end - self._pos)
+        n = min(len(b), self._end - self._pos, self._ask)
         if n <= 0:
             return 0
         if isinstance(self._source, SyncRangeSource):
             data = self._source.read_range_sync(self._pos, self._pos + n)
         else:
-            data = trio.from_thread.run(self._read, self._pos, self._pos + n)
+            data, took = trio.from_thread.run(self._timed_read, self._pos, self._pos + n)
+            self._ask = min(self._ask * 2, len(b)) if took < INPUT_FAST_S else INPUT_FIRST_BYTES
         b[: len(data)] = data
         self._pos += len(data)
         return len(data)
+
+    async def _timed_read(self, start: int, end: int) -> tuple[bytes, float]:
+        """The bytes, and how long the source took (trio's clock)."""
+        started = trio.current_time()
+        data = await self._read(start, end)
+        return data, trio.current_time() - started
 
     async def _read(self, start: int, end: int) -> bytes:
         decode = self._decode
@@ -104,8 +124,18 @@ class RangeStream(io.RawIOBase):
 class Decode:
     """A running (or finished) decode of `entry` into `fd` (a pre-sized file) or a ring."""
 
-    def __init__(self, entry: Entry, source: RangeSource, fd: int | None, window: int) -> None:
+    def __init__(
+        self,
+        entry: Entry,
+        source: RangeSource,
+        fd: int | None,
+        window: int,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        """`prepare`: run on the hashing thread once the first block is out (the store's
+        preallocation of `fd`: never before the first byte)."""
         self.entry = entry
+        self._prepare = prepare
         self.source = source
         self.fd = fd
         self.window = window
@@ -240,25 +270,29 @@ class Decode:
         """Worker thread: decode, hash, write, publish. Returns the content's xxh3."""
         entry = self.entry
         size = entry.original_size
-        stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size, self)
-        hashing = _Hashing(self._put_and_publish)
+        # into the store: its compressed bytes are not kept (a ring's are: a restart reads them)
+        stream = RangeStream(
+            self.source, entry.data_offset, entry.data_offset + entry.data_size, self, keep=self.fd is None
+        )
+        hashing = _Hashing(self._put_and_publish, self._prepare)
         pos = 0
-        step = FIRST_STEP_BYTES  # the first bytes out soon: time to first byte
         try:
-            with zstandard.ZstdDecompressor().stream_reader(stream, read_size=STEP_BYTES) as reader:  # type: ignore[arg-type]
+            with zstandard.ZstdDecompressor().stream_reader(stream, read_size=INPUT_BYTES) as reader:  # type: ignore[arg-type]
                 while True:
                     if self._stop:
                         raise Stopped(f"{show(entry.path)}: decode stopped at byte {pos}: no reader left")
-                    block = reader.read(step)
-                    step = min(step * 2, STEP_BYTES)
-                    if not block:
+                    buf = hashing.buffer()
+                    step = min(max(pos, FIRST_STEP_BYTES), STEP_BYTES)  # the first bytes soon (TTFB)
+                    n = reader.readinto(memoryview(buf)[:step])  # into a recycled buffer: no new
+                    # 1 MiB object (and its page faults) per step
+                    if not n:
+                        hashing.recycle(buf)
                         break
-                    n = len(block)
                     if pos + n > size:
                         raise IntegrityError(
                             f"{show(entry.path)}: zstd frame decodes past original_size {size}; refused"
                         )
-                    hashing.put(pos, block)  # hashed, written and published on the hashing thread
+                    hashing.put(pos, buf, n)  # hashed, written and published on the hashing thread
                     pos += n
         except zstandard.ZstdError as exc:
             hashing.close(check=False)
@@ -277,17 +311,17 @@ class Decode:
             )
         return xxh3
 
-    def _put_and_publish(self, pos: int, block: bytes) -> None:
+    def _put_and_publish(self, pos: int, block: memoryview) -> None:
         """The hashing thread: the block goes to the output, then its end to the readers."""
         self._put(pos, block)
         token = self._token
         assert token is not None
         token.run_sync_soon(self._publish, pos + len(block))
 
-    def _put(self, pos: int, block: bytes) -> None:
+    def _put(self, pos: int, block: memoryview) -> None:
         if self._ring is None:
             assert self.fd is not None
-            view = memoryview(block)
+            view = block
             while view:
                 n = os.pwrite(self.fd, view, pos)
                 view, pos = view[n:], pos + n
@@ -318,11 +352,20 @@ class Decode:
 class _Hashing:
     """sha256 and xxh3 of the decoded blocks, and `sink(pos, block)` (write and publish), on a thread
     of their own: the decoder goes on with the next block meanwhile (zstd, hashlib and the write
-    each release the GIL, so on two cores the decode no longer waits for them)."""
+    each release the GIL, so on two cores the decode no longer waits for them).
 
-    def __init__(self, sink: Callable[[int, bytes], None]) -> None:
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(HASH_QUEUE)
+    The blocks live in at most ``BUFFERS`` recycled bytearrays, made as they are first needed (making
+    all ten at once cost 6-9 ms before the first byte): the decoder takes one (:meth:`buffer`, which
+    waits while all are queued), fills it, hands it over (:meth:`put`); this thread gives it back
+    once it is hashed and written. The sink must not keep the block (it copies or writes it).
+    `after_first()` runs on this thread once the first block is out (work that must not delay it)."""
+
+    def __init__(self, sink: Callable[[int, memoryview], None], after_first: Callable[[], None] | None = None) -> None:
+        self._queue: queue.Queue[tuple[int, bytearray, int] | None] = queue.Queue(HASH_QUEUE)
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._made = 0  # buffers made so far (the decoder's thread only)
         self._sink = sink
+        self._after_first = after_first
         self._sha256 = hashlib.sha256()
         self._xxh3 = xxhash.xxh3_64()
         self.error: BaseException | None = None  # the sink failed: the decode fails with it
@@ -331,20 +374,46 @@ class _Hashing:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self.error is not None:
-                continue  # drained, so the decoder never blocks on a full queue
-            pos, block = item
-            self._sha256.update(block)
-            self._xxh3.update(block)
+            pos, buf, n = item
             try:
-                self._sink(pos, block)
-            except BaseException as exc:  # handed to the decoder's thread
-                self.error = exc
+                if self.error is not None:
+                    continue  # drained, so the decoder never blocks on a full queue
+                block = memoryview(buf)[:n]
+                self._sha256.update(block)
+                self._xxh3.update(block)
+                try:
+                    self._sink(pos, block)
+                    if self._after_first is not None:
+                        after, self._after_first = self._after_first, None
+                        after()
+                except BaseException as exc:  # handed to the decoder's thread
+                    self.error = exc
+                finally:
+                    block.release()
+            finally:
+                self._free.put(buf)
 
-    def put(self, pos: int, block: bytes) -> None:
+    def buffer(self) -> bytearray:
+        """A free output buffer of ``STEP_BYTES`` (waits while every one is queued)."""
         if self.error is not None:
             raise self.error
-        self._queue.put((pos, block))
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._made < BUFFERS:
+                self._made += 1
+                return bytearray(STEP_BYTES)
+        return self._free.get()
+
+    def recycle(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+    def put(self, pos: int, buf: bytearray, n: int) -> None:
+        """Hash, write and publish ``buf[:n]`` (decoded bytes [pos, pos + n)); `buf` comes back
+        to :meth:`buffer` once done."""
+        if self.error is not None:
+            raise self.error
+        self._queue.put((pos, buf, n))
 
     def close(self, check: bool = True) -> tuple[bytes, int]:
         """Waits for the blocks put so far; returns (sha256, xxh3), or (`check`) raises the sink's

@@ -137,6 +137,7 @@ class _Run:
     last: int
     ahead: bool
     epoch: int
+    keep: bool = True  # landed chunks are written to the chunk store (ReadHint.keep)
     next: int = -1
     landed_at: float = float("-inf")  # trio clock: when it last landed a chunk
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # abandoning it cancels this
@@ -235,7 +236,7 @@ class ChunkedSource:
         self.stats.bytes_served += end - start
         since = next(_FLIGHT_SEQ)  # flights from here on serve this read; older ones it joined
         waiting_since = trio.current_time()
-        missed = self._schedule(range(first, last + 1), ahead=False)
+        missed = self._schedule(range(first, last + 1), ahead=False, keep=hint is None or hint.keep)
         if hint is not None:
             self._read_ahead(hint, start, end, missed)
         with trio.move_on_after(self.timeout_s):
@@ -439,10 +440,16 @@ class ChunkedSource:
     # -- scheduling ----------------------------------------------------------------------------
 
     def _schedule(
-        self, indices: range | tuple[int, ...] | list[int], *, ahead: bool, load_present: bool = True
+        self,
+        indices: range | tuple[int, ...] | list[int],
+        *,
+        ahead: bool,
+        load_present: bool = True,
+        keep: bool = True,
     ) -> bool:
         """Start whatever it takes to deliver each chunk not already in memory or on its way.
-        Returns whether any chunk needs the network (a miss)."""
+        Returns whether any chunk needs the network (a miss). `keep`: fetched chunks go to disk
+        too (else memory only: ReadHint.keep)."""
         missed = False
         run: _Run | None = None
         runs: list[_Run] = []
@@ -473,7 +480,7 @@ class ChunkedSource:
             if run is not None and run.last == index - 1 and run.last - run.first + 1 < self.request_chunks:
                 run.last = index
             else:
-                run = _Run(index, index, ahead, self._epoch)
+                run = _Run(index, index, ahead, self._epoch, keep)
                 runs.append(run)
             self._flights[index] = _Flight(owner=run)
             self._inflight_bytes += self.store.length(index)
@@ -521,7 +528,7 @@ class ChunkedSource:
             return
         hint.ahead = to
         cs = self.store.chunk_size
-        self._schedule(range(frm // cs, (to - 1) // cs + 1), ahead=True, load_present=False)
+        self._schedule(range(frm // cs, (to - 1) // cs + 1), ahead=True, load_present=False, keep=hint.keep)
 
     # -- tasks (each delivers its flights, whatever happens) -----------------------------------
 
@@ -669,7 +676,9 @@ class ChunkedSource:
             raise TransientError(f"the body ended early, {have} bytes into chunk {run.next}")
 
     def _land(self, run: _Run, data: bytes) -> None:
-        """Chunk ``run.next`` arrived: wake its waiters, keep it in memory, write it to disk."""
+        """Chunk ``run.next`` arrived: wake its waiters, keep it in memory, write it to disk
+        (unless the run is not to be kept: then the chunk is dropped from memory in time, its
+        claim freed now, so another process that wants it fetches it itself)."""
         index = run.next
         self._inflight_bytes -= len(data)
         flight = self._flights.get(index)
@@ -684,8 +693,8 @@ class ChunkedSource:
                 flight.data = data  # type: ignore[union-attr]
                 flight.done.set()  # type: ignore[union-attr]
             return
-        digest = chunk_digest(data)
         expected = self._expected.get(index)
+        digest = chunk_digest(data) if run.keep or expected is not None else 0
         if expected is not None and digest != expected:
             self.stats.changed_chunks += 1
             self._origin_only.add(index)
@@ -712,12 +721,14 @@ class ChunkedSource:
         if mine:
             flight.data = data  # type: ignore[union-attr]
             flight.done.set()  # type: ignore[union-attr]
-        if self.store.cache is not None and self._nursery is not None:
+        if run.keep and self.store.cache is not None and self._nursery is not None:
             self._unsaved[index] = data
             self._saving[index] = trio.Event()
             self._nursery.start_soon(self._persist, index, data, digest)
         else:
             self._unsaved_slots.release()
+            if self.store.cache is not None:
+                self.store.cache.unclaim(self.store.claim_key(index))
 
     async def _persist(self, index: int, data: bytes, digest: int) -> None:
         """Write a landed chunk to disk, then free its claim (other processes wait for the file)."""

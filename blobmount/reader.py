@@ -641,16 +641,17 @@ class Reader(StreamingReads):
     def _decode(self, entry: Entry, tmp: Path) -> None:
         """Worker thread: decode the entry's frame into the file `tmp`."""
         with open(tmp, "r+b") as out:  # pre-sized by the content store
-            self._decode_to(entry, out)
+            self._decode_to(entry, out, keep=False)  # the store keeps it: its frame need not be
 
-    def _decode_to(self, entry: Entry, out: BinaryIO, compressed: bytes | None = None) -> None:
+    def _decode_to(self, entry: Entry, out: BinaryIO, compressed: bytes | None = None, keep: bool = True) -> None:
         """Worker thread: decode the entry's frame (`compressed`, or read from the source as the
-        decoder goes) into `out`, verifying size and sha256."""
+        decoder goes) into `out`, verifying size and sha256. `keep=False`: the frame's chunks are
+        not written to the chunk cache (RangeStream)."""
         stream: io.RawIOBase | io.BytesIO
         if compressed is not None:
             stream = io.BytesIO(compressed)
         else:
-            stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size)
+            stream = RangeStream(self.source, entry.data_offset, entry.data_offset + entry.data_size, keep=keep)
         dctx = zstandard.ZstdDecompressor()
         hasher = hashlib.sha256()
         total = 0

@@ -36,6 +36,8 @@ class ReadHint:
     window: int = 0  # current read-ahead window, bytes
     ahead: int = 0  # how far read-ahead has been requested
     misses: int = 0  # reads that needed the network (directories prefetch from the second on)
+    keep: bool = True  # False: chunks fetched for these reads stay in memory, not on disk (the
+    # reader keeps the bytes elsewhere: a zstd frame decoded into the content store)
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ A mixin of :class:`blobmount.reader.Reader`, touched only from the trio thread.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -69,7 +70,9 @@ class StreamingReads:
         def _hashed_ok(self, entry: Entry) -> None: ...
         async def _forget_remote(self, entry: Entry) -> None: ...
         def _decode(self, entry: Entry, tmp: Path) -> None: ...
-        def _decode_to(self, entry: Entry, out: BinaryIO, compressed: bytes | None = None) -> None: ...
+        def _decode_to(
+            self, entry: Entry, out: BinaryIO, compressed: bytes | None = None, keep: bool = True
+        ) -> None: ...
 
     def _progressive(self, entry: Entry) -> bool:
         """A large zstd file is served as the decoder passes each byte (and verified at the end),
@@ -154,7 +157,10 @@ class StreamingReads:
             show(entry.path),
             "into the content store" if pending is not None else f"through a {window}-byte window",
         )
-        dec = Decode(entry, self.source, pending.fd if pending is not None else None, window)
+        if pending is not None:
+            dec = Decode(entry, self.source, pending.fd, window, functools.partial(ContentStore.preallocate, pending))
+        else:
+            dec = Decode(entry, self.source, None, window)
         if pending is not None:
             self._pending[id(dec)] = pending
         self._decodes.setdefault(entry.number, []).append(dec)

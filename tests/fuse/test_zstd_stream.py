@@ -140,6 +140,25 @@ def test_a_reader_ahead_of_the_decoder_waits_then_gets_right_bytes(
     assert "Traceback" not in log, log
 
 
+def test_a_file_decoded_into_the_store_leaves_its_frame_out_of_the_chunk_cache(
+    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+) -> None:
+    """The decoded file goes to the content store; its compressed frame is not written to the
+    chunk cache as well (a second copy that is never read, and a write per byte of it)."""
+    p = stream_archive.placed[b"text.txt"]
+    cache = tmp_path / "cache"
+    with _mount(proxy, tmp_path) as m:
+        path = m.path / "text.txt"
+        assert read_bounded(path, GUARD_S).data == p.data
+        _wait(lambda: _verified(path) == b"verified", "never verified")
+        _wait(lambda: _content_files(cache), "the verified file never reached the store")
+        chunks = sum(f.stat().st_size for f in (cache / "chunks").rglob("*") if f.is_file())
+        assert chunks < MiB, (chunks, p.data_size)  # the frame is more than 8 MiB
+        assert read_bounded(path, GUARD_S, 5 * MiB, MiB).data == p.data[5 * MiB : 6 * MiB]
+        assert _decodes(m, "text.txt") == 1  # later opens: from the store
+        assert "Traceback" not in m.log()
+
+
 def test_a_reader_ahead_of_a_stalled_decode_fails_in_time_and_the_next_read_is_right(
     proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:

@@ -5,14 +5,17 @@ several processes, the registry) is tests/fuse/test_zstd_stream.py."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from blobmount import decode
 from blobmount.cache import ContentStore
+from blobmount.cache.content import TRAILER_BYTES, Pending
 from blobmount.errors import IntegrityError
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
@@ -127,3 +130,97 @@ def test_a_decode_whose_readers_left_stops_and_gives_its_space_back(
         assert not list((tmp_path / "c").rglob("*.tmp"))
 
     trio.run(_with_reader, archive, tmp_path / "c", 1 << 30, body)
+
+
+def test_the_store_temp_file_of_a_decode_is_allocated_once_its_first_bytes_are_out(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """preallocate() allocates the blocks of the temp file a decode writes (fallocate: cheaper
+    writes than into a sparse file), keeping the size the budget reserved; a decode into the store
+    calls it once, from its hashing thread, after its first block was written (never before the
+    first byte)."""
+    size = 8 * MiB + 5
+
+    async def alone() -> None:
+        store = ContentStore(tmp_path / "alone", 64 * MiB)
+        pending = await store.begin("ab" * 32, size)
+        assert os.fstat(pending.fd).st_blocks == 0  # sparse until preallocated
+        await trio.to_thread.run_sync(ContentStore.preallocate, pending)
+        st = os.fstat(pending.fd)
+        assert st.st_size == size + TRAILER_BYTES
+        assert st.st_blocks * 512 >= size, st.st_blocks  # allocated, not a hole
+        await store.abort(pending)
+        os.close(pending.fd)
+        assert not list((tmp_path / "alone").rglob("*.tmp"))
+
+    trio.run(alone)
+
+    want = _text(12 * MiB + 333)
+    calls: list[bytes] = []
+    real = ContentStore.preallocate
+
+    def spy(pending: Pending) -> None:
+        calls.append(os.pread(pending.fd, 4096, 0))  # what the file holds when it is called
+        real(pending)
+
+    monkeypatch.setattr(ContentStore, "preallocate", staticmethod(spy))
+
+    async def body(reader: Reader, entries: dict[bytes, object]) -> None:
+        entry = entries[b"a.txt"]
+        handle = await reader.open(entry)  # type: ignore[arg-type]
+        assert await reader.read(handle, len(want) - 10, 100) == want[-10:]
+        reader.close(handle)
+
+    trio.run(_with_reader, archive, tmp_path / "c", 1 << 30, body)
+    assert calls == [want[:4096]]
+
+
+class _TimedSource:
+    """A remote-like source (no read_range_sync) that records each read's size; `delay_s` per read."""
+
+    def __init__(self, data: bytes, delay_s: float) -> None:
+        self.data = data
+        self.delay_s = delay_s
+        self.asked: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    async def read_range(self, start: int, end: int, hint: object = None) -> bytes:
+        self.asked.append(end - start)
+        if self.delay_s:
+            await trio.sleep(self.delay_s)
+        return self.data[start:end]
+
+    def close(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 1.0])
+def test_the_frame_is_read_in_growing_hops_while_they_are_fast(delay_s: float) -> None:
+    """The decoder reads the frame from the trio thread in hops of 1 MiB doubling to INPUT_BYTES
+    while each comes back fast (fewer waits for the trio thread); over a slow link every hop stays
+    1 MiB, so no read asks it for more than it delivers within --timeout. Trio's mock clock."""
+    src = _TimedSource(bytes(range(256)) * (100_000), delay_s)
+    got = bytearray()
+
+    def drain() -> None:
+        stream = decode.RangeStream(src, 0, src.size)
+        buf = bytearray(decode.INPUT_BYTES)
+        for _ in range(8):
+            n = stream.readinto(buf)
+            got.extend(buf[:n])
+
+    async def go() -> None:
+        await trio.to_thread.run_sync(drain)
+
+    trio.run(go, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert bytes(got) == src.data[: len(got)]
+    if delay_s < decode.INPUT_FAST_S:
+        assert src.asked[:5] == [MiB, 2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB], src.asked
+    else:
+        assert src.asked == [MiB] * 8, src.asked

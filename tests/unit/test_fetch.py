@@ -365,6 +365,34 @@ def test_chunks_written_by_one_source_are_read_by_another(tmp_path: Path) -> Non
     assert second.requests == []
 
 
+def test_chunks_read_with_keep_false_stay_in_memory_and_never_reach_the_disk(tmp_path: Path) -> None:
+    """ReadHint(keep=False) (a zstd frame decoded into the content store): the reads and their
+    read-ahead are served and kept in memory, but no chunk is written, so another source over the
+    same cache directory fetches them itself; the same reads with the default hint are written."""
+    first, second = FakeRemote(BLOB), FakeRemote(BLOB)
+    end = 12 * CS
+
+    async def go() -> None:
+        async with serving(_source(first, CacheDir(tmp_path / "c"), memory_bytes=64 * CS)) as src:
+            hint = ReadHint(0, len(BLOB), keep=False)
+            for i in range(12):
+                assert await src.read_range(i * CS, (i + 1) * CS, hint) == BLOB[i * CS : (i + 1) * CS]
+                await trio.sleep(0.01)
+            assert sum(e - s for s, e, _ in first.requests) > end  # read-ahead ran, not kept either
+            fetched = len(first.requests)
+            assert await src.read_range(0, end) == BLOB[:end]  # from memory
+            assert len(first.requests) == fetched
+            assert not any(src.store.on_disk(i) for i in range(len(BLOB) // CS + 1))
+        await trio.sleep(0.1)
+        async with serving(_source(second, CacheDir(tmp_path / "c"))) as src:
+            assert await src.read_range(0, end, ReadHint(0, len(BLOB))) == BLOB[:end]
+            assert second.requests, "chunks read with keep=False were found on disk"
+            await trio.sleep(0.1)
+            assert all(src.store.on_disk(i) for i in range(12))  # the default hint keeps them
+
+    run(go)
+
+
 def test_fill_uses_one_request_per_contiguous_range(tmp_path: Path) -> None:
     remote = FakeRemote(BLOB)
     seen: list[tuple[int, int]] = []
