@@ -32,6 +32,7 @@ import sys
 import sysconfig
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,11 @@ def _copy_import_closure(dest: Path) -> None:
     _run([sys.executable, "-m", "compileall", "-q", str(dest)])
 
 
-def _extract_linux(tarball: Path, dest: Path, limit: int) -> None:
-    """The first `limit` regular files of the tarball, in its order (a streaming read: stops early)."""
+def extract_linux(
+    tarball: Path, dest: Path, limit: int | None = None, keep: Callable[[str], bool] | None = None
+) -> None:
+    """The regular files of the tarball that `keep` takes (by their path below linux-source-X.Y/),
+    in its order, the first `limit` of them (a streaming read: stops early)."""
     taken = 0
     with tarfile.open(tarball, "r|xz") as tar:
         for member in tar:
@@ -140,6 +144,8 @@ def _extract_linux(tarball: Path, dest: Path, limit: int) -> None:
                 continue
             parts = Path(member.name).parts[1:]  # drop linux-source-X.Y/
             if not parts or any(p in ("..", "") for p in parts):
+                continue
+            if keep is not None and not keep("/".join(parts)):
                 continue
             target = dest.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +156,7 @@ def _extract_linux(tarball: Path, dest: Path, limit: int) -> None:
             os.chmod(target, member.mode & 0o755 | 0o644)
             os.utime(target, (member.mtime, member.mtime))
             taken += 1
-            if taken >= limit:
+            if limit is not None and taken >= limit:
                 break
 
 
@@ -214,7 +220,7 @@ def _build_plain(mode: str, data: Path) -> dict[str, str]:
         tarball = linux_source()
         if tarball is None:
             raise SystemExit("the full datasets need Debian's linux-source package (apt-get install linux-source)")
-        _extract_linux(tarball, tree / "linux", TREE_FILES_FULL)
+        extract_linux(tarball, tree / "linux", TREE_FILES_FULL)
         tree_source = f"first {TREE_FILES_FULL:,} regular files of {tarball.name}"
         binary = tarball
     else:

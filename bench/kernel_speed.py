@@ -30,13 +30,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from bench._common import cleanup_on_term, code_state, loadavg, machine, median, write_json
+from bench.datasets import extract_linux
 from bench.janitor import Janitor, fresh_dir, unmount
 from bench.peers import blobmount_cmd
 from bench.servers import free_port
@@ -66,22 +66,7 @@ def _linux_tarball() -> Path | None:
 def _extract(tarball: Path, dest: Path) -> None:
     """The SUBTREES' regular files, one streaming pass over the tarball."""
     tmp = fresh_dir(dest.with_name(dest.name + ".tmp"))
-    with tarfile.open(tarball, "r|xz") as tar:
-        for member in tar:
-            parts = Path(member.name).parts[1:]  # drop linux-source-X.Y/
-            if not member.isreg() or not parts or any(p in ("..", "") for p in parts):
-                continue
-            rel = "/".join(parts)
-            if not any(rel.startswith(s + "/") for s in SUBTREES):
-                continue
-            target = tmp.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(member)
-            assert src is not None
-            with open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-            os.chmod(target, member.mode & 0o755 | 0o644)
-            os.utime(target, (member.mtime, member.mtime))
+    extract_linux(tarball, tmp, keep=lambda rel: any(rel.startswith(s + "/") for s in SUBTREES))
     tmp.rename(dest)
 
 
