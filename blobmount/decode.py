@@ -144,6 +144,7 @@ class Decode:
         self.error: BaseException | None = None
         self.xxh3 = 0  # of the whole content, once done without error
         self.settled = False  # its output committed or given up (the owner's, after `done`)
+        self.settled_event = trio.Event()  # set with `settled`: a read that came between waits for it
         self._ring = bytearray(window) if fd is None else None
         self._base = 0  # ring: lowest offset still held (under _lock)
         self._lock = threading.Lock()

@@ -111,6 +111,11 @@ class StreamingReads:
                 self._leave(handle, stop=False)  # this handle read from it: it goes on to its verdict
                 dec = None
             if dec is None:
+                settling = [d for d in self._decodes.get(entry.number, ()) if d.done.is_set() and not d.settled]
+                if settling:  # finished, its store file not yet committed: wait, then read the store
+                    with trio.move_on_after(self.config.wait_s):
+                        await settling[0].settled_event.wait()
+                    continue
                 if entry.number in self._verified:  # decoded whole meanwhile: the store may have it
                     fd = await self.store.open(entry.hash.hex())
                     if fd is not None:
@@ -177,25 +182,31 @@ class StreamingReads:
             if dec.error is None:
                 log.debug("%s: decoded and verified in %.3f s", show(entry.path), time.monotonic() - started)
         finally:
-            decodes = self._decodes.get(entry.number, [])
-            if dec in decodes:
-                decodes.remove(dec)
-            if not decodes:
-                self._decodes.pop(entry.number, None)
+            # the decode stays listed until its output is settled: a read arriving between its end
+            # and the commit waits for the store file (_read_stream) instead of starting a decode
+            # of its own, which could not have the store file either (its flight is not over)
             pending = self._pending.pop(id(dec), None)
-            with trio.CancelScope(shield=True):
-                if pending is not None and dec.error is None:
-                    try:
-                        await self.store.commit(pending, dec.xxh3)
-                    except BlobmountError as exc:
-                        log.warning("%s: decoded and verified, but not kept: %s", show(entry.path), exc)
-                elif pending is not None:
-                    await self.store.abort(pending)
-            if dec.error is not None and dec.upto and entry.number not in self._verified:
-                # it served bytes and ended without a verdict: the kernel must not keep them
-                self._notify_poison(entry)
-            dec.settled = True
-            self._close_decode(dec)
+            try:
+                with trio.CancelScope(shield=True):
+                    if pending is not None and dec.error is None:
+                        try:
+                            await self.store.commit(pending, dec.xxh3)
+                        except BlobmountError as exc:
+                            log.warning("%s: decoded and verified, but not kept: %s", show(entry.path), exc)
+                    elif pending is not None:
+                        await self.store.abort(pending)
+                if dec.error is not None and dec.upto and entry.number not in self._verified:
+                    # it served bytes and ended without a verdict: the kernel must not keep them
+                    self._notify_poison(entry)
+            finally:
+                decodes = self._decodes.get(entry.number, [])
+                if dec in decodes:
+                    decodes.remove(dec)
+                if not decodes:
+                    self._decodes.pop(entry.number, None)
+                dec.settled = True
+                dec.settled_event.set()
+                self._close_decode(dec)
 
     def _decoded_stream(self, dec: Decode, generation: int) -> None:
         """The verdict of a decode, before any reader waiting on it sees it."""
