@@ -105,27 +105,14 @@ class _Flight:
 
 @dataclass(slots=True)
 class FetchStats:
-    """What the status command and the metrics report (counted on the trio thread)."""
+    """The few counts the fetcher's callers read back for one source (a prefetch's bytes, a
+    profile's request count; tests' behaviour checks). Everything a user sees is in metrics.py."""
 
-    reads: int = 0
-    bytes_served: int = 0
-    memory_hits: int = 0
-    disk_hits: int = 0
-    misses: int = 0  # chunks a reader had to wait for the network for
     requests: int = 0
-    chunks_fetched: int = 0
     bytes_fetched: int = 0
     ahead_chunks: int = 0  # fetched for read-ahead or prefetch rather than a waiting reader
-    foreign_waits: int = 0  # chunks another process was fetching
     retries: int = 0
-    stalls: int = 0
-    failures: int = 0
     changed_chunks: int = 0  # a refetched chunk differed from the one a file was verified with
-
-    @property
-    def coalescing(self) -> float:
-        """Chunks per request (1.0 = no coalescing)."""
-        return self.chunks_fetched / self.requests if self.requests else 0.0
 
 
 @dataclass(slots=True, eq=False)  # hashed by identity: a limiter's borrower token
@@ -232,8 +219,6 @@ class ChunkedSource:
             return b""
         cs = self.store.chunk_size
         first, last = start // cs, (end - 1) // cs
-        self.stats.reads += 1
-        self.stats.bytes_served += end - start
         since = next(_FLIGHT_SEQ)  # flights from here on serve this read; older ones it joined
         waiting_since = trio.current_time()
         missed = self._schedule(range(first, last + 1), ahead=False, keep=hint is None or hint.keep)
@@ -402,7 +387,6 @@ class ChunkedSource:
         if data is None:
             data = self._unsaved.get(index)
         if data is not None:
-            self.stats.memory_hits += 1
             _HITS.inc()
         return data
 
@@ -470,7 +454,6 @@ class ChunkedSource:
                 continue  # the reader raises _offline_error
             cache = self.store.cache
             if cache is not None and not cache.try_claim(self.store.claim_key(index)):
-                self.stats.foreign_waits += 1
                 self._start(self._wait_foreign, index)
                 continue
             if cache is not None and self.store.on_disk(index):  # finished while we looked
@@ -539,7 +522,6 @@ class ChunkedSource:
             if data is not None and expected is not None and chunk_digest(data) != expected:
                 data = None  # cannot happen unless the file was replaced: refetch it
             if data is not None:
-                self.stats.disk_hits += 1
                 _HITS.inc()
                 self.store.memory_put(index, data)
                 flight.data = data
@@ -562,7 +544,6 @@ class ChunkedSource:
                     if self.store.on_disk(index):
                         data = await trio.to_thread.run_sync(self.store.load, index)
                         if data is not None:
-                            self.stats.disk_hits += 1
                             self.store.memory_put(index, data)
                             flight.data = data
                             return
@@ -607,7 +588,6 @@ class ChunkedSource:
                         return None
                     except BlobmountError as exc:
                         if not self._retry.should_retry(attempt, exc):
-                            self.stats.failures += 1
                             log.warning("data blob bytes %d-%d: %s", *self._bytes(run.next, run.last), exc)
                             return exc
                         self.stats.retries += 1
@@ -670,7 +650,6 @@ class ChunkedSource:
                         run.landed_at = trio.current_time()
                         scope.deadline = trio.current_time() + self.timeout_s
         if scope.cancelled_caught:
-            self.stats.stalls += 1
             raise TransientError(f"no chunk arrived within --timeout {self.timeout_s:g} s (stalled)")
         if run.next <= run.last:
             raise TransientError(f"the body ended early, {have} bytes into chunk {run.next}")
@@ -707,7 +686,6 @@ class ChunkedSource:
             )
         self._origin_only.discard(index)
         self.store.memory_put(index, data)
-        self.stats.chunks_fetched += 1
         self.stats.bytes_fetched += len(data)
         metrics.FETCH_BYTES.inc(len(data))
         if run.ahead:
@@ -715,7 +693,6 @@ class ChunkedSource:
             _AHEAD.inc()
         else:
             if mine:
-                self.stats.misses += 1
                 _MISSES.inc()
             _DEMAND.inc()
         if mine:
