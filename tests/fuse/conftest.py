@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.faults import FaultProxy
 from tests.support.mounts import require_fuse
-from tests.support.servers import Registry
+from tests.support.servers import QuirkProxy, Registry
 
 HELPER = Path("/sbin/mount.fuse.blobmount")
 
@@ -30,6 +30,17 @@ def helper_installed() -> Iterator[None]:
     finally:
         if created:
             HELPER.unlink()
+
+
+@pytest.fixture
+def quirk_proxy(registry: Registry) -> Iterator[QuirkProxy]:
+    """A quirk proxy in front of the session registry: it counts what the daemon asks for
+    (requests, ranges, body bytes) and plays registry quirks when told to."""
+    p = QuirkProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,25 +65,16 @@ def _status(mnt: Path) -> dict[str, object]:
     return st
 
 
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[QuirkProxy]:
-    p = QuirkProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
 V1 = {"big.bin": os.urandom(BIG), "same.bin": os.urandom(BIG), "gone.txt": b"gone\n", "sub/keep.txt": b"keep\n"}
 V2 = {"big.bin": os.urandom(BIG), "same.bin": V1["same.bin"], "new.txt": b"new\n", "sub/keep.txt": b"keep\n"}
 
 
 def test_follow_switches_atomically_and_fetches_only_what_changed(
-    registry: Registry, proxy: QuirkProxy, tmp_path: Path
+    registry: Registry, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     v1, v2 = archive_of(tmp_path, "v1", V1), archive_of(tmp_path, "v2", V2)
     d1 = _push(registry.host, "follow/main:cur", v1)
-    ref = f"127.0.0.1:{proxy.port}/follow/main:cur"
+    ref = f"127.0.0.1:{quirk_proxy.port}/follow/main:cur"
     port = free_port()
     with mounted(
         ref, tmp_path / "mnt", "--follow", "--follow-interval", "1", "-v", "--metrics", f"127.0.0.1:{port}"
@@ -99,7 +89,7 @@ def test_follow_switches_atomically_and_fetches_only_what_changed(
         try:
             os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # its later reads reach the daemon
             first = held.read(64 << 10)
-            mark = proxy.state.body_bytes_sent
+            mark = quirk_proxy.state.body_bytes_sent
 
             d2 = _push(registry.host, "follow/main:cur", v2)
             _wait_served(root, d2, m.log_path)
@@ -114,7 +104,7 @@ def test_follow_switches_atomically_and_fetches_only_what_changed(
         for rel, data in V2.items():
             assert (root / rel).read_bytes() == data, rel
         assert os.stat(root / "same.bin").st_ino != same_ino  # every file of v2 has a new number
-        fetched = proxy.state.body_bytes_sent - mark
+        fetched = quirk_proxy.state.body_bytes_sent - mark
         index = (v2 / "index.blob").stat().st_size
         # the changed file (whole 1 MiB chunks of the new data blob) and the index; same.bin not again
         assert fetched <= BIG + index + 2 * MiB, fetched

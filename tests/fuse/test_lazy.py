@@ -12,7 +12,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,19 +60,10 @@ def lazy(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> LazyAr
     return LazyArchive("lazy/tree", str(digest), files, result.data_size)
 
 
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[QuirkProxy]:
-    p = QuirkProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
-def ranges(proxy: QuirkProxy) -> list[tuple[int, int]]:
+def ranges(quirk_proxy: QuirkProxy) -> list[tuple[int, int]]:
     """Range requests for the data blob seen by the proxy, as [start, end) (the 1-byte probe excluded)."""
     out = []
-    for method, _path, headers in list(proxy.state.seen):
+    for method, _path, headers in list(quirk_proxy.state.seen):
         value = headers.get("range")
         if method == "GET" and value:
             first, last = (int(x) for x in value.removeprefix("bytes=").split("-"))
@@ -82,8 +72,8 @@ def ranges(proxy: QuirkProxy) -> list[tuple[int, int]]:
     return out
 
 
-def fetched_bytes(proxy: QuirkProxy) -> int:
-    return sum(b - a for a, b in ranges(proxy))
+def fetched_bytes(quirk_proxy: QuirkProxy) -> int:
+    return sum(b - a for a, b in ranges(quirk_proxy))
 
 
 def read(path: Path) -> bytes:
@@ -95,66 +85,68 @@ def mount_args(*extra: str) -> tuple[str, ...]:
     return ("--timeout", "10", *extra)
 
 
-def test_one_small_file_costs_at_most_two_chunks(lazy: LazyArchive, proxy: QuirkProxy, tmp_path: Path) -> None:
-    with mounted(f"{proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
-        proxy.state.seen.clear()
+def test_one_small_file_costs_at_most_two_chunks(lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path) -> None:
+    with mounted(f"{quirk_proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
+        quirk_proxy.state.seen.clear()
         assert read(m.path / "small/f0500.txt") == lazy.files["small/f0500.txt"]
         time.sleep(0.3)  # anything prefetched in the background would show up now
-        assert len(ranges(proxy)) == 1  # no directory prefetch on a first read
-        assert fetched_bytes(proxy) <= 2 * CHUNK
-        assert not [p for _m, p, _h in proxy.state.seen if "/manifests/" in p]  # pinned at mount
+        assert len(ranges(quirk_proxy)) == 1  # no directory prefetch on a first read
+        assert fetched_bytes(quirk_proxy) <= 2 * CHUNK
+        assert not [p for _m, p, _h in quirk_proxy.state.seen if "/manifests/" in p]  # pinned at mount
 
 
-def test_sequential_read_is_few_requests_each_byte_once(lazy: LazyArchive, proxy: QuirkProxy, tmp_path: Path) -> None:
-    with mounted(f"{proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
-        proxy.state.seen.clear()
+def test_sequential_read_is_few_requests_each_byte_once(
+    lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path
+) -> None:
+    with mounted(f"{quirk_proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
+        quirk_proxy.state.seen.clear()
         assert read(m.path / "big.bin") == lazy.files["big.bin"]
-        got = sorted(ranges(proxy))
+        got = sorted(ranges(quirk_proxy))
     assert len(got) <= 16, got  # windows grow 1 -> 64 MiB; requests are capped at 8 MiB
     for (_a, b), (c, _d) in itertools.pairwise(got):
         assert b <= c, "a byte was fetched twice"
-    assert fetched_bytes(proxy) <= BIG + 2 * CHUNK  # chunk alignment at both ends, nothing more
+    assert fetched_bytes(quirk_proxy) <= BIG + 2 * CHUNK  # chunk alignment at both ends, nothing more
 
 
 def test_small_files_read_in_order_prefetch_their_directory(
-    lazy: LazyArchive, proxy: QuirkProxy, tmp_path: Path
+    lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     names = sorted(n for n in lazy.files if n.startswith("small/"))
-    with mounted(f"{proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
-        proxy.state.seen.clear()
+    with mounted(f"{quirk_proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
+        quirk_proxy.state.seen.clear()
         for name in names:
             assert read(m.path / name) == lazy.files[name]
         chunks = SMALL_FILES * SMALL_BYTES // CHUNK
-        assert len(ranges(proxy)) < chunks // 2, ranges(proxy)  # one request per chunk without prefetch
-        assert fetched_bytes(proxy) <= SMALL_FILES * SMALL_BYTES + 2 * CHUNK
+        assert len(ranges(quirk_proxy)) < chunks // 2, ranges(quirk_proxy)  # one request per chunk without prefetch
+        assert fetched_bytes(quirk_proxy) <= SMALL_FILES * SMALL_BYTES + 2 * CHUNK
 
 
 def test_random_reads_fetch_one_chunk_each_and_no_read_ahead(
-    lazy: LazyArchive, proxy: QuirkProxy, tmp_path: Path
+    lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     offsets = [i * 2 * MIB + 1000 for i in range(11)]
     random.Random(3).shuffle(offsets)
-    with mounted(f"{proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
-        proxy.state.seen.clear()
+    with mounted(f"{quirk_proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
+        quirk_proxy.state.seen.clear()
         with open(m.path / "big.bin", "rb") as f:
             for off in offsets:
                 assert os.pread(f.fileno(), 4096, off) == lazy.files["big.bin"][off : off + 4096]
         time.sleep(0.3)
-        got = ranges(proxy)
+        got = ranges(quirk_proxy)
     assert len(got) == len(offsets), got
     assert all(b - a == CHUNK for a, b in got)
 
 
 def test_two_daemons_sharing_a_cache_fetch_each_chunk_once(
-    lazy: LazyArchive, proxy: QuirkProxy, tmp_path: Path
+    lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     cache = tmp_path / "shared-cache"
-    src = f"{proxy.host}/{lazy.repo}@{lazy.digest}"
+    src = f"{quirk_proxy.host}/{lazy.repo}@{lazy.digest}"
     with (
         mounted(src, tmp_path / "a", *mount_args(), cache_dir=cache) as a,
         mounted(src, tmp_path / "b", *mount_args(), cache_dir=cache) as b,
     ):
-        proxy.state.seen.clear()
+        quirk_proxy.state.seen.clear()
         results: dict[str, bytes] = {}
 
         def reader(m: Path, key: str) -> None:
@@ -168,35 +160,37 @@ def test_two_daemons_sharing_a_cache_fetch_each_chunk_once(
         assert all(v == lazy.files["big.bin"] for v in results.values())
         assert len(results) == 2
     covered: list[int] = []
-    for a0, b0 in ranges(proxy):
+    for a0, b0 in ranges(quirk_proxy):
         covered.extend(range(a0 // CHUNK, (b0 - 1) // CHUNK + 1))
     assert len(covered) == len(set(covered)), "a chunk was fetched by both daemons"
 
 
-def test_warm_remounts_by_digest_and_by_tag(lazy: LazyArchive, proxy: QuirkProxy, tmp_path: Path) -> None:
+def test_warm_remounts_by_digest_and_by_tag(lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    with mounted(f"{proxy.host}/{lazy.repo}:v1", tmp_path / "m1", *mount_args(), cache_dir=cache) as m:
+    with mounted(f"{quirk_proxy.host}/{lazy.repo}:v1", tmp_path / "m1", *mount_args(), cache_dir=cache) as m:
         assert read(m.path / "other/blob.bin") == lazy.files["other/blob.bin"]
-    proxy.state.seen.clear()
-    with mounted(f"{proxy.host}/{lazy.repo}@{lazy.digest}", tmp_path / "m2", *mount_args(), cache_dir=cache) as m:
+    quirk_proxy.state.seen.clear()
+    with mounted(f"{quirk_proxy.host}/{lazy.repo}@{lazy.digest}", tmp_path / "m2", *mount_args(), cache_dir=cache) as m:
         assert read(m.path / "other/blob.bin") == lazy.files["other/blob.bin"]
-    assert proxy.state.seen == []  # a digest remount of cached data makes no request at all
-    with mounted(f"{proxy.host}/{lazy.repo}:v1", tmp_path / "m3", *mount_args(), cache_dir=cache) as m:
+    assert quirk_proxy.state.seen == []  # a digest remount of cached data makes no request at all
+    with mounted(f"{quirk_proxy.host}/{lazy.repo}:v1", tmp_path / "m3", *mount_args(), cache_dir=cache) as m:
         assert read(m.path / "other/blob.bin") == lazy.files["other/blob.bin"]
-    assert [(meth, "/manifests/" in p) for meth, p, _h in proxy.state.seen] == [("HEAD", True)]
+    assert [(meth, "/manifests/" in p) for meth, p, _h in quirk_proxy.state.seen] == [("HEAD", True)]
 
 
-def test_prefetch_then_offline_with_the_registry_gone(lazy: LazyArchive, proxy: QuirkProxy, tmp_path: Path) -> None:
+def test_prefetch_then_offline_with_the_registry_gone(
+    lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
-    ref = f"{proxy.host}/{lazy.repo}:v1"
+    ref = f"{quirk_proxy.host}/{lazy.repo}:v1"
     out = subprocess.run(
         blobmount_cmd("prefetch", ref, "small", "--cache-dir", str(cache)), capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
     assert f"{SMALL_FILES * SMALL_BYTES} bytes in the cache" in out.stdout
-    requests = len(ranges(proxy))
+    requests = len(ranges(quirk_proxy))
     assert requests <= 2  # the whole directory is one contiguous range
-    proxy.stop()  # the registry is unreachable from here on
+    quirk_proxy.stop()  # the registry is unreachable from here on
     with mounted(ref, tmp_path / "mnt", "--offline", *mount_args(), cache_dir=cache) as m:
         for i in range(0, SMALL_FILES, 97):
             name = f"small/f{i:04}.txt"
@@ -240,11 +234,11 @@ def test_background_verification_completes_without_the_reader(
 
 
 def test_a_corrupting_mirror_is_overruled_by_the_origin(
-    lazy: LazyArchive, registry: Registry, proxy: QuirkProxy, tmp_path: Path
+    lazy: LazyArchive, registry: Registry, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
-    proxy.state.corrupt_ranges = True  # the proxy is a mirror that flips a byte of every range
+    quirk_proxy.state.corrupt_ranges = True  # the proxy is a mirror that flips a byte of every range
     src = f"{registry.host}/{lazy.repo}@{lazy.digest}"
-    with mounted(src, tmp_path / "mnt", "--mirror", proxy.host, *mount_args()) as m:
+    with mounted(src, tmp_path / "mnt", "--mirror", quirk_proxy.host, *mount_args()) as m:
         read(m.path / "other/blob.bin")  # lazily served as it comes: the mirror's bytes
         time.sleep(1)  # the mismatch drops the pages and refetches from the origin
         assert os.getxattr(m.path / "other/blob.bin", "user.blobmount.verified") == b"verified"

@@ -314,28 +314,19 @@ def _count_one_query(db: PushedDb, proxy: QuirkProxy, path: Path) -> tuple[int, 
         return asked, proxy.state.body_bytes_sent
 
 
-@pytest.fixture
-def db_proxy(registry: Registry) -> Iterator[QuirkProxy]:
-    p = QuirkProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
 @pytest.mark.parametrize("stored", ["raw", "zstd"])
 def test_sqlite_reads_an_immutable_database_from_the_mount(
-    stored: str, real_db: PushedDb, db_proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    stored: str, real_db: PushedDb, quirk_proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """One indexed query on a fresh mount, counted at a proxy: raw, the chunks under the b-tree
     pages it visits; zstd, the whole stored file (README: a zstd file is decoded whole for random
     access). Then integrity_check and every lookup against the original, in the same mount."""
     ref = real_db.raw if stored == "raw" else real_db.zstd
     size = real_db.db.stat().st_size
-    with mounted(f"{db_proxy.host}/{ref}", tmp_path / "mnt", "--timeout", "20") as m:
+    with mounted(f"{quirk_proxy.host}/{ref}", tmp_path / "mnt", "--timeout", "20") as m:
         path = m.path / "db" / "data.sqlite"
         assert path.stat().st_size == size
-        asked, sent = _count_one_query(real_db, db_proxy, path)
+        asked, sent = _count_one_query(real_db, quirk_proxy, path)
         with capsys.disabled():
             print(
                 f"\none indexed query, {size / MIB:.1f} MiB sqlite database pushed {stored}, empty cache:"
