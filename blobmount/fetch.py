@@ -1,6 +1,6 @@
 """Remote data through the chunk cache: misses become few, coalesced range requests.
 
-:class:`ChunkedSource` is the :class:`~blobmount.source.RangeSource` the reader sees for a remote
+:class:`ChunkedSource` is the :class:`~blobmount.sources.base.RangeSource` the reader sees for a remote
 data blob. A read is cut into chunks (cache/chunks.py); each chunk comes from memory, from disk, or
 from the network, and the network part is where this module earns its keep:
 
@@ -52,8 +52,8 @@ from blobmount import defaults
 from blobmount.cache import ChunkStore, MetaStore, chunk_digest
 from blobmount.daemon import metrics
 from blobmount.errors import BlobmountError, SourceError, TransientError
+from blobmount.readahead import ReadHint
 from blobmount.registry.retry import Retry
-from blobmount.source import ReadHint
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ _AHEAD = metrics.FETCH_CHUNKS.labels(reason="readahead")
 
 @runtime_checkable
 class StreamSource(Protocol):
-    """A remote data blob that streams byte ranges (remote.py implements it)."""
+    """A remote data blob that streams byte ranges (sources/remote.py implements it)."""
 
     @property
     def size(self) -> int: ...

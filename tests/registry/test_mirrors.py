@@ -22,7 +22,7 @@ from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from blobmount.remote import RegistryBlobSource, open_registry
+from blobmount.sources.remote import RegistryBlobSource, open_registry
 from tests.support.helpers import FIXTURES, tree_files
 from tests.support.mounts import mounted
 from tests.support.servers import QuirkProxy, Registry, basic_auth_header, free_port, start_registry

@@ -17,8 +17,8 @@ from blobmount.errors import AuthError, LimitExceeded
 from blobmount.reference import Digest, Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
-from blobmount.remote import RegistryBlobSource, open_registry
-from blobmount.source import Archive
+from blobmount.sources.base import Archive
+from blobmount.sources.remote import RegistryBlobSource, open_registry
 from tests.support.helpers import FIXTURE_NAMES, FIXTURES, tree_files
 from tests.support.servers import QuirkProxy, Registry
 

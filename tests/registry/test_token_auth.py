@@ -20,7 +20,7 @@ from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from blobmount.remote import RegistryBlobSource, open_registry
+from blobmount.sources.remote import RegistryBlobSource, open_registry
 from tests.support.helpers import FIXTURES, tree_files
 from tests.support.mounts import mounted
 from tests.support.servers import TOKEN_PASSWORD, TOKEN_USER, Registry, TokenIssuer, access_log_mark, statuses_since

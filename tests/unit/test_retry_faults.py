@@ -23,7 +23,7 @@ from blobmount.registry import client as client_mod
 from blobmount.registry import retry as retry_mod
 from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.remote import RegistryBlobSource
+from blobmount.sources.remote import RegistryBlobSource
 from tests.support import resolver
 from tests.support.aio import run_virtual
 

@@ -1,5 +1,7 @@
 """A registry archive: the registry client (registry/) composed with the cache (meta store, whole-blob
-fallback). Opening by reference, and the data blob as a streaming range source.
+fallback, chunk cache). Opening by reference, and the data blob as a streaming range source behind
+the chunk cache (fetch.ChunkedSource): with a cache directory the chunks are shared on disk with
+every process using it; without one (``ls``, ``cat``) they live in memory for the command's life.
 
 Kept out of registry/ so that the OCI client knows nothing of the cache layout.
 
@@ -29,15 +31,19 @@ from typing import TypeVar
 
 import trio
 
-from blobmount.cache import CacheDir, MetaStore, WholeBlob
+from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES, CacheDir, ChunkStore, MetaStore, WholeBlob
 from blobmount.errors import BlobmountError, LimitExceeded, SourceError, TransientError
+from blobmount.fetch import ChunkedSource
 from blobmount.manifest import MAX_INDEX_BYTES, created_ns, parse_manifest
+from blobmount.readahead import ReadHint
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.source import Archive, LocalFileSource, RangeSource, ReadHint
+from blobmount.sources import RemoteSettings
+from blobmount.sources.base import Archive, RangeSource
+from blobmount.sources.local import LocalFileSource
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("blobmount.remote")  # its name before sources/ (JSON logs carry it)
 T = TypeVar("T")
 
 
@@ -132,6 +138,29 @@ async def _opened(blocks: AsyncGenerator[bytes, None]) -> tuple[AsyncGenerator[b
         await blocks.aclose()
         raise
     return blocks, first
+
+
+async def open_remote(spec: str, options: RegistryOptions, settings: RemoteSettings) -> Archive:
+    """Open a registry reference with its data blob behind the chunk cache (or, from a registry
+    that ignores ranges, as the whole blob kept in the cache)."""
+    archive = await open_registry(
+        spec, options, cache=settings.cache, offline=settings.offline, stale_tag=settings.stale_tag
+    )
+    remote = archive.data
+    if not isinstance(remote, RegistryBlobSource):
+        return archive  # a registry that ignores ranges: the whole blob is a local file now
+    chunk_size = settings.chunk_size or DEFAULT_CHUNK_SIZE_BYTES
+    store = ChunkStore(settings.cache, remote.digest.hex, remote.size, chunk_size)
+    meta = MetaStore(settings.cache) if settings.cache is not None else None
+    data = ChunkedSource(
+        remote,
+        store,
+        meta=meta,
+        timeout_s=options.timeout_s,
+        max_requests=options.max_connections,
+        offline=settings.offline,
+    )
+    return Archive(archive.name, archive.index_bytes, data, archive.index_digest, archive.created_ns)
 
 
 async def open_registry(
