@@ -12,7 +12,7 @@ Cheap to import on purpose (no trio, no cache): the CLI imports it before the mo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import trio
 
     from blobmount.cache import ChunkStore
-    from blobmount.fetch import FetchStats
+    from blobmount.fetch_runs import FetchStats
     from blobmount.readahead import ReadHint
 
 
@@ -82,6 +82,23 @@ class Fetching(RangeSource, Protocol):
     async def was_verified(self, start: int, end: int, sha256: bytes) -> bool: ...
 
     async def remember_verified(self, start: int, end: int, sha256: bytes) -> None: ...
+
+
+@runtime_checkable
+class StreamSource(Protocol):
+    """A remote data blob that streams byte ranges (remote.py implements it; fetch.ChunkedSource reads it)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncGenerator[bytes, None]:
+        """Exactly the bytes [start, end), in blocks; raises SourceError (TransientError when
+        worth retrying) instead of yielding anything wrong. `origin_only` skips mirrors."""
+        ...
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from tests.support.helpers import tree_files
 
 READING = ["blobmount.fs", "blobmount.reader"]  # recorded as the call enters blobmount.fetch
 REQUEST = [
-    "blobmount.fetch",
+    "blobmount.fetch_runs",
     "blobmount.sources.remote",
     "blobmount.registry.client",
     "blobmount.registry.session",
