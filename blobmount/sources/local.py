@@ -28,7 +28,6 @@ class LocalFileSource:
         except OSError as exc:
             raise SourceError(f"{path}: cannot open data blob: {exc.strerror}") from exc
         self._size = os.fstat(self._fd).st_size
-        self.verified_digest = False  # a local file is not tied to a verified digest (DESIGN §5)
 
     @property
     def size(self) -> int:

@@ -187,6 +187,7 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
     """A server that never answers costs one --timeout, not forever (autojump clock: no wall time)."""
     from blobmount.registry.mirrors import Endpoints
     from blobmount.sources.remote import RegistryBlobSource
+    from tests.support.registry_reads import read_fetched
 
     async def handler(request: httpx.Request) -> httpx.Response:
         await trio.sleep(10_000)
@@ -197,7 +198,7 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
         origin = RegistryClient(REF, source.options, transport=httpx.MockTransport(handler))
         source._endpoints = Endpoints(REF, source.options, origin=origin)
         try:
-            return await source.read_range(0, 10)
+            return await read_fetched(source, 0, 10, 2.0)
         finally:
             await source.aclose()
 
