@@ -180,7 +180,9 @@ class Follower:
 
     async def _poll(self) -> str | None:
         """What the source names now if it moved from what is served, else None."""
-        if self.config.source.startswith("oci:"):
+        from blobmount.sources import kind
+
+        if kind(self.config.source) == "oci":
             return await trio.to_thread.run_sync(self._poll_layout)
         from blobmount.registry.mirrors import Endpoints
 

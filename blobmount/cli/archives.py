@@ -209,7 +209,9 @@ def cmd_push(args: argparse.Namespace) -> int:
         else:
             archive_dir = Path(tmp)
             create_archive(args.src, archive_dir, create_options(args))
-        if args.ref.startswith("oci:"):
+        from blobmount.sources import kind
+
+        if kind(args.ref) == "oci":
             print(f"{args.ref}@{_push_oci(archive_dir, args.ref[4:], args.created, notes)}")
             return EXIT_OK
 
