@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from blobmount.index import Entry, IndexView
     from blobmount.reader import Handle, Reader
     from blobmount.registry.options import RegistryOptions
-    from blobmount.source import Archive as OpenedSource
+    from blobmount.sources.base import Archive as OpenedSource
 
 __all__ = ["Archive", "Stat", "aopen", "open"]
 
@@ -146,8 +146,8 @@ class _Engine:
         import trio
 
         from blobmount.cache import ContentStore
-        from blobmount.fetch import ChunkedSource
         from blobmount.reader import Reader, ReaderConfig
+        from blobmount.sources.base import Fetching
 
         data = self._opened.data
         with contextlib.ExitStack() as sync_stack:
@@ -159,7 +159,7 @@ class _Engine:
                 store = ContentStore(Path(tmp), max_bytes=1 << 62)
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    if isinstance(data, ChunkedSource):
+                    if isinstance(data, Fetching):
                         await stack.enter_async_context(data.serving())
                     nursery = await stack.enter_async_context(trio.open_nursery())
                     reader = Reader(data, store, ReaderConfig(self._verify, self._threshold))  # type: ignore[arg-type]

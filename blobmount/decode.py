@@ -40,7 +40,8 @@ import zstandard
 from blobmount.errors import IntegrityError, SourceError
 from blobmount.index import Entry
 from blobmount.index.paths import show
-from blobmount.source import RangeSource, ReadHint, SyncRangeSource
+from blobmount.readahead import ReadHint
+from blobmount.sources.base import RangeSource, SyncRangeSource
 
 STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop to the trio thread
 WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)

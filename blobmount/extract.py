@@ -59,11 +59,10 @@ from blobmount.errors import (
     NotFound,
     UsageError,
 )
-from blobmount.fetch import ChunkedSource
 from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
 from blobmount.index.paths import show
 from blobmount.progress import ProgressLine
-from blobmount.source import RangeSource
+from blobmount.sources.base import Fetching, RangeSource
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +435,7 @@ class _Copier:
         self.dest = dest
         self.options = options
         self.progress = progress
-        self.remote = source if isinstance(source, ChunkedSource) else None
+        self.remote = source if isinstance(source, Fetching) else None
         chunk = self.remote.store.chunk_size if self.remote is not None else None
         self.piece_bytes = piece_bytes(options, chunk)
         self.budget = _Budget(max(options.buffer_bytes, self.piece_bytes))

@@ -29,12 +29,11 @@ from blobmount.daemon import metrics
 from blobmount.daemon.control import DaemonState
 from blobmount.daemon.notify import notify
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError, UsageError
-from blobmount.fetch import ChunkedSource
 from blobmount.fs import BlobFS
 from blobmount.index import Entry, IndexView
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.reference import Digest, Reference
-from blobmount.source import Archive, RangeSource
+from blobmount.sources.base import Archive, Fetching, RangeSource
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +45,13 @@ REFUSALS = (InvalidArchive, IntegrityError, LimitExceeded)
 
 def check_followable(source: str, offline: bool) -> None:
     """--follow needs something that can move: a registry tag, or an oci: layout's index.json."""
-    from blobmount.sources import is_local
+    from blobmount.sources import kind
 
     if offline:
         raise UsageError("--follow needs the network; it cannot be combined with --offline")
-    if source.startswith("oci:"):
+    if kind(source) == "oci":
         return
-    if is_local(source):
+    if kind(source) == "dir":
         raise UsageError(f"--follow: {source} is a local directory, which has no tag to follow (oci:PATH:TAG has)")
     if Reference.parse(source).digest is not None:
         raise UsageError(f"--follow: {source} names a digest, which never moves; name a tag")
@@ -72,7 +71,7 @@ def index_view(archive: Archive, cache: CacheDir) -> IndexView:
 
 def cached_bytes_of(data: RangeSource) -> Callable[[Entry], int] | None:
     """The user.blobmount.cached_bytes hook for a data source (None: not a chunk cache)."""
-    if isinstance(data, ChunkedSource):
+    if isinstance(data, Fetching):
         return lambda e: data.cached_bytes(e.data_offset, e.data_offset + e.data_size)
     return None
 
@@ -181,7 +180,9 @@ class Follower:
 
     async def _poll(self) -> str | None:
         """What the source names now if it moved from what is served, else None."""
-        if self.config.source.startswith("oci:"):
+        from blobmount.sources import kind
+
+        if kind(self.config.source) == "oci":
             return await trio.to_thread.run_sync(self._poll_layout)
         from blobmount.registry.mirrors import Endpoints
 
@@ -189,16 +190,15 @@ class Follower:
         if self._endpoints is None:
             self._endpoints = Endpoints(ref, self.config.registry)
         known = Digest.parse(self.fs.current.digest)
-        from blobmount.remote import first_answer
+        from blobmount.sources.remote import first_answer
 
         moved = await first_answer(self._endpoints, lambda c: c.resolve_changed(known), resolve=True)
         return None if moved is None else str(moved)
 
     def _layout_path(self) -> Path:
-        spec = self.config.source[len("oci:") :]
-        if not Path(spec).is_dir() and ":" in spec:
-            spec = spec.rpartition(":")[0]
-        return Path(spec)
+        from blobmount.sources.oci_layout import layout_and_tag
+
+        return layout_and_tag(self.config.source.removeprefix("oci:"))[0]
 
     def _poll_layout(self) -> str | None:
         """An oci: layout: a new index.json (by content) is a candidate; opening it says more."""
@@ -213,15 +213,14 @@ class Follower:
         return "index.json:" + seen.hex()
 
     async def _open(self, found: str) -> Archive:
-        if self.config.source.startswith("oci:"):
-            from blobmount.source import open_local
+        from blobmount.sources import RemoteSettings, kind, open_source
 
-            return await trio.to_thread.run_sync(open_local, self.config.source)
-        from blobmount.sources import RemoteSettings, open_remote
+        if kind(self.config.source) == "oci":
+            return await open_source(self.config.source)
 
         ref = Reference.parse(self.config.source)
         settings = RemoteSettings(self.cache, self.config.chunk_size, False, False)
-        archive = await open_remote(f"{ref.registry}/{ref.repository}@{found}", self.config.registry, settings)
+        archive = await open_source(f"{ref.registry}/{ref.repository}@{found}", self.config.registry, settings)
         key = f"{ref.registry}/{ref.repository}:{ref.ref_for_manifest}"
         MetaStore(self.cache).put_tag(key, found)  # a remount (or a stale-tag fallback) starts here
         return archive
@@ -270,7 +269,7 @@ class Follower:
             dir_span=view.data_span,
         )
         assert self._nursery is not None
-        if isinstance(archive.data, ChunkedSource):
+        if isinstance(archive.data, Fetching):
             archive.data.attach(self._nursery)
         reader.attach(self._nursery)
         gen = fs.switch(archive, view, reader, cached_bytes_of(archive.data))  # one step

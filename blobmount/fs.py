@@ -62,7 +62,7 @@ from blobmount.handles import InodeHandles
 from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
 from blobmount.index.paths import show
 from blobmount.reader import Handle, Reader
-from blobmount.source import Archive
+from blobmount.sources.base import Archive
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import pyfuse3
 from blobmount.errors import InvalidArchive
 from blobmount.index import Entry, IndexView
 from blobmount.reader import Reader
-from blobmount.source import Archive
+from blobmount.sources.base import Archive
 
 FILE_INO_BASE = pyfuse3.ROOT_INODE + 1
 GEN_SHIFT = 40  # files of a generation: up to 2**40 entries (and directory inodes stay below 2**40)

@@ -37,14 +37,13 @@ from blobmount.config import MountConfig
 from blobmount.daemon import control, http, logs, metrics
 from blobmount.daemon.notify import notify, watchdog
 from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
-from blobmount.fetch import ChunkedSource
 from blobmount.follow import Follower, cached_bytes_of, check_followable, index_view
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
 from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
-from blobmount.source import Archive
 from blobmount.sources import Opening, RemoteSettings, open_archive
+from blobmount.sources.base import Archive, Fetching
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +228,7 @@ async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
     try:
         async with trio.open_nursery() as nursery:
             data = prep.archive.data
-            if isinstance(data, ChunkedSource):
+            if isinstance(data, Fetching):
                 data.attach(nursery)
             fs.reader.attach(nursery)
             await nursery.start(control.serve_control, state)
@@ -291,7 +290,7 @@ async def _report_ready(prep: Prepared, ready_fd: int | None) -> None:
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)
     data = prep.archive.data
-    if prep.prefetch and isinstance(data, ChunkedSource):
+    if prep.prefetch and isinstance(data, Fetching):
         shown = 0.0
 
         def progress(done: int, total: int) -> None:

@@ -277,10 +277,10 @@ async def use(
     import trio
 
     from blobmount.errors import BlobmountError
-    from blobmount.fetch import ChunkedSource
     from blobmount.registry.options import RegistryOptions
+    from blobmount.sources.base import Fetching
 
-    if not isinstance(data, ChunkedSource):
+    if not isinstance(data, Fetching):
         log.info("prefetch profile: %s is local (or fetched whole); nothing to prefetch", archive_name)
         return
     if data.offline:

@@ -54,11 +54,11 @@ from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.daemon import metrics
 from blobmount.decode import Decode, RangeStream
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError, Unservable
-from blobmount.fetch import ChunkedSource
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
 from blobmount.lru import LRU
-from blobmount.source import RangeSource, ReadHint
+from blobmount.readahead import ReadHint
+from blobmount.sources.base import Fetching, RangeSource
 from blobmount.streaming import StreamingReads
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Reader(StreamingReads):
         self.config = config or ReaderConfig()
         self.on_poison = on_poison
         self.dir_span = dir_span
-        self.remote = source if isinstance(source, ChunkedSource) else None
+        self.remote = source if isinstance(source, Fetching) else None
         self._nursery: trio.Nursery | None = None
         self._dir_hints: OrderedDict[bytes, ReadHint | None] = OrderedDict()
         self._verified: set[int] = set()

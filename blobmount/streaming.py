@@ -35,7 +35,7 @@ from blobmount.decode import LINGER_S, Behind, Decode, window_for
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.index import Entry
 from blobmount.index.paths import show
-from blobmount.source import RangeSource
+from blobmount.sources.base import RangeSource
 
 if TYPE_CHECKING:
     from pathlib import Path

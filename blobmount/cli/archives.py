@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from blobmount.index import IndexView
     from blobmount.reference import Reference
     from blobmount.registry.options import RegistryOptions
-    from blobmount.source import Archive
+    from blobmount.sources.base import Archive
 
 from blobmount.cli.options import cache_dir_of, chunk_size_of, create_options, registry_options
 from blobmount.cli.parser import create_args
@@ -91,12 +91,12 @@ def cmd_cat(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
 
     async def run(store_dir: Path) -> None:
-        from blobmount.fetch import ChunkedSource
+        from blobmount.sources.base import Fetching
 
         reader = Reader(archive.data, ContentStore(store_dir, max_bytes=1 << 62))
         try:
             async with contextlib.AsyncExitStack() as stack:
-                if isinstance(archive.data, ChunkedSource):
+                if isinstance(archive.data, Fetching):
                     await stack.enter_async_context(archive.data.serving())
                 async for block in reader.stream_verified(entry):
                     out.write(block)
@@ -138,27 +138,26 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
     async def run() -> tuple[int, int, int]:
         from blobmount.cache import CacheDir
-        from blobmount.fetch import ChunkedSource
         from blobmount.index import IndexView
-        from blobmount.source import open_local
-        from blobmount.sources import RemoteSettings, is_local, open_remote
+        from blobmount.sources import RemoteSettings, is_local, open_source
+        from blobmount.sources.base import Fetching
 
-        if is_local(args.archive):
-            archive = open_local(args.archive)
+        if is_local(args.archive):  # no registry to talk to, no cache directory
+            archive = await open_source(args.archive)
         else:
             cache = CacheDir(
                 Path(os.fsdecode(cache_dir)),
                 (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES),
             )
             settings = RemoteSettings(cache, chunk_size_of(args.chunk_size))
-            archive = await open_remote(args.archive, registry_options(args), settings)
+            archive = await open_source(args.archive, registry_options(args), settings)
         data = archive.data
         try:
             view = IndexView(archive.index_bytes, blob_size=data.size)
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     on_span = None
-                    if isinstance(data, ChunkedSource):
+                    if isinstance(data, Fetching):
                         await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
                         remote = data
 
@@ -210,7 +209,9 @@ def cmd_push(args: argparse.Namespace) -> int:
         else:
             archive_dir = Path(tmp)
             create_archive(args.src, archive_dir, create_options(args))
-        if args.ref.startswith("oci:"):
+        from blobmount.sources import kind
+
+        if kind(args.ref) == "oci":
             print(f"{args.ref}@{_push_oci(archive_dir, args.ref[4:], args.created, notes)}")
             return EXIT_OK
 
@@ -240,7 +241,7 @@ def _refuse_create_options(args: argparse.Namespace) -> None:
 def _push_oci(archive_dir: Path, spec: str, created: str | None, notes: dict[str, str]) -> str:
     from blobmount.errors import DestinationError
     from blobmount.manifest import CREATED_ANNOTATION, archive_manifest, created_timestamp
-    from blobmount.source import write_oci_layout
+    from blobmount.sources.oci_layout import write_oci_layout
 
     annotations = {CREATED_ANNOTATION: created_timestamp(created), **notes}
     manifest = archive_manifest(archive_dir, annotations)

@@ -35,11 +35,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
     from blobmount.cache import CacheDir
     from blobmount.config import parse_size
-    from blobmount.fetch import ChunkedSource
     from blobmount.index import IndexView
     from blobmount.prefetch import ranges_for
     from blobmount.progress import ProgressLine
-    from blobmount.sources import RemoteSettings, is_local, open_remote
+    from blobmount.sources import RemoteSettings, is_local, open_source
+    from blobmount.sources.base import Fetching
 
     if is_local(args.archive):
         raise UsageError(f"{args.archive}: a local archive needs no prefetch (its bytes are on this machine)")
@@ -51,7 +51,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     async def run() -> tuple[int, int]:
-        archive = await open_remote(args.archive, registry_options(args), settings)
+        archive = await open_source(args.archive, registry_options(args), settings)
         data = archive.data
         view = IndexView(archive.index_bytes, blob_size=data.size)
         ranges = ranges_for(view, args.paths or [""])
@@ -62,7 +62,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             line.reach(done)
 
         try:
-            if not isinstance(data, ChunkedSource):
+            if not isinstance(data, Fetching):
                 return 0, total  # the whole blob is local already (a registry without ranges)
             async with data.serving():
                 fetched = await data.fill(ranges, progress)

@@ -13,7 +13,8 @@ from blobmount.fs import ROOT_INO, BlobFS
 from blobmount.generations import GEN_SHIFT, changes
 from blobmount.index import IndexView
 from blobmount.reader import Reader
-from blobmount.source import Archive, open_directory
+from blobmount.sources.base import Archive
+from blobmount.sources.local import open_directory
 from tests.support.aio import run
 from tests.support.handlers import CTX, fuse_errno
 

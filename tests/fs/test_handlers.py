@@ -22,8 +22,10 @@ from blobmount import errors
 from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
+from blobmount.readahead import ReadHint
 from blobmount.reader import Reader
-from blobmount.source import LocalFileSource, ReadHint, open_directory, open_oci_layout
+from blobmount.sources.local import LocalFileSource, open_directory
+from blobmount.sources.oci_layout import open_oci_layout
 from tests.support.aio import run
 from tests.support.handlers import CTX, fuse_errno
 from tests.support.helpers import make_oci_layout, tree_files

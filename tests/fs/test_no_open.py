@@ -20,7 +20,7 @@ from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
-from blobmount.source import open_directory
+from blobmount.sources.local import open_directory
 from tests.support.aio import run
 from tests.support.handlers import CTX, fuse_errno
 

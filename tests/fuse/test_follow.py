@@ -30,7 +30,7 @@ from blobmount.manifest import archive_manifest
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from blobmount.source import write_oci_layout
+from blobmount.sources.oci_layout import write_oci_layout
 from tests.support.faults import Fault, FaultProxy, Kind
 from tests.support.follow import SWITCH_WAIT_S, archive_of, served_digest
 from tests.support.helpers import FIXTURES

@@ -19,7 +19,7 @@ import pytest
 
 from blobmount.archive import CreateOptions, create_archive
 from blobmount.manifest import archive_manifest
-from blobmount.source import write_oci_layout
+from blobmount.sources.oci_layout import write_oci_layout
 from tests.support.daemon import get, samples, status
 from tests.support.follow import SWITCH_WAIT_S, archive_of, served_digest
 from tests.support.mounts import Mount, mounted

@@ -30,7 +30,7 @@ from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import ContentStore
 from blobmount.index import IndexView
 from blobmount.reader import Reader
-from blobmount.source import open_directory
+from blobmount.sources.local import open_directory
 
 EXAMPLES = int(os.environ.get("BLOBMOUNT_FUZZ_EXAMPLES", "40"))
 TREES = settings(

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from blobmount.cache import CacheDir, ChunkStore
 from blobmount.errors import SourceError
 from blobmount.fetch import ChunkedSource
+from blobmount.readahead import ReadHint
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.remote import RegistryBlobSource
-from blobmount.source import ReadHint
+from blobmount.sources.remote import RegistryBlobSource
 from tests.support.fakes import FakeRemote
 
 EXAMPLES = int(os.environ.get("BLOBMOUNT_FUZZ_EXAMPLES", "60"))

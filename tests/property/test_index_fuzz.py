@@ -21,7 +21,7 @@ from blobmount.cache import ContentStore
 from blobmount.errors import IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.index import Entry, EntryRecord, IndexView, build_index
 from blobmount.reader import Reader
-from blobmount.source import LocalFileSource
+from blobmount.sources.local import LocalFileSource
 from tests.support.helpers import FIXTURES
 
 EXAMPLES = int(os.environ.get("BLOBMOUNT_FUZZ_EXAMPLES", "2000"))

@@ -22,9 +22,10 @@ from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from blobmount.remote import RegistryBlobSource, open_registry
+from blobmount.sources.remote import RegistryBlobSource, open_registry
 from tests.support.helpers import FIXTURES, tree_files
 from tests.support.mounts import mounted
+from tests.support.registry_reads import read_streamed
 from tests.support.servers import QuirkProxy, Registry, basic_auth_header, free_port, start_registry
 
 WARM_WAIT_S = 30.0  # hang guard: a pull-through cache stores a 32 MiB blob in well under a second
@@ -212,12 +213,12 @@ def test_a_cold_pull_through_cache_sends_ranges_elsewhere_without_a_whole_downlo
             source = archive.data
             assert isinstance(source, RegistryBlobSource)
             try:
-                cold = await source.read_range(1 << 20, (1 << 20) + 4096)
+                cold = await read_streamed(source, 1 << 20, (1 << 20) + 4096)
                 taken = counter.state.body_bytes_sent
                 await trio.to_thread.run_sync(_wait_for, mirror.blob_path(source.digest.hex))
                 source.endpoints._down_until = [0.0] * len(source.endpoints.clients)  # back-off over
                 before = len(counter.state.seen)
-                warm = await source.read_range(2 << 20, (2 << 20) + 4096)
+                warm = await read_streamed(source, 2 << 20, (2 << 20) + 4096)
                 assert [m for m, p, h in counter.state.seen[before:]] == ["GET"]  # served by the cache
                 return cold, warm, taken
             finally:

@@ -18,7 +18,7 @@ from blobmount.cli import main
 from blobmount.manifest import ARTIFACT_TYPE, DATA_MEDIA_TYPE, EMPTY_MEDIA_TYPE, INDEX_MEDIA_TYPE
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryClient, RegistryOptions, bytes_reader
-from blobmount.remote import open_registry
+from blobmount.sources.remote import open_registry
 from tests.support.helpers import FIXTURES
 from tests.support.servers import QuirkProxy, Registry
 

@@ -17,9 +17,10 @@ from blobmount.errors import AuthError, LimitExceeded
 from blobmount.reference import Digest, Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
-from blobmount.remote import RegistryBlobSource, open_registry
-from blobmount.source import Archive
+from blobmount.sources.local import LocalFileSource
+from blobmount.sources.remote import RegistryArchive, RegistryBlobSource, open_registry
 from tests.support.helpers import FIXTURE_NAMES, FIXTURES, tree_files
+from tests.support.registry_reads import read_streamed
 from tests.support.servers import QuirkProxy, Registry
 
 
@@ -79,7 +80,7 @@ def test_range_reads_fetch_only_what_is_asked(pushed: dict[str, str]) -> None:
         archive = await open_registry(pushed["mixed"], RegistryOptions())
         source = archive.data
         assert isinstance(source, RegistryBlobSource)
-        data = await source.read_range(1000, 1000 + 4096)
+        data = await read_streamed(source, 1000, 1000 + 4096)
         stats = source.client.stats
         await source.aclose()
         return data, stats.requests, stats.bytes_fetched
@@ -130,8 +131,8 @@ def _read_through(proxy: QuirkProxy, name: str, start: int, end: int, **kw: obje
         archive = await open_registry(f"{proxy.host}/fixtures/{name}:v1", RegistryOptions(**kw))  # type: ignore[arg-type]
         source = archive.data
         assert isinstance(source, RegistryBlobSource)
-        data = await source.read_range(start, end)
-        data += await source.read_range(end, end + 100)
+        data = await read_streamed(source, start, end)
+        data += await read_streamed(source, end, end + 100)
         await source.aclose()
         return data
 
@@ -178,10 +179,11 @@ def test_200_for_ranges_falls_back_to_a_verified_whole_blob(
         archive = trio.run(_open, spec, tmp_path / "c2", 1 << 30)
     assert "downloading the whole" in caplog.text
     blob = (FIXTURES / "mixed" / "data.blob").read_bytes()
+    assert isinstance(archive.data, LocalFileSource)
     assert trio.run(archive.data.read_range, 5, 500) == blob[5:500]
 
 
-async def _open(spec: str, cache: Path, size: int) -> Archive:
+async def _open(spec: str, cache: Path, size: int) -> RegistryArchive:
     return await open_registry(spec, RegistryOptions(), cache=CacheDir(cache, size))
 
 

@@ -26,8 +26,8 @@ from tests.support.helpers import tree_files
 
 READING = ["blobmount.fs", "blobmount.reader"]  # recorded as the call enters blobmount.fetch
 REQUEST = [
-    "blobmount.fetch",
-    "blobmount.remote",
+    "blobmount.fetch_runs",
+    "blobmount.sources.remote",
     "blobmount.registry.client",
     "blobmount.registry.session",
     "blobmount.registry.transport",
@@ -69,7 +69,7 @@ def test_a_cold_read_goes_down_the_layers_once(
 
     async def go() -> bytes:
         settings = sources.RemoteSettings(CacheDir(tmp_path / "cache", 1 << 30), None, False, True)
-        archive = await sources.open_remote(pushed["uncompressed"], RegistryOptions(), settings)
+        archive = await sources.open_source(pushed["uncompressed"], RegistryOptions(), settings)
         assert isinstance(archive.data, fetch.ChunkedSource)
         traced["read"].clear()
         traced["request"].clear()

@@ -20,9 +20,10 @@ from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from blobmount.remote import RegistryBlobSource, open_registry
+from blobmount.sources.remote import RegistryBlobSource, open_registry
 from tests.support.helpers import FIXTURES, tree_files
 from tests.support.mounts import mounted
+from tests.support.registry_reads import read_streamed
 from tests.support.servers import TOKEN_PASSWORD, TOKEN_USER, Registry, TokenIssuer, access_log_mark, statuses_since
 
 
@@ -138,11 +139,11 @@ def _two_reads(reg: Registry, pause_s: float) -> tuple[bytes, list[int], int]:
         source = archive.data
         assert isinstance(source, RegistryBlobSource)
         try:
-            first = await source.read_range(100, 5000)
+            first = await read_streamed(source, 100, 5000)
             mark = access_log_mark(reg)
             issued = len(issuer_of(reg).state.issued)
             await trio.sleep(pause_s)
-            second = await source.read_range(5000, 9000)
+            second = await read_streamed(source, 5000, 9000)
         finally:
             await source.aclose()
         return first + second, statuses_since(reg, mark), len(issuer_of(reg).state.issued) - issued

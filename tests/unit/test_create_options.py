@@ -23,7 +23,7 @@ from blobmount.archive import CreateOptions, create_archive
 from blobmount.cli import main
 from blobmount.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, LimitExceeded, SourceError
 from blobmount.index import COMPRESSION_NONE, COMPRESSION_ZSTD, IndexView
-from blobmount.source import open_directory
+from blobmount.sources.local import open_directory
 
 WAIT_S = 60.0
 TEXT = b"static int buffer_size(const struct path *p) { return p->len; }\n"

@@ -19,7 +19,7 @@ from blobmount.cache.content import TRAILER_BYTES, Pending
 from blobmount.errors import IntegrityError
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
-from blobmount.source import open_directory
+from blobmount.sources.local import open_directory
 from tests.support.corpus import Spec, write_archive
 
 MiB = 1 << 20

@@ -19,8 +19,8 @@ import trio.testing
 from blobmount.cache import CacheDir, ChunkStore
 from blobmount.errors import SourceError, TransientError
 from blobmount.fetch import ChunkedSource
+from blobmount.readahead import ReadHint
 from blobmount.registry.retry import MAX_ATTEMPTS
-from blobmount.source import ReadHint
 from tests.support.aio import run, run_virtual
 from tests.support.fakes import FakeRemote
 

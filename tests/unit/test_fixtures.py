@@ -13,7 +13,7 @@ from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import ContentStore
 from blobmount.index import Entry, IndexView, Order
 from blobmount.reader import Reader
-from blobmount.source import LocalFileSource, open_directory
+from blobmount.sources.local import LocalFileSource, open_directory
 from tests.support.helpers import FIXTURE_NAMES, FIXTURES, entry_path, expected, extract_tree, tree_files
 
 FIELDS = ("data_offset", "data_size", "original_size", "mode", "uid", "gid", "mtime_ns", "compression")

@@ -49,7 +49,6 @@ NEVER: tuple[tuple[str, str], ...] = (
     ("blobmount.registry.", "blobmount.cache"),
     ("blobmount.registry.", "blobmount.fetch"),
     ("blobmount.registry.", "blobmount.sources"),
-    ("blobmount.registry.", "blobmount.remote"),
     ("blobmount.cache.", "blobmount.registry"),
     ("blobmount.index.", "blobmount.registry"),
 )

@@ -186,7 +186,8 @@ def test_plain_http_and_insecure_are_per_host() -> None:
 def test_a_stalled_read_ends_within_the_timeout() -> None:
     """A server that never answers costs one --timeout, not forever (autojump clock: no wall time)."""
     from blobmount.registry.mirrors import Endpoints
-    from blobmount.remote import RegistryBlobSource
+    from blobmount.sources.remote import RegistryBlobSource
+    from tests.support.registry_reads import read_fetched
 
     async def handler(request: httpx.Request) -> httpx.Response:
         await trio.sleep(10_000)
@@ -197,7 +198,7 @@ def test_a_stalled_read_ends_within_the_timeout() -> None:
         origin = RegistryClient(REF, source.options, transport=httpx.MockTransport(handler))
         source._endpoints = Endpoints(REF, source.options, origin=origin)
         try:
-            return await source.read_range(0, 10)
+            return await read_fetched(source, 0, 10, 2.0)
         finally:
             await source.aclose()
 
@@ -368,8 +369,8 @@ def test_a_plain_http_registry_costs_no_tls_context(monkeypatch: pytest.MonkeyPa
 @pytest.mark.expect_log(r"; retry \d+ in ")
 def test_an_open_that_runs_out_of_time_names_what_it_was_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
     """A registry answering 503 to everything: the one-line error says so, not only "no answer"."""
-    from blobmount import remote as source
     from blobmount.registry import mirrors
+    from blobmount.sources import remote as source
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(503)

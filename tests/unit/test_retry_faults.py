@@ -23,9 +23,10 @@ from blobmount.registry import client as client_mod
 from blobmount.registry import retry as retry_mod
 from blobmount.registry.client import RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.remote import RegistryBlobSource
+from blobmount.sources.remote import RegistryBlobSource
 from tests.support import resolver
 from tests.support.aio import run_virtual
+from tests.support.registry_reads import read_fetched
 
 BLOB = bytes(range(256)) * 256
 DIGEST = Digest.of(BLOB)
@@ -83,14 +84,14 @@ def read_once(handler: Handler, start: int = 0, end: int = 100, **options: objec
 def read_via_source(
     handler: Handler, timeout_s: float, start: int = 0, end: int = 100
 ) -> Callable[[], Awaitable[bytes]]:
-    """Through RegistryBlobSource, whose --timeout bounds the whole read across retries."""
+    """Through the fetcher over RegistryBlobSource, whose --timeout bounds the whole read across retries."""
 
     async def go() -> bytes:
         source = RegistryBlobSource(REF, RegistryOptions(timeout_s=timeout_s), DIGEST, len(BLOB))
         origin = RegistryClient(REF, source.options, transport=httpx.MockTransport(handler))
         source._endpoints = Endpoints(REF, source.options, origin=origin)
         try:
-            return await source.read_range(start, end)
+            return await read_fetched(source, start, end, timeout_s)
         finally:
             await source.aclose()
 
@@ -362,9 +363,9 @@ def test_a_token_endpoint_down_ends_at_the_timeout_and_recovers() -> None:
         source._endpoints = Endpoints(REF, source.options, origin=origin)
         try:
             with pytest.raises(TransientError):
-                await source.read_range(0, 10)
+                await read_fetched(source, 0, 10, 2.0)
             down[0] = False
-            return await source.read_range(0, 10)
+            return await read_fetched(source, 0, 10, 2.0)
         finally:
             await source.aclose()
 

@@ -1,5 +1,7 @@
 """A registry archive: the registry client (registry/) composed with the cache (meta store, whole-blob
-fallback). Opening by reference, and the data blob as a streaming range source.
+fallback, chunk cache). Opening by reference, and the data blob as a streaming range source behind
+the chunk cache (fetch.ChunkedSource): with a cache directory the chunks are shared on disk with
+every process using it; without one (``ls``, ``cat``) they live in memory for the command's life.
 
 Kept out of registry/ so that the OCI client knows nothing of the cache layout.
 
@@ -25,27 +27,30 @@ import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
 
-from blobmount.cache import CacheDir, MetaStore, WholeBlob
+from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES, CacheDir, ChunkStore, MetaStore, WholeBlob
 from blobmount.errors import BlobmountError, LimitExceeded, SourceError, TransientError
+from blobmount.fetch import ChunkedSource
 from blobmount.manifest import MAX_INDEX_BYTES, created_ns, parse_manifest
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RangeNotSupported, RegistryClient, RegistryOptions
 from blobmount.registry.mirrors import Endpoints
-from blobmount.source import Archive, LocalFileSource, RangeSource, ReadHint
+from blobmount.sources import RemoteSettings
+from blobmount.sources.base import Archive
+from blobmount.sources.local import LocalFileSource
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("blobmount.remote")  # its name before sources/ (JSON logs carry it)
 T = TypeVar("T")
 
 
 class RegistryBlobSource:
-    """The data blob in a registry, read with range requests. The HTTP clients are created on
-    first use inside the running trio loop (the mount forks after the index is fetched)."""
-
-    verified_digest = True  # bytes are requested by digest; files are still verified by sha256
+    """The data blob in a registry, streamed by range requests (a StreamSource: the chunk cache in
+    front of it is what readers see). The HTTP clients are created on first use inside the running
+    trio loop (the mount forks after the index is fetched)."""
 
     def __init__(self, ref: Reference, options: RegistryOptions, digest: Digest, size: int) -> None:
         self.ref = ref
@@ -72,15 +77,6 @@ class RegistryBlobSource:
     def _check(self, start: int, end: int) -> None:
         if not 0 <= start <= end <= self._size:
             raise SourceError(f"{self.ref}: range {start}..{end} outside the {self._size}-byte data blob")
-
-    async def read_range(self, start: int, end: int, hint: ReadHint | None = None) -> bytes:
-        """Bytes [start, end) from the first endpoint that answers (mirrors, then the origin); the
-        whole call, retries included, is bounded by ``--timeout`` so that no caller waits
-        forever (it becomes EIO, and a later read tries afresh)."""
-        self._check(start, end)
-        with trio.move_on_after(self.options.timeout_s):
-            return await first_answer(self.endpoints, lambda c: c.read_range(self.digest, start, end, self._size))
-        raise TransientError(f"{self.ref}: no answer within --timeout {self.options.timeout_s:g} s")
 
     async def iter_range(self, start: int, end: int, *, origin_only: bool = False) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) streamed from one request. The first endpoint whose response opens
@@ -134,6 +130,42 @@ async def _opened(blocks: AsyncGenerator[bytes, None]) -> tuple[AsyncGenerator[b
     return blocks, first
 
 
+@dataclass(frozen=True, slots=True)
+class RegistryArchive:
+    """An archive as :func:`open_registry` pins it: the fields of an Archive, its data blob still as
+    the registry serves it (open_remote puts the chunk cache in front), or the whole blob kept in
+    the cache when the registry ignores ranges."""
+
+    name: str
+    index_bytes: bytes
+    data: RegistryBlobSource | LocalFileSource
+    index_digest: str
+    created_ns: int | None = None
+
+
+async def open_remote(spec: str, options: RegistryOptions, settings: RemoteSettings) -> Archive:
+    """Open a registry reference with its data blob behind the chunk cache (or, from a registry
+    that ignores ranges, as the whole blob kept in the cache)."""
+    archive = await open_registry(
+        spec, options, cache=settings.cache, offline=settings.offline, stale_tag=settings.stale_tag
+    )
+    remote = archive.data
+    if isinstance(remote, LocalFileSource):  # a registry that ignores ranges: the whole blob is here
+        return Archive(archive.name, archive.index_bytes, remote, archive.index_digest, archive.created_ns)
+    chunk_size = settings.chunk_size or DEFAULT_CHUNK_SIZE_BYTES
+    store = ChunkStore(settings.cache, remote.digest.hex, remote.size, chunk_size)
+    meta = MetaStore(settings.cache) if settings.cache is not None else None
+    data = ChunkedSource(
+        remote,
+        store,
+        meta=meta,
+        timeout_s=options.timeout_s,
+        max_requests=options.max_connections,
+        offline=settings.offline,
+    )
+    return Archive(archive.name, archive.index_bytes, data, archive.index_digest, archive.created_ns)
+
+
 async def open_registry(
     spec: str,
     options: RegistryOptions,
@@ -141,7 +173,7 @@ async def open_registry(
     cache: CacheDir | None = None,
     offline: bool = False,
     stale_tag: bool = True,
-) -> Archive:
+) -> RegistryArchive:
     """Resolve, fetch and check manifest and index (from the cache when it has them); return the
     archive with its data source (the raw registry source: the caller puts the chunk cache in front).
     `stale_tag`: when the registry does not answer the tag lookup, open the digest the cache
@@ -172,7 +204,7 @@ async def open_registry(
                 endpoints, index_digest, isize, data_digest, dsize, index=index, probe=probe
             )
             log.info("%s: pinned to %s (index %d bytes, data %d bytes)", ref, digest, isize, dsize)
-            data: RangeSource = RegistryBlobSource(ref, options, data_digest, dsize)
+            data: RegistryBlobSource | LocalFileSource = RegistryBlobSource(ref, options, data_digest, dsize)
             if meta is not None and index_fetched:
                 meta.put_blob(index_digest.hex, index)
             if meta is not None and probe and probe_error is None:
@@ -189,7 +221,7 @@ async def open_registry(
         with trio.CancelScope(shield=True):
             await endpoints.aclose()
     name = f"{ref.registry}/{ref.repository}@{digest}"
-    return Archive(name, index, data, idigest, created_ns(manifest))
+    return RegistryArchive(name, index, data, idigest, created_ns(manifest))
 
 
 def _online(offline: bool, ref: Reference, what: str, stale: bool = False) -> None:

@@ -1,13 +1,12 @@
-"""SOURCE string -> opened :class:`~blobmount.source.Archive`, local or remote (DESIGN §8).
+"""SOURCE string -> opened :class:`~blobmount.sources.base.Archive`: the one place that reads the
+SOURCE syntax (DESIGN §8).
 
-`oci:PATH[:TAG]`, `dir:PATH` and paths starting with `/`, `./`, `../` are local; anything else is a
-registry reference. Kept apart from source.py so that the local sources never import registry/.
+`oci:PATH[:TAG]` is an OCI image layout (oci_layout.py); `dir:PATH` and paths starting with `/`,
+`./`, `../` are a directory holding index.blob + data.blob (local.py); anything else is a registry
+reference (remote.py: the registry, the meta cache, the range probe, the whole-blob fallback and
+the chunk cache in front of the data blob). :func:`kind` says which; everything else here asks it.
 
-A remote archive's data blob is returned behind the chunk cache (fetch.ChunkedSource): with a cache
-directory the chunks are shared on disk with every process using it; without one (``ls``, ``cat``)
-they live in memory for the command's life.
-
-Importing this module is cheap on purpose (the heavy imports happen inside the functions): the
+Importing this package is cheap on purpose (the heavy imports happen inside the functions): the
 mount starts :class:`Opening` first thing, so that the registry's round trips overlap with the
 imports only the daemon needs (pyfuse3, the reader).
 """
@@ -17,15 +16,18 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from blobmount.errors import UsageError
 from blobmount.registry.options import RegistryOptions
 
 if TYPE_CHECKING:
     from blobmount.cache import CacheDir
-    from blobmount.source import Archive
+    from blobmount.sources.base import Archive
 
 HEAD_START_WAIT_S = 10.0  # hang guard only: the opener's imports take ~0.1 s
+
+SourceKind = Literal["oci", "dir", "registry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,47 +40,60 @@ class RemoteSettings:
     stale_tag: bool = True  # the registry does not answer: open the tag's last resolution (cached)
 
 
-def is_local(spec: str) -> bool:
-    from blobmount.source import is_local_path
+def kind(spec: str) -> SourceKind:
+    """What a SOURCE names: an OCI layout, a local directory, or (anything else) a registry
+    reference. A bare relative name is a reference: write a directory as ./name or dir:name."""
+    if spec.startswith("oci:"):
+        return "oci"
+    if spec.startswith(("dir:", "/", "./", "../")) or spec in (".", ".."):
+        return "dir"
+    return "registry"
 
-    return spec.startswith(("oci:", "dir:")) or is_local_path(spec)
+
+def is_local(spec: str) -> bool:
+    return kind(spec) != "registry"
+
+
+def open_local(spec: str) -> Archive:
+    """Open a local SOURCE: `oci:PATH[:TAG]`, `dir:PATH`, or a path starting with `/`, `./` or
+    `../`. A registry reference is refused (the caller has no registry to offer)."""
+    what = kind(spec)
+    if what == "oci":
+        from blobmount.sources.oci_layout import open_oci_layout
+
+        return open_oci_layout(spec.removeprefix("oci:"))
+    if what == "dir":
+        from blobmount.sources.local import open_directory
+
+        return open_directory(Path(spec.removeprefix("dir:")))
+    raise UsageError(
+        f"{spec!r} is a registry reference; this build reads local archives only"
+        " (write a local directory as /path, ./path or dir:path, an OCI layout as oci:path[:tag])"
+    )
 
 
 def open_archive(spec: str, options: RegistryOptions | None = None, settings: RemoteSettings | None = None) -> Archive:
     """Open SOURCE from synchronous code (the CLI, the mount's parent process)."""
     if is_local(spec):
-        from blobmount.source import open_local
-
         return open_local(spec)
     import trio
+
+    from blobmount.sources.remote import open_remote
 
     return trio.run(open_remote, spec, options or RegistryOptions(), settings or RemoteSettings())
 
 
-async def open_remote(spec: str, options: RegistryOptions, settings: RemoteSettings) -> Archive:
-    from blobmount.cache import DEFAULT_CHUNK_SIZE_BYTES, ChunkStore, MetaStore
-    from blobmount.fetch import ChunkedSource
-    from blobmount.remote import RegistryBlobSource, open_registry
-    from blobmount.source import Archive
+async def open_source(
+    spec: str, options: RegistryOptions | None = None, settings: RemoteSettings | None = None
+) -> Archive:
+    """Open SOURCE from the event loop (a local one on a worker thread: it reads files)."""
+    if is_local(spec):
+        import trio
 
-    archive = await open_registry(
-        spec, options, cache=settings.cache, offline=settings.offline, stale_tag=settings.stale_tag
-    )
-    remote = archive.data
-    if not isinstance(remote, RegistryBlobSource):
-        return archive  # a registry that ignores ranges: the whole blob is a local file now
-    chunk_size = settings.chunk_size or DEFAULT_CHUNK_SIZE_BYTES
-    store = ChunkStore(settings.cache, remote.digest.hex, remote.size, chunk_size)
-    meta = MetaStore(settings.cache) if settings.cache is not None else None
-    data = ChunkedSource(
-        remote,
-        store,
-        meta=meta,
-        timeout_s=options.timeout_s,
-        max_requests=options.max_connections,
-        offline=settings.offline,
-    )
-    return Archive(archive.name, archive.index_bytes, data, archive.index_digest, archive.created_ns)
+        return await trio.to_thread.run_sync(open_local, spec)
+    from blobmount.sources.remote import open_remote
+
+    return await open_remote(spec, options or RegistryOptions(), settings or RemoteSettings())
 
 
 class Opening:
@@ -111,7 +126,7 @@ class Opening:
         cache_dir, cache_size, chunk_size, offline, stale_tag = self._cache_args
         try:
             if not is_local(self._spec):
-                import blobmount.remote  # noqa: F401  the HTTP stack, before the first request
+                import blobmount.sources.remote  # noqa: F401  the HTTP stack, before the first request
             from blobmount.cache import CacheDir, default_cache_dir
 
             self.cache = CacheDir(cache_dir or default_cache_dir(), cache_size)
