@@ -58,26 +58,26 @@ def test_cp_of_a_subtree_and_of_files_by_digest(pushed: dict[str, str], tmp_path
 
 
 def test_a_missing_path_fetches_no_data_and_writes_nothing(
-    proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    quirk_proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "out"
-    ref = f"{proxy.host}/fixtures/mixed:v1"
+    ref = f"{quirk_proxy.host}/fixtures/mixed:v1"
     assert main(["cp", ref, "d00-directory", "nope.txt", str(dest), "--cache-dir", str(tmp_path / "c")]) in (2, 3)
     assert main(["cp", ref, "nope.txt", str(dest), "--cache-dir", str(tmp_path / "c")]) == 3
     assert "'nope.txt': no such file" in capsys.readouterr().err
     assert not dest.exists()
-    assert [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"] == []  # only the open's probe
+    assert [r for r in _data_gets(quirk_proxy.state.seen) if r != "bytes=0-0"] == []  # only the open's probe
 
 
 def test_a_directorys_first_half_buffer_is_one_request_started_before_any_piece(
-    proxy: QuirkProxy, tmp_path: Path
+    quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     """The plan starts fetching a directory's data (half --buffer, one request) while it validates
     the entries; the pieces, which start at one chunk, join that request instead of their own."""
-    ref = f"{proxy.host}/fixtures/mixed:v1"
+    ref = f"{quirk_proxy.host}/fixtures/mixed:v1"
     args = ["--cache-dir", str(tmp_path / "c"), "--buffer", "2M", "--chunk-size", "64K"]
     assert main(["cp", ref, ".", str(tmp_path / "out"), *args]) == 0
-    gets = [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"]
+    gets = [r for r in _data_gets(quirk_proxy.state.seen) if r != "bytes=0-0"]
     assert gets[0] == f"bytes=0-{(1 << 20) - 1}", gets
     assert not [r for r in gets[1:] if int(r.split("=")[1].split("-")[0]) < 1 << 20]  # nothing in it again
     assert _files_under(tmp_path / "out") == {p: f.data for p, f in tree_files("mixed").items()}
@@ -114,15 +114,15 @@ def test_a_hostile_entry_found_while_the_data_is_fetched_is_exit_4_and_dest_is_n
     assert not (tmp_path / "escape").exists()
 
 
-def test_a_second_copy_is_served_by_the_cache(proxy: QuirkProxy, tmp_path: Path) -> None:
-    ref = f"{proxy.host}/fixtures/mixed:v1"
+def test_a_second_copy_is_served_by_the_cache(quirk_proxy: QuirkProxy, tmp_path: Path) -> None:
+    ref = f"{quirk_proxy.host}/fixtures/mixed:v1"
     cache = str(tmp_path / "cache")
     assert main(["cp", ref, ".", str(tmp_path / "one"), "--cache-dir", cache]) == 0
-    first = [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"]
+    first = [r for r in _data_gets(quirk_proxy.state.seen) if r != "bytes=0-0"]
     assert first
-    mark = len(proxy.state.seen)
+    mark = len(quirk_proxy.state.seen)
     assert main(["cp", ref, ".", str(tmp_path / "two"), "--cache-dir", cache]) == 0
-    assert [r for r in _data_gets(proxy.state.seen[mark:]) if r != "bytes=0-0"] == []
+    assert [r for r in _data_gets(quirk_proxy.state.seen[mark:]) if r != "bytes=0-0"] == []
     assert _files_under(tmp_path / "two") == {p: f.data for p, f in tree_files("mixed").items()}
 
 
