@@ -23,7 +23,7 @@ a test can assert that every class is mapped::
     │   ├── Unservable                  a file beyond every size limit; logged once by the
     │                                   reader, EIO for each read (reader.py)                -> EIO
     │   └── AuthError                   the registry refused our credentials (registry/)     -> EACCES
-    ├── DestinationError                `cp` cannot write where it must (extract.py): a
+    ├── DestinationError                `cp` cannot write where it must (extract/): a
     │                                   symbolic link in the way, a full disk          -> EIO
     └── UsageError                      bad command line or configuration (cli/, config.py)
 

@@ -141,7 +141,9 @@ def _victim() -> tuple[bytes, int]:
     return entry.path, entry.data_offset + entry.data_size // 2
 
 
-@pytest.mark.expect_log(r"^blobmount\.(extract|reader): .*(corrupt zstd frame|sha256 mismatch)", r"; retry \d+ in ")
+@pytest.mark.expect_log(
+    r"^blobmount\.(extract\.copy|reader): .*(corrupt zstd frame|sha256 mismatch)", r"; retry \d+ in "
+)
 def test_an_integrity_failure_through_the_proxy_is_exit_5_and_leaves_no_file(
     faults: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -163,7 +165,7 @@ def test_an_integrity_failure_through_the_proxy_is_exit_5_and_leaves_no_file(
     assert all(files[p].data == d for p, d in written.items())
 
 
-@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract): ")
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract\.copy): ")
 def test_a_fault_that_clears_is_read_again_and_the_copy_succeeds(
     faults: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -226,7 +228,7 @@ def test_concurrent_range_reads_overlap(
     assert _files_under(dest) == {p: f.data for p, f in tree_files("mixed").items()}
 
 
-@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract): ")
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract\.copy): ")
 def test_a_network_failure_names_a_file_and_leaves_no_temporaries(
     faults: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -252,17 +254,17 @@ def test_the_buffer_bounds_fetched_bytes_beyond_what_the_readers_hold(
 ) -> None:
     """Eight readers of 64 KiB pieces could hold 512 KiB; --buffer 256K keeps them to 256 KiB (the
     proxy holds each request, so all eight readers are waiting at once if the budget lets them)."""
-    from blobmount import extract
+    from blobmount.extract import pieces
 
     peak = 0
-    acquire = extract._Budget.acquire
+    acquire = pieces.Budget.acquire
 
-    async def counting(self: extract._Budget, n: int) -> None:
+    async def counting(self: pieces.Budget, n: int) -> None:
         nonlocal peak
         await acquire(self, n)
         peak = max(peak, self.used)
 
-    monkeypatch.setattr(extract._Budget, "acquire", counting)
+    monkeypatch.setattr(pieces.Budget, "acquire", counting)
     p = _CountingProxy(registry.host)
     try:
         args = ["cp", f"{p.host}/fixtures/mixed:v1", ".", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
