@@ -34,7 +34,7 @@ def _arch_path(text: str) -> bytes:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from blobmount.archive import create_archive
+    from blobmount.create import create_archive
 
     started = time.monotonic()
     result = create_archive(args.src_dir, args.out_dir, create_options(args))
@@ -193,7 +193,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from blobmount.archive import create_archive
+    from blobmount.create import create_archive
 
     notes: dict[str, str] = {}
     for item in args.annotation:

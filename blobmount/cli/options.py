@@ -14,7 +14,7 @@ from blobmount import defaults
 from blobmount.errors import UsageError
 
 if TYPE_CHECKING:
-    from blobmount.archive import CreateOptions
+    from blobmount.create import CreateOptions
     from blobmount.registry.options import RegistryOptions
 
 log = logging.getLogger("blobmount")
@@ -57,8 +57,8 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
 
 
 def create_options(args: argparse.Namespace) -> CreateOptions:
-    from blobmount.archive import SKIP_BELOW_BYTES, SKIP_EXTENSIONS, CreateOptions, extension_list
     from blobmount.config import parse_size
+    from blobmount.create.options import SKIP_BELOW_BYTES, SKIP_EXTENSIONS, CreateOptions, extension_list
 
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads}: 0 (one per core) or more")

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import trio
 
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cli import main
+from blobmount.create import CreateOptions, create_archive
 from blobmount.manifest import MANIFEST_MEDIA_TYPE
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryOptions
