@@ -1,14 +1,7 @@
-"""Read-only view of an index blob: entry order, lookup, directory listing and validated entries.
+"""Read-only view of an index blob: lookup, directory listing and validated entries.
 
-The FlatBuffers reads are :mod:`.tables`' (bounds-checked, nothing built per entry at open).
-
-Order (docs/FORMAT.md, "Entry order"): at open one linear pass over the paths decides whether the entries
-are strictly increasing in byte order, in walk order (the reference writer's component-wise order,
-which is byte order with ``/`` ranked below every other byte), or neither. Searches use the order
-found; for "neither" a sorted permutation is built once as an ``array('I')`` and duplicate paths are
-refused at open. Strictly increasing orders cannot hold duplicates, so after open the only
-whole-index property left is file/directory conflicts, which are checked lazily where they matter:
-:meth:`IndexView.entry` refuses a file that is also a directory prefix, and listings skip it.
+The FlatBuffers reads and the entry order are :mod:`.tables`' (bounds-checked, nothing built per
+entry at open); searches use the order found there.
 
 Per-entry rules (path syntax, required fields, hash length, compression, sizes, offsets within the
 data blob) are checked by :meth:`IndexView.entry` before an entry is used; nothing unchecked is ever
@@ -18,14 +11,36 @@ returned as an :class:`Entry`. Every failure is an :class:`InvalidArchive` with 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-from array import array
 from collections.abc import Iterator
-from typing import NoReturn
 
 from blobmount.errors import InvalidArchive, NotADirectory, NotFound
-from blobmount.index.format import Child, Entry, Order, _i32, _u16, _u32, _walk_key
+from blobmount.index.format import (
+    _E_COMP,
+    _E_GID,
+    _E_HASH,
+    _E_MODE,
+    _E_MTIME,
+    _E_OFFSET,
+    _E_ORIG,
+    _E_PATH,
+    _E_SIZE,
+    _E_UID,
+    _E_UINTS,
+    COMPRESSION_NONE,
+    COMPRESSION_ZSTD,
+    HASH_SIZE_BYTES,
+    MAX_FILE_SIZE_BYTES,
+    Child,
+    Entry,
+    Order,
+    _i8,
+    _i32,
+    _i64,
+    _u16,
+    _u16s,
+    _u32,
+)
 from blobmount.index.paths import name_problem, path_problem, show
 from blobmount.index.tables import IndexTables
 
@@ -38,114 +53,12 @@ _ENTRY_CACHE_SIZE = 32768  # validated entries kept (~8 MiB): a tree walk that o
 class IndexView(IndexTables):
     """A validated-on-demand view of one index blob (see the module docstring)."""
 
-    __slots__ = ("_entries_cache", "_order", "_perm")
+    __slots__ = ("_entries_cache",)
 
     def __init__(self, buf: bytes, *, blob_size: int | None = None, known_order: bytes | None = None) -> None:
-        """Parse the root table (:class:`IndexTables`) and decide the entry order.
-
-        `known_order` is what :meth:`order_record` returned for these very bytes before (kept by
-        digest in the cache), so a remount skips the order scan (0.5 s for a million entries); a
-        record that does not fit is ignored. Raises InvalidArchive.
-        """
-        super().__init__(buf, blob_size=blob_size)
+        """See :class:`IndexTables`; the view adds a bounded cache of validated entries."""
+        super().__init__(buf, blob_size=blob_size, known_order=known_order)
         self._entries_cache: dict[int, Entry] = {}
-        self._perm: array[int] | None = None
-        order = self._from_record(known_order) if known_order else None
-        self._order = order if order is not None else self._scan_order()
-
-    # -- order ---------------------------------------------------------------------------------
-
-    def _scan_order(self) -> Order:
-        """Byte order first (what we write: one comparison per entry); walk order only when that
-        fails; else a sorted permutation."""
-        n = self._n
-        if n < 2:
-            return Order.BYTES
-        if self._in_byte_order():
-            return Order.BYTES
-        path = self.path
-        prev_walk = _walk_key(path(0))
-        for i in range(1, n):
-            cur_walk = path(i).replace(b"/", b"\x00")
-            if not prev_walk < cur_walk:
-                break
-            prev_walk = cur_walk
-        else:
-            return Order.WALK
-        self._build_permutation()
-        return Order.NEITHER
-
-    def _in_byte_order(self) -> bool:
-        """Whether the paths strictly increase in byte order. :meth:`path` inlined once more, and the
-        path slot looked up once per distinct vtable (writers share one vtable among all entries):
-        a million entries scan in ~0.55 s instead of ~0.7 s. Any check that fails is handed to
-        :meth:`path`, which raises the same InvalidArchive it always does."""
-        buf, size, offs, vec = self._buf, self._size, self._offs, self._vec
-        i32, u16, u32 = _i32, _u16, _u32
-        prev = self.path(0)
-        known_vt, fo = -1, 0
-        for i in range(1, self._n):
-            table = vec + 4 * i + offs[i]
-            if table + 4 > size:
-                self._bad_path(i)
-            vt = table - i32(buf, table)[0]
-            if vt != known_vt:
-                if vt < 0 or vt + 6 > size or u16(buf, vt)[0] < 6 or not u16(buf, vt + 4)[0]:
-                    self._bad_path(i)
-                known_vt, fo = vt, u16(buf, vt + 4)[0]
-            field = table + fo
-            if field + 4 > size:
-                self._bad_path(i)
-            start = field + u32(buf, field)[0] + 4
-            if start > size:
-                self._bad_path(i)
-            end = start + u32(buf, start - 4)[0]
-            if end > size:
-                self._bad_path(i)
-            cur = buf[start:end]
-            if not prev < cur:
-                return False
-            prev = cur
-        return True
-
-    def _bad_path(self, i: int) -> NoReturn:
-        self.path(i)  # raises the InvalidArchive that says what is wrong with entry i
-        raise AssertionError(f"entry {i}: the order scan refused a path that path() reads")
-
-    def order_record(self) -> bytes:
-        """The outcome of the order scan, to keep by the index's digest (see ``known_order``)."""
-        head = self._order.value.encode() + b"\n"
-        return head + (self._perm.tobytes() if self._perm is not None else b"")
-
-    def _from_record(self, record: bytes) -> Order | None:
-        name, _, rest = record.partition(b"\n")
-        try:
-            order = Order(name.decode())
-        except (UnicodeDecodeError, ValueError):
-            return None
-        if order is not Order.NEITHER:
-            return order if not rest else None
-        perm = array("I")
-        if len(rest) != 4 * self._n:
-            return None
-        perm.frombytes(rest)
-        if self._n and max(perm) >= self._n:
-            return None
-        self._perm = perm
-        return order
-
-    def _build_permutation(self) -> None:
-        paths = [self.path(i) for i in range(self._n)]
-        perm = sorted(range(self._n), key=paths.__getitem__)
-        for a, b in itertools.pairwise(perm):
-            if paths[a] == paths[b]:
-                raise InvalidArchive(f"entry {b}: duplicate path {show(paths[b])} (also entry {a})")
-        self._perm = array("I", perm)
-        log.info("index entries are in neither byte nor walk order; sorted %d entries at open", self._n)
-
-    @property
-    def order(self) -> Order:
-        return self._order
 
     def _at(self, pos: int) -> int:
         """Entry number at sorted position `pos`."""
@@ -339,8 +252,6 @@ class IndexView(IndexTables):
         entry = self._entry_fast(i)
         if entry is None:  # something is off: the checked reads below say what
             entry = self._entry_checked(i)
-        if self._is_dir_after(entry.path, i) if self._perm is None else self.is_dir(entry.path):
-            raise InvalidArchive(f"entry {i} ({show(entry.path)}): path is both a file and a directory")
         if len(self._entries_cache) >= _ENTRY_CACHE_SIZE:
             # the oldest (FIFO). A view is also read on worker threads (generations.changes) while
             # the trio thread reads it: two evictions may pick the same key, or the dict may change
@@ -349,6 +260,103 @@ class IndexView(IndexTables):
                 del self._entries_cache[next(iter(self._entries_cache))]
         self._entries_cache[i] = entry
         return entry
+
+    def _entry_fast(self, i: int) -> Entry | None:
+        """:meth:`_entry_checked` for an entry that breaks no rule, its table read once with every
+        bound checked inline (each field through _slot and an error text built per field cost
+        ~22 us per entry, most of a cold readdirplus entry's time; bench/results/2026-12-07-
+        metadata-profile.md); None as soon as anything is off, for the checked path to name it."""
+        buf, size = self._buf, self._size
+        table = self._vec + 4 * i + self._offs[i]
+        if table < 0 or table + 4 > size:
+            return None
+        vt = table - _i32(buf, table)[0]
+        if vt < 0 or vt + 4 > size:
+            return None
+        vsize = _u16(buf, vt)[0]
+        if vsize < 4 or vsize % 2 or vt + vsize > size:
+            return None
+        slots = _u16s(vsize // 2 - 2).unpack_from(buf, vt + 4) if vsize > 4 else ()
+        nslots = len(slots)
+
+        def at(slot: int, width: int) -> int:  # the field's position, 0: absent, -1: out of bounds
+            fo = slots[slot] if slot < nslots else 0
+            if not fo:
+                return 0
+            return table + fo if table + fo + width <= size else -1
+
+        p, h = at(_E_PATH, 4), at(_E_HASH, 4)
+        if p <= 0 or h <= 0:
+            return None
+        s = p + _u32(buf, p)[0]
+        if s + 4 > size or s + 4 + _u32(buf, s)[0] > size:
+            return None
+        path = buf[s + 4 : s + 4 + _u32(buf, s)[0]]
+        hv = h + _u32(buf, h)[0]
+        if hv + 4 > size or _u32(buf, hv)[0] != HASH_SIZE_BYTES or hv + 4 + HASH_SIZE_BYTES > size:
+            return None
+        values = []
+        for slot, width, unpack in _E_UINTS:
+            pos = at(slot, width)
+            if pos < 0:
+                return None
+            values.append(unpack(buf, pos)[0] if pos else 0)
+        offset, data_size, original, mode, uid, gid = values
+        mpos, cpos = at(_E_MTIME, 8), at(_E_COMP, 1)
+        if mpos < 0 or cpos < 0:
+            return None
+        mtime = _i64(buf, mpos)[0] if mpos else 0
+        comp = _i8(buf, cpos)[0] if cpos else COMPRESSION_NONE
+        if (
+            path_problem(path) is not None
+            or comp not in (COMPRESSION_NONE, COMPRESSION_ZSTD)
+            or original > MAX_FILE_SIZE_BYTES
+            or (comp == COMPRESSION_NONE and data_size != original)
+            or (comp == COMPRESSION_ZSTD and data_size == 0 and original != 0)
+            or offset + data_size > self.blob_size
+            or (self._is_dir_after(path, i) if self._perm is None else self.is_dir(path))
+        ):
+            return None
+        digest = buf[hv + 4 : hv + 4 + HASH_SIZE_BYTES]
+        return Entry(i, path, offset, data_size, original, digest, mode, uid, gid, mtime, comp)
+
+    def _entry_checked(self, i: int) -> Entry:
+        """Entry `i` read field by field, each check raising the InvalidArchive that names it."""
+        path = self.path(i)
+        problem = path_problem(path)
+        if problem is not None:
+            raise InvalidArchive(f"entry {i}: path {show(path)}: {problem}")
+        table = self._entry_table(i)
+        what = f"entry {i} ({show(path)})"
+        hv = self._vector(table, _E_HASH, 1, what, "hash", required=True)
+        assert hv is not None
+        if hv[1] != HASH_SIZE_BYTES:
+            raise InvalidArchive(f"{what}: hash has {hv[1]} bytes, expected {HASH_SIZE_BYTES}")
+        digest = self._buf[hv[0] : hv[0] + HASH_SIZE_BYTES]
+        offset = self._field_uint(table, _E_OFFSET, 8, 0, what, "data_offset")
+        size = self._field_uint(table, _E_SIZE, 8, 0, what, "data_size")
+        original = self._field_uint(table, _E_ORIG, 8, 0, what, "original_size")
+        mode = self._field_uint(table, _E_MODE, 4, 0, what, "mode")
+        uid = self._field_uint(table, _E_UID, 4, 0, what, "uid")
+        gid = self._field_uint(table, _E_GID, 4, 0, what, "gid")
+        mpos = self._slot(table, _E_MTIME, 8, f"{what}: mtime_ns")
+        mtime = _i64(self._buf, mpos)[0] if mpos else 0
+        cpos = self._slot(table, _E_COMP, 1, f"{what}: compression")
+        comp = _i8(self._buf, cpos)[0] if cpos else COMPRESSION_NONE
+        if comp not in (COMPRESSION_NONE, COMPRESSION_ZSTD):
+            raise InvalidArchive(f"{what}: unknown compression {comp}")
+        if original > MAX_FILE_SIZE_BYTES:
+            raise InvalidArchive(f"{what}: original_size {original} exceeds 2^63-1")
+        if comp == COMPRESSION_NONE and size != original:
+            raise InvalidArchive(f"{what}: uncompressed entry has data_size {size} but original_size {original}")
+        if comp == COMPRESSION_ZSTD and size == 0 and original != 0:
+            raise InvalidArchive(f"{what}: zstd entry of {original} bytes stores no data")
+        if offset + size > self.blob_size:
+            raise InvalidArchive(f"{what}: data range {offset}+{size} runs past the {self.blob_size}-byte data blob")
+        conflict = self._is_dir_after(path, i) if self._perm is None else self.is_dir(path)
+        if conflict:
+            raise InvalidArchive(f"{what}: path is both a file and a directory")
+        return Entry(i, path, offset, size, original, digest, mode, uid, gid, mtime, comp)
 
     def entries(self) -> Iterator[Entry]:
         """Every entry in stored order, each validated (stops at the first invalid one)."""
