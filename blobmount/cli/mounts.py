@@ -112,7 +112,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from blobmount.config import MountConfig, parse_size, split_o_options
+    from blobmount.config import (
+        CacheConfig,
+        DaemonConfig,
+        FollowConfig,
+        KernelConfig,
+        MountConfig,
+        PrefetchConfig,
+        RemoteConfig,
+        VerifyConfig,
+        parse_size,
+        split_o_options,
+    )
     from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound
 
     if not args.source or not args.mountpoint:
@@ -128,39 +139,47 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config = MountConfig(
         source=args.source,
         mountpoint=Path(args.mountpoint),
-        foreground=args.foreground,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        cache_size=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
-        verify=args.verify or defaults.VERIFY_POLICY,
-        verify_threshold=parse_size(args.verify_threshold)
-        if args.verify_threshold
-        else defaults.VERIFY_THRESHOLD_BYTES,
-        chunk_size=chunk_size_of(args.chunk_size),
-        offline=args.offline,
-        no_stale_tag=args.no_stale_tag,
-        nonempty=args.nonempty,
-        prefetch=tuple(args.prefetch),
-        read_ahead_kb=read_ahead_of(args.read_ahead_kb),
-        uid=uid,
-        gid=gid,
-        fuse_options=tuple(fuse_opts),
-        debug=args.debug,
         registry=registry_options(args),
-        metrics=args.metrics,
-        request_bound_s=request_bound(kernel_s),
-        record_profile=args.record_profile,
-        record_seconds=record_seconds_of(args.record_seconds),
-        prefetch_profile=profile_setting(args.prefetch_profile or "none"),
-        follow=args.follow,
-        follow_interval_s=positive_setting("--follow-interval", args.follow_interval, defaults.FOLLOW_INTERVAL_S),
-        follow_keep=int(positive_setting("--follow-keep", args.follow_keep, defaults.FOLLOW_KEEP)),
+        remote=RemoteConfig(offline=args.offline, stale_tag=not args.no_stale_tag),
+        cache=CacheConfig(
+            dir=Path(args.cache_dir) if args.cache_dir else None,
+            size_bytes=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
+            chunk_size=chunk_size_of(args.chunk_size),
+        ),
+        verify=VerifyConfig(
+            policy=args.verify or defaults.VERIFY_POLICY,
+            threshold_bytes=parse_size(args.verify_threshold)
+            if args.verify_threshold
+            else defaults.VERIFY_THRESHOLD_BYTES,
+        ),
+        kernel=KernelConfig(
+            nonempty=args.nonempty,
+            uid=uid,
+            gid=gid,
+            fuse_options=tuple(fuse_opts),
+            debug=args.debug,
+            read_ahead_kb=read_ahead_of(args.read_ahead_kb),
+            request_bound_s=request_bound(kernel_s),
+        ),
+        prefetch=PrefetchConfig(
+            paths=tuple(args.prefetch),
+            profile=profile_setting(args.prefetch_profile or "none"),
+            record=args.record_profile,
+            record_seconds=record_seconds_of(args.record_seconds),
+        ),
+        follow=FollowConfig(
+            enabled=args.follow,
+            interval_s=positive_setting("--follow-interval", args.follow_interval, defaults.FOLLOW_INTERVAL_S),
+            keep=int(positive_setting("--follow-keep", args.follow_keep, defaults.FOLLOW_KEEP)),
+        ),
+        daemon=DaemonConfig(foreground=args.foreground, metrics=args.metrics),
     )
-    if config.follow_keep < 2:
+    if config.follow.keep < 2:
         raise UsageError("--follow-keep: at least 2 (the archive served and the one before it)")
-    if config.follow:
+    if config.follow.enabled:
         from blobmount.follow import check_followable
 
-        check_followable(config.source, config.offline)
+        check_followable(config.source, config.remote.offline)
     # the source is opened on a thread from here on: its round trips to a registry overlap the
     # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
     from blobmount.sources import Opening
@@ -168,11 +187,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opening = Opening(
         config.source,
         config.registry,
-        cache_dir=config.cache_dir,
-        cache_size=config.cache_size,
-        chunk_size=config.chunk_size,
-        offline=config.offline,
-        stale_tag=not config.no_stale_tag,
+        cache_dir=config.cache.dir,
+        cache_size=config.cache.size_bytes,
+        chunk_size=config.cache.chunk_size,
+        offline=config.remote.offline,
+        stale_tag=config.remote.stale_tag,
     )
     opening.wait_talking()
     from blobmount.mount import run_mount
