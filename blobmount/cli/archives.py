@@ -115,8 +115,9 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    from blobmount.config import parse_size
-    from blobmount.extract import CopyOptions, check_clean_dest, copy_items, first_error, plan
+    from blobmount.config import CacheConfig, parse_size
+    from blobmount.extract import CopyOptions
+    from blobmount.extract.run import check_dest, copy_archive
 
     if args.concurrency < 1:
         raise UsageError("--concurrency: at least 1")
@@ -130,63 +131,23 @@ def cmd_cp(args: argparse.Namespace) -> int:
         clean_dest=args.clean_dest,
         progress=args.progress,
     )
+    cache = CacheConfig(
+        dir=cache_dir_of(args),
+        size_bytes=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
+        chunk_size=chunk_size_of(args.chunk_size),
+    )
     dest = os.fsencode(args.dest)
-    cache_dir = os.fsencode(cache_dir_of(args))
-    if options.clean_dest:
-        check_clean_dest(dest, cache_dir)  # refused before the archive is even opened
+    check_dest(dest, options, cache)  # refused before the archive is even opened
+    paths = [os.fsencode(p) for p in args.paths]
     started = time.monotonic()
 
-    async def run() -> tuple[int, int, int]:
-        from blobmount.cache import CacheDir
-        from blobmount.fetch import ChunkedSource
-        from blobmount.index import IndexView
-        from blobmount.source import open_local
-        from blobmount.sources import RemoteSettings, is_local, open_remote
+    def registry() -> RegistryOptions:
+        return registry_options(args)
 
-        if is_local(args.archive):
-            archive = open_local(args.archive)
-        else:
-            cache = CacheDir(
-                Path(os.fsdecode(cache_dir)),
-                (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES),
-            )
-            settings = RemoteSettings(cache, chunk_size_of(args.chunk_size))
-            archive = await open_remote(args.archive, registry_options(args), settings)
-        data = archive.data
-        try:
-            view = IndexView(archive.index_bytes, blob_size=data.size)
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    on_span = None
-                    if isinstance(data, ChunkedSource):
-                        await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
-                        remote = data
-
-                        def on_span(start: int, end: int) -> None:
-                            # A directory's first half --buffer fetched while its entries are
-                            # validated (into the chunk cache; DEST is untouched until the plan
-                            # holds), as one request: the copy consumes it in order, and one stream
-                            # delivers it in order at full speed where parallel ones finish together.
-                            # Half: a piece then waits for at most as many bytes as four readers of
-                            # --buffer/4 did (--timeout applies to each read).
-                            end = min(end, start + options.buffer_bytes // 2)
-                            remote.prefetch(start, end, request_bytes=end - start)
-
-                    items = plan(view, [os.fsencode(p) for p in args.paths], on_span)  # nothing written before
-                    result = await copy_items(
-                        data, items, dest, options, cache_dir=cache_dir, created_ns=archive.created_ns
-                    )
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
-            return result.files, result.skipped, result.bytes
-        finally:
-            await data.aclose()
-            data.close()
-
-    files, skipped, nbytes = run_interruptible(run)
+    result = run_interruptible(copy_archive, args.archive, paths, dest, options, registry, cache)
     print(
-        f"{files} files, {nbytes} bytes written to {args.dest}"
-        + (f", {skipped} already there (skipped)" if skipped else "")
+        f"{result.files} files, {result.bytes} bytes written to {args.dest}"
+        + (f", {result.skipped} already there (skipped)" if result.skipped else "")
         + f" ({time.monotonic() - started:.2f} s)"
     )
     return EXIT_OK
