@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,46 +31,20 @@ log = logging.getLogger("blobmount")
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
+    from blobmount.config import CacheConfig, parse_size
+    from blobmount.prefetch import prefetch_archive
 
-    from blobmount.cache import CacheDir
-    from blobmount.config import parse_size
-    from blobmount.fetch import ChunkedSource
-    from blobmount.index import IndexView
-    from blobmount.prefetch import ranges_for
-    from blobmount.progress import ProgressLine
-    from blobmount.sources import RemoteSettings, is_local, open_remote
-
-    if is_local(args.archive):
-        raise UsageError(f"{args.archive}: a local archive needs no prefetch (its bytes are on this machine)")
-    cache = CacheDir(
-        cache_dir_of(args), (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES)
+    cache = CacheConfig(
+        dir=cache_dir_of(args),
+        size_bytes=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
+        chunk_size=chunk_size_of(args.chunk_size),
     )
-    settings = RemoteSettings(cache, chunk_size_of(args.chunk_size))
-    show = sys.stderr.isatty() if args.progress is None else args.progress
+
+    def registry() -> RegistryOptions:
+        return registry_options(args)
+
     started = time.monotonic()
-
-    async def run() -> tuple[int, int]:
-        archive = await open_remote(args.archive, registry_options(args), settings)
-        data = archive.data
-        view = IndexView(archive.index_bytes, blob_size=data.size)
-        ranges = ranges_for(view, args.paths or [""])
-        total = sum(b - a for a, b in ranges)
-        line = ProgressLine("prefetch", total, enabled=show)
-
-        def progress(done: int, whole: int) -> None:
-            line.reach(done)
-
-        try:
-            if not isinstance(data, ChunkedSource):
-                return 0, total  # the whole blob is local already (a registry without ranges)
-            async with data.serving():
-                fetched = await data.fill(ranges, progress)
-            return fetched, total
-        finally:
-            line.close()
-            await data.aclose()
-
-    fetched, total = run_interruptible(run)
+    fetched, total = run_interruptible(prefetch_archive, args.archive, args.paths, registry, cache, args.progress)
     print(f"{total} bytes in the cache ({fetched} fetched, {time.monotonic() - started:.2f} s)")
     return EXIT_OK
 
