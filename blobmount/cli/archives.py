@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blobmount import defaults
 from blobmount.errors import EXIT_OK, BlobmountError, IsADirectory, UsageError
 
 if TYPE_CHECKING:
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     from blobmount.registry.options import RegistryOptions
     from blobmount.source import Archive
 
-from blobmount.cli.options import cache_dir_of, chunk_size_of, create_options, registry_options
+from blobmount.cli.options import cache_config, cache_dir_of, create_options, registry_options
 from blobmount.cli.parser import create_args
 from blobmount.cli.runner import run_interruptible
 
@@ -115,7 +114,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    from blobmount.config import CacheConfig, parse_size
+    from blobmount.config import parse_size
     from blobmount.extract import CopyOptions
     from blobmount.extract.run import check_dest, copy_archive
 
@@ -131,11 +130,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
         clean_dest=args.clean_dest,
         progress=args.progress,
     )
-    cache = CacheConfig(
-        dir=cache_dir_of(args),
-        size_bytes=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
-        chunk_size=chunk_size_of(args.chunk_size),
-    )
+    cache = cache_config(args, cache_dir_of(args))
     dest = os.fsencode(args.dest)
     check_dest(dest, options, cache)  # refused before the archive is even opened
     paths = [os.fsencode(p) for p in args.paths]

@@ -3,42 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blobmount import defaults
 from blobmount.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
     from blobmount.reference import Reference
     from blobmount.registry.options import RegistryOptions
 
-from blobmount.cli.options import (
-    cache_dir_of,
-    chunk_size_of,
-    positive_setting,
-    profile_setting,
-    read_ahead_of,
-    record_seconds_of,
-    registry_options,
-)
+from blobmount.cli.options import cache_config, cache_dir_of, mount_config, registry_options
 from blobmount.cli.runner import run_interruptible
-
-log = logging.getLogger("blobmount")
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    from blobmount.config import CacheConfig, parse_size
     from blobmount.prefetch import prefetch_archive
 
-    cache = CacheConfig(
-        dir=cache_dir_of(args),
-        size_bytes=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
-        chunk_size=chunk_size_of(args.chunk_size),
-    )
+    cache = cache_config(args, cache_dir_of(args))
 
     def registry() -> RegistryOptions:
         return registry_options(args)
@@ -85,70 +66,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from blobmount.config import (
-        CacheConfig,
-        DaemonConfig,
-        FollowConfig,
-        KernelConfig,
-        MountConfig,
-        PrefetchConfig,
-        RemoteConfig,
-        VerifyConfig,
-        parse_size,
-        split_o_options,
-    )
-    from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound
-
-    if not args.source or not args.mountpoint:
-        raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
-    _, fuse_opts = split_o_options(args.options)  # our keys are in args already (settings.resolve)
-    uid, gid = args.uid, args.gid
-    if args.owner_self:
-        uid, gid = os.getuid(), os.getgid()
-    kernel_s = kernel_request_timeout()  # before the source opens: its requests obey --timeout too
-    args.timeout, clamped = clamp_timeout(args.timeout, kernel_s)
-    if clamped:
-        log.warning("%s", clamped)
-    config = MountConfig(
-        source=args.source,
-        mountpoint=Path(args.mountpoint),
-        registry=registry_options(args),
-        remote=RemoteConfig(offline=args.offline, stale_tag=not args.no_stale_tag),
-        cache=CacheConfig(
-            dir=Path(args.cache_dir) if args.cache_dir else None,
-            size_bytes=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
-            chunk_size=chunk_size_of(args.chunk_size),
-        ),
-        verify=VerifyConfig(
-            policy=args.verify or defaults.VERIFY_POLICY,
-            threshold_bytes=parse_size(args.verify_threshold)
-            if args.verify_threshold
-            else defaults.VERIFY_THRESHOLD_BYTES,
-        ),
-        kernel=KernelConfig(
-            nonempty=args.nonempty,
-            uid=uid,
-            gid=gid,
-            fuse_options=tuple(fuse_opts),
-            debug=args.debug,
-            read_ahead_kb=read_ahead_of(args.read_ahead_kb),
-            request_bound_s=request_bound(kernel_s),
-        ),
-        prefetch=PrefetchConfig(
-            paths=tuple(args.prefetch),
-            profile=profile_setting(args.prefetch_profile or "none"),
-            record=args.record_profile,
-            record_seconds=record_seconds_of(args.record_seconds),
-        ),
-        follow=FollowConfig(
-            enabled=args.follow,
-            interval_s=positive_setting("--follow-interval", args.follow_interval, defaults.FOLLOW_INTERVAL_S),
-            keep=int(positive_setting("--follow-keep", args.follow_keep, defaults.FOLLOW_KEEP)),
-        ),
-        daemon=DaemonConfig(foreground=args.foreground, metrics=args.metrics),
-    )
-    if config.follow.keep < 2:
-        raise UsageError("--follow-keep: at least 2 (the archive served and the one before it)")
+    config = mount_config(args)
     if config.follow.enabled:
         from blobmount.follow import check_followable
 
