@@ -1,4 +1,9 @@
-"""Frozen settings built once by cli/ (options.py, mounts.py) and passed down; one table maps `-o` keys onto them."""
+"""The frozen settings a mount runs with, one part per layer (registry, remote opening, cache,
+verify, kernel, prefetch, follow, daemon), built once by cli/options.py from what settings.py
+resolved and passed down, each layer its own part; the `-o` key table and size parsing.
+
+Where a value comes from (flag, `-o`, environment, config file, default) is settings.py's business,
+and every default is written in defaults.py; this module only holds the shapes."""
 
 from __future__ import annotations
 
