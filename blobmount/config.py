@@ -1,4 +1,9 @@
-"""Frozen settings built once by cli/ (options.py, mounts.py) and passed down; one table maps `-o` keys onto them."""
+"""The frozen settings a mount runs with, one part per layer (registry, remote opening, cache,
+verify, kernel, prefetch, follow, daemon), built once by cli/options.py from what settings.py
+resolved and passed down, each layer its own part; the `-o` key table and size parsing.
+
+Where a value comes from (flag, `-o`, environment, config file, default) is settings.py's business,
+and every default is written in defaults.py; this module only holds the shapes."""
 
 from __future__ import annotations
 
@@ -28,38 +33,91 @@ def parse_size(text: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class MountConfig:
-    source: str
-    mountpoint: Path
-    foreground: bool = False
-    cache_dir: Path | None = None
-    cache_size: int = defaults.CACHE_SIZE_BYTES
-    verify: str = defaults.VERIFY_POLICY
-    verify_threshold: int = defaults.VERIFY_THRESHOLD_BYTES
+class CacheConfig:
+    """The cache directory (cache/): where, how large, and the chunk size of remote blobs."""
+
+    dir: Path | None = None  # None: the default cache directory (cache.default_cache_dir)
+    size_bytes: int = defaults.CACHE_SIZE_BYTES
     chunk_size: int | None = None  # None: the chunk store's default (not imported here: the mount path
     # imports this module before it starts opening the source, and the cache package is not cheap)
-    offline: bool = False
-    no_stale_tag: bool = False  # registry down: fail rather than mount the tag's cached resolution
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    """How a registry source is opened besides the registry client's own options (sources)."""
+
+    offline: bool = False  # never ask the registry: serve what the cache holds
+    stale_tag: bool = True  # registry down: mount the tag's cached resolution (False: --no-stale-tag)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    """The integrity policy of the reader (README, *Integrity*)."""
+
+    policy: str = defaults.VERIFY_POLICY  # lazy, strict or background
+    threshold_bytes: int = defaults.VERIFY_THRESHOLD_BYTES  # raw files this small: verified before a byte
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """What the kernel and libfuse are told (fs.py, mount.py): options, ownership, timeouts."""
+
     nonempty: bool = False  # mount over a directory that has entries (hiding them)
-    prefetch: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
-    read_ahead_kb: int = defaults.READ_AHEAD_KB  # the kernel's read-ahead for the mount (0: leave its default)
     uid: int | None = None
     gid: int | None = None
     fuse_options: tuple[str, ...] = field(default_factory=tuple)
     debug: bool = False
     attr_timeout_s: float = 86400.0  # contents never change under a mount: let the kernel keep them
-    registry: RegistryOptions = field(default_factory=RegistryOptions)
-    metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (daemon/http.py); None: off
+    read_ahead_kb: int = defaults.READ_AHEAD_KB  # the kernel's read-ahead for the mount (0: leave its default)
     request_bound_s: float = math.inf  # every FUSE request answered within this (settings.request_bound)
-    record_profile: bool = False  # record the order of first reads (profile.py), written on unmount
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """Bytes fetched before anyone asks (prefetch.py, profile.py) and the recording of first reads
+    that a later mount prefetches."""
+
+    paths: tuple[str, ...] = ()  # paths whose bytes are fetched into the cache once mounted
+    profile: str = "none"  # auto (the newest referrer), a file, or none
+    record: bool = False  # record the order of first reads (profile.py), written on unmount
     record_seconds: float = 120.0  # ... for this long after the mount
-    prefetch_profile: str = "none"  # auto (the newest referrer), a file, or none
-    follow: bool = False  # re-resolve the tag and switch archives (follow.py)
-    follow_interval_s: float = defaults.FOLLOW_INTERVAL_S
-    follow_keep: int = defaults.FOLLOW_KEEP  # archives alive at most under --follow (generations.py)
 
 
-# `-o` keys (mount(8), fstab) -> MountConfig field name, and whether the key takes a value.
+@dataclass(frozen=True, slots=True)
+class FollowConfig:
+    """--follow: re-resolve the tag and switch archives (follow.py, generations.py)."""
+
+    enabled: bool = False
+    interval_s: float = defaults.FOLLOW_INTERVAL_S
+    keep: int = defaults.FOLLOW_KEEP  # archives alive at most
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """The daemon's process and side rooms (daemon/): foreground or forked, the metrics endpoint."""
+
+    foreground: bool = False
+    metrics: str | None = None  # --metrics [HOST]:PORT: Prometheus endpoint (daemon/http.py); None: off
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    """One mount, resolved once (cli/mounts.py) into a frozen configuration per layer; each layer
+    is handed its own part, never the whole."""
+
+    source: str
+    mountpoint: Path
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    follow: FollowConfig = field(default_factory=FollowConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+
+# `-o` keys (mount(8), fstab) -> the option's dest (settings.resolve), and whether the key takes a value.
 O_KEYS: dict[str, tuple[str, bool]] = {
     "cache_dir": ("cache_dir", True),
     "cache_size": ("cache_size", True),

@@ -6,7 +6,7 @@ a test can assert that every class is mapped::
 
     BlobmountError                      base; `str(exc)` is the one line the user sees
     ├── InvalidArchive                  index/manifest/entry breaks FORMAT.md (raised by index/,
-    │                                   archive.py, reader.py)  -> EIO for one entry, refusal at open
+    │                                   extract/, reader.py) -> EIO for one entry, refusal at open
     ├── IntegrityError                  bytes do not match their sha256 (reader.py)          -> EIO
     ├── NotFound                        the index has no such path (index/, fs.py)          -> ENOENT
     ├── NotADirectory                   a path component is a file (index/, fs.py)          -> ENOTDIR
@@ -23,7 +23,7 @@ a test can assert that every class is mapped::
     │   ├── Unservable                  a file beyond every size limit; logged once by the
     │                                   reader, EIO for each read (reader.py)                -> EIO
     │   └── AuthError                   the registry refused our credentials (registry/)     -> EACCES
-    ├── DestinationError                `cp` cannot write where it must (extract.py): a
+    ├── DestinationError                `cp` cannot write where it must (extract/): a
     │                                   symbolic link in the way, a full disk          -> EIO
     └── UsageError                      bad command line or configuration (cli/, config.py)
 

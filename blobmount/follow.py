@@ -99,7 +99,7 @@ class Follower:
         self.store = store
         self.fs = fs
         self.state = state
-        self.interval_s = config.follow_interval_s
+        self.interval_s = config.follow.interval_s
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._refused: str | None = None  # a digest (or index.json hash) that failed its checks
@@ -219,7 +219,7 @@ class Follower:
             return await open_source(self.config.source)
 
         ref = Reference.parse(self.config.source)
-        settings = RemoteSettings(self.cache, self.config.chunk_size, False, False)
+        settings = RemoteSettings(self.cache, self.config.cache.chunk_size, False, False)
         archive = await open_source(f"{ref.registry}/{ref.repository}@{found}", self.config.registry, settings)
         key = f"{ref.registry}/{ref.repository}:{ref.ref_for_manifest}"
         MetaStore(self.cache).put_tag(key, found)  # a remount (or a stale-tag fallback) starts here
@@ -261,11 +261,11 @@ class Follower:
         # In the kernel's no-open mode (fs.py: decided for the first archive, for the life of the
         # mount) no open reaches the daemon, so no file of a later archive may be served before it
         # is verified whole: per-open distrust needs opens ("Trust first" wins over the lever).
-        verify = "strict" if fs.skip_open else self.config.verify
+        verify = "strict" if fs.skip_open else self.config.verify.policy
         reader = Reader(
             archive.data,
             self.store,
-            ReaderConfig(verify, self.config.verify_threshold, self.config.registry.timeout_s),  # type: ignore[arg-type]
+            ReaderConfig(verify, self.config.verify.threshold_bytes, self.config.registry.timeout_s),  # type: ignore[arg-type]
             dir_span=view.data_span,
         )
         assert self._nursery is not None

@@ -141,16 +141,16 @@ def _lazy_unmount(path: Path) -> None:
 def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
     """`opening`: the source already being opened on a thread (cli/mounts.py starts it before importing
     this module); None opens it here."""
-    if config.follow:
-        check_followable(config.source, config.offline)
-    check_mountpoint(config.mountpoint, config.nonempty)
-    metrics_socket = http.open_metrics_socket(config.metrics) if config.metrics else None
+    if config.follow.enabled:
+        check_followable(config.source, config.remote.offline)
+    check_mountpoint(config.mountpoint, config.kernel.nonempty)
+    metrics_socket = http.open_metrics_socket(config.daemon.metrics) if config.daemon.metrics else None
     notify(f"STATUS=opening {config.source}")
     if opening is not None:
         archive, cache = opening.result()
     else:
-        cache = CacheDir(config.cache_dir or default_cache_dir(), config.cache_size)
-        settings = RemoteSettings(cache, config.chunk_size, config.offline, not config.no_stale_tag)
+        cache = CacheDir(config.cache.dir or default_cache_dir(), config.cache.size_bytes)
+        settings = RemoteSettings(cache, config.cache.chunk_size, config.remote.offline, config.remote.stale_tag)
         archive = open_archive(config.source, config.registry, settings)
     store = ContentStore(cache)
     notify(f"STATUS=checking the index of {archive.name}")
@@ -162,7 +162,7 @@ def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
         view.blob_size,
         view.order.value,
     )
-    prefetch = ranges_for(view, config.prefetch)  # a typo is a one-line error now, not a log line later
+    prefetch = ranges_for(view, config.prefetch.paths)  # a typo is a one-line error now, not a log line later
     return Prepared(config, archive, view, store, cache, prefetch, metrics_socket)
 
 
@@ -172,7 +172,7 @@ def _introspection(prep: Prepared) -> control.DaemonState:
     data_digest = f"sha256:{view.data_hash.hex()}" if view.data_hash else None
     metrics.INFO.labels(version=__version__, source=prep.archive.name, digest=prep.archive.index_digest).set(1)
     metrics.CACHE_BYTES.set_function(prep.cache.accounted_bytes, store="disk")
-    metrics.CACHE_LIMIT_BYTES.labels(store="disk").set(config.cache_size)
+    metrics.CACHE_LIMIT_BYTES.labels(store="disk").set(config.cache.size_bytes)
     return control.DaemonState(
         mountpoint=config.mountpoint,
         source=config.source,
@@ -182,7 +182,7 @@ def _introspection(prep: Prepared) -> control.DaemonState:
         entries=len(view),
         data_size=view.blob_size,
         cache_dir=prep.cache.root,
-        cache_limit=config.cache_size,
+        cache_limit=config.cache.size_bytes,
         profile=_profile_document(prep),
     )
 
@@ -212,11 +212,11 @@ def _save_profile(prep: Prepared) -> None:
 def fuse_options(config: MountConfig, source_name: str) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks the mode bits
     opts |= {"ro", "subtype=blobmount", f"fsname={source_name.replace(',', '_')}"}
-    for opt in config.fuse_options:
+    for opt in config.kernel.fuse_options:
         key = opt.partition("=")[0]
         opts = {o for o in opts if o.partition("=")[0] != key}
         opts.add(opt)
-    if config.debug:
+    if config.kernel.debug:
         opts.add("debug")
     return opts
 
@@ -224,7 +224,7 @@ def fuse_options(config: MountConfig, source_name: str) -> set[str]:
 async def _serve(prep: Prepared, fs: BlobFS, ready_fd: int | None) -> None:
     """Run the FUSE loop until unmounted or signalled."""
     state = _introspection(prep)
-    follower = Follower(prep.config, prep.cache, prep.store, fs, state) if prep.config.follow else None
+    follower = Follower(prep.config, prep.cache, prep.store, fs, state) if prep.config.follow.enabled else None
     try:
         async with trio.open_nursery() as nursery:
             data = prep.archive.data
@@ -281,8 +281,8 @@ async def _report_ready(prep: Prepared, ready_fd: int | None) -> None:
     if fuse_fd(mountpoint) is None:
         with trio.fail_after(READY_TIMEOUT_S):
             st = await trio.to_thread.run_sync(os.stat, mountpoint)
-        if prep.config.read_ahead_kb:
-            _set_read_ahead(st.st_dev, prep.config.read_ahead_kb)
+        if prep.config.kernel.read_ahead_kb:
+            _set_read_ahead(st.st_dev, prep.config.kernel.read_ahead_kb)
     log.info("mounted at %s", mountpoint)
     metrics.READY.set(1)
     notify("READY=1", f"STATUS=serving {name} at {mountpoint}")
@@ -306,9 +306,9 @@ async def _report_ready(prep: Prepared, ready_fd: int | None) -> None:
         else:
             log.info("--prefetch: %d bytes fetched", fetched)
         notify(f"STATUS=serving {name} at {mountpoint}")
-    if prep.config.prefetch_profile != "none":  # after READY: the mount never waits for it
-        room = int((prep.config.cache_size - prep.cache.accounted_bytes()) * profile.BUDGET_FRACTION)
-        await profile.use(prep.config.prefetch_profile, name, prep.view, data, prep.config.registry, room)
+    if prep.config.prefetch.profile != "none":  # after READY: the mount never waits for it
+        room = int((prep.config.cache.size_bytes - prep.cache.accounted_bytes()) * profile.BUDGET_FRACTION)
+        await profile.use(prep.config.prefetch.profile, name, prep.view, data, prep.config.registry, room)
 
 
 def _set_read_ahead(dev: int, kb: int) -> None:
@@ -343,31 +343,31 @@ def _daemon_logging(config: MountConfig) -> None:
 def serve(prep: Prepared, ready_fd: int | None) -> int:
     config = prep.config
     logs.quiet_one_shot(False)  # the daemon's log is where a failing registry or file shows
-    if config.record_profile:
-        prep.recorder = profile.Recorder(seconds=config.record_seconds)
+    if config.prefetch.record:
+        prep.recorder = profile.Recorder(seconds=config.prefetch.record_seconds)
     reader = Reader(
         prep.archive.data,
         prep.store,
-        ReaderConfig(config.verify, config.verify_threshold, config.registry.timeout_s),  # type: ignore[arg-type]
+        ReaderConfig(config.verify.policy, config.verify.threshold_bytes, config.registry.timeout_s),  # type: ignore[arg-type]
         dir_span=prep.view.data_span,
         recorder=prep.recorder.read if prep.recorder is not None else None,
     )
     fs = BlobFS(
         prep.view,
         reader,
-        uid=config.uid,
-        gid=config.gid,
-        timeout_s=config.attr_timeout_s,
+        uid=config.kernel.uid,
+        gid=config.kernel.gid,
+        timeout_s=config.kernel.attr_timeout_s,
         dir_time_ns=prep.archive.created_ns,
-        deadline_s=config.request_bound_s,
+        deadline_s=config.kernel.request_bound_s,
         archive=prep.archive,
     )
-    if config.request_bound_s < math.inf:
+    if config.kernel.request_bound_s < math.inf:
         log.info(
             "every FUSE request is answered within %g s (the kernel's request timeout less a margin)",
-            config.request_bound_s,
+            config.kernel.request_bound_s,
         )
-    fs.keep, fs.follows = config.follow_keep, config.follow
+    fs.keep, fs.follows = config.follow.keep, config.follow.enabled
     fs.cached_bytes = cached_bytes_of(prep.archive.data)
     try:
         pyfuse3.init(fs, str(config.mountpoint), fuse_options(config, prep.archive.name))
@@ -386,7 +386,7 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
 
 def run_mount(config: MountConfig, opening: Opening | None = None) -> int:
     prep = prepare(config, opening)
-    if config.foreground:
+    if config.daemon.foreground:
         return serve(prep, None)
     read_fd, write_fd = os.pipe()
     pid = os.fork()

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blobmount import defaults
 from blobmount.errors import EXIT_OK, BlobmountError, IsADirectory, UsageError
 
 if TYPE_CHECKING:
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     from blobmount.registry.options import RegistryOptions
     from blobmount.sources.base import Archive
 
-from blobmount.cli.options import cache_dir_of, chunk_size_of, create_options, registry_options
+from blobmount.cli.options import cache_config, cache_dir_of, create_options, registry_options
 from blobmount.cli.parser import create_args
 from blobmount.cli.runner import run_interruptible
 
@@ -34,7 +33,7 @@ def _arch_path(text: str) -> bytes:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from blobmount.archive import create_archive
+    from blobmount.create import create_archive
 
     started = time.monotonic()
     result = create_archive(args.src_dir, args.out_dir, create_options(args))
@@ -116,7 +115,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 def cmd_cp(args: argparse.Namespace) -> int:
     from blobmount.config import parse_size
-    from blobmount.extract import CopyOptions, check_clean_dest, copy_items, first_error, plan
+    from blobmount.extract import CopyOptions
+    from blobmount.extract.run import check_dest, copy_archive
 
     if args.concurrency < 1:
         raise UsageError("--concurrency: at least 1")
@@ -130,69 +130,26 @@ def cmd_cp(args: argparse.Namespace) -> int:
         clean_dest=args.clean_dest,
         progress=args.progress,
     )
+    cache = cache_config(args, cache_dir_of(args))
     dest = os.fsencode(args.dest)
-    cache_dir = os.fsencode(cache_dir_of(args))
-    if options.clean_dest:
-        check_clean_dest(dest, cache_dir)  # refused before the archive is even opened
+    check_dest(dest, options, cache)  # refused before the archive is even opened
+    paths = [os.fsencode(p) for p in args.paths]
     started = time.monotonic()
 
-    async def run() -> tuple[int, int, int]:
-        from blobmount.cache import CacheDir
-        from blobmount.index import IndexView
-        from blobmount.sources import RemoteSettings, is_local, open_source
-        from blobmount.sources.base import Fetching
+    def registry() -> RegistryOptions:
+        return registry_options(args)
 
-        if is_local(args.archive):  # no registry to talk to, no cache directory
-            archive = await open_source(args.archive)
-        else:
-            cache = CacheDir(
-                Path(os.fsdecode(cache_dir)),
-                (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES),
-            )
-            settings = RemoteSettings(cache, chunk_size_of(args.chunk_size))
-            archive = await open_source(args.archive, registry_options(args), settings)
-        data = archive.data
-        try:
-            view = IndexView(archive.index_bytes, blob_size=data.size)
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    on_span = None
-                    if isinstance(data, Fetching):
-                        await stack.enter_async_context(data.serving())  # a nursery: errors come grouped
-                        remote = data
-
-                        def on_span(start: int, end: int) -> None:
-                            # A directory's first half --buffer fetched while its entries are
-                            # validated (into the chunk cache; DEST is untouched until the plan
-                            # holds), as one request: the copy consumes it in order, and one stream
-                            # delivers it in order at full speed where parallel ones finish together.
-                            # Half: a piece then waits for at most as many bytes as four readers of
-                            # --buffer/4 did (--timeout applies to each read).
-                            end = min(end, start + options.buffer_bytes // 2)
-                            remote.prefetch(start, end, request_bytes=end - start)
-
-                    items = plan(view, [os.fsencode(p) for p in args.paths], on_span)  # nothing written before
-                    result = await copy_items(
-                        data, items, dest, options, cache_dir=cache_dir, created_ns=archive.created_ns
-                    )
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
-            return result.files, result.skipped, result.bytes
-        finally:
-            await data.aclose()
-            data.close()
-
-    files, skipped, nbytes = run_interruptible(run)
+    result = run_interruptible(copy_archive, args.archive, paths, dest, options, registry, cache)
     print(
-        f"{files} files, {nbytes} bytes written to {args.dest}"
-        + (f", {skipped} already there (skipped)" if skipped else "")
+        f"{result.files} files, {result.bytes} bytes written to {args.dest}"
+        + (f", {result.skipped} already there (skipped)" if result.skipped else "")
         + f" ({time.monotonic() - started:.2f} s)"
     )
     return EXIT_OK
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from blobmount.archive import create_archive
+    from blobmount.create import create_archive
 
     notes: dict[str, str] = {}
     for item in args.annotation:

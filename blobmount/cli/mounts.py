@@ -3,75 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blobmount import defaults
 from blobmount.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
     from blobmount.reference import Reference
     from blobmount.registry.options import RegistryOptions
 
-from blobmount.cli.options import (
-    cache_dir_of,
-    chunk_size_of,
-    positive_setting,
-    profile_setting,
-    read_ahead_of,
-    record_seconds_of,
-    registry_options,
-)
+from blobmount.cli.options import cache_config, cache_dir_of, mount_config, registry_options
 from blobmount.cli.runner import run_interruptible
-
-log = logging.getLogger("blobmount")
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
+    from blobmount.prefetch import prefetch_archive
 
-    from blobmount.cache import CacheDir
-    from blobmount.config import parse_size
-    from blobmount.index import IndexView
-    from blobmount.prefetch import ranges_for
-    from blobmount.progress import ProgressLine
-    from blobmount.sources import RemoteSettings, is_local, open_source
-    from blobmount.sources.base import Fetching
+    cache = cache_config(args, cache_dir_of(args))
 
-    if is_local(args.archive):
-        raise UsageError(f"{args.archive}: a local archive needs no prefetch (its bytes are on this machine)")
-    cache = CacheDir(
-        cache_dir_of(args), (parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES)
-    )
-    settings = RemoteSettings(cache, chunk_size_of(args.chunk_size))
-    show = sys.stderr.isatty() if args.progress is None else args.progress
+    def registry() -> RegistryOptions:
+        return registry_options(args)
+
     started = time.monotonic()
-
-    async def run() -> tuple[int, int]:
-        archive = await open_source(args.archive, registry_options(args), settings)
-        data = archive.data
-        view = IndexView(archive.index_bytes, blob_size=data.size)
-        ranges = ranges_for(view, args.paths or [""])
-        total = sum(b - a for a, b in ranges)
-        line = ProgressLine("prefetch", total, enabled=show)
-
-        def progress(done: int, whole: int) -> None:
-            line.reach(done)
-
-        try:
-            if not isinstance(data, Fetching):
-                return 0, total  # the whole blob is local already (a registry without ranges)
-            async with data.serving():
-                fetched = await data.fill(ranges, progress)
-            return fetched, total
-        finally:
-            line.close()
-            await data.aclose()
-
-    fetched, total = run_interruptible(run)
+    fetched, total = run_interruptible(prefetch_archive, args.archive, args.paths, registry, cache, args.progress)
     print(f"{total} bytes in the cache ({fetched} fetched, {time.monotonic() - started:.2f} s)")
     return EXIT_OK
 
@@ -112,55 +66,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from blobmount.config import MountConfig, parse_size, split_o_options
-    from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound
-
-    if not args.source or not args.mountpoint:
-        raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
-    _, fuse_opts = split_o_options(args.options)  # our keys are in args already (settings.resolve)
-    uid, gid = args.uid, args.gid
-    if args.owner_self:
-        uid, gid = os.getuid(), os.getgid()
-    kernel_s = kernel_request_timeout()  # before the source opens: its requests obey --timeout too
-    args.timeout, clamped = clamp_timeout(args.timeout, kernel_s)
-    if clamped:
-        log.warning("%s", clamped)
-    config = MountConfig(
-        source=args.source,
-        mountpoint=Path(args.mountpoint),
-        foreground=args.foreground,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        cache_size=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
-        verify=args.verify or defaults.VERIFY_POLICY,
-        verify_threshold=parse_size(args.verify_threshold)
-        if args.verify_threshold
-        else defaults.VERIFY_THRESHOLD_BYTES,
-        chunk_size=chunk_size_of(args.chunk_size),
-        offline=args.offline,
-        no_stale_tag=args.no_stale_tag,
-        nonempty=args.nonempty,
-        prefetch=tuple(args.prefetch),
-        read_ahead_kb=read_ahead_of(args.read_ahead_kb),
-        uid=uid,
-        gid=gid,
-        fuse_options=tuple(fuse_opts),
-        debug=args.debug,
-        registry=registry_options(args),
-        metrics=args.metrics,
-        request_bound_s=request_bound(kernel_s),
-        record_profile=args.record_profile,
-        record_seconds=record_seconds_of(args.record_seconds),
-        prefetch_profile=profile_setting(args.prefetch_profile or "none"),
-        follow=args.follow,
-        follow_interval_s=positive_setting("--follow-interval", args.follow_interval, defaults.FOLLOW_INTERVAL_S),
-        follow_keep=int(positive_setting("--follow-keep", args.follow_keep, defaults.FOLLOW_KEEP)),
-    )
-    if config.follow_keep < 2:
-        raise UsageError("--follow-keep: at least 2 (the archive served and the one before it)")
-    if config.follow:
+    config = mount_config(args)
+    if config.follow.enabled:
         from blobmount.follow import check_followable
 
-        check_followable(config.source, config.offline)
+        check_followable(config.source, config.remote.offline)
     # the source is opened on a thread from here on: its round trips to a registry overlap the
     # imports below, which only the daemon needs (pyfuse3, the reader, the caches)
     from blobmount.sources import Opening
@@ -168,11 +78,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opening = Opening(
         config.source,
         config.registry,
-        cache_dir=config.cache_dir,
-        cache_size=config.cache_size,
-        chunk_size=config.chunk_size,
-        offline=config.offline,
-        stale_tag=not config.no_stale_tag,
+        cache_dir=config.cache.dir,
+        cache_size=config.cache.size_bytes,
+        chunk_size=config.cache.chunk_size,
+        offline=config.remote.offline,
+        stale_tag=config.remote.stale_tag,
     )
     opening.wait_talking()
     from blobmount.mount import run_mount

@@ -14,7 +14,8 @@ from blobmount import defaults
 from blobmount.errors import UsageError
 
 if TYPE_CHECKING:
-    from blobmount.archive import CreateOptions
+    from blobmount.config import CacheConfig, MountConfig
+    from blobmount.create import CreateOptions
     from blobmount.registry.options import RegistryOptions
 
 log = logging.getLogger("blobmount")
@@ -57,8 +58,8 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
 
 
 def create_options(args: argparse.Namespace) -> CreateOptions:
-    from blobmount.archive import SKIP_BELOW_BYTES, SKIP_EXTENSIONS, CreateOptions, extension_list
     from blobmount.config import parse_size
+    from blobmount.create.options import SKIP_BELOW_BYTES, SKIP_EXTENSIONS, CreateOptions, extension_list
 
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads}: 0 (one per core) or more")
@@ -126,3 +127,80 @@ def record_seconds_of(value: float | None) -> float:
     if not 0 < value <= 86400 * 365:
         raise UsageError("--record-seconds: a positive number of seconds")
     return value
+
+
+def cache_config(args: argparse.Namespace, directory: Path | None) -> CacheConfig:
+    """--cache-dir (as the caller resolved it: `cp` and `prefetch` need the directory itself, a
+    mount leaves None to the daemon), --cache-size and --chunk-size, checked."""
+    from blobmount.config import CacheConfig, parse_size
+
+    return CacheConfig(
+        dir=directory,
+        size_bytes=parse_size(args.cache_size) if args.cache_size else defaults.CACHE_SIZE_BYTES,
+        chunk_size=chunk_size_of(args.chunk_size),
+    )
+
+
+def mount_config(args: argparse.Namespace) -> MountConfig:
+    """The resolved flags (settings.resolve) as one frozen configuration per layer, built once; the
+    kernel's FUSE request timeout read now, --timeout lowered under it (with a warning)."""
+    from blobmount.config import (
+        DaemonConfig,
+        FollowConfig,
+        KernelConfig,
+        MountConfig,
+        PrefetchConfig,
+        RemoteConfig,
+        VerifyConfig,
+        parse_size,
+        split_o_options,
+    )
+    from blobmount.settings import clamp_timeout, kernel_request_timeout, request_bound
+
+    if not args.source or not args.mountpoint:
+        raise UsageError("mount needs SOURCE and MOUNTPOINT (arguments, or BLOBMOUNT_SOURCE and BLOBMOUNT_MOUNTPOINT)")
+    _, fuse_opts = split_o_options(args.options)  # our keys are in args already (settings.resolve)
+    uid, gid = args.uid, args.gid
+    if args.owner_self:
+        uid, gid = os.getuid(), os.getgid()
+    kernel_s = kernel_request_timeout()  # before the source opens: its requests obey --timeout too
+    args.timeout, clamped = clamp_timeout(args.timeout, kernel_s)
+    if clamped:
+        log.warning("%s", clamped)
+    config = MountConfig(
+        source=args.source,
+        mountpoint=Path(args.mountpoint),
+        registry=registry_options(args),
+        remote=RemoteConfig(offline=args.offline, stale_tag=not args.no_stale_tag),
+        cache=cache_config(args, Path(args.cache_dir) if args.cache_dir else None),
+        verify=VerifyConfig(
+            policy=args.verify or defaults.VERIFY_POLICY,
+            threshold_bytes=parse_size(args.verify_threshold)
+            if args.verify_threshold
+            else defaults.VERIFY_THRESHOLD_BYTES,
+        ),
+        kernel=KernelConfig(
+            nonempty=args.nonempty,
+            uid=uid,
+            gid=gid,
+            fuse_options=tuple(fuse_opts),
+            debug=args.debug,
+            read_ahead_kb=read_ahead_of(args.read_ahead_kb),
+            request_bound_s=request_bound(kernel_s),
+        ),
+        prefetch=PrefetchConfig(
+            paths=tuple(args.prefetch),
+            profile=profile_setting(args.prefetch_profile or "none"),
+            record=args.record_profile,
+            record_seconds=record_seconds_of(args.record_seconds),
+        ),
+        follow=FollowConfig(
+            enabled=args.follow,
+            interval_s=positive_setting("--follow-interval", args.follow_interval, defaults.FOLLOW_INTERVAL_S),
+            keep=int(positive_setting("--follow-keep", args.follow_keep, defaults.FOLLOW_KEEP)),
+        ),
+        daemon=DaemonConfig(foreground=args.foreground, metrics=args.metrics),
+    )
+    if config.follow.keep < 2:
+        raise UsageError("--follow-keep: at least 2 (the archive served and the one before it)")
+    return config

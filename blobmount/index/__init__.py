@@ -1,4 +1,5 @@
-"""The index blob: reading (:mod:`view`), building (:mod:`build`) and path rules (:mod:`paths`).
+"""The index blob: its layout (:mod:`format`), reading (:mod:`tables` for the bounds-checked FlatBuffers
+reads, :mod:`view` for order, lookup and listing), building (:mod:`build`) and path rules (:mod:`paths`).
 
 This package is the only importer of ``flatbuffers``, and only the builder needs it: `build_index`
 and `EntryRecord` are loaded on first use, so reading an index (every mount) never imports it."""
@@ -7,15 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from blobmount.index.view import (
-    COMPRESSION_NONE,
-    COMPRESSION_ZSTD,
-    HASH_SIZE_BYTES,
-    Child,
-    Entry,
-    IndexView,
-    Order,
-)
+from blobmount.index.format import COMPRESSION_NONE, COMPRESSION_ZSTD, HASH_SIZE_BYTES, Child, Entry, Order
+from blobmount.index.view import IndexView
 
 __all__ = [
     "COMPRESSION_NONE",

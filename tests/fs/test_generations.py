@@ -7,8 +7,8 @@ import errno
 import os
 from pathlib import Path
 
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import ContentStore
+from blobmount.create import CreateOptions, create_archive
 from blobmount.fs import ROOT_INO, BlobFS
 from blobmount.generations import GEN_SHIFT, changes
 from blobmount.index import IndexView

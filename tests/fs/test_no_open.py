@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from blobmount import fs as fs_module
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import ContentStore
+from blobmount.create import CreateOptions, create_archive
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig

@@ -44,7 +44,7 @@ def quirk_proxy(registry: Registry) -> Iterator[QuirkProxy]:
 
 
 @pytest.fixture
-def proxy(registry: Registry) -> Iterator[FaultProxy]:
+def fault_proxy(registry: Registry) -> Iterator[FaultProxy]:
     """A fault proxy in front of the session registry, no fault on (tests switch them per request)."""
     p = FaultProxy(registry.host)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from blobmount.archive import CreateOptions, create_archive
+from blobmount.create import CreateOptions, create_archive
 from blobmount.manifest import archive_manifest
 from blobmount.sources.oci_layout import write_oci_layout
 from tests.support.daemon import get, samples, status

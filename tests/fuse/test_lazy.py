@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import CacheDir, ChunkStore
+from blobmount.create import CreateOptions, create_archive
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive

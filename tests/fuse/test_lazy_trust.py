@@ -127,15 +127,15 @@ def _settle() -> None:
     ("program", "policy"), [("cp", "lazy"), ("sha256sum", "lazy"), ("cp", "background"), ("cp", "strict")]
 )
 def test_one_flip_in_one_full_read(
-    program: str, policy: str, proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
+    program: str, policy: str, fault_proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
 ) -> None:
     arc = trust_archive
     name = "one.bin"
     data = arc.placed[name.encode()].data
     want = hashlib.sha256(data).hexdigest()
-    source = f"{proxy.host}/{REPO}"
+    source = f"{fault_proxy.host}/{REPO}"
     with mounted(source, tmp_path / "mnt", *ARGS, "--verify", policy, cache_dir=tmp_path / "cache") as m:
-        fault, _ = _flip(proxy, arc, name, 0.5)
+        fault, _ = _flip(fault_proxy, arc, name, 0.5)
         path = m.path / name
         if program == "cp":
             copy = tmp_path / "copy"
@@ -156,15 +156,15 @@ def test_one_flip_in_one_full_read(
 
 
 def test_a_flip_in_a_partial_read_then_a_full_read_in_another_process(
-    proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
+    fault_proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
 ) -> None:
     arc = trust_archive
     name = "two.bin"
     data = arc.placed[name.encode()].data
     want = hashlib.sha256(data).hexdigest()
-    with _mount(proxy, tmp_path / "mnt", tmp_path / "cache") as m:
+    with _mount(fault_proxy, tmp_path / "mnt", tmp_path / "cache") as m:
         path = m.path / name
-        fault, _ = _flip(proxy, arc, name, 0.25)
+        fault, _ = _flip(fault_proxy, arc, name, 0.25)
         head = subprocess.run(
             ["head", "-c", str(FILE_BYTES * 6 // 10), str(path)],
             stdout=subprocess.DEVNULL,
@@ -173,7 +173,7 @@ def test_a_flip_in_a_partial_read_then_a_full_read_in_another_process(
         )
         assert fault.hits == 1, "the flip was never met"
         assert head.returncode == 0  # a partial read may get unverified bytes: the lazy policy
-        proxy.clear()
+        fault_proxy.clear()
         _settle()
         code, got = _sha256sum(path)
         _assert_right_or_failed("sha256sum", code, got, want)
@@ -183,7 +183,7 @@ def test_a_flip_in_a_partial_read_then_a_full_read_in_another_process(
 
 
 def test_a_file_read_in_pieces_by_two_processes_is_verified(
-    proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
+    fault_proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
 ) -> None:
     """Neither process reads the whole file; together they do. The flip in the first piece is
     found once the second piece completes the file (that read may fail), the file is read again
@@ -192,15 +192,15 @@ def test_a_file_read_in_pieces_by_two_processes_is_verified(
     name = "pieces.bin"
     data = arc.placed[name.encode()].data
     half = FILE_BYTES // 2
-    with _mount(proxy, tmp_path / "mnt", tmp_path / "cache") as m:
+    with _mount(fault_proxy, tmp_path / "mnt", tmp_path / "cache") as m:
         path = m.path / name
-        fault, _ = _flip(proxy, arc, name, 0.25)
+        fault, _ = _flip(fault_proxy, arc, name, 0.25)
         first = subprocess.run(
             ["head", "-c", str(half), str(path)], stdout=subprocess.DEVNULL, timeout=GUARD_S, check=False
         )
         assert first.returncode == 0
         assert fault.hits == 1
-        proxy.clear()
+        fault_proxy.clear()
         _settle()
         subprocess.run(  # may fail (the read that completes the file finds the mismatch)
             ["tail", "-c", str(FILE_BYTES - half), str(path)], stdout=subprocess.DEVNULL, timeout=GUARD_S, check=False
@@ -212,7 +212,7 @@ def test_a_file_read_in_pieces_by_two_processes_is_verified(
 
 
 def test_a_file_read_in_part_and_closed_is_verified_from_the_cache(
-    proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
+    fault_proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
 ) -> None:
     """--prefetch brings the file into the cache with a flipped bit; a program reads part of it and
     closes it. Nobody reads the rest, yet the file is checked (the rest is in the cache: hashing it
@@ -220,9 +220,9 @@ def test_a_file_read_in_part_and_closed_is_verified_from_the_cache(
     arc = trust_archive
     name = "part.bin"
     data = arc.placed[name.encode()].data
-    fault, _ = _flip(proxy, arc, name, 0.25)
+    fault, _ = _flip(fault_proxy, arc, name, 0.25)
     args = ("--prefetch", name)
-    with mounted(f"{proxy.host}/{REPO}", tmp_path / "mnt", *ARGS, *args, cache_dir=tmp_path / "cache") as m:
+    with mounted(f"{fault_proxy.host}/{REPO}", tmp_path / "mnt", *ARGS, *args, cache_dir=tmp_path / "cache") as m:
         path = m.path / name
         stored = int(os.getxattr(path, "user.blobmount.stored_size"))
         deadline = time.monotonic() + 20
@@ -230,7 +230,7 @@ def test_a_file_read_in_part_and_closed_is_verified_from_the_cache(
             assert time.monotonic() < deadline, "--prefetch did not bring the file in"
             time.sleep(0.05)
         assert fault.hits == 1
-        proxy.clear()
+        fault_proxy.clear()
         head = subprocess.run(
             ["head", "-c", str(FILE_BYTES // 2), str(path)], stdout=subprocess.DEVNULL, timeout=GUARD_S, check=False
         )
@@ -241,7 +241,7 @@ def test_a_file_read_in_part_and_closed_is_verified_from_the_cache(
 
 
 def test_a_remount_over_a_cache_holding_a_corrupted_chunk(
-    proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
+    fault_proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
 ) -> None:
     """The first mount serves a flipped chunk to a partial read and goes away before the file's
     end was ever at hand (its tail stalls), so the mismatch is not found there. The next mount
@@ -252,11 +252,11 @@ def test_a_remount_over_a_cache_holding_a_corrupted_chunk(
     data = placed.data
     want = hashlib.sha256(data).hexdigest()
     cache = tmp_path / "cache"
-    with _mount(proxy, tmp_path / "m1", cache) as m:
+    with _mount(fault_proxy, tmp_path / "m1", cache) as m:
         path = m.path / name
-        fault, at = _flip(proxy, arc, name, 0.05)
+        fault, at = _flip(fault_proxy, arc, name, 0.05)
         tail = placed.data_offset + 4 * MiB
-        proxy.add(Fault(Kind.STALL, blob(arc.data_digest, tail, placed.data_offset + placed.data_size)))
+        fault_proxy.add(Fault(Kind.STALL, blob(arc.data_digest, tail, placed.data_offset + placed.data_size)))
         head = subprocess.run(
             ["head", "-c", str(MiB), str(path)], stdout=subprocess.DEVNULL, timeout=GUARD_S, check=False
         )
@@ -270,19 +270,19 @@ def test_a_remount_over_a_cache_holding_a_corrupted_chunk(
         _settle()
         assert _verified(path) == b"unverified"
         assert "sha256 mismatch" not in m.log()  # the premise: this mount never found it
-    proxy.clear()
-    with _mount(proxy, tmp_path / "m2", cache) as m:
+    fault_proxy.clear()
+    with _mount(fault_proxy, tmp_path / "m2", cache) as m:
         path = m.path / name
         code, got = _sha256sum(path)
         _assert_right_or_failed("sha256sum", code, got, want)
         _assert_right_soon(path, want)
         assert "Traceback" not in m.log()
-    with _mount(proxy, tmp_path / "m3", cache) as m:
+    with _mount(fault_proxy, tmp_path / "m3", cache) as m:
         assert _sha256sum(m.path / name) == (0, want)
 
 
 def test_a_stalled_file_reads_again_as_soon_as_the_origin_answers(
-    proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
+    fault_proxy: FaultProxy, trust_archive: TrustArchive, tmp_path: Path
 ) -> None:
     """The stalled connection stays dead after the fault clears (a blackholed link: nothing ends
     it but a deadline). The read that waited --timeout gets EIO and takes the request it waited
@@ -291,9 +291,9 @@ def test_a_stalled_file_reads_again_as_soon_as_the_origin_answers(
     arc = trust_archive
     p = arc.placed[b"stall.bin"]
     at = p.data_offset + MiB + 7
-    with _mount(proxy, tmp_path / "mnt", tmp_path / "cache") as m:
+    with _mount(fault_proxy, tmp_path / "mnt", tmp_path / "cache") as m:
         path = m.path / "stall.bin"
-        fault = proxy.add(Fault(Kind.STALL, blob(arc.data_digest, at, at + 1), stall_s=60, outlives_clear=True))
+        fault = fault_proxy.add(Fault(Kind.STALL, blob(arc.data_digest, at, at + 1), stall_s=60, outlives_clear=True))
         first = read_bounded(path, 4 * TIMEOUT_S, offset=MiB + 7, size=4096)
         assert first.errno == errno.EIO
         assert fault.hits >= 1
@@ -308,11 +308,11 @@ def test_a_stalled_file_reads_again_as_soon_as_the_origin_answers(
             assert fault.stalled == 0, "a request nobody waits for is still open"
             time.sleep(0.05)
         assert fault.hits == hits, "a request nobody waits for was sent again"
-        proxy.clear()  # new requests pass; a stalled one would stay stalled
-        seen = len(proxy.state.seen)
+        fault_proxy.clear()  # new requests pass; a stalled one would stay stalled
+        seen = len(fault_proxy.state.seen)
         second = read_bounded(path, 4 * TIMEOUT_S, offset=MiB + 7, size=4096)
         assert second.errno is None, f"re-read after the stall cleared: {errno.errorcode.get(second.errno or 0)}"
         assert second.data == p.data[MiB + 7 : MiB + 7 + 4096]
-        fresh = [h for _m, _p, h in proxy.state.seen[seen:] if h.get("range")]
+        fresh = [h for _m, _p, h in fault_proxy.state.seen[seen:] if h.get("range")]
         assert fresh, "the re-read was served without a request of its own"
         assert "Traceback" not in m.log()

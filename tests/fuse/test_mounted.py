@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from blobmount.archive import create_archive
+from blobmount.create import create_archive
 from blobmount.index import IndexView
 from tests.support.helpers import FIXTURE_NAMES, FIXTURES, make_oci_layout, tree_files
 from tests.support.mounts import mounted, push_dir

@@ -187,30 +187,30 @@ def _baseline(mount: Mount, arc: NetArchive) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fault_on_some_files(name: str, proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+def test_fault_on_some_files(name: str, fault_proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
     case = CASES[name]
     arc = net_archive
     longest = 0.0
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         _baseline(m, arc)
         if case.brief is not None:  # met briefly: retried, the bytes are right
             faults = {}
             for path in _targets("1"):
                 fault = case.brief()
                 fault.match = blob(arc.data_digest, *_range_of(arc, path)())
-                faults[path] = proxy.add(fault)
+                faults[path] = fault_proxy.add(fault)
             pending = {path: _start(m, path) for path in _targets("1")}
             for path, p in pending.items():
                 out = p.result(HANG_GUARD_S)
                 longest = max(longest, out.longest_s)
                 _assert_read(arc, path, out)
                 assert faults[path].hits >= 1, f"{path!r}: the fault was never met"
-            proxy.clear()
+            fault_proxy.clear()
         faults = {}
         for path in _targets("2"):  # persistent: EIO in time, the rest served meanwhile
             fault = case.persistent()
             fault.match = blob(arc.data_digest, *_range_of(arc, path)())
-            faults[path] = proxy.add(fault)
+            faults[path] = fault_proxy.add(fault)
         pending = {path: _start(m, path) for path in _targets("2")}
         other = read_bounded(m.path / "other.bin", HANG_GUARD_S)
         _assert_read(arc, b"other.bin", other)
@@ -220,7 +220,7 @@ def test_fault_on_some_files(name: str, proxy: FaultProxy, net_archive: NetArchi
             longest = max(longest, out.longest_s)
             _assert_eio(path, out)
             assert faults[path].hits >= 1, f"{path!r}: the fault was never met"
-        proxy.clear()
+        fault_proxy.clear()
         for path in _targets("2"):  # cleared: the same files, same mount, right bytes
             _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
         log = m.log()
@@ -266,29 +266,29 @@ def _global_case(
     return longest
 
 
-def test_connection_refused(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
-    with _mount(proxy, tmp_path) as m:
-        longest = _global_case(m, net_archive, on=proxy.down, off=proxy.up)
+def test_connection_refused(fault_proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+    with _mount(fault_proxy, tmp_path) as m:
+        longest = _global_case(m, net_archive, on=fault_proxy.down, off=fault_proxy.up)
     _report("connection-refused", longest_wait_s=round(longest, 3), brief="ok", persistent="EIO")
 
 
-def test_dns_failure(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+def test_dns_failure(fault_proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
     """The daemon resolves registry.faults.test through tests/support/resolver.py (never a real lookup);
     DNS going away matters to new connections, so the proxy also cuts the live ones."""
     flag = tmp_path / "dns-down"
     env = resolver.sitecustomize_dir(tmp_path / "site", flag)
-    host = f"registry{resolver.FAKE_SUFFIX}:{proxy.port}"
+    host = f"registry{resolver.FAKE_SUFFIX}:{fault_proxy.port}"
 
     def dns_down() -> None:
         flag.touch()
-        proxy._cut_live()
+        fault_proxy._cut_live()
 
     def dns_up() -> None:
         flag.unlink(missing_ok=True)
 
-    seen_before = len(proxy.state.seen)
+    seen_before = len(fault_proxy.state.seen)
     with mounted(f"{host}/{REPO}", tmp_path / "mnt", "--timeout", str(TIMEOUT_S), "--plain-http", host, env=env) as m:
-        assert len(proxy.state.seen) > seen_before  # the mount really went through the fake name
+        assert len(fault_proxy.state.seen) > seen_before  # the mount really went through the fake name
         longest = _global_case(m, net_archive, on=dns_down, off=dns_up)
         assert "resolution" in m.log() or "ConnectError" in m.log()
     _report("dns-failure", longest_wait_s=round(longest, 3), brief="ok", persistent="EIO")
@@ -303,23 +303,23 @@ TOKEN_FAULTS: dict[str, tuple[Callable[[], Fault], int, bool]] = {  # fault, err
 
 
 @pytest.mark.parametrize("kind", list(TOKEN_FAULTS))
-def test_token_endpoint_fails(kind: str, proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+def test_token_endpoint_fails(kind: str, fault_proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
     """Bearer tokens live 2 s, so the client (refreshing a quarter of a short token's life before
     it expires) asks for a new one for nearly every read: a failing token endpoint is met by every
     read."""
     make, expect, brief = TOKEN_FAULTS[kind]
-    proxy.state.bearer = True
-    proxy.state.token_lifetime_s = 2
+    fault_proxy.state.bearer = True
+    fault_proxy.state.token_lifetime_s = 2
     faults: list[Fault] = []
 
     def on() -> None:
         time.sleep(1.6)  # let the current token age past its refresh point (1.5 s)
         fault = make()
         fault.match = path_prefix("/token")
-        faults.append(proxy.add(fault))
+        faults.append(fault_proxy.add(fault))
 
-    with _mount(proxy, tmp_path) as m:
-        longest = _global_case(m, net_archive, on=on, off=proxy.clear, brief=brief, expect=expect)
+    with _mount(fault_proxy, tmp_path) as m:
+        longest = _global_case(m, net_archive, on=on, off=fault_proxy.clear, brief=brief, expect=expect)
     assert all(f.hits >= 1 for f in faults)
     _report(
         f"token-endpoint-{kind}",
@@ -329,23 +329,23 @@ def test_token_endpoint_fails(kind: str, proxy: FaultProxy, net_archive: NetArch
     )
 
 
-def test_bits_flipped_in_transit(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+def test_bits_flipped_in_transit(fault_proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
     """A registry (or a middlebox) that corrupts a body while every header is right: verification
     catches it. Once: the file is read again and served right. Every time: EIO, and the file is
     poisoned for this mount (DESIGN section 5) with one log line naming both hashes."""
     arc = net_archive
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         for name in ("small.bin", "verified.bin"):  # verified before the first byte
             path = f"1/{name}".encode()
             match = blob(arc.data_digest, *_range_of(arc, path)())
-            fault = proxy.add(Fault(Kind.FLIP, match, times=1, at=_mid(arc, path)))
+            fault = fault_proxy.add(Fault(Kind.FLIP, match, times=1, at=_mid(arc, path)))
             _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
             assert fault.hits == 1
-        proxy.clear()
+        fault_proxy.clear()
         path = b"2/small.bin"
-        proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), at=_mid(arc, path)))
+        fault_proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), at=_mid(arc, path)))
         _assert_eio(path, _start(m, path).result(HANG_GUARD_S))
-        proxy.clear()
+        fault_proxy.clear()
         _assert_eio(path, _start(m, path).result(HANG_GUARD_S))  # poisoned: both reads disagreed
         assert os.getxattr(m.path / "2/small.bin", "user.blobmount.verified") == b"poisoned"
         # lazily verified: the flipped bytes are served as read (the policy), caught once all is
@@ -354,7 +354,7 @@ def test_bits_flipped_in_transit(proxy: FaultProxy, net_archive: NetArchive, tmp
         path = b"1/lazy.bin"
         placed = arc.placed[path]
         match = blob(arc.data_digest, placed.data_offset, placed.data_offset + 1)
-        fault = proxy.add(Fault(Kind.FLIP, match, times=1, at=placed.data_offset))
+        fault = fault_proxy.add(Fault(Kind.FLIP, match, times=1, at=placed.data_offset))
         first = read_bounded(m.path / "1/lazy.bin", HANG_GUARD_S)
         assert first.errno == errno.EIO or first.data == placed.data, "a full read ended in wrong bytes"
         assert fault.hits == 1
@@ -372,18 +372,20 @@ def test_bits_flipped_in_transit(proxy: FaultProxy, net_archive: NetArchive, tmp
 
 @pytest.mark.parametrize("name", ["small.txt", "big.txt"])
 def test_a_zstd_file_corrupted_once_in_transit_is_read_again(
-    name: str, proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path
+    name: str, fault_proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path
 ) -> None:
     arc = net_archive
     path = f"1/{name}".encode()
-    with _mount(proxy, tmp_path) as m:
-        fault = proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), times=1, at=_mid(arc, path)))
+    with _mount(fault_proxy, tmp_path) as m:
+        fault = fault_proxy.add(
+            Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), times=1, at=_mid(arc, path))
+        )
         out = _start(m, path).result(HANG_GUARD_S)
         assert fault.hits == 1
         _assert_read(arc, path, out)
 
 
-def test_daemon_killed_during_a_stalled_read(proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
+def test_daemon_killed_during_a_stalled_read(fault_proxy: FaultProxy, net_archive: NetArchive, tmp_path: Path) -> None:
     """kill -9 while a read waits on a stalled registry: the reader gets an error at once (never a
     hang), `fusermount3 -u` leaves a clean directory, and a new daemon mounts over it and serves."""
     import signal
@@ -394,9 +396,9 @@ def test_daemon_killed_during_a_stalled_read(proxy: FaultProxy, net_archive: Net
     arc = net_archive
     path = b"2/small.bin"
     mnt = tmp_path / "mnt"
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         _baseline(m, arc)
-        fault = proxy.add(Fault(Kind.STALL, blob(arc.data_digest, *_range_of(arc, path)())))
+        fault = fault_proxy.add(Fault(Kind.STALL, blob(arc.data_digest, *_range_of(arc, path)())))
         pending = _start(m, path)
         for _ in range(100):  # bounded: until the request is stalled at the proxy
             if fault.hits:
@@ -410,6 +412,6 @@ def test_daemon_killed_during_a_stalled_read(proxy: FaultProxy, net_archive: Net
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
         assert not is_mounted(mnt)
         assert os.listdir(mnt) == []
-        proxy.clear()
-    with _mount(proxy, tmp_path) as m:
+        fault_proxy.clear()
+    with _mount(fault_proxy, tmp_path) as m:
         _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))

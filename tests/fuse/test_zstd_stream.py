@@ -121,10 +121,10 @@ def _content_files(cache: Path) -> list[Path]:
 
 
 def test_a_reader_ahead_of_the_decoder_waits_then_gets_right_bytes(
-    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
     data = stream_archive.placed[b"text.txt"].data
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         path = m.path / "text.txt"
         first = read_bounded(path, GUARD_S, 0, 4096)
         assert first.data == data[:4096]
@@ -141,13 +141,13 @@ def test_a_reader_ahead_of_the_decoder_waits_then_gets_right_bytes(
 
 
 def test_a_file_decoded_into_the_store_leaves_its_frame_out_of_the_chunk_cache(
-    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
     """The decoded file goes to the content store; its compressed frame is not written to the
     chunk cache as well (a second copy that is never read, and a write per byte of it)."""
     p = stream_archive.placed[b"text.txt"]
     cache = tmp_path / "cache"
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         path = m.path / "text.txt"
         assert read_bounded(path, GUARD_S).data == p.data
         _wait(lambda: _verified(path) == b"verified", "never verified")
@@ -160,7 +160,7 @@ def test_a_file_decoded_into_the_store_leaves_its_frame_out_of_the_chunk_cache(
 
 
 def test_a_reader_ahead_of_a_stalled_decode_fails_in_time_and_the_next_read_is_right(
-    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
     """The frame's bytes stall past a point: a reader waiting beyond it gets EIO after about
     --timeout (never a hang), the reader before it is served, and once the origin answers again a
@@ -168,9 +168,9 @@ def test_a_reader_ahead_of_a_stalled_decode_fails_in_time_and_the_next_read_is_r
     arc = stream_archive
     p = arc.placed[b"text.txt"]
     at = p.data_offset + p.data_size * 6 // 10
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         path = m.path / "text.txt"
-        stall = proxy.add(Fault(Kind.STALL, blob(arc.data_digest, at, at + 1), stall_s=60.0))
+        stall = fault_proxy.add(Fault(Kind.STALL, blob(arc.data_digest, at, at + 1), stall_s=60.0))
         assert read_bounded(path, GUARD_S, 0, MiB).data == p.data[:MiB]
         far = TEXT_BYTES - 2 * MiB
         t0 = time.monotonic()
@@ -180,21 +180,21 @@ def test_a_reader_ahead_of_a_stalled_decode_fails_in_time_and_the_next_read_is_r
         assert waited >= TIMEOUT_S * 0.8, waited
         assert waited < GUARD_S / 2, waited
         assert stall.hits >= 1, "the stall was never met"
-        proxy.clear()
+        fault_proxy.clear()
         _wait(lambda: read_bounded(path, GUARD_S, far, 4096).data == p.data[far : far + 4096], "never right")
         assert "Traceback" not in m.log()
 
 
 def test_two_readers_at_different_offsets_share_one_decode(
-    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
     """Two processes' reads (one from the start, one from the middle) are served by one decode:
     one decode line, and the frame crosses the network once."""
     arc = stream_archive
     p = arc.placed[b"text.txt"]
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         path = m.path / "text.txt"
-        proxy.state.seen.clear()
+        fault_proxy.state.seen.clear()
         results: dict[str, bytes | None] = {}
 
         def run(name: str, offset: int, size: int | None) -> None:
@@ -212,14 +212,14 @@ def test_two_readers_at_different_offsets_share_one_decode(
         assert results["head"] == p.data
         assert results["middle"] == p.data[half : half + 8 * MiB]
         assert _decodes(m, "text.txt") == 1, m.log()[-3000:]
-        fetched = sum(b - a for a, b in _data_ranges(proxy, arc))
+        fetched = sum(b - a for a, b in _data_ranges(fault_proxy, arc))
         assert fetched <= p.data_size + 2 * MiB, (fetched, p.data_size)  # chunk-aligned: one decode's worth
         _wait(lambda: _verified(path) == b"verified", "never verified")
         assert "Traceback" not in m.log()
 
 
 def test_a_mismatch_found_at_the_end_of_the_decode_fails_the_read_and_a_retry_is_right(
-    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
     """One bit flipped in transit inside a raw zstd block: the frame decodes, the first bytes are
     served (unverified), the read that reaches the end fails with EIO, and the file, read again
@@ -227,9 +227,9 @@ def test_a_mismatch_found_at_the_end_of_the_decode_fails_the_read_and_a_retry_is
     arc = stream_archive
     p = arc.placed[b"random.bin"]
     at = p.data_offset + p.data_size // 2
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         path = m.path / "random.bin"
-        flip = proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, at, at + 1), times=1, at=at))
+        flip = fault_proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, at, at + 1), times=1, at=at))
         fd = os.open(path, os.O_RDONLY)
         try:
             assert os.pread(fd, 4096, 0) == p.data[:4096]
@@ -249,7 +249,7 @@ def test_a_mismatch_found_at_the_end_of_the_decode_fails_the_read_and_a_retry_is
         finally:
             os.close(fd)
         assert flip.hits == 1, "the flip was never met"
-        proxy.clear()
+        fault_proxy.clear()
         _wait(lambda: read_bounded(path, GUARD_S).data == p.data, "a retry never got the right bytes")
         assert _verified(path) == b"verified"
         log = m.log()
@@ -260,12 +260,12 @@ def test_a_mismatch_found_at_the_end_of_the_decode_fails_the_read_and_a_retry_is
 
 
 def test_a_file_larger_than_the_store_streams_through_a_window_and_a_reader_behind_it_restarts(
-    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
     """--cache-size 16M holds neither the decoded 48 MiB nor a temp file of it: the decode runs
     through a bounded window (4 MiB); a read far behind it starts another decode."""
     p = stream_archive.placed[b"text.txt"]
-    with _mount(proxy, tmp_path, "--cache-size", "16M") as m:
+    with _mount(fault_proxy, tmp_path, "--cache-size", "16M") as m:
         path = m.path / "text.txt"
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -289,7 +289,7 @@ def test_a_file_larger_than_the_store_streams_through_a_window_and_a_reader_behi
 
 
 def test_every_reader_gone_mid_decode_stops_it_cleanly_and_the_next_read_works(
-    proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
 ) -> None:
     """Two opens that read a part each and close while the decode is slowed by a dripping source:
     the decode stops (its temp file goes, with its reserved space), and the next reader gets the
@@ -297,9 +297,9 @@ def test_every_reader_gone_mid_decode_stops_it_cleanly_and_the_next_read_works(
     arc = stream_archive
     p = arc.placed[b"text.txt"]
     at = p.data_offset + p.data_size * 7 // 10
-    with _mount(proxy, tmp_path) as m:
+    with _mount(fault_proxy, tmp_path) as m:
         path = m.path / "text.txt"
-        drip = proxy.add(Fault(Kind.DRIP, blob(arc.data_digest, at, at + 1), rate_bps=256 << 10))
+        drip = fault_proxy.add(Fault(Kind.DRIP, blob(arc.data_digest, at, at + 1), rate_bps=256 << 10))
         fds = [os.open(path, os.O_RDONLY) for _ in range(2)]
         assert os.pread(fds[0], 4096, 0) == p.data[:4096]
         assert os.pread(fds[1], 4096, 5 * MiB) == p.data[5 * MiB : 5 * MiB + 4096]
@@ -308,7 +308,7 @@ def test_every_reader_gone_mid_decode_stops_it_cleanly_and_the_next_read_works(
             os.close(fd)
         _wait(lambda: not _tmp_files(tmp_path / "cache"), "the decode's temp file outlived its readers")
         assert drip.hits >= 1, "the decode never reached the slow part"
-        proxy.clear()
+        fault_proxy.clear()
         assert read_bounded(path, GUARD_S).data == p.data
         _wait(lambda: _verified(path) == b"verified", "never verified")
         _wait(lambda: _content_files(tmp_path / "cache"), "the verified file never reached the store")
@@ -320,9 +320,11 @@ def test_every_reader_gone_mid_decode_stops_it_cleanly_and_the_next_read_works(
         assert "Traceback" not in m.log()
 
 
-def test_strict_keeps_verify_before_serve(proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path) -> None:
+def test_strict_keeps_verify_before_serve(
+    fault_proxy: FaultProxy, stream_archive: StreamArchive, tmp_path: Path
+) -> None:
     p = stream_archive.placed[b"text.txt"]
-    with _mount(proxy, tmp_path, "--verify", "strict") as m:
+    with _mount(fault_proxy, tmp_path, "--verify", "strict") as m:
         path = m.path / "text.txt"
         assert read_bounded(path, GUARD_S, 0, 4096).data == p.data[:4096]
         assert _verified(path) == b"verified"  # the first byte came after the whole file checked out

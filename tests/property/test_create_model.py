@@ -1,7 +1,7 @@
 """`create` over random trees: the index's data_hash is the sha256 of the data blob written, every
 entry's hash is its file's sha256 and reads back verified, and two runs write the same bytes.
 
-File sizes cluster around every buffer and thread threshold of archive.py (the block size, the
+File sizes cluster around every buffer and thread threshold of blobmount/create/ (the block size, the
 inline-hashing limit, the skip-compression minimum, the read-buffer ring), raw and zstd, with names
 the skip rule keeps raw; a wrong data_hash that changed from run to run (issue 13) came from a read
 buffer reused while a hashing thread still read it, and only trees crossing those thresholds show it.
@@ -25,9 +25,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobmount import archive
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import ContentStore
+from blobmount.create import CreateOptions, create_archive, files, parallel
+from blobmount.create.options import SKIP_BELOW_BYTES
 from blobmount.index import IndexView
 from blobmount.reader import Reader
 from blobmount.sources.local import open_directory
@@ -41,10 +41,10 @@ TREES = settings(
 )
 MAX_TREE_BYTES = 12 << 20  # keeps an example fast; still several blocks and ring turns per tree
 
-_B = archive.BLOCK_BYTES
-_T = archive._THREAD_HASH_MIN_BYTES
-_S = archive.SKIP_BELOW_BYTES
-_RING = archive.READ_BUFFERS * _B
+_B = files.BLOCK_BYTES
+_T = files.THREAD_HASH_MIN_BYTES
+_S = SKIP_BELOW_BYTES
+_RING = files.READ_BUFFERS * _B
 EDGES = sorted(
     {0, 1, _S - 1, _S, _S + 1, _T - 1, _T, _T + 1, _B - 1, _B, _B + 1, 2 * _B + 1, _RING - 1, _RING, _RING + 1}
 )
@@ -54,9 +54,9 @@ extensions = st.sampled_from(["", ".txt", ".c", ".png", ".GZ", ".zst"])
 kinds = st.sampled_from(["random", "text", "zeros"])
 limits = st.fixed_dictionaries(
     {
-        "_PARALLEL_BUFFER_BYTES": st.sampled_from([0, _B // 2, _B + 1, archive._PARALLEL_BUFFER_BYTES]),
-        "_HEAD_BUFFER_BYTES": st.sampled_from([1, _B, archive._HEAD_BUFFER_BYTES]),
-        "_AHEAD": st.sampled_from([1, 2, archive._AHEAD]),
+        "PARALLEL_BUFFER_BYTES": st.sampled_from([0, _B // 2, _B + 1, parallel.PARALLEL_BUFFER_BYTES]),
+        "HEAD_BUFFER_BYTES": st.sampled_from([1, _B, parallel.HEAD_BUFFER_BYTES]),
+        "AHEAD": st.sampled_from([1, 2, parallel.AHEAD]),
     }
 )
 RUNS = (("none", 1), ("none", 1), ("zstd", 1), ("zstd", 2), ("zstd", 3))
@@ -126,7 +126,7 @@ def test_create_writes_the_hashes_of_what_it_wrote(
     files = {path: content(*made) for path, made in spec.items()}
     with tempfile.TemporaryDirectory(prefix="create-model-") as tmp, ExitStack() as stack:
         for name, value in patched.items():
-            stack.enter_context(mock.patch.object(archive, name, value))
+            stack.enter_context(mock.patch.object(parallel, name, value))
         work = Path(tmp)
         src = work / "src"
         src.mkdir()

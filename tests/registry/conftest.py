@@ -13,6 +13,7 @@ from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
+from tests.support.faults import FaultProxy
 from tests.support.helpers import FIXTURES
 from tests.support.servers import (
     TOKEN_PASSWORD,
@@ -63,7 +64,18 @@ def token_registry(_token_registry: Registry) -> Iterator[Registry]:
 
 
 @pytest.fixture
-def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
+def fault_proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session registry (the fixtures pushed), no fault on: tests
+    switch faults on per request."""
+    p = FaultProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def quirk_proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[QuirkProxy]:
     """A quirk proxy in front of the session registry (the fixtures pushed)."""
     p = QuirkProxy(registry.host)
     try:

@@ -17,8 +17,8 @@ import pytest
 import trio
 
 import blobmount
-from blobmount.archive import create_archive
 from blobmount.cli import main
+from blobmount.create import create_archive
 from blobmount.errors import IntegrityError
 from blobmount.filesystem import BlobFileSystem, split_url
 from blobmount.reference import Reference

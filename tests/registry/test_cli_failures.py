@@ -10,7 +10,6 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,15 +95,6 @@ def test_read_commands_fail_in_one_line(
     assert out.stdout == b""
     assert_one_line(out, code, needle.format(**values))
     assert not os.path.ismount(tmp_path / "mnt")
-
-
-@pytest.fixture
-def fault_proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[FaultProxy]:
-    p = FaultProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 @pytest.mark.parametrize("path", [b"top.md", b"a/x.json"])

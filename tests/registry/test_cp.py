@@ -58,26 +58,26 @@ def test_cp_of_a_subtree_and_of_files_by_digest(pushed: dict[str, str], tmp_path
 
 
 def test_a_missing_path_fetches_no_data_and_writes_nothing(
-    proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    quirk_proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "out"
-    ref = f"{proxy.host}/fixtures/mixed:v1"
+    ref = f"{quirk_proxy.host}/fixtures/mixed:v1"
     assert main(["cp", ref, "d00-directory", "nope.txt", str(dest), "--cache-dir", str(tmp_path / "c")]) in (2, 3)
     assert main(["cp", ref, "nope.txt", str(dest), "--cache-dir", str(tmp_path / "c")]) == 3
     assert "'nope.txt': no such file" in capsys.readouterr().err
     assert not dest.exists()
-    assert [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"] == []  # only the open's probe
+    assert [r for r in _data_gets(quirk_proxy.state.seen) if r != "bytes=0-0"] == []  # only the open's probe
 
 
 def test_a_directorys_first_half_buffer_is_one_request_started_before_any_piece(
-    proxy: QuirkProxy, tmp_path: Path
+    quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     """The plan starts fetching a directory's data (half --buffer, one request) while it validates
     the entries; the pieces, which start at one chunk, join that request instead of their own."""
-    ref = f"{proxy.host}/fixtures/mixed:v1"
+    ref = f"{quirk_proxy.host}/fixtures/mixed:v1"
     args = ["--cache-dir", str(tmp_path / "c"), "--buffer", "2M", "--chunk-size", "64K"]
     assert main(["cp", ref, ".", str(tmp_path / "out"), *args]) == 0
-    gets = [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"]
+    gets = [r for r in _data_gets(quirk_proxy.state.seen) if r != "bytes=0-0"]
     assert gets[0] == f"bytes=0-{(1 << 20) - 1}", gets
     assert not [r for r in gets[1:] if int(r.split("=")[1].split("-")[0]) < 1 << 20]  # nothing in it again
     assert _files_under(tmp_path / "out") == {p: f.data for p, f in tree_files("mixed").items()}
@@ -114,15 +114,15 @@ def test_a_hostile_entry_found_while_the_data_is_fetched_is_exit_4_and_dest_is_n
     assert not (tmp_path / "escape").exists()
 
 
-def test_a_second_copy_is_served_by_the_cache(proxy: QuirkProxy, tmp_path: Path) -> None:
-    ref = f"{proxy.host}/fixtures/mixed:v1"
+def test_a_second_copy_is_served_by_the_cache(quirk_proxy: QuirkProxy, tmp_path: Path) -> None:
+    ref = f"{quirk_proxy.host}/fixtures/mixed:v1"
     cache = str(tmp_path / "cache")
     assert main(["cp", ref, ".", str(tmp_path / "one"), "--cache-dir", cache]) == 0
-    first = [r for r in _data_gets(proxy.state.seen) if r != "bytes=0-0"]
+    first = [r for r in _data_gets(quirk_proxy.state.seen) if r != "bytes=0-0"]
     assert first
-    mark = len(proxy.state.seen)
+    mark = len(quirk_proxy.state.seen)
     assert main(["cp", ref, ".", str(tmp_path / "two"), "--cache-dir", cache]) == 0
-    assert [r for r in _data_gets(proxy.state.seen[mark:]) if r != "bytes=0-0"] == []
+    assert [r for r in _data_gets(quirk_proxy.state.seen[mark:]) if r != "bytes=0-0"] == []
     assert _files_under(tmp_path / "two") == {p: f.data for p, f in tree_files("mixed").items()}
 
 
@@ -141,7 +141,9 @@ def _victim() -> tuple[bytes, int]:
     return entry.path, entry.data_offset + entry.data_size // 2
 
 
-@pytest.mark.expect_log(r"^blobmount\.(extract|reader): .*(corrupt zstd frame|sha256 mismatch)", r"; retry \d+ in ")
+@pytest.mark.expect_log(
+    r"^blobmount\.(extract\.copy|reader): .*(corrupt zstd frame|sha256 mismatch)", r"; retry \d+ in "
+)
 def test_an_integrity_failure_through_the_proxy_is_exit_5_and_leaves_no_file(
     faults: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -163,7 +165,7 @@ def test_an_integrity_failure_through_the_proxy_is_exit_5_and_leaves_no_file(
     assert all(files[p].data == d for p, d in written.items())
 
 
-@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract): ")
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract\.copy): ")
 def test_a_fault_that_clears_is_read_again_and_the_copy_succeeds(
     faults: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -226,7 +228,7 @@ def test_concurrent_range_reads_overlap(
     assert _files_under(dest) == {p: f.data for p, f in tree_files("mixed").items()}
 
 
-@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract): ")
+@pytest.mark.expect_log(r"; retry \d+ in ", r"^blobmount\.(fetch|extract\.copy): ")
 def test_a_network_failure_names_a_file_and_leaves_no_temporaries(
     faults: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -252,17 +254,17 @@ def test_the_buffer_bounds_fetched_bytes_beyond_what_the_readers_hold(
 ) -> None:
     """Eight readers of 64 KiB pieces could hold 512 KiB; --buffer 256K keeps them to 256 KiB (the
     proxy holds each request, so all eight readers are waiting at once if the budget lets them)."""
-    from blobmount import extract
+    from blobmount.extract import pieces
 
     peak = 0
-    acquire = extract._Budget.acquire
+    acquire = pieces.Budget.acquire
 
-    async def counting(self: extract._Budget, n: int) -> None:
+    async def counting(self: pieces.Budget, n: int) -> None:
         nonlocal peak
         await acquire(self, n)
         peak = max(peak, self.used)
 
-    monkeypatch.setattr(extract._Budget, "acquire", counting)
+    monkeypatch.setattr(pieces.Budget, "acquire", counting)
     p = _CountingProxy(registry.host)
     try:
         args = ["cp", f"{p.host}/fixtures/mixed:v1", ".", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]

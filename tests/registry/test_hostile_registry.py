@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,22 +18,12 @@ from blobmount.cli import main
 from blobmount.manifest import DATA_MEDIA_TYPE, INDEX_MEDIA_TYPE
 from tests.support.faults import Fault, FaultProxy, Kind, blob, path_prefix
 from tests.support.helpers import FIXTURES
-from tests.support.servers import Registry
 
 TIMEOUT_S = 1.0  # --timeout: opening is bounded by 4x it, and four tests here wait that long
 REPO = "fixtures/basic"
 REAL = json.loads((FIXTURES / "basic" / "oci-manifest.json").read_bytes())
 INDEX_DIGEST = REAL["layers"][0]["digest"]
 MANIFEST_PATHS = path_prefix(f"/v2/{REPO}/manifests/")
-
-
-@pytest.fixture
-def proxy(registry: Registry, pushed: dict[str, str]) -> Iterator[FaultProxy]:
-    p = FaultProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _doc(change: Any) -> bytes:
@@ -124,52 +113,56 @@ def _one_line(err: str) -> str:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("case", list(MANIFESTS))
 def test_hostile_manifest_is_refused_with_one_line(
-    case: str, proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+    case: str, fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
 ) -> None:
     body, code, phrase = MANIFESTS[case]
-    fault = _serve_manifest(proxy, body)
-    got, err, _ = _inspect(proxy, capsys)
+    fault = _serve_manifest(fault_proxy, body)
+    got, err, _ = _inspect(fault_proxy, capsys)
     assert fault.hits >= 1
     line = _one_line(err)
     assert phrase in line, line
     assert got == code, line
 
 
-def test_malformed_layer_digest_is_an_invalid_archive(proxy: FaultProxy, capsys: pytest.CaptureFixture[str]) -> None:
-    _serve_manifest(proxy, _doc(_set(["layers", 0, "digest"], "sha256:not-hex")))
-    code, err, _ = _inspect(proxy, capsys)
+def test_malformed_layer_digest_is_an_invalid_archive(
+    fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _serve_manifest(fault_proxy, _doc(_set(["layers", 0, "digest"], "sha256:not-hex")))
+    code, err, _ = _inspect(fault_proxy, capsys)
     assert "malformed" in _one_line(err)
     assert code == 4
 
 
-def test_manifest_body_not_matching_its_digest(proxy: FaultProxy, capsys: pytest.CaptureFixture[str]) -> None:
+def test_manifest_body_not_matching_its_digest(fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]) -> None:
     """HEAD names the real digest; GET by that digest answers another (valid) archive's manifest."""
     other = (FIXTURES / "mixed" / "oci-manifest.json").read_bytes()
     real_digest = "sha256:" + hashlib.sha256((FIXTURES / "basic" / "oci-manifest.json").read_bytes()).hexdigest()
-    fault = proxy.add(Fault(Kind.REPLACE, path_prefix(f"/v2/{REPO}/manifests/{real_digest}"), body=other))
-    code, err, _ = _inspect(proxy, capsys)
+    fault = fault_proxy.add(Fault(Kind.REPLACE, path_prefix(f"/v2/{REPO}/manifests/{real_digest}"), body=other))
+    code, err, _ = _inspect(fault_proxy, capsys)
     assert fault.hits >= 1
     assert "manifest body hashes to" in _one_line(err)
     assert code == 4
 
 
-def test_digest_header_pointing_nowhere_is_not_found(proxy: FaultProxy, capsys: pytest.CaptureFixture[str]) -> None:
+def test_digest_header_pointing_nowhere_is_not_found(
+    fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
     nowhere = "sha256:" + "0" * 64
-    proxy.add(
+    fault_proxy.add(
         Fault(
             Kind.STATUS, path_prefix(f"/v2/{REPO}/manifests/v1"), status=200, headers={"Docker-Content-Digest": nowhere}
         )
     )
-    code, err, _ = _inspect(proxy, capsys)
+    code, err, _ = _inspect(fault_proxy, capsys)
     assert "not found" in _one_line(err)
     assert code == 3
 
 
-def test_index_blob_not_matching_its_digest(proxy: FaultProxy, capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_blob_not_matching_its_digest(fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]) -> None:
     index = (FIXTURES / "basic" / "index.blob").read_bytes()
     forged = index[:-1] + bytes([index[-1] ^ 1])
-    fault = proxy.add(Fault(Kind.REPLACE, blob(INDEX_DIGEST), body=forged))
-    code, err, _ = _inspect(proxy, capsys)
+    fault = fault_proxy.add(Fault(Kind.REPLACE, blob(INDEX_DIGEST), body=forged))
+    code, err, _ = _inspect(fault_proxy, capsys)
     assert fault.hits >= 1
     assert "blob body hashes to" in _one_line(err)
     assert code == 4
@@ -186,11 +179,11 @@ def test_index_blob_not_matching_its_digest(proxy: FaultProxy, capsys: pytest.Ca
     ids=["manifest-drip", "manifest-stall", "manifest-503", "index-drip"],
 )
 def test_a_registry_that_never_answers_fails_the_open_in_bounded_time(
-    fault: Fault, proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+    fault: Fault, fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Opening is bounded by 4 x --timeout (DESIGN section 8): one line, exit 1, never 3."""
-    proxy.add(fault)
-    code, err, elapsed = _inspect(proxy, capsys)
+    fault_proxy.add(fault)
+    code, err, elapsed = _inspect(fault_proxy, capsys)
     assert fault.hits >= 1
     _one_line(err)
     assert code == 1, err

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cli import main
+from blobmount.create import CreateOptions, create_archive
 from blobmount.reference import Reference
 from blobmount.registry.auth import Credentials
 from blobmount.registry.client import RegistryOptions

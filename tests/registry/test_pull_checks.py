@@ -179,56 +179,56 @@ def test_mounting_something_else_fails_before_mounting(name: str, odd: dict[str,
 
 
 @pytest.mark.parametrize("head", ["refuse", "no-digest"])
-def test_a_refused_head_resolves_the_tag_with_one_get(head: str, proxy: QuirkProxy) -> None:
+def test_a_refused_head_resolves_the_tag_with_one_get(head: str, quirk_proxy: QuirkProxy) -> None:
     """HEAD refused (405) or answered without Docker-Content-Digest: the tag is resolved with a GET
     whose body is hashed and kept, so the manifest is not fetched a second time by digest."""
-    proxy.state.head = head
-    archive = trio.run(open_registry, f"{proxy.host}/fixtures/mixed:v1", RegistryOptions())
+    quirk_proxy.state.head = head
+    archive = trio.run(open_registry, f"{quirk_proxy.host}/fixtures/mixed:v1", RegistryOptions())
     manifest = (FIXTURES / "mixed" / "oci-manifest.json").read_bytes()
     assert archive.name.endswith("@sha256:" + hashlib.sha256(manifest).hexdigest())
     assert archive.index_bytes == (FIXTURES / "mixed" / "index.blob").read_bytes()
-    manifests = [(m, p) for m, p, _ in proxy.state.seen if "/manifests/" in p]
+    manifests = [(m, p) for m, p, _ in quirk_proxy.state.seen if "/manifests/" in p]
     assert manifests == [("HEAD", "/v2/fixtures/mixed/manifests/v1"), ("GET", "/v2/fixtures/mixed/manifests/v1")]
 
 
-def test_a_head_with_the_digest_is_followed_by_one_get_by_digest(proxy: QuirkProxy) -> None:
-    trio.run(open_registry, f"{proxy.host}/fixtures/mixed:v1", RegistryOptions())
+def test_a_head_with_the_digest_is_followed_by_one_get_by_digest(quirk_proxy: QuirkProxy) -> None:
+    trio.run(open_registry, f"{quirk_proxy.host}/fixtures/mixed:v1", RegistryOptions())
     manifest = (FIXTURES / "mixed" / "oci-manifest.json").read_bytes()
     digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-    manifests = [(m, p) for m, p, _ in proxy.state.seen if "/manifests/" in p]
+    manifests = [(m, p) for m, p, _ in quirk_proxy.state.seen if "/manifests/" in p]
     assert manifests == [("HEAD", "/v2/fixtures/mixed/manifests/v1"), ("GET", f"/v2/fixtures/mixed/manifests/{digest}")]
 
 
 def test_the_digest_wins_over_a_tag(
-    proxy: QuirkProxy, pushed: dict[str, str], capsys: pytest.CaptureFixture[str]
+    quirk_proxy: QuirkProxy, pushed: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     digest = pushed["basic@"].rpartition("@")[2]
-    assert main(["ls", f"{proxy.host}/fixtures/basic:no-such-tag@{digest}"]) == 0
+    assert main(["ls", f"{quirk_proxy.host}/fixtures/basic:no-such-tag@{digest}"]) == 0
     assert "top.md" in capsys.readouterr().out
-    manifests = [(m, p) for m, p, _ in proxy.state.seen if "/manifests/" in p]
+    manifests = [(m, p) for m, p, _ in quirk_proxy.state.seen if "/manifests/" in p]
     assert manifests == [("GET", f"/v2/fixtures/basic/manifests/{digest}")]  # the tag is never asked
     unknown = "sha256:" + "0" * 64
-    assert main(["ls", f"{proxy.host}/fixtures/basic:v1@{unknown}"]) == 3
+    assert main(["ls", f"{quirk_proxy.host}/fixtures/basic:v1@{unknown}"]) == 3
     assert f"manifest {unknown} not found" in capsys.readouterr().err
 
 
-def test_the_index_and_the_range_probe_are_fetched_together(proxy: QuirkProxy) -> None:
+def test_the_index_and_the_range_probe_are_fetched_together(quirk_proxy: QuirkProxy) -> None:
     """Opening sends the index GET and the data blob's one-byte probe at the same time (one round
     trip less before a mount is ready): the proxy holds each blob GET until the other arrives."""
-    proxy.state.blob_gets_meet = threading.Barrier(2, timeout=10)
-    archive = trio.run(open_registry, f"{proxy.host}/fixtures/mixed:v1", RegistryOptions())
+    quirk_proxy.state.blob_gets_meet = threading.Barrier(2, timeout=10)
+    archive = trio.run(open_registry, f"{quirk_proxy.host}/fixtures/mixed:v1", RegistryOptions())
     assert archive.index_bytes == (FIXTURES / "mixed" / "index.blob").read_bytes()
-    assert proxy.state.blob_gets_met
-    ranges = [h.get("range") for m, p, h in proxy.state.seen if m == "GET" and "/blobs/" in p]
+    assert quirk_proxy.state.blob_gets_met
+    ranges = [h.get("range") for m, p, h in quirk_proxy.state.seen if m == "GET" and "/blobs/" in p]
     assert sorted(ranges, key=str) == [None, "bytes=0-0"]  # the whole index, one byte of data
 
 
 @pytest.mark.parametrize("bearer", [False, True])
-def test_answers_without_a_needed_body_leave_the_connection_reusable(bearer: bool, proxy: QuirkProxy) -> None:
+def test_answers_without_a_needed_body_leave_the_connection_reusable(bearer: bool, quirk_proxy: QuirkProxy) -> None:
     """The tag's HEAD (and with bearer auth its 401) are read to their end, so the next request
     reuses the connection instead of paying a new handshake (a round trip each)."""
-    proxy.state.bearer = bearer
-    trio.run(open_registry, f"{proxy.host}/fixtures/mixed:v1", RegistryOptions())
-    manifests = [i for i, (m, p, _) in enumerate(proxy.state.seen) if "/manifests/" in p]
+    quirk_proxy.state.bearer = bearer
+    trio.run(open_registry, f"{quirk_proxy.host}/fixtures/mixed:v1", RegistryOptions())
+    manifests = [i for i, (m, p, _) in enumerate(quirk_proxy.state.seen) if "/manifests/" in p]
     assert len(manifests) == (3 if bearer else 2)  # (HEAD 401), HEAD, GET by digest
-    assert len({proxy.state.ports[i] for i in manifests}) == 1
+    assert len({quirk_proxy.state.ports[i] for i in manifests}) == 1

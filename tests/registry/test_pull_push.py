@@ -139,38 +139,38 @@ def _read_through(proxy: QuirkProxy, name: str, start: int, end: int, **kw: obje
     return trio.run(run)
 
 
-def test_bearer_token_challenge(proxy: QuirkProxy) -> None:
-    proxy.state.bearer = True
-    data = _read_through(proxy, "mixed", 10, 5000)
+def test_bearer_token_challenge(quirk_proxy: QuirkProxy) -> None:
+    quirk_proxy.state.bearer = True
+    data = _read_through(quirk_proxy, "mixed", 10, 5000)
     assert data == (FIXTURES / "mixed" / "data.blob").read_bytes()[10:5100]
-    assert proxy.state.tokens_issued >= 1
-    scopes = [p for m, p, h in proxy.state.seen if p.startswith("/token")]
+    assert quirk_proxy.state.tokens_issued >= 1
+    scopes = [p for m, p, h in quirk_proxy.state.seen if p.startswith("/token")]
     assert all("scope=repository%3Afixtures%2Fmixed%3Apull" in p for p in scopes)
 
 
-def test_redirect_to_storage_without_credentials_and_reused(proxy: QuirkProxy) -> None:
-    proxy.state.bearer = True
-    proxy.state.redirect_blobs = True
-    data = _read_through(proxy, "mixed", 0, 70000)
+def test_redirect_to_storage_without_credentials_and_reused(quirk_proxy: QuirkProxy) -> None:
+    quirk_proxy.state.bearer = True
+    quirk_proxy.state.redirect_blobs = True
+    data = _read_through(quirk_proxy, "mixed", 0, 70000)
     assert data == (FIXTURES / "mixed" / "data.blob").read_bytes()[:70100]
-    storage = [h for m, p, h in proxy.state.seen if p.startswith("/storage")]
+    storage = [h for m, p, h in quirk_proxy.state.seen if p.startswith("/storage")]
     assert storage
     assert all("authorization" not in h for h in storage)
 
 
-def test_429_with_retry_after_then_success(proxy: QuirkProxy) -> None:
-    proxy.state.retry_after = "0"
-    proxy.state.fail_next = [429, 503]
-    data = _read_through(proxy, "basic", 0, 100)
+def test_429_with_retry_after_then_success(quirk_proxy: QuirkProxy) -> None:
+    quirk_proxy.state.retry_after = "0"
+    quirk_proxy.state.fail_next = [429, 503]
+    data = _read_through(quirk_proxy, "basic", 0, 100)
     assert data == (FIXTURES / "basic" / "data.blob").read_bytes()[:200]
 
 
 @pytest.mark.expect_log(r"the registry ignores range requests; downloading the whole")
 def test_200_for_ranges_falls_back_to_a_verified_whole_blob(
-    proxy: QuirkProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    quirk_proxy: QuirkProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy.state.ignore_ranges = True
-    spec = f"{proxy.host}/fixtures/mixed:v1"
+    quirk_proxy.state.ignore_ranges = True
+    spec = f"{quirk_proxy.host}/fixtures/mixed:v1"
     for sub in ("c1", "c2"):
         (tmp_path / sub).mkdir(mode=0o700)
     with pytest.raises(LimitExceeded, match="ignores range requests"):
@@ -187,14 +187,14 @@ async def _open(spec: str, cache: Path, size: int) -> RegistryArchive:
     return await open_registry(spec, RegistryOptions(), cache=CacheDir(cache, size))
 
 
-def test_empty_archive_sends_no_range_request(proxy: QuirkProxy) -> None:
-    trio.run(_open, f"{proxy.host}/fixtures/empty:v1", Path("/nonexistent-never-used"), 0) if False else None
+def test_empty_archive_sends_no_range_request(quirk_proxy: QuirkProxy) -> None:
+    trio.run(_open, f"{quirk_proxy.host}/fixtures/empty:v1", Path("/nonexistent-never-used"), 0) if False else None
 
     async def run() -> None:
-        await open_registry(f"{proxy.host}/fixtures/empty:v1", RegistryOptions())
+        await open_registry(f"{quirk_proxy.host}/fixtures/empty:v1", RegistryOptions())
 
     trio.run(run)
-    assert not [h for m, p, h in proxy.state.seen if "range" in h]
+    assert not [h for m, p, h in quirk_proxy.state.seen if "range" in h]
 
 
 @pytest.mark.expect_log(r"holds registry credentials but its mode is")

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import trio
 
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cli import main
+from blobmount.create import CreateOptions, create_archive
 from blobmount.manifest import MANIFEST_MEDIA_TYPE
 from blobmount.reference import Digest, Reference
 from blobmount.registry.client import RegistryOptions
@@ -78,16 +78,16 @@ def uploads(proxy: QuirkProxy) -> list[tuple[str, str, dict[str, str]]]:
 
 
 def test_large_blobs_go_up_in_a_patch_sequence(
-    registry: Registry, proxy: QuirkProxy, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+    registry: Registry, quirk_proxy: QuirkProxy, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
     archive = make_archive(tmp_path, "arc", 3 << 20, seed=1)
     data_size = (archive / "data.blob").stat().st_size
     chunk = 256 << 10
-    digest = push(archive, f"{proxy.host}/push/chunked:v1", chunked_above=1 << 20, chunk_bytes=chunk)
-    patches = [h["content-range"] for m, _, h in uploads(proxy) if m == "PATCH"]
+    digest = push(archive, f"{quirk_proxy.host}/push/chunked:v1", chunked_above=1 << 20, chunk_bytes=chunk)
+    patches = [h["content-range"] for m, _, h in uploads(quirk_proxy) if m == "PATCH"]
     starts = list(range(0, data_size, chunk))
     assert patches == [f"{a}-{min(a + chunk, data_size) - 1}" for a in starts]
-    puts = [(p, h) for m, p, h in uploads(proxy) if m == "PUT"]
+    puts = [(p, h) for m, p, h in uploads(quirk_proxy) if m == "PUT"]
     assert [h["content-length"] != "0" for _, h in puts] == [True, True, False]  # config, index; data closes
 
     # the same archive pushed monolithically yields the same manifest
@@ -98,31 +98,31 @@ def test_large_blobs_go_up_in_a_patch_sequence(
 
 @pytest.mark.expect_log(r"^blobmount\.registry\.upload: .* broke \(")
 def test_a_lost_chunk_answer_starts_the_upload_over(
-    registry: Registry, proxy: QuirkProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    registry: Registry, quirk_proxy: QuirkProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The registry took the third chunk but its answer was lost: the retried PATCH no longer fits
     the session, so the upload starts over in a new one and the push still succeeds."""
     archive = make_archive(tmp_path, "arc", 2 << 20, seed=2)
-    proxy.state.lose_patch_answer = 3
-    digest = push(archive, f"{proxy.host}/push/lost:v1", chunked_above=1 << 20, chunk_bytes=256 << 10)
+    quirk_proxy.state.lose_patch_answer = 3
+    digest = push(archive, f"{quirk_proxy.host}/push/lost:v1", chunked_above=1 << 20, chunk_bytes=256 << 10)
     assert "starting it over" in caplog.text
     caplog.clear()  # the warning was expected
     assert tag_digest(registry, "push/lost", "v1") == str(digest)
-    posts = [p for m, p, _ in uploads(proxy) if m == "POST"]
+    posts = [p for m, p, _ in uploads(quirk_proxy) if m == "POST"]
     assert len(posts) == 4  # config, index, data, data again
     data_digest = Digest.of((archive / "data.blob").read_bytes())
     assert blob_present(registry, "push/lost", data_digest)
 
 
-def test_blobs_the_registry_has_are_not_uploaded_again(proxy: QuirkProxy, tmp_path: Path) -> None:
+def test_blobs_the_registry_has_are_not_uploaded_again(quirk_proxy: QuirkProxy, tmp_path: Path) -> None:
     archive = make_archive(tmp_path, "arc", 1 << 20, seed=3)
-    first = push(archive, f"{proxy.host}/push/again:v1")
-    assert len([1 for m, _, _ in uploads(proxy) if m == "POST"]) == 3  # config, index, data
-    proxy.state.seen.clear()
-    assert push(archive, f"{proxy.host}/push/again:v2") == first
-    assert uploads(proxy) == []
-    assert [m for m, p, _ in proxy.state.seen if "/blobs/" in p] == ["HEAD", "HEAD", "HEAD"]
-    assert [m for m, p, _ in proxy.state.seen if "/manifests/" in p] == ["PUT"]
+    first = push(archive, f"{quirk_proxy.host}/push/again:v1")
+    assert len([1 for m, _, _ in uploads(quirk_proxy) if m == "POST"]) == 3  # config, index, data
+    quirk_proxy.state.seen.clear()
+    assert push(archive, f"{quirk_proxy.host}/push/again:v2") == first
+    assert uploads(quirk_proxy) == []
+    assert [m for m, p, _ in quirk_proxy.state.seen if "/blobs/" in p] == ["HEAD", "HEAD", "HEAD"]
+    assert [m for m, p, _ in quirk_proxy.state.seen if "/manifests/" in p] == ["PUT"]
 
 
 def _run_on_a_terminal(cmd: list[str]) -> tuple[int, bytes]:
@@ -166,21 +166,21 @@ def test_progress_is_drawn_on_a_terminal_only(registry: Registry, tmp_path: Path
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_a_push_killed_during_the_data_upload_leaves_the_tag(
-    sig: signal.Signals, registry: Registry, proxy: QuirkProxy, tmp_path: Path
+    sig: signal.Signals, registry: Registry, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     repo = f"push/killed-{sig.name.lower()}"
     old = make_archive(tmp_path, "old", 1 << 20, seed=5)
     new = make_archive(tmp_path, "new", 4 << 20, seed=6)
     before = str(push(old, f"{registry.host}/{repo}:v1"))
-    proxy.state.hold_uploads_over = 2 << 20  # only the new data blob is that large
-    cmd = [sys.executable, "-m", "blobmount.cli", "push", "--archive", str(new), f"{proxy.host}/{repo}:v1"]
+    quirk_proxy.state.hold_uploads_over = 2 << 20  # only the new data blob is that large
+    cmd = [sys.executable, "-m", "blobmount.cli", "push", "--archive", str(new), f"{quirk_proxy.host}/{repo}:v1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert proxy.state.upload_held.wait(WAIT_S), "the data upload never started"
+        assert quirk_proxy.state.upload_held.wait(WAIT_S), "the data upload never started"
         proc.send_signal(sig)
         proc.wait(WAIT_S)
     finally:
-        proxy.state.release.set()
+        quirk_proxy.state.release.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait(WAIT_S)
@@ -188,19 +188,19 @@ def test_a_push_killed_during_the_data_upload_leaves_the_tag(
     assert tag_digest(registry, repo, "v1") == before
     assert not blob_present(registry, repo, Digest.of((new / "data.blob").read_bytes()))
     # nothing is left half-done for the next push
-    proxy.state.hold_uploads_over = None
-    after = push(new, f"{proxy.host}/{repo}:v1")
+    quirk_proxy.state.hold_uploads_over = None
+    after = push(new, f"{quirk_proxy.host}/{repo}:v1")
     assert tag_digest(registry, repo, "v1") == str(after) != before
 
 
 def test_a_refused_manifest_leaves_the_tag(
-    registry: Registry, proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    registry: Registry, quirk_proxy: QuirkProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old = make_archive(tmp_path, "old", 1 << 20, seed=7)
     new = make_archive(tmp_path, "new", 1 << 20, seed=8)
     before = str(push(old, f"{registry.host}/push/refused:v1"))
-    proxy.state.fail_manifest_put = 400
-    assert main(["push", "--archive", str(new), f"{proxy.host}/push/refused:v1"]) == 1
+    quirk_proxy.state.fail_manifest_put = 400
+    assert main(["push", "--archive", str(new), f"{quirk_proxy.host}/push/refused:v1"]) == 1
     err = capsys.readouterr().err
     assert "PUT manifest answered 400" in err
     assert err.count("\n") == 1

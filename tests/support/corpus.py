@@ -1,6 +1,6 @@
 """Archives laid out by hand for fault, hostile-input and load tests.
 
-`blobmount create` (archive.py) makes honest archives from directories; these tests need what it
+`blobmount create` (blobmount/create/) makes honest archives from directories; these tests need what it
 never writes: entries in a chosen order with chosen neighbours in the data blob (so a fault can be
 aimed at one file's bytes), and entries whose fields lie (offsets, sizes, hashes, modes, frames
 that decode past their size). Each :class:`Spec` states the truth and, optionally, the lie.

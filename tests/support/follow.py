@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from blobmount.archive import CreateOptions, create_archive
+from blobmount.create import CreateOptions, create_archive
 
 SWITCH_WAIT_S = 90.0  # hang guard: a switch takes about one interval (1 s) plus a few round trips
 

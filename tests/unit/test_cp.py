@@ -13,7 +13,9 @@ import pytest
 
 from blobmount.cli import main
 from blobmount.errors import NotFound
-from blobmount.extract import CopyOptions, Item, _File, _pieces, directory_mtime_ns, piece_bytes, plan
+from blobmount.extract import CopyOptions, Item, directory_mtime_ns, plan
+from blobmount.extract.pieces import cut_pieces, piece_bytes
+from blobmount.extract.writer import File
 from blobmount.index import Entry, IndexView
 from tests.support.corpus import Spec, bomb_frame, compress, write_archive
 from tests.support.helpers import FIXTURES, make_oci_layout, tree_files
@@ -390,8 +392,8 @@ def test_pieces_batch_small_files_and_cut_large_ones() -> None:
     for i, n in enumerate([10, 20, 30, 700_000, 40, 0, 50]):
         arc_entries.append((b"f%d" % i, offset, n))
         offset += n
-    view_free = [_File(Item(_entry(number, path, off, n), path)) for number, (path, off, n) in enumerate(arc_entries)]
-    pieces = list(_pieces(view_free, size))
+    view_free = [File(Item(_entry(number, path, off, n), path)) for number, (path, off, n) in enumerate(arc_entries)]
+    pieces = list(cut_pieces(view_free, size))
     assert all(p.size <= size for p in pieces)
     assert [len(p.parts) for p in pieces] == [3, 1, 1, 1, 3]  # 700,000 bytes in three pieces
     assert view_free[3].pieces == 3
@@ -407,9 +409,9 @@ def test_pieces_ramp_from_the_first_size_on_chunk_boundaries() -> None:
     sizes = [300_000] * 20 + [5 * MiB] + [10] * 3
     files, offset = [], 0
     for number, n in enumerate(sizes):
-        files.append(_File(Item(_entry(number, b"f%02d" % number, offset, n), b"f%02d" % number)))
+        files.append(File(Item(_entry(number, b"f%02d" % number, offset, n), b"f%02d" % number)))
         offset += n
-    pieces = list(_pieces(files, 4 * MiB, first=1 * MiB))
+    pieces = list(cut_pieces(files, 4 * MiB, first=1 * MiB))
     assert pieces[0].size <= 1 * MiB < pieces[1].size <= 2 * MiB
     assert max(p.size for p in pieces) <= 4 * MiB
     assert sum(p.size for p in pieces) == offset
@@ -463,17 +465,17 @@ def test_compressed_small_files_are_verified_too(tmp_path: Path, capsys: pytest.
 
 def test_memory_held_stays_under_the_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """However large the files, the fetched bytes not yet written stay within --buffer."""
-    from blobmount import extract
+    from blobmount.extract import pieces
 
     peak = 0
-    acquire = extract._Budget.acquire
+    acquire = pieces.Budget.acquire
 
-    async def counting(self: extract._Budget, n: int) -> None:
+    async def counting(self: pieces.Budget, n: int) -> None:
         nonlocal peak
         await acquire(self, n)
         peak = max(peak, self.used)
 
-    monkeypatch.setattr(extract._Budget, "acquire", counting)
+    monkeypatch.setattr(pieces.Budget, "acquire", counting)
     big = os.urandom(1 << 20) * 12
     arc = tmp_path / "arc"
     write_archive(arc, [Spec(b"big.bin", big), Spec(b"big.txt", b"text " * (2 << 20), zstd=True)])

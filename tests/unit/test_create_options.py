@@ -18,9 +18,9 @@ from typing import BinaryIO
 
 import pytest
 
-from blobmount import archive
-from blobmount.archive import CreateOptions, create_archive
+import blobmount.create
 from blobmount.cli import main
+from blobmount.create import CreateOptions, create_archive, files, parallel, walk
 from blobmount.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, LimitExceeded, SourceError
 from blobmount.index import COMPRESSION_NONE, COMPRESSION_ZSTD, IndexView
 from blobmount.sources.local import open_directory
@@ -71,8 +71,8 @@ def test_max_files(limit: str, ok: bool, tmp_path: Path, capsys: pytest.CaptureF
 
 def test_max_files_zero_is_the_reference_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """0 means the reference's DefaultMaxFiles (200,000; made 3 here so that 5 files pass it)."""
-    assert archive.REFERENCE_MAX_FILES == 200_000
-    monkeypatch.setattr(archive, "REFERENCE_MAX_FILES", 3)
+    assert blobmount.create.options.REFERENCE_MAX_FILES == 200_000
+    monkeypatch.setattr(blobmount.create.options, "REFERENCE_MAX_FILES", 3)
     with pytest.raises(LimitExceeded, match="5 files, more than --max-files 3"):
         create_archive(five(tmp_path), tmp_path / "out", CreateOptions(max_files=0))
     assert create_archive(tmp_path / "src", tmp_path / "out", CreateOptions(max_files=-1)).entries == 5
@@ -168,7 +168,7 @@ def test_threads_write_the_same_bytes_as_one_thread(tmp_path: Path, monkeypatch:
         assert main(["create", str(src), str(out), "--threads", threads]) == EXIT_OK
         outs[threads] = ((out / "index.blob").read_bytes(), (out / "data.blob").read_bytes())
     # and with a memory budget so small that every file waiting for its turn is spilled to disk
-    monkeypatch.setattr(archive, "_PARALLEL_BUFFER_BYTES", 0)
+    monkeypatch.setattr(parallel, "PARALLEL_BUFFER_BYTES", 0)
     out = tmp_path / "out-spilled"
     assert main(["create", str(src), str(out), "--threads", "2"]) == EXIT_OK
     outs["spilled"] = ((out / "index.blob").read_bytes(), (out / "data.blob").read_bytes())
@@ -191,9 +191,9 @@ def change_after_first_block(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Files named in the yielded list are changed in place (same size, new mtime) right after
     their first block is read: the deterministic form of a file that changes while archived."""
     targets: list[Path] = []
-    original = archive._Ring.blocks
+    original = files.Ring.blocks
 
-    def blocks(self: archive._Ring, f: BinaryIO, rel: bytes) -> Iterator[memoryview]:
+    def blocks(self: files.Ring, f: BinaryIO, rel: bytes) -> Iterator[memoryview]:
         for i, block in enumerate(original(self, f, rel)):
             yield block
             hit = [t for t in targets if os.fsencode(t).endswith(b"/" + rel)]
@@ -203,7 +203,7 @@ def change_after_first_block(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
                 st = os.stat(hit[0])
                 os.utime(hit[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
 
-    monkeypatch.setattr(archive._Ring, "blocks", blocks)
+    monkeypatch.setattr(files.Ring, "blocks", blocks)
     return targets
 
 
@@ -221,7 +221,7 @@ def test_strict_change_detection_names_the_changed_file(
     """Also with every file behind the failing one spilled to a spool file (budget 0): the workers
     stop, and neither the temporary data blob nor a spool file is left."""
     if budget is not None:
-        monkeypatch.setattr(archive, "_PARALLEL_BUFFER_BYTES", budget)
+        monkeypatch.setattr(parallel, "PARALLEL_BUFFER_BYTES", budget)
     rng = random.Random(7)
     files = {f"f{i:02d}.bin": rng.randbytes(3 << 20) for i in range(8)}
     src = tree(tmp_path / "src", files)
@@ -241,15 +241,15 @@ def test_strict_change_detection_sees_a_file_replaced_after_the_walk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = five(tmp_path)
-    walk = archive.walk_tree
+    walk_tree = walk.walk_tree
 
-    def walk_then_replace(root: bytes) -> tuple[list[archive._Source], int]:
-        found = walk(root)
+    def walk_then_replace(root: bytes) -> tuple[list[walk.Source], int]:
+        found = walk_tree(root)
         (src / "d" / "new").write_bytes(TEXT * 3)
         os.replace(src / "d" / "new", src / "d" / "2.txt")
         return found
 
-    monkeypatch.setattr(archive, "walk_tree", walk_then_replace)
+    monkeypatch.setattr(blobmount.create, "walk_tree", walk_then_replace)
     with pytest.raises(SourceError, match=r"^'d/2\.txt': replaced by another file while archiving"):
         create_archive(src, tmp_path / "out", CreateOptions(change_detection="strict"))
 

@@ -3,6 +3,7 @@ help and the README's Configuration table all say the same value."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_each_layer_takes_its_default_from_the_one_place() -> None:
     from blobmount.registry.options import RegistryOptions
 
     config = MountConfig("src", Path("/mnt"))
-    assert (config.cache_size, config.verify, config.verify_threshold) == (
+    assert (config.cache.size_bytes, config.verify.policy, config.verify.threshold_bytes) == (
         defaults.CACHE_SIZE_BYTES,
         defaults.VERIFY_POLICY,
         defaults.VERIFY_THRESHOLD_BYTES,
@@ -58,6 +59,24 @@ def test_each_layer_takes_its_default_from_the_one_place() -> None:
     assert (fetch["timeout_s"].default, fetch["max_requests"].default) == (defaults.TIMEOUT_S, defaults.MAX_CONNECTIONS)
     copy = CopyOptions()
     assert (copy.concurrency, copy.buffer_bytes) == (defaults.CP_CONCURRENCY, defaults.CP_BUFFER_BYTES)
+    assert (config.kernel.read_ahead_kb, config.follow.interval_s, config.follow.keep) == (
+        defaults.READ_AHEAD_KB,
+        defaults.FOLLOW_INTERVAL_S,
+        defaults.FOLLOW_KEEP,
+    )
+
+
+def test_a_mount_configuration_is_one_frozen_part_per_layer() -> None:
+    """Each layer gets its own part, and no part can be changed after the resolution built it."""
+    config = MountConfig("src", Path("/mnt"))
+    parts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    layers = {name: part for name, part in parts.items() if name not in ("source", "mountpoint")}
+    assert set(layers) == {"registry", "remote", "cache", "verify", "kernel", "prefetch", "follow", "daemon"}
+    for name, part in [("mount", config), *layers.items()]:
+        assert dataclasses.is_dataclass(part), name
+        first = dataclasses.fields(part)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(part, first, None)
 
 
 def test_the_readme_states_the_same_defaults() -> None:

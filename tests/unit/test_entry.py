@@ -76,4 +76,4 @@ def test_the_mount_starts_opening_before_the_http_stack_is_loaded() -> None:
 
 def test_mounting_never_loads_the_index_builder_or_a_toml_parser() -> None:
     loaded = _modules_after("import blobmount.mount, blobmount.sources.remote")
-    assert not loaded & {"flatbuffers", "blobmount.index.build", "blobmount.archive", "tomllib"}
+    assert not loaded & {"flatbuffers", "blobmount.index.build", "blobmount.create", "tomllib"}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blobmount.archive import CreateOptions, create_archive
 from blobmount.cache import ContentStore
+from blobmount.create import CreateOptions, create_archive
 from blobmount.index import Entry, IndexView, Order
 from blobmount.reader import Reader
 from blobmount.sources.local import LocalFileSource, open_directory

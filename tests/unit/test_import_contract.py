@@ -23,7 +23,7 @@ OWNERS: Mapping[str, tuple[str, ...]] = {
     "pyfuse3_asyncio": (),
     "httpx": ("blobmount.registry.",),
     "httpcore": ("blobmount.registry.transport",),
-    "zstandard": ("blobmount.archive", "blobmount.decode", "blobmount.extract", "blobmount.reader"),
+    "zstandard": ("blobmount.create.files", "blobmount.decode", "blobmount.extract.writer", "blobmount.reader"),
     "flatbuffers": ("blobmount.index.",),
 }
 # package (ending in ".") or module -> the blobmount modules it may import besides its own package

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from blobmount.index import IndexView
+from blobmount.index import IndexView, Order
 from blobmount.index.build import EntryRecord, build_index
-from blobmount.index.view import Order
 from tests.support.helpers import FIXTURES
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from blobmount import profile
-from blobmount.archive import CreateOptions, create_archive
+from blobmount.create import CreateOptions, create_archive
 from blobmount.errors import InvalidArchive
 from blobmount.index import Entry, IndexView
 from blobmount.profile import SCHEMA, Recorder, parse, plan

@@ -1,56 +1,29 @@
-"""The Python API: ``blobmount.open(SOURCE) -> Archive``, read-only, without FUSE.
-
-It is the mount's data path without the kernel: the same SOURCE syntax and opening code
-(sources.py), the same index view, and the same :class:`~blobmount.reader.Reader` with the same
-verify policy, cache directory and cross-process single flight (a chunk that a mount is fetching
-is not fetched again here, and the other way round).
-
-Why a thread of its own: the data path is trio code whose fetches live in a long-lived nursery
-(read-ahead, write-back, background verification outlive the read that started them). An
-:class:`Archive` therefore runs one trio loop on a daemon thread and every read crosses to it with
-``trio.from_thread.run``. That one mechanism serves all three kinds of caller: plain code calls the
-methods; trio and asyncio code await the ``a``-prefixed twins, which hand the call to a worker
-thread of *their* event loop, so neither loop is ever blocked by the other. Metadata (``ls``,
-``stat``, ``walk``) is answered from the in-memory index on the calling thread.
-
-Integrity is the mount's (README, *Integrity*): whole-file reads (``read_bytes``) verify before
-returning; ranged reads follow the verify policy (``lazy``: a large raw file's ranges are served as
-read and the read that completes the file raises on a mismatch; ``strict``: verified before the
-first byte). An integrity failure raises :class:`~blobmount.errors.IntegrityError`, never returns
-wrong bytes as if they were right.
-"""
+"""`blobmount.Archive`: an opened archive's metadata (answered from the in-memory index on the
+calling thread), its bytes (read on the engine's thread through the mount's reader), seekable file
+objects, and Python's own exceptions for a missing path, a directory or a non-directory."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import io
 import os
 import stat as stat_mod
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
 
-from blobmount.errors import BlobmountError, IsADirectory, NotADirectory, NotFound, SourceError, UsageError
+from blobmount.api.engine import Engine, in_worker
+from blobmount.errors import BlobmountError, IsADirectory, NotADirectory, NotFound, SourceError
 from blobmount.index.paths import show
 
 if TYPE_CHECKING:
-    import trio
-
-    from blobmount.cache import CacheDir
     from blobmount.index import Entry, IndexView
     from blobmount.reader import Handle, Reader
-    from blobmount.registry.options import RegistryOptions
     from blobmount.sources.base import Archive as OpenedSource
-
-__all__ = ["Archive", "Stat", "aopen", "open"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-START_TIMEOUT_S = 30.0  # hang guard for the engine thread's start (it only builds objects)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,104 +83,10 @@ def _std_errors(fn: Callable[_P, _T]) -> Callable[_P, _T]:
     return wrapper
 
 
-class _Engine:
-    """One trio loop on a daemon thread: the archive's data source, reader and their nursery."""
-
-    def __init__(self, opened: OpenedSource, cache: CacheDir | None, verify: str, verify_threshold: int) -> None:
-        self._opened = opened
-        self._cache = cache
-        self._verify = verify
-        self._threshold = verify_threshold
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.reader: Reader | None = None
-        self._thread = threading.Thread(target=self._run, name="blobmount-api", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(START_TIMEOUT_S):
-            raise SourceError("the archive's I/O thread did not start")
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        import trio
-
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported by __init__ when it happens before ready
-            self._error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        import contextlib
-        import tempfile
-
-        import trio
-
-        from blobmount.cache import ContentStore
-        from blobmount.reader import Reader, ReaderConfig
-        from blobmount.sources.base import Fetching
-
-        data = self._opened.data
-        with contextlib.ExitStack() as sync_stack:
-            if self._cache is not None:
-                store = ContentStore(self._cache)
-            else:  # no cache directory: decoded files live in a private temp dir for our life
-                tmp = sync_stack.enter_context(tempfile.TemporaryDirectory(prefix="blobmount-api-"))
-                os.chmod(tmp, 0o700)
-                store = ContentStore(Path(tmp), max_bytes=1 << 62)
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    if isinstance(data, Fetching):
-                        await stack.enter_async_context(data.serving())
-                    nursery = await stack.enter_async_context(trio.open_nursery())
-                    reader = Reader(data, store, ReaderConfig(self._verify, self._threshold))  # type: ignore[arg-type]
-                    reader.attach(nursery)
-                    self.reader = reader
-                    self._stop = trio.Event()
-                    self._token = trio.lowlevel.current_trio_token()
-                    self._ready.set()
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await data.aclose()
-                data.close()
-
-    def call(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        import trio
-
-        if self._token is None or not self._thread.is_alive():
-            raise SourceError("the archive is closed")
-        return trio.from_thread.run(fn, *args, trio_token=self._token)
-
-    def close(self) -> None:
-        import trio
-
-        if self._token is not None and self._stop is not None and self._thread.is_alive():
-            stop = self._stop
-            trio.from_thread.run_sync(stop.set, trio_token=self._token)
-            self._thread.join(START_TIMEOUT_S)
-        self._token = None
-
-
-async def _in_worker(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """Run a blocking call off the caller's event loop, whichever it is (trio or asyncio)."""
-    import sniffio
-
-    call = functools.partial(fn, *args, **kwargs)
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        return await trio.to_thread.run_sync(call)
-    return await asyncio.get_running_loop().run_in_executor(None, call)
-
-
 class Archive:
     """An opened blob archive (see the module docstring). Use as a context manager, or close()."""
 
-    def __init__(self, opened: OpenedSource, view: IndexView, engine: _Engine) -> None:
+    def __init__(self, opened: OpenedSource, view: IndexView, engine: Engine) -> None:
         self.name = opened.name  # the pinned reference (registry: by digest) or the local path
         self.index_digest = opened.index_digest
         self._opened = opened
@@ -352,13 +231,13 @@ class Archive:
     # -- the same, for trio and asyncio callers ----------------------------------------------------
 
     async def aread_bytes(self, path: str | bytes | os.PathLike[str]) -> bytes:
-        return await _in_worker(self.read_bytes, path)
+        return await in_worker(self.read_bytes, path)
 
     async def aread_range(self, path: str | bytes | os.PathLike[str], start: int, end: int) -> bytes:
-        return await _in_worker(self.read_range, path, start, end)
+        return await in_worker(self.read_range, path, start, end)
 
     async def aclose(self) -> None:
-        await _in_worker(self.close)
+        await in_worker(self.close)
 
 
 async def _read_span(reader: Reader, handle: Handle, start: int, end: int) -> bytes:
@@ -437,66 +316,3 @@ class _RawFile(io.RawIOBase):
 
     async def _release(self, reader: Reader) -> None:
         reader.close(self._handle)
-
-
-def open(  # the module's one verb, as in `blobmount.open(SOURCE)`
-    source: str | os.PathLike[str],
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    cache_size: int | None = None,
-    verify: Literal["lazy", "strict", "background"] = "lazy",
-    verify_threshold: int | None = None,
-    offline: bool = False,
-    registry: RegistryOptions | None = None,
-    plain_http: tuple[str, ...] | list[str] = (),
-    timeout: float | None = None,
-) -> Archive:
-    """Open SOURCE: a registry reference, ``oci:PATH[:TAG]``, a local archive directory (``/…``,
-    ``./…``, ``dir:…``, or any :class:`os.PathLike`).
-
-    `cache_dir` is the mounts' cache (shared with them: same chunks, same single flight); None uses
-    no disk cache for a registry source (chunks in memory for the Archive's life). `registry`
-    gives every registry option (credentials, mirrors, TLS); `plain_http` and `timeout` are
-    shortcuts for the two most used. The index is verified against the manifest before this
-    returns, as before a mount answers its first stat."""
-    from blobmount.cache import DEFAULT_CACHE_SIZE_BYTES, CacheDir
-    from blobmount.index import IndexView
-    from blobmount.reader import DEFAULT_VERIFY_THRESHOLD_BYTES
-    from blobmount.registry.options import RegistryOptions
-    from blobmount.sources import RemoteSettings, open_archive
-
-    if verify not in ("lazy", "strict", "background"):
-        raise UsageError(f"verify={verify!r}: expected 'lazy', 'strict' or 'background'")
-    # A path object is a local archive whatever it looks like; a string follows the CLI's SOURCE
-    # grammar (a bare relative name is a registry reference there, so it is here).
-    spec = source if isinstance(source, str) else "dir:" + os.path.abspath(os.fspath(source))
-    options = registry or RegistryOptions()
-    if plain_http or timeout is not None:
-        import dataclasses
-
-        changes: dict[str, Any] = {}
-        if plain_http:
-            changes["plain_http"] = tuple(options.plain_http) + tuple(plain_http)
-        if timeout is not None:
-            changes["timeout_s"] = float(timeout)
-        options = dataclasses.replace(options, **changes)
-    cache = CacheDir(Path(cache_dir), cache_size or DEFAULT_CACHE_SIZE_BYTES) if cache_dir is not None else None
-    opened = open_archive(spec, options, RemoteSettings(cache, None, offline))
-    try:
-        view = IndexView(opened.index_bytes, blob_size=opened.data.size)
-        engine = _Engine(opened, cache, verify, verify_threshold or DEFAULT_VERIFY_THRESHOLD_BYTES)
-    except BaseException:
-        opened.data.close()
-        raise
-    return Archive(opened, view, engine)
-
-
-def _blocking(fn: Callable[_P, _T]) -> Callable[_P, Awaitable[_T]]:
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await _in_worker(fn, *args, **kwargs)
-
-    return functools.wraps(fn)(wrapper)
-
-
-aopen = _blocking(open)
-aopen.__doc__ = "`open` for trio and asyncio callers (the opening runs on a worker thread)."
