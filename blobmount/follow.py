@@ -267,6 +267,7 @@ class Follower:
             archive.data,
             self.store,
             ReaderConfig(verify, self.config.verify_threshold, self.config.registry.timeout_s),  # type: ignore[arg-type]
+            drop_pages=fs.pages_of_next(),
             dir_span=view.data_span,
         )
         assert self._nursery is not None

@@ -56,11 +56,12 @@ from blobmount.errors import (
     Unservable,
     errno_for,
 )
+from blobmount.generations import DEFAULT_KEEP, GEN_SHIFT, Changes, Generation
 from blobmount.generations import FILE_INO_BASE as FILE_INO_BASE
-from blobmount.generations import GEN_SHIFT, Changes, Generation
 from blobmount.handles import InodeHandles
 from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
 from blobmount.index.paths import show
+from blobmount.kernel import PageDrops, invalidate_names
 from blobmount.reader import Handle, Reader
 from blobmount.source import Archive
 
@@ -75,7 +76,6 @@ XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")  # and cached_
 ROOT_XATTR_DIGEST = XATTR_PREFIX + b"digest"  # on the root: the archive being served (--follow moves it)
 # xattr namespaces no file here has (no labels, no ACLs in the format): EOPNOTSUPP (errors.NotSupported)
 UNSUPPORTED_XATTRS = (b"security.", b"trusted.", b"system.posix_acl_")
-INVALIDATE_WAIT_S = 5.0  # an open waits at most this for a queued page drop (normally microseconds)
 # pyfuse3 built with patches/pyfuse3-3.5.0-pass-inode.patch (make venv): read/readdir/release get the
 # inode, which the kernel's no-open mode needs (its requests carry fh 0)
 PYFUSE3_PASSES_INODE = "pass_inode" in vars(pyfuse3.Operations)
@@ -176,11 +176,19 @@ class BlobFS(pyfuse3.Operations):
         dir_time_ns: int | None = None,
         deadline_s: float = math.inf,
         archive: Archive | None = None,
+        pages: PageDrops | None = None,
+        cached_bytes: Callable[[Entry], int] | None = None,
+        keep: int = DEFAULT_KEEP,
+        follows: bool = False,
     ) -> None:
         """`dir_time_ns`: the time of a directory with no file directly in it (the archive's
         creation time; None: now). `deadline_s`: every handler answers within this many seconds
         of taking its request (settings.request_bound: under the kernel's FUSE request timeout);
-        inf: no bound. `archive`: where `view` came from (names the digest served)."""
+        inf: no bound. `archive`: where `view` came from (names the digest served). `pages`: the
+        page drops `reader` was built with (``pages.for_archive(0)``). `cached_bytes`: bytes of a
+        file's data in the local cache (the xattr user.blobmount.cached_bytes; None: absent).
+        `keep`: archives alive at most (--follow-keep); `follows`: --follow (the kernel's lookups
+        are counted: an old archive is dropped once it holds none)."""
         super().__init__()
         self.uid = uid
         self.gid = gid
@@ -191,20 +199,18 @@ class BlobFS(pyfuse3.Operations):
         self._dir_path: dict[int, bytes] = {ROOT_INO: b""}
         when = time.time_ns() if dir_time_ns is None else dir_time_ns
         # the archive served (generation 0 until --follow switches; generations.py)
-        self.current = Generation(0, archive, view, reader, when)
+        self.current = Generation(0, archive, view, reader, when, cached_bytes=cached_bytes)
         self.generations: dict[int, Generation] = {0: self.current}
-        self.keep = 2  # generations alive at most (mount.py sets --follow-keep)
-        self.follows = False  # --follow: the kernel's lookups are counted (nothing to free otherwise)
+        self.keep = keep  # generations alive at most
+        self.follows = follows  # the kernel's lookups are counted (nothing to free otherwise)
         self._retired: list[Generation] = []  # dropped, their data sources still to close
         self._handles: dict[int, tuple[Generation, Handle]] = {}
         self._dir_handles: dict[int, tuple[int, Generation]] = {}
         self._next_fh = 1
-        self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
-        self._invalidating: dict[int, tuple[int, trio.Event]] = {}  # ino -> (queued, set when done)
+        self.pages = pages or PageDrops()
         # the kernel's no-open mode (module docstring): opens answered ENOSYS once decide_opens says so
         self.skip_open = False
         self._inode_handles = InodeHandles()
-        reader.on_poison = functools.partial(self._poisoned, self.current)
 
     # -- the archive served ----------------------------------------------------------------------
 
@@ -225,17 +231,6 @@ class BlobFS(pyfuse3.Operations):
         return self.current.dir_time_ns
 
     @property
-    def cached_bytes(self) -> Callable[[Entry], int] | None:
-        """Hook for the chunk store: bytes of a file's data held in the local cache, exported as the
-        xattr user.blobmount.cached_bytes. mount.py sets it once a store can answer; while None
-        the xattr is absent (not listed, ENODATA)."""
-        return self.current.cached_bytes
-
-    @cached_bytes.setter
-    def cached_bytes(self, func: Callable[[Entry], int] | None) -> None:
-        self.current.cached_bytes = func
-
-    @property
     def skip_opendir(self) -> bool:
         """Whether opendir answers ENOSYS (no-opendir mode). Not under --follow: there a listing
         already begun continues in the archive it began in (README, Following a tag), which
@@ -249,16 +244,21 @@ class BlobFS(pyfuse3.Operations):
         busy = sum(1 for g in self.generations.values() if g is not self.current and g.in_use())
         return busy + 2 <= self.keep
 
+    def pages_of_next(self) -> Callable[[Entry], None]:
+        """The `drop_pages` of the reader of the next archive :meth:`switch` serves (build that
+        reader, then switch, with no await between: the number is the next generation's)."""
+        return self.pages.for_archive(self.current.number + 1)
+
     def switch(
         self, archive: Archive, view: IndexView, reader: Reader, cached_bytes: Callable[[Entry], int] | None
     ) -> Generation:
         """Serve `archive` from now on, in one step (nothing here awaits): new lookups, opens and
-        listings see it; inodes of older generations keep resolving to theirs. The caller checked
-        :meth:`room_for_switch` and then invalidates the kernel's caches (:meth:`invalidate_switch`)."""
+        listings see it; inodes of older generations keep resolving to theirs. `reader` was built
+        with :meth:`pages_of_next`. The caller checked :meth:`room_for_switch` and then invalidates
+        the kernel's caches (:meth:`invalidate_switch`)."""
         old = self.current
-        gen = Generation(old.number + 1, archive, view, reader, archive.created_ns or old.dir_time_ns, prev=old)
-        gen.cached_bytes = cached_bytes
-        reader.on_poison = functools.partial(self._poisoned, gen)
+        when = archive.created_ns or old.dir_time_ns
+        gen = Generation(old.number + 1, archive, view, reader, when, prev=old, cached_bytes=cached_bytes)
         self.generations[gen.number] = gen
         self.current = gen
         self._retire_unused()
@@ -529,7 +529,7 @@ class BlobFS(pyfuse3.Operations):
         gen, entry = found[0].source_of(found[1])  # unchanged bytes: from an older archive's cache
         handle = await gen.reader.open(entry)
         gen.handles += 1
-        keep = await self._pages_dropped(inode)  # after open: a drop queued while it waited counts
+        keep = await self.pages.dropped(gen.number, entry.number)  # after open: a drop queued while it waited counts
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = (gen, handle)
@@ -630,61 +630,25 @@ class BlobFS(pyfuse3.Operations):
 
     # -- integrity -----------------------------------------------------------------------------
 
-    def _poisoned(self, gen: Generation, entry: Entry) -> None:
-        """Reader callback: pages of this file already in the kernel may be wrong (or were served
-        under a hash state the reader gave up); drop them.
-
-        Called inside a read handler, so the invalidation is queued for :meth:`invalidator`
-        (invalidating an inode from its own read request would deadlock on its page locks); an
-        open of the file waits for it (:meth:`_pages_dropped`). A newer generation's inode whose
-        bytes came from this entry (:meth:`Generation.source_of`) is dropped too."""
-        for ino in self._inodes_reading(gen, entry):
-            self._queue_drop(ino, entry)
-
-    def _inodes_reading(self, gen: Generation, entry: Entry) -> list[int]:
+    def _inodes_reading(self, number: int, entry: Entry) -> list[int]:
+        """The inodes whose pages came from `entry` of archive `number`: its own, and a newer
+        generation's whose bytes are read from it (:meth:`Generation.source_of`)."""
+        gen = self.generations.get(number)
+        if gen is None:
+            return [(number << GEN_SHIFT) + FILE_INO_BASE + entry.number]
         inodes = [gen.ino(entry.number)]
         for other in self.generations.values():
             if other.number > gen.number:
-                number = other.view.find(entry.path)
-                if number is not None:
+                found = other.view.find(entry.path)
+                if found is not None:
                     with contextlib.suppress(InvalidArchive):
-                        if other.source_of(other.view.entry(number)) == (gen, entry):
-                            inodes.append(other.ino(number))
+                        if other.source_of(other.view.entry(found)) == (gen, entry):
+                            inodes.append(other.ino(found))
         return inodes
-
-    def _queue_drop(self, ino: int, entry: Entry) -> None:
-        try:
-            self._invalidate_send.send_nowait(ino)
-        except trio.WouldBlock:
-            log.warning("%s: invalidation queue full; cached pages may linger", show(entry.path))
-            return
-        queued, done = self._invalidating.get(ino, (0, trio.Event()))
-        self._invalidating[ino] = (queued + 1, done)
-
-    async def _pages_dropped(self, ino: int) -> bool:
-        """Before an open is answered: wait (bounded) until pages queued for dropping are gone; whether
-        the open may keep the kernel's pages (not after a drop: none of them is to be trusted)."""
-        pending = self._invalidating.get(ino)
-        if pending is None:
-            return True
-        with trio.move_on_after(INVALIDATE_WAIT_S):
-            await pending[1].wait()
-        return False
 
     async def invalidator(self) -> None:
         """Long-lived task (started by mount.py in its nursery): drop distrusted files' pages."""
-        async for ino in self._invalidate_recv:
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:  # ENOENT: the kernel no longer knows the inode
-                    log.warning("invalidate inode %d: %s", ino, exc)
-            finally:
-                queued, done = self._invalidating.pop(ino, (1, trio.Event()))
-                if queued > 1:
-                    self._invalidating[ino] = (queued - 1, done)
-                else:
-                    done.set()
+        await self.pages.run(self._inodes_reading)
 
     async def invalidate_switch(self, old: Generation, changed: Changes) -> int:
         """After :meth:`switch`: make the kernel forget what it cached of `old`. Every name whose
@@ -704,7 +668,7 @@ class BlobFS(pyfuse3.Operations):
             if parent is not None:
                 names.add((parent, name))
         dirs = [ino for ino in (self._dir_ino.get(path) for path in changed.dirs) if ino is not None]
-        return await trio.to_thread.run_sync(_invalidate, sorted(names), dirs)
+        return await trio.to_thread.run_sync(invalidate_names, sorted(names), dirs)
 
     # -- writes: all refused -------------------------------------------------------------------
 
@@ -730,23 +694,3 @@ async def _holds_lazy(view: IndexView, above: int | None) -> bool:
                 continue
         await trio.lowlevel.checkpoint()  # requests are served between slices
     return False
-
-
-def _invalidate(names: list[tuple[int, bytes]], dirs: list[int]) -> int:
-    """On a worker thread: each call may block until a request for that directory is answered."""
-    done = 0
-    for parent, name in names:
-        done += _kernel(pyfuse3.invalidate_entry, parent, name)
-    for ino in dirs:
-        done += _kernel(pyfuse3.invalidate_inode, ino, False)
-    return done
-
-
-def _kernel(call: Callable[..., None], *args: Any) -> int:
-    try:
-        call(*args)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:  # ENOENT: the kernel did not hold it
-            log.warning("%s%r: %s", call.__name__, args, exc)
-        return 0
-    return 1

@@ -41,6 +41,7 @@ from blobmount.fetch import ChunkedSource
 from blobmount.follow import Follower, cached_bytes_of, check_followable, index_view
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
+from blobmount.kernel import PageDrops
 from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.source import Archive
@@ -346,10 +347,12 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
     logs.quiet_one_shot(False)  # the daemon's log is where a failing registry or file shows
     if config.record_profile:
         prep.recorder = profile.Recorder(seconds=config.record_seconds)
+    pages = PageDrops()  # the kernel's pages of files the reader distrusts
     reader = Reader(
         prep.archive.data,
         prep.store,
         ReaderConfig(config.verify, config.verify_threshold, config.registry.timeout_s),  # type: ignore[arg-type]
+        drop_pages=pages.for_archive(0),
         dir_span=prep.view.data_span,
         recorder=prep.recorder.read if prep.recorder is not None else None,
     )
@@ -362,14 +365,16 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         dir_time_ns=prep.archive.created_ns,
         deadline_s=config.request_bound_s,
         archive=prep.archive,
+        pages=pages,
+        cached_bytes=cached_bytes_of(prep.archive.data),
+        keep=config.follow_keep,
+        follows=config.follow,
     )
     if config.request_bound_s < math.inf:
         log.info(
             "every FUSE request is answered within %g s (the kernel's request timeout less a margin)",
             config.request_bound_s,
         )
-    fs.keep, fs.follows = config.follow_keep, config.follow
-    fs.cached_bytes = cached_bytes_of(prep.archive.data)
     try:
         pyfuse3.init(fs, str(config.mountpoint), fuse_options(config, prep.archive.name))
     except RuntimeError as exc:
