@@ -35,6 +35,7 @@ from blobmount.cache.content import Pending
 from blobmount.daemon import metrics
 from blobmount.decode import LINGER_S, Behind, Decode, decode_frame, frame_input, window_for
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
+from blobmount.flight import Flights
 from blobmount.index import Entry
 from blobmount.index.paths import show
 from blobmount.integrity import Integrity
@@ -57,7 +58,7 @@ class StreamedFiles:
         self.config = integrity.config
         self._decodes: dict[int, list[Decode]] = {}  # entry -> decodes running for it
         self._pending: dict[int, Pending] = {}  # id(decode) -> its content-store temp file
-        self._starting: dict[int, trio.Event] = {}  # entry -> set once its new decode is registered
+        self._starting: Flights[int] = Flights()  # entry -> its new decode being registered
 
     async def open(self, handle: Handle) -> None:
         entry, integrity = handle.entry, self.integrity
@@ -129,21 +130,18 @@ class StreamedFiles:
     async def _decode_for(self, entry: Entry, offset: int) -> Decode:
         """The running decode that can serve `offset` (the one furthest along), or a new one: into
         a content-store temp file when it fits, else a bounded ring."""
-        while (starting := self._starting.get(entry.number)) is not None:
-            await starting.wait()  # one decode at a time is started (its store file is one)
+        while self._starting.busy(entry.number):
+            await self._starting.settle(entry.number)  # one decode at a time is started (its store file is one)
         running = [d for d in self._decodes.get(entry.number, ()) if not d.done.is_set() and d.holds(offset)]
         if running:
             return max(running, key=lambda d: d.upto)
         pending: Pending | None = None
         if not self._decodes.get(entry.number):  # the store file is for the first decode only
-            starting = self._starting[entry.number] = trio.Event()
-            try:
-                pending = await self.store.begin(entry.hash.hex(), entry.original_size)
-            except (StoreUnavailable, LimitExceeded) as exc:
-                log.debug("%s: %s; decoding it through a bounded window", show(entry.path), exc)
-            finally:
-                del self._starting[entry.number]
-                starting.set()
+            with self._starting.lead(entry.number):
+                try:
+                    pending = await self.store.begin(entry.hash.hex(), entry.original_size)
+                except (StoreUnavailable, LimitExceeded) as exc:
+                    log.debug("%s: %s; decoding it through a bounded window", show(entry.path), exc)
         window = window_for(self.store.max_bytes)
         log.info(
             "%s: decoding it while it is read (%s)",
@@ -236,13 +234,12 @@ class StreamedFiles:
 
     async def _wait_recheck(self, entry: Entry) -> None:
         integrity = self.integrity
-        if entry.number not in integrity.verifying and integrity.start(self.recheck, entry):
+        if not integrity.verifying.busy(entry.number) and integrity.start(self.recheck, entry):
             await trio.lowlevel.checkpoint()
-        pending = integrity.verifying.get(entry.number)
-        if pending is not None:
-            with trio.move_on_after(self.config.wait_s):
-                await pending.wait()
-            if not pending.is_set():
+        if integrity.verifying.busy(entry.number):
+            with trio.move_on_after(self.config.wait_s) as waited:
+                await integrity.verifying.settle(entry.number)
+            if waited.cancelled_caught:
                 raise SourceError(
                     f"{show(entry.path)}: being read again from the origin after a mismatch; not done within"
                     f" {self.config.wait_s:g} s"
@@ -254,18 +251,15 @@ class StreamedFiles:
         fits, else only hashed), single-flight, through integrity's one rule: a suspect file's
         chunks are purged first so it comes from the origin, and a mismatch then poisons it."""
         integrity, number = self.integrity, entry.number
-        if number in integrity.verifying:
+        if integrity.verifying.busy(number):
             return
-        done = integrity.verifying[number] = trio.Event()
-        try:
-            await integrity.from_origin(entry, lambda: self._decode_whole(entry))
-        except (IntegrityError, InvalidArchive):
-            pass  # poisoned: logged once, every read EIO
-        except BlobmountError as exc:
-            log.warning("%s: reading it again stopped: %s (the next read tries again)", show(entry.path), exc)
-        finally:
-            del integrity.verifying[number]
-            done.set()
+        with integrity.verifying.lead(number):
+            try:
+                await integrity.from_origin(entry, lambda: self._decode_whole(entry))
+            except (IntegrityError, InvalidArchive):
+                pass  # poisoned: logged once, every read EIO
+            except BlobmountError as exc:
+                log.warning("%s: reading it again stopped: %s (the next read tries again)", show(entry.path), exc)
 
     async def _decode_whole(self, entry: Entry) -> None:
         stream = frame_input(entry, self.source, keep=False)

@@ -38,6 +38,7 @@ import trio
 from blobmount.daemon import metrics
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, SourceError
 from blobmount.fetch import ChunkedSource
+from blobmount.flight import Flights
 from blobmount.index import Entry
 from blobmount.index.paths import show
 from blobmount.integrity.lazy import LazyHashes
@@ -84,7 +85,7 @@ class Integrity:
         self.poisoned: set[int] = set()
         self.suspect: set[int] = set()  # purged and read whole from the origin before served again
         self.generation: dict[int, int] = {}  # entry -> distrusts so far (see distrust)
-        self.verifying: dict[int, trio.Event] = {}  # entry -> set when its whole-file check ends
+        self.verifying: Flights[int] = Flights()  # whole-file checks (raw: verify_whole; zstd: streaming.py)
         self.lazy = LazyHashes(self)
 
     # -- policy ----------------------------------------------------------------------------------
@@ -222,18 +223,14 @@ class Integrity:
         """Hash the whole raw file before serving it (upfront, or a suspect file); single-flight per
         entry; bad bytes go through :meth:`from_origin`."""
         number = entry.number
-        while (pending := self.verifying.get(number)) is not None:
-            await pending.wait()
+        while self.verifying.busy(number):
+            await self.verifying.settle(number)  # a failure there is not ours: we try afresh
             self.check_poison(entry)
             if number in self.verified:
                 return
-        done = self.verifying[number] = trio.Event()
-        try:
+        with self.verifying.lead(number):
             await self.from_origin(entry, lambda: self._hash_whole(entry), served=not self.upfront(entry))
             await self.remember(entry)
-        finally:
-            del self.verifying[number]
-            done.set()
 
     async def _hash_whole(self, entry: Entry) -> None:
         hasher = hashlib.sha256()
@@ -254,7 +251,7 @@ class Integrity:
     def opened(self, entry: Entry) -> None:
         """A large raw file verified lazily was opened: ``background`` reads and hashes the rest now."""
         number = entry.number
-        if self.config.verify == "background" and number not in self.verified and number not in self.verifying:
+        if self.config.verify == "background" and number not in self.verified and not self.verifying.busy(number):
             self.start(self._detached, entry, "background verification stopped", "it resumes as the file is read")
 
     def reverify(self, entry: Entry) -> None:
