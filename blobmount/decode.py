@@ -51,6 +51,7 @@ FIRST_STEP_BYTES = 64 << 10  # the first output step; then as long as what came 
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
 LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
+FRAME_FAILED = "corrupt zstd frame or sha256 mismatch"  # what a failed decode_frame is, in one warning
 
 
 class Behind(Exception):

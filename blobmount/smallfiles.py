@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from blobmount.cache import ContentStore, StoreUnavailable
-from blobmount.decode import decode_frame, frame_input
+from blobmount.decode import FRAME_FAILED, decode_frame, frame_input
 from blobmount.errors import LimitExceeded, SourceError, Unservable
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
@@ -139,7 +139,7 @@ class SmallFiles:
                 await trio.to_thread.run_sync(decode_frame, entry, stream, sink)
             return sink.getvalue()
 
-        data = await self.integrity.from_origin(entry, attempt)
+        data = await self.integrity.from_origin(entry, attempt, what=FRAME_FAILED)
         self._memory.put(entry.hash, data)
         return data
 
@@ -206,7 +206,7 @@ class DecodedFiles:
             fd = await self.store.open(key)
             if fd is not None:
                 return fd
-            await self.integrity.from_origin(entry, lambda: self.fill(entry))
+            await self.integrity.from_origin(entry, lambda: self.fill(entry), what=FRAME_FAILED)
         fd = await self.store.open(key)
         if fd is not None:
             return fd

@@ -1,7 +1,7 @@
 """The reader's part for large zstd files served while they decode: which decode serves a read, when
 one starts and stops, and what its verdict does (the mechanism, one decode, is decode.py).
 
-Policy (the "Trust first" guarantees of lazily verified raw files, reader.py's docstring):
+Policy (the "Trust first" guarantees of lazily verified raw files, integrity/__init__.py):
 - a read returns once the decoder has passed its end, at most ``wait_s`` later (EIO, the decode
   goes on); the read that reaches the end of the file waits for the verdict;
 - a mismatch found at the end is a distrust: that read fails, every handle opened before fails
@@ -33,7 +33,7 @@ import trio
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.cache.content import Pending
 from blobmount.daemon import metrics
-from blobmount.decode import LINGER_S, Behind, Decode, decode_frame, frame_input, window_for
+from blobmount.decode import FRAME_FAILED, LINGER_S, Behind, Decode, decode_frame, frame_input, window_for
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.flight import Flights
 from blobmount.index import Entry
@@ -255,7 +255,7 @@ class StreamedFiles:
             return
         with integrity.verifying.lead(number):
             try:
-                await integrity.from_origin(entry, lambda: self._decode_whole(entry))
+                await integrity.from_origin(entry, lambda: self._decode_whole(entry), what=FRAME_FAILED)
             except (IntegrityError, InvalidArchive):
                 pass  # poisoned: logged once, every read EIO
             except BlobmountError as exc:

@@ -166,12 +166,15 @@ class Integrity:
 
     # -- the one rule: once more from the origin, then poison -------------------------------------
 
-    async def from_origin(self, entry: Entry, attempt: Callable[[], Awaitable[T]], *, served: bool = False) -> T:
+    async def from_origin(
+        self, entry: Entry, attempt: Callable[[], Awaitable[T]], *, served: bool = False, what: str = "sha256 mismatch"
+    ) -> T:
         """`attempt()` reads the file and checks it (IntegrityError or InvalidArchive: the bytes
         are bad). Bad bytes are read once more, the file's chunks purged first so they come from
         the origin, and a second failure poisons the file; a suspect file is purged before its
         first attempt and poisoned by its first failure. `served`: bytes of it went out before it
-        was checked, so a first failure is a distrust (:meth:`distrust`)."""
+        was checked, so a first failure is a distrust (:meth:`distrust`). `what` names a first
+        failure in its warning; the hashes are in one line only, the poison's."""
         number = entry.number
         for _ in range(3):
             suspect = number in self.suspect
@@ -183,7 +186,8 @@ class Integrity:
                 if suspect:
                     self.poison(entry, exc)
                 _MISMATCH.inc()
-                log.warning("%s; reading it again%s", exc, " from the origin" if self.remote is not None else "")
+                origin = " from the origin" if self.remote is not None else ""
+                log.warning("%s: %s; reading it again%s", show(entry.path), what, origin)
                 if served:
                     self.distrust(entry)
                 else:
