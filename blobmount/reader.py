@@ -31,7 +31,8 @@ from blobmount.decode import Decode
 from blobmount.errors import SourceError
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
-from blobmount.integrity import EMPTY_SHA256, Integrity, VerifyPolicy, mismatch
+from blobmount.integrity import EMPTY_SHA256, Integrity, VerifyPolicy
+from blobmount.integrity.whole import mismatch
 from blobmount.rawfiles import RawFiles
 from blobmount.smallfiles import SMALL_DECODE_BYTES, DecodedFiles, SmallFiles
 from blobmount.source import RangeSource, ReadHint
@@ -95,7 +96,7 @@ class Reader:
         self.source = source
         self.store = store
         self.config = config or ReaderConfig()
-        self.integrity = Integrity(source, self.config, drop_pages)
+        self.integrity = Integrity(source, store, self.config, drop_pages)
         self.small = SmallFiles(source, self.integrity, dir_span)
         self.decoded = DecodedFiles(store, self.integrity, self.small)
         self.streamed = StreamedFiles(source, store, self.integrity)

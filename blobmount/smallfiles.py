@@ -15,23 +15,19 @@ Concurrency: the trio thread; decoding runs on worker threads (small frames inli
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from blobmount.cache import ContentStore, StoreUnavailable
-from blobmount.decode import FRAME_FAILED, decode_frame, frame_input
 from blobmount.errors import LimitExceeded, SourceError, Unservable
 from blobmount.index import COMPRESSION_ZSTD, Entry
 from blobmount.index.paths import show
-from blobmount.integrity import Integrity, mismatch
+from blobmount.integrity import Integrity
 from blobmount.lru import LRU
 from blobmount.source import RangeSource, ReadHint
 
@@ -125,21 +121,8 @@ class SmallFiles:
         if cached is not None:
             return cached
         inline = entry.data_size <= INLINE_DECODE_BYTES
-
-        async def attempt() -> bytes:
-            sink = io.BytesIO()
-            compressed = None
-            if inline or (self.integrity.remote is not None and entry.data_size <= SPILL_DECODE_BYTES):
-                end = entry.data_offset + entry.data_size
-                compressed = await self.source.read_range(entry.data_offset, end, hint)
-            stream = frame_input(entry, self.source, compressed)
-            if inline:
-                decode_frame(entry, stream, sink)
-            else:
-                await trio.to_thread.run_sync(decode_frame, entry, stream, sink)
-            return sink.getvalue()
-
-        data = await self.integrity.from_origin(entry, attempt, what=FRAME_FAILED)
+        prefetch = self.integrity.remote is not None and entry.data_size <= SPILL_DECODE_BYTES
+        data = await self.integrity.decode_in_memory(entry, hint, prefetch=prefetch, inline=inline)
         self._memory.put(entry.hash, data)
         return data
 
@@ -149,15 +132,7 @@ class SmallFiles:
         cached = self._remembered(entry)
         if cached is not None:
             return cached
-
-        async def attempt() -> bytes:
-            data = await self.source.read_range(entry.data_offset, entry.data_offset + entry.original_size, hint)
-            actual = hashlib.sha256(data).digest()
-            if actual != entry.hash:
-                raise mismatch(entry, actual)
-            return data
-
-        data = await self.integrity.from_origin(entry, attempt)
+        data = await self.integrity.load_raw(entry, hint)
         self._memory.put(entry.hash, data)
         return data
 
@@ -206,21 +181,11 @@ class DecodedFiles:
             fd = await self.store.open(key)
             if fd is not None:
                 return fd
-            await self.integrity.from_origin(entry, lambda: self.fill(entry), what=FRAME_FAILED)
+            await self.integrity.decode_into_store(entry)
         fd = await self.store.open(key)
         if fd is not None:
             return fd
         raise SourceError(f"{show(entry.path)}: decoded content vanished from the cache twice")
-
-    async def fill(self, entry: Entry) -> None:
-        """Decode the file into the content store (verified before it is committed)."""
-        stream = frame_input(entry, self.integrity.source, keep=False)  # the store keeps it: its frame need not be
-
-        def decode(tmp: Path) -> None:
-            with open(tmp, "r+b") as out:  # pre-sized by the content store
-                decode_frame(entry, stream, out)
-
-        await self.store.fill(entry.hash.hex(), entry.original_size, decode)
 
 
 async def pread(handle: Handle, offset: int, end: int) -> bytes:

@@ -21,19 +21,17 @@ from the origin go through integrity/. Touched only from the trio thread.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING
 
 import trio
 
 from blobmount.cache import ContentStore, StoreUnavailable
 from blobmount.cache.content import Pending
 from blobmount.daemon import metrics
-from blobmount.decode import FRAME_FAILED, LINGER_S, Behind, Decode, decode_frame, frame_input, window_for
+from blobmount.decode import LINGER_S, Behind, Decode, window_for
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
 from blobmount.flight import Flights
 from blobmount.index import Entry
@@ -255,35 +253,12 @@ class StreamedFiles:
             return
         with integrity.verifying.lead(number):
             try:
-                await integrity.from_origin(entry, lambda: self._decode_whole(entry), what=FRAME_FAILED)
+                await integrity.decode_into_store(entry, or_hash=True)
             except (IntegrityError, InvalidArchive):
                 pass  # poisoned: logged once, every read EIO
             except BlobmountError as exc:
                 log.warning("%s: reading it again stopped: %s (the next read tries again)", show(entry.path), exc)
 
-    async def _decode_whole(self, entry: Entry) -> None:
-        stream = frame_input(entry, self.source, keep=False)
-
-        def decode(tmp: Path) -> None:
-            with open(tmp, "r+b") as out:  # pre-sized by the content store
-                decode_frame(entry, stream, out)
-
-        try:
-            await self.store.fill(entry.hash.hex(), entry.original_size, decode)
-        except (StoreUnavailable, LimitExceeded):
-            stream = frame_input(entry, self.source)  # only hashed: its frame's chunks are kept
-            await trio.to_thread.run_sync(decode_frame, entry, stream, cast(BinaryIO, _Discard()))
-
 
 def _behind(entry: Entry, offset: int) -> None:
     log.info("%s: a read at byte %d is behind the decode window; decoding again", show(entry.path), offset)
-
-
-class _Discard(io.RawIOBase):
-    """A sink that keeps nothing: a file too large for the store is only hashed when rechecked."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        return len(b)

@@ -35,12 +35,15 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import trio
 
+from blobmount.cache import ContentStore
 from blobmount.daemon import metrics
+from blobmount.decode import FRAME_FAILED
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, SourceError
 from blobmount.fetch import ChunkedSource
 from blobmount.flight import Flights
 from blobmount.index import Entry
 from blobmount.index.paths import show
+from blobmount.integrity import whole
 from blobmount.integrity.lazy import LazyHashes
 from blobmount.integrity.records import VerifiedRecords
 from blobmount.source import RangeSource, ReadHint
@@ -52,16 +55,11 @@ log = logging.getLogger("blobmount.reader")  # the logger the reader's lines alw
 _OK = metrics.VERIFY_FILES.labels(result="ok")
 _MISMATCH = metrics.VERIFY_FILES.labels(result="mismatch")
 
-BLOCK_BYTES = 1 << 20  # unit of whole-file hashing: bounded memory, few calls
 RECORD_ABOVE_BYTES = 1 << 20  # files larger than this leave a verified record (smaller: cheap to hash)
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 VerifyPolicy = Literal["lazy", "strict", "background"]
 T = TypeVar("T")
-
-
-def mismatch(entry: Entry, actual: bytes) -> IntegrityError:
-    return IntegrityError(f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {actual.hex()}")
 
 
 class Integrity:
@@ -70,12 +68,14 @@ class Integrity:
     def __init__(
         self,
         source: RangeSource,
+        store: ContentStore,
         config: ReaderConfig,
         drop_pages: Callable[[Entry], None] | None = None,
     ) -> None:
         """`drop_pages(entry)`: the kernel may hold pages of `entry` that are not to be trusted
         (a distrust, a poison, a hash state given up); None: no kernel (commands, tests)."""
         self.source = source
+        self.store = store  # where a verified decoded file is kept
         self.config = config
         self.remote = source if isinstance(source, ChunkedSource) else None
         self.records = VerifiedRecords(self.remote) if self.remote is not None else None
@@ -233,24 +233,26 @@ class Integrity:
             if number in self.verified:
                 return
         with self.verifying.lead(number):
-            await self.from_origin(entry, lambda: self._hash_whole(entry), served=not self.upfront(entry))
+            await self.from_origin(entry, lambda: whole.hash_raw(self.source, entry), served=not self.upfront(entry))
             await self.remember(entry)
 
-    async def _hash_whole(self, entry: Entry) -> None:
-        hasher = hashlib.sha256()
-        await self.hash_range(entry, 0, hasher)
-        if hasher.digest() != entry.hash:
-            raise mismatch(entry, hasher.digest())
+    async def load_raw(self, entry: Entry, hint: ReadHint | None) -> bytes:
+        """A small raw file read whole in one request and checked (the rule above)."""
+        return await self.from_origin(entry, lambda: whole.read_raw(self.source, entry, hint))
 
-    async def hash_range(self, entry: Entry, start: int, hasher: hashlib._Hash) -> None:
-        """Feed bytes [start, end of file) of a raw file to `hasher`, a block at a time."""
-        pos = start
-        hint = ReadHint(entry.data_offset, entry.data_offset + entry.original_size)
-        while pos < entry.original_size:
-            end = min(pos + BLOCK_BYTES, entry.original_size)
-            block = await self.source.read_range(entry.data_offset + pos, entry.data_offset + end, hint)
-            hasher.update(block)
-            pos = end
+    async def decode_in_memory(self, entry: Entry, hint: ReadHint | None, *, prefetch: bool, inline: bool) -> bytes:
+        """A zstd file decoded into memory and checked (whole.py; the rule above)."""
+        return await self.from_origin(
+            entry,
+            lambda: whole.decode_in_memory(self.source, entry, hint, prefetch=prefetch, inline=inline),
+            what=FRAME_FAILED,
+        )
+
+    async def decode_into_store(self, entry: Entry, *, or_hash: bool = False) -> None:
+        """A zstd file decoded into the content store and checked (whole.py; the rule above)."""
+        await self.from_origin(
+            entry, lambda: whole.decode_into_store(self.source, self.store, entry, or_hash=or_hash), what=FRAME_FAILED
+        )
 
     def opened(self, entry: Entry) -> None:
         """A large raw file verified lazily was opened: ``background`` reads and hashes the rest now."""

@@ -28,6 +28,7 @@ from blobmount.daemon import metrics
 from blobmount.errors import BlobmountError, IntegrityError
 from blobmount.index import Entry
 from blobmount.index.paths import show
+from blobmount.integrity.whole import hash_range
 
 if TYPE_CHECKING:
     from blobmount.integrity import Integrity
@@ -168,7 +169,7 @@ class LazyHashes:
         progress.finishing = True
         if progress.hashed_upto < entry.original_size:
             try:
-                await integrity.hash_range(entry, progress.hashed_upto, progress.hasher)
+                await hash_range(integrity.source, entry, progress.hashed_upto, progress.hasher)
             except BaseException:
                 # the hasher may hold part of the catch-up: start over, hashing all at the end
                 progress.hasher, progress.hashed_upto = hashlib.sha256(), 0
