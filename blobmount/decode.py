@@ -16,6 +16,9 @@ the source (the fetcher, reached with ``trio.from_thread``), and publishes a wat
 sha256 (and xxh3, the store's trailer) are computed as the bytes are decoded; the verdict is known
 when the decoder reaches the end, and a read that ends at the end of the file waits for it.
 
+:func:`decode_frame` is the other way to decode, for a file verified before it is served: the whole
+frame at once into a sink (memory or a content-store temp file), checked at its end (integrity/whole.py).
+
 Concurrency: the worker thread touches only the output, the hashers and, under ``_lock``, the ring
 and the cursors; it hands the watermark to the trio thread with ``run_sync_soon`` (never blocking
 on it). Everything else runs on the trio thread.
