@@ -16,6 +16,9 @@ the source (the fetcher, reached with ``trio.from_thread``), and publishes a wat
 sha256 (and xxh3, the store's trailer) are computed as the bytes are decoded; the verdict is known
 when the decoder reaches the end, and a read that ends at the end of the file waits for it.
 
+:func:`decode_frame` is the other way to decode, for a file verified before it is served: the whole
+frame at once into a sink (memory or a content-store temp file), checked at its end (integrity/whole.py).
+
 Concurrency: the worker thread touches only the output, the hashers and, under ``_lock``, the ring
 and the cursors; it hands the watermark to the trio thread with ``run_sync_soon`` (never blocking
 on it). Everything else runs on the trio thread.
@@ -28,98 +31,34 @@ import heapq
 import io
 import itertools
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import BinaryIO
 
 import trio
-import xxhash
 import zstandard
 
 from blobmount.errors import IntegrityError, SourceError
+from blobmount.hashing import STEP_BYTES, Hashing
 from blobmount.index import Entry
 from blobmount.index.paths import show
-from blobmount.readahead import ReadHint
-from blobmount.sources.base import RangeSource, SyncRangeSource
+from blobmount.rangestream import RangeStream, Stopped
+from blobmount.sources.base import RangeSource
 
-STEP_BYTES = 1 << 20  # decoder output per step: one watermark update, one hop to the trio thread
 WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
 MIN_WINDOW_BYTES = 4 << 20
 INPUT_BYTES = 8 << 20  # compressed bytes per hop to the trio thread, once a decode is under way
-INPUT_FIRST_BYTES = 1 << 20  # the first hop's (doubling): the first bytes come after 1 MiB of frame
-INPUT_FAST_S = 0.25  # a hop that took longer (a slow link) sends the next one back to the first size,
-# so one read never asks a slow link for more than it delivers well within --timeout
 FIRST_STEP_BYTES = 64 << 10  # the first output step; then as long as what came before, up to
 # STEP_BYTES (64K, 64K, 128K, ... 1M: the steps end on STEP_BYTES boundaries, like the kernel's reads)
-HASH_QUEUE = 8  # decoded blocks waiting for the hashing thread (memory: this many STEP_BYTES)
-BUFFERS = HASH_QUEUE + 2  # output buffers the decoder fills in turn (one being filled, one hashed)
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
 LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
+FRAME_FAILED = "corrupt zstd frame or sha256 mismatch"  # what a failed decode_frame is, in one warning
 
 
 class Behind(Exception):
     """The read starts below the ring's window: those bytes are gone; decode again."""
-
-
-class Stopped(SourceError):
-    """The decode was stopped (its last reader left, or the mount is going away)."""
-
-
-class RangeStream(io.RawIOBase):
-    """A file-like window [start, end) over a source, for the zstd decoder on a worker thread."""
-
-    def __init__(
-        self, source: RangeSource, start: int, end: int, decode: Decode | None = None, keep: bool = True
-    ) -> None:
-        """`decode`: its :meth:`Decode.stop` also cancels a read under way (a stalled fetch must
-        not keep a decode nobody reads alive). `keep=False`: the compressed bytes are not written
-        to the chunk cache (ReadHint.keep): the decoded file goes to the content store, and a
-        second copy, compressed, would cost a write per byte and never be read."""
-        self._source = source
-        self._pos = start
-        self._end = end
-        self._hint = ReadHint(start, end, keep=keep)
-        self._decode = decode
-        self._ask = INPUT_FIRST_BYTES  # per hop: doubles up to what the decoder asks (INPUT_BYTES)
-        # while hops are fast: fewer hops, each a wait for the trio thread (22 % of the decoder's
-        # time in a profile of a cold 2 GiB read at 1 MiB per hop)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(b), self._end - self._pos, self._ask)
-        if n <= 0:
-            return 0
-        if isinstance(self._source, SyncRangeSource):
-            data = self._source.read_range_sync(self._pos, self._pos + n)
-        else:
-            data, took = trio.from_thread.run(self._timed_read, self._pos, self._pos + n)
-            self._ask = min(self._ask * 2, len(b)) if took < INPUT_FAST_S else INPUT_FIRST_BYTES
-        b[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    async def _timed_read(self, start: int, end: int) -> tuple[bytes, float]:
-        """The bytes, and how long the source took (trio's clock)."""
-        started = trio.current_time()
-        data = await self._read(start, end)
-        return data, trio.current_time() - started
-
-    async def _read(self, start: int, end: int) -> bytes:
-        decode = self._decode
-        if decode is None:
-            return await self._source.read_range(start, end, self._hint)
-        try:
-            with trio.CancelScope() as scope:
-                decode._reading = scope
-                if not decode._stop:
-                    return await self._source.read_range(start, end, self._hint)
-        finally:
-            decode._reading = None
-        raise Stopped(f"{show(decode.entry.path)}: decode stopped: no reader left")
 
 
 class Decode:
@@ -156,7 +95,11 @@ class Decode:
         self._waiters: list[tuple[int, int, trio.Event]] = []  # (end, seq, event), a heap
         self._seq = itertools.count()
         self._token: trio.lowlevel.TrioToken | None = None
-        self._reading: trio.CancelScope | None = None  # the source read under way (trio thread)
+        self.reading: trio.CancelScope | None = None  # the source read under way (trio thread)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop
 
     @property
     def ring(self) -> bool:
@@ -193,8 +136,8 @@ class Decode:
         with self._lock:
             self._stop = True
             self._room.notify_all()
-        if self._reading is not None:
-            self._reading.cancel()
+        if self.reading is not None:
+            self.reading.cancel()
 
     async def read(self, offset: int, end: int, final: bool) -> bytes:
         """Bytes [offset, end) once decoded; `final` (the read reaches the end of the file): once
@@ -276,7 +219,7 @@ class Decode:
         stream = RangeStream(
             self.source, entry.data_offset, entry.data_offset + entry.data_size, self, keep=self.fd is None
         )
-        hashing = _Hashing(self._put_and_publish, self._prepare)
+        hashing = Hashing(self._put_and_publish, self._prepare)
         pos = 0
         try:
             with zstandard.ZstdDecompressor().stream_reader(stream, read_size=INPUT_BYTES) as reader:  # type: ignore[arg-type]
@@ -351,83 +294,49 @@ class Decode:
         return min((at for at, when in self._cursors.values() if when >= recent), default=default)
 
 
-class _Hashing:
-    """sha256 and xxh3 of the decoded blocks, and `sink(pos, block)` (write and publish), on a thread
-    of their own: the decoder goes on with the next block meanwhile (zstd, hashlib and the write
-    each release the GIL, so on two cores the decode no longer waits for them).
-
-    The blocks live in at most ``BUFFERS`` recycled bytearrays, made as they are first needed (making
-    all ten at once cost 6-9 ms before the first byte): the decoder takes one (:meth:`buffer`, which
-    waits while all are queued), fills it, hands it over (:meth:`put`); this thread gives it back
-    once it is hashed and written. The sink must not keep the block (it copies or writes it).
-    `after_first()` runs on this thread once the first block is out (work that must not delay it)."""
-
-    def __init__(self, sink: Callable[[int, memoryview], None], after_first: Callable[[], None] | None = None) -> None:
-        self._queue: queue.Queue[tuple[int, bytearray, int] | None] = queue.Queue(HASH_QUEUE)
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        self._made = 0  # buffers made so far (the decoder's thread only)
-        self._sink = sink
-        self._after_first = after_first
-        self._sha256 = hashlib.sha256()
-        self._xxh3 = xxhash.xxh3_64()
-        self.error: BaseException | None = None  # the sink failed: the decode fails with it
-        self._thread = threading.Thread(target=self._run, name="blobmount-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            pos, buf, n = item
-            try:
-                if self.error is not None:
-                    continue  # drained, so the decoder never blocks on a full queue
-                block = memoryview(buf)[:n]
-                self._sha256.update(block)
-                self._xxh3.update(block)
-                try:
-                    self._sink(pos, block)
-                    if self._after_first is not None:
-                        after, self._after_first = self._after_first, None
-                        after()
-                except BaseException as exc:  # handed to the decoder's thread
-                    self.error = exc
-                finally:
-                    block.release()
-            finally:
-                self._free.put(buf)
-
-    def buffer(self) -> bytearray:
-        """A free output buffer of ``STEP_BYTES`` (waits while every one is queued)."""
-        if self.error is not None:
-            raise self.error
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            if self._made < BUFFERS:
-                self._made += 1
-                return bytearray(STEP_BYTES)
-        return self._free.get()
-
-    def recycle(self, buf: bytearray) -> None:
-        self._free.put(buf)
-
-    def put(self, pos: int, buf: bytearray, n: int) -> None:
-        """Hash, write and publish ``buf[:n]`` (decoded bytes [pos, pos + n)); `buf` comes back
-        to :meth:`buffer` once done."""
-        if self.error is not None:
-            raise self.error
-        self._queue.put((pos, buf, n))
-
-    def close(self, check: bool = True) -> tuple[bytes, int]:
-        """Waits for the blocks put so far; returns (sha256, xxh3), or (`check`) raises the sink's
-        error."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if check and self.error is not None:
-            raise self.error
-        return self._sha256.digest(), int(self._xxh3.intdigest())
-
-
 def window_for(store_bytes: int) -> int:
     """The ring of a decode too large for the store: a quarter of the store, within bounds."""
     return max(MIN_WINDOW_BYTES, min(WINDOW_BYTES, store_bytes // 4))
+
+
+def frame_input(entry: Entry, source: RangeSource, compressed: bytes | None = None, keep: bool = True) -> io.RawIOBase:
+    """Trio thread: the input of :func:`decode_frame`: `compressed` (the frame, fetched already),
+    or the frame read from `source` as the decoder goes (`keep=False`: its chunks are not written
+    to the chunk cache, RangeStream)."""
+    if compressed is not None:
+        return io.BytesIO(compressed)  # type: ignore[return-value]
+    end = entry.data_offset + entry.data_size
+    return RangeStream(source, entry.data_offset, end, keep=keep)
+
+
+def decode_frame(entry: Entry, stream: io.RawIOBase, out: BinaryIO) -> None:
+    """Worker thread (or the trio thread, for a frame in memory): decode the entry's whole frame
+    from `stream` into `out`, verifying size and sha256 (IntegrityError: the bytes are bad)."""
+    dctx = zstandard.ZstdDecompressor()
+    hasher = hashlib.sha256()
+    total = 0
+    try:
+        source = dctx.stream_reader(stream, read_size=STEP_BYTES)  # type: ignore[arg-type]
+        with source as reader:
+            while True:
+                block = reader.read(STEP_BYTES)
+                if not block:
+                    break
+                total += len(block)
+                if total > entry.original_size:
+                    raise IntegrityError(
+                        f"{show(entry.path)}: zstd frame decodes past original_size {entry.original_size}; refused"
+                    )
+                hasher.update(block)
+                out.write(block)
+    except zstandard.ZstdError as exc:
+        expected = entry.hash.hex()
+        raise IntegrityError(f"{show(entry.path)}: corrupt zstd frame (expected sha256 {expected}): {exc}") from exc
+    if total != entry.original_size:
+        raise IntegrityError(
+            f"{show(entry.path)}: zstd frame decodes to {total} bytes, original_size is {entry.original_size}"
+        )
+    if hasher.digest() != entry.hash:
+        raise IntegrityError(
+            f"{show(entry.path)}: sha256 mismatch: expected {entry.hash.hex()}, got {hasher.digest().hex()}"
+        )

@@ -7,7 +7,7 @@ a test can assert that every class is mapped::
     BlobmountError                      base; `str(exc)` is the one line the user sees
     ├── InvalidArchive                  index/manifest/entry breaks FORMAT.md (raised by index/,
     │                                   extract/, reader.py) -> EIO for one entry, refusal at open
-    ├── IntegrityError                  bytes do not match their sha256 (reader.py)          -> EIO
+    ├── IntegrityError                  bytes do not match their sha256 (integrity/, decode.py) -> EIO
     ├── NotFound                        the index has no such path (index/, fs.py)          -> ENOENT
     ├── NotADirectory                   a path component is a file (index/, fs.py)          -> ENOTDIR
     ├── IsADirectory                    a file operation on a directory (fs.py, cli/)       -> EISDIR

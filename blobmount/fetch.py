@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from array import array
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -256,49 +255,12 @@ class ChunkedSource(ChunkRuns):
                 await saving.wait()  # a write of the old bytes in progress: delete after it
         await trio.to_thread.run_sync(self.store.purge_disk, first, last)
 
-    async def was_verified(self, start: int, end: int, sha256: bytes) -> bool:
-        """Whether these bytes were verified against `sha256` before (this or an earlier mount) and
-        every chunk under them is still the one that was verified. If so, those chunks may no
-        longer change: a refetch that brings different bytes is refused (``_land``)."""
-        if self.meta is None or start >= end:
-            return False
-        cs = self.store.chunk_size
-        record = await trio.to_thread.run_sync(
-            self.meta.get_verified, self.store.blob_hex, start, end - start, sha256, cs
-        )
-        if record is None or len(record) != (end - 1) // cs - start // cs + 1:
-            return False
-        first = start // cs
-        current = await trio.to_thread.run_sync(self._trailer_digests, first, first + len(record) - 1)
-        if current is None or current != record:
-            return False
-        for i, digest in enumerate(record):
-            self._expected[first + i] = digest
-        return True
-
-    async def remember_verified(self, start: int, end: int, sha256: bytes) -> None:
-        """Record that [start, end) hashed to `sha256`, with the chunks it was read from."""
-        if self.meta is None or start >= end:
-            return
-        cs = self.store.chunk_size
-        first, last = start // cs, (end - 1) // cs
-        digests = await trio.to_thread.run_sync(self._trailer_digests, first, last)
-        if digests is None:
-            return  # some chunk lives in memory only (disk full): nothing durable to vouch for
+    def expect(self, first: int, digests: Sequence[int]) -> None:
+        """Chunks `first`, `first` + 1, ... were verified as part of a file with these xxh3 digests
+        (integrity/records.py): they may no longer change, so a refetch that brings different bytes
+        is refused (``_land``)."""
         for i, digest in enumerate(digests):
             self._expected[first + i] = digest
-        await trio.to_thread.run_sync(
-            self.meta.put_verified, self.store.blob_hex, start, end - start, sha256, cs, digests
-        )
-
-    def _trailer_digests(self, first: int, last: int) -> array[int] | None:
-        out = array("Q")
-        for index in range(first, last + 1):
-            digest = self.store.trailer_digest(index)
-            if digest is None:
-                return None
-            out.append(digest)
-        return out
 
     # -- one chunk -----------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Within one trio loop. A waiter wakes when the flight ends and looks again (the work's result is
 wherever the work put it: a cache file, a table). A leader's failure (an ``Exception``) is raised
-in the waiters of that flight, so a refusal is not retried by every waiter in turn. A
+in the waiters of that flight (:meth:`Flights.wait`), so a refusal is not retried by every waiter
+in turn; a waiter that retries on its own terms uses :meth:`Flights.settle` instead. A
 cancellation is never handed on: a leader cancelled (its request's deadline, its reader gone)
 ends the flight with nothing stored, and the first waiter to wake leads afresh. Handing a
 ``trio.Cancelled`` to another task would cancel it from outside its own scope.
@@ -41,6 +42,14 @@ class Flights(Generic[K]):
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
+
+    async def settle(self, key: K) -> None:
+        """Until the flight of `key` (if any) ends, whatever its outcome: for a waiter that looks
+        again afterwards and may lead a flight of its own (a failed check or decode is not handed
+        on: the next try goes afresh)."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
 
     def start(self, key: K) -> Flight:
         """Lead the flight of `key` (none may be running); :meth:`end` it, whatever happens. For

@@ -266,6 +266,7 @@ class Follower:
             archive.data,
             self.store,
             ReaderConfig(verify, self.config.verify.threshold_bytes, self.config.registry.timeout_s),  # type: ignore[arg-type]
+            drop_pages=fs.pages_of_next(),
             dir_span=view.data_span,
         )
         assert self._nursery is not None

@@ -17,143 +17,62 @@ per-inode handle set up by the file's first read (handles.py). An archive with a
 file keeps real opens: a handle opened before a mismatch must fail ("Trust first"), which needs
 per-open state. Without the patched pyfuse3 every open and opendir reaches the daemon, as before.
 
-Every handler runs inside :func:`_fuse_errors`: a :class:`BlobmountError` becomes its errno from the
-one table in errors.py; anything else is logged with its traceback and becomes EIO. Only FUSEError
-leaves a handler, so one bad request never takes the mount down. trio.Cancelled is never caught.
-Under a kernel FUSE request timeout the wrapper also answers EIO once a handler has had its share
-of it (``deadline_s``), so no request outlives the timeout and the kernel never aborts the mount.
+Every handler runs inside :func:`~blobmount.handler.fuse_errors` (errors to errnos, the deadline,
+metrics). What the handlers stand on: the archives served and their generations (served.py, the
+base class), the inode model and attributes (inodes.py), the reader of each archive (reader.py),
+the kernel's caches (kernel.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import functools
 import logging
 import math
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyfuse3
 import trio
 
-from blobmount.daemon import metrics
 from blobmount.errors import (
-    BlobmountError,
-    IntegrityError,
     InvalidArchive,
     IsADirectory,
     NoAttribute,
-    NotADirectory,
     NotFound,
     NotSupported,
     ReadOnly,
     RequestNotNeeded,
-    TransientError,
-    Unservable,
     errno_for,
 )
+from blobmount.generations import DEFAULT_KEEP, Changes, Generation
 from blobmount.generations import FILE_INO_BASE as FILE_INO_BASE
-from blobmount.generations import GEN_SHIFT, Changes, Generation
-from blobmount.handles import InodeHandles
+from blobmount.handler import fuse_errors
 from blobmount.index import COMPRESSION_ZSTD, Entry, IndexView
 from blobmount.index.paths import show
+from blobmount.inodes import ROOT_INO as ROOT_INO
+from blobmount.inodes import Inodes
+from blobmount.kernel import PageDrops, invalidate_names
 from blobmount.reader import Handle, Reader
+from blobmount.served import ServedArchives, holds_lazy
 from blobmount.sources.base import Archive
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = pyfuse3.ROOT_INODE
 BLOCK_SIZE_BYTES = 4096  # statfs unit
-IO_BLOCK_BYTES = 128 << 10  # st_blksize: matches the kernel's FUSE read size, so cp/cat ask for it
-DIR_MODE = stat.S_IFDIR | 0o755  # directories are implied by paths (docs/FORMAT.md)
 XATTR_PREFIX = b"user.blobmount."
 XATTRS = (b"sha256", b"compression", b"stored_size", b"verified")  # and cached_bytes: by name only
 ROOT_XATTR_DIGEST = XATTR_PREFIX + b"digest"  # on the root: the archive being served (--follow moves it)
 # xattr namespaces no file here has (no labels, no ACLs in the format): EOPNOTSUPP (errors.NotSupported)
 UNSUPPORTED_XATTRS = (b"security.", b"trusted.", b"system.posix_acl_")
-INVALIDATE_WAIT_S = 5.0  # an open waits at most this for a queued page drop (normally microseconds)
 # pyfuse3 built with patches/pyfuse3-3.5.0-pass-inode.patch (make venv): read/readdir/release get the
 # inode, which the kernel's no-open mode needs (its requests carry fh 0)
 PYFUSE3_PASSES_INODE = "pass_inode" in vars(pyfuse3.Operations)
-DECIDE_SLICE_ENTRIES = 4096  # entries read between checkpoints of decide_opens (~10 ms of the trio thread)
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
-# The handlers that wait (for the network, for disk threads); the others answer from memory without
-# a checkpoint, so a deadline could never fire in them, and its cancel scope (18-29 us measured with
-# trio 0.35, as much as a getattr itself) is spent only where it can.
-_WAITING_OPS = frozenset({"open", "read"})
-
-
-async def _within(seconds: float, op: str, handler: Coroutine[Any, Any, R]) -> R:
-    with trio.move_on_after(seconds):
-        return await handler
-    raise TransientError(
-        f"{op}: not served within {seconds:g} s, the bound under the kernel's FUSE request timeout;"
-        " answered EIO (the next request tries afresh)"
-    )
-
-
-def _fuse_errors(
-    func: Callable[Concatenate[BlobFS, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[BlobFS, P], Coroutine[Any, Any, R]]:
-    """Translate every exception of a handler at the FUSE boundary (the only place that does), and
-    answer a waiting one (_WAITING_OPS) within the filesystem's ``deadline_s`` of taking the
-    request: past it the handler is cancelled and the reader gets EIO. What it waited for (a fetch)
-    goes on in the mount's nursery or is dropped cleanly, so the next request tries afresh."""
-
-    op = func.__name__
-    requests, latency = metrics.FUSE_REQUESTS.labels(op=op), metrics.FUSE_LATENCY.labels(op=op)
-
-    waits = op in _WAITING_OPS
-
-    @functools.wraps(func)
-    async def wrapper(fs: BlobFS, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        started = time.perf_counter()
-        code = 0
-        try:
-            if waits and fs.deadline_s < math.inf:
-                result = await _within(fs.deadline_s, op, func(fs, *args, **kwargs))
-            else:
-                result = await func(fs, *args, **kwargs)
-            if op == "read":
-                metrics.FUSE_READ_BYTES.inc(len(result))  # type: ignore[arg-type]
-            return result
-        except pyfuse3.FUSEError as exc:
-            code = exc.errno
-            raise
-        except (IntegrityError, Unservable) as exc:  # the reader logged it once, when it found it
-            code = errno_for(exc)
-            log.debug("%s: %s", func.__name__, exc)
-            raise pyfuse3.FUSEError(code) from None
-        except BlobmountError as exc:
-            code = errno_for(exc)
-            if code == errno.EIO:
-                log.error("%s", exc)
-            else:
-                log.debug("%s: %s", func.__name__, exc)
-            raise pyfuse3.FUSEError(code) from None
-        except Exception as exc:
-            code = errno_for(exc)  # EIO: not one of ours
-            log.exception("unexpected error in %s; answered EIO", func.__name__)
-            raise pyfuse3.FUSEError(code) from None
-        finally:  # metrics: counted here, in the one wrapper every handler goes through
-            requests.inc()
-            latency.observe(time.perf_counter() - started)
-            if code:
-                metrics.FUSE_ERRORS.labels(op=op, errno=errno.errorcode.get(code, str(code))).inc()
-
-    return wrapper
-
-
-class BlobFS(pyfuse3.Operations):
-    """A read-only filesystem over one archive."""
+class BlobFS(ServedArchives, pyfuse3.Operations):
+    """A read-only filesystem over one archive (or, under --follow, the archives of a tag)."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -176,64 +95,30 @@ class BlobFS(pyfuse3.Operations):
         dir_time_ns: int | None = None,
         deadline_s: float = math.inf,
         archive: Archive | None = None,
+        pages: PageDrops | None = None,
+        cached_bytes: Callable[[Entry], int] | None = None,
+        keep: int = DEFAULT_KEEP,
+        follows: bool = False,
     ) -> None:
         """`dir_time_ns`: the time of a directory with no file directly in it (the archive's
         creation time; None: now). `deadline_s`: every handler answers within this many seconds
         of taking its request (settings.request_bound: under the kernel's FUSE request timeout);
-        inf: no bound. `archive`: where `view` came from (names the digest served)."""
-        super().__init__()
-        self.uid = uid
-        self.gid = gid
-        self.timeout_s = timeout_s
-        self.deadline_s = deadline_s
-        self._next_dir_ino = FILE_INO_BASE + len(view)
-        self._dir_ino: dict[bytes, int] = {b"": ROOT_INO}
-        self._dir_path: dict[int, bytes] = {ROOT_INO: b""}
+        inf: no bound. `archive`: where `view` came from (names the digest served). `pages`: the
+        page drops `reader` was built with (``pages.for_archive(0)``). `cached_bytes`: bytes of a
+        file's data in the local cache (the xattr user.blobmount.cached_bytes; None: absent).
+        `keep`: archives alive at most (--follow-keep); `follows`: --follow (the kernel's lookups
+        are counted: an old archive is dropped once it holds none)."""
+        pyfuse3.Operations.__init__(self)
         when = time.time_ns() if dir_time_ns is None else dir_time_ns
-        # the archive served (generation 0 until --follow switches; generations.py)
-        self.current = Generation(0, archive, view, reader, when)
-        self.generations: dict[int, Generation] = {0: self.current}
-        self.keep = 2  # generations alive at most (mount.py sets --follow-keep)
-        self.follows = False  # --follow: the kernel's lookups are counted (nothing to free otherwise)
-        self._retired: list[Generation] = []  # dropped, their data sources still to close
+        gen = Generation(0, archive, view, reader, when, cached_bytes=cached_bytes)
+        ServedArchives.__init__(self, gen, pages=pages, keep=keep, follows=follows)
+        self.deadline_s = deadline_s
+        self.inodes = Inodes(self, uid=uid, gid=gid, timeout_s=timeout_s)
         self._handles: dict[int, tuple[Generation, Handle]] = {}
         self._dir_handles: dict[int, tuple[int, Generation]] = {}
         self._next_fh = 1
-        self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1024)
-        self._invalidating: dict[int, tuple[int, trio.Event]] = {}  # ino -> (queued, set when done)
         # the kernel's no-open mode (module docstring): opens answered ENOSYS once decide_opens says so
         self.skip_open = False
-        self._inode_handles = InodeHandles()
-        reader.on_poison = functools.partial(self._poisoned, self.current)
-
-    # -- the archive served ----------------------------------------------------------------------
-
-    @property
-    def view(self) -> IndexView:
-        return self.current.view
-
-    @view.setter
-    def view(self, view: IndexView) -> None:
-        self.current.view = view
-
-    @property
-    def reader(self) -> Reader:
-        return self.current.reader
-
-    @property
-    def dir_time_ns(self) -> int:
-        return self.current.dir_time_ns
-
-    @property
-    def cached_bytes(self) -> Callable[[Entry], int] | None:
-        """Hook for the chunk store: bytes of a file's data held in the local cache, exported as the
-        xattr user.blobmount.cached_bytes. mount.py sets it once a store can answer; while None
-        the xattr is absent (not listed, ENODATA)."""
-        return self.current.cached_bytes
-
-    @cached_bytes.setter
-    def cached_bytes(self, func: Callable[[Entry], int] | None) -> None:
-        self.current.cached_bytes = func
 
     @property
     def skip_opendir(self) -> bool:
@@ -241,45 +126,6 @@ class BlobFS(pyfuse3.Operations):
         already begun continues in the archive it began in (README, Following a tag), which
         needs its opendir; the kernel's cached listing could not say which archive it is from."""
         return PYFUSE3_PASSES_INODE and not self.follows
-
-    def room_for_switch(self) -> bool:
-        """Whether a switch keeps at most :attr:`keep` generations: the current one stays (the
-        kernel holds its inodes until the invalidations after the switch), and so does every
-        older one that the kernel or an open file still uses."""
-        busy = sum(1 for g in self.generations.values() if g is not self.current and g.in_use())
-        return busy + 2 <= self.keep
-
-    def switch(
-        self, archive: Archive, view: IndexView, reader: Reader, cached_bytes: Callable[[Entry], int] | None
-    ) -> Generation:
-        """Serve `archive` from now on, in one step (nothing here awaits): new lookups, opens and
-        listings see it; inodes of older generations keep resolving to theirs. The caller checked
-        :meth:`room_for_switch` and then invalidates the kernel's caches (:meth:`invalidate_switch`)."""
-        old = self.current
-        gen = Generation(old.number + 1, archive, view, reader, archive.created_ns or old.dir_time_ns, prev=old)
-        gen.cached_bytes = cached_bytes
-        reader.on_poison = functools.partial(self._poisoned, gen)
-        self.generations[gen.number] = gen
-        self.current = gen
-        self._retire_unused()
-        return gen
-
-    def _retire_unused(self) -> None:
-        """Drop old generations nobody uses beyond the newest :attr:`keep` (their bytes served
-        unchanged files of newer ones: those then read from their own archive)."""
-        for number in sorted(self.generations):  # oldest first
-            gen = self.generations[number]
-            if len(self.generations) <= self.keep:
-                break
-            if gen is self.current or gen.in_use():
-                continue
-            del self.generations[number]
-            self._inode_handles.drop_generation(gen)
-            for other in self.generations.values():
-                if other.prev is gen:
-                    other.prev = None
-            self._retired.append(gen)
-            metrics.FOLLOW_ARCHIVES.set(len(self.generations))
 
     async def decide_opens(self) -> None:
         """Started by mount.py: answer opens with ENOSYS from now on (the kernel's no-open mode) if
@@ -292,7 +138,7 @@ class BlobFS(pyfuse3.Operations):
             log.info("pyfuse3 is not the patched build (make venv): every open reaches the daemon")
             return
         gen = self.current
-        if await _holds_lazy(gen.view, gen.reader.lazy_above()):
+        if await holds_lazy(gen.view, gen.reader.lazy_above()):
             log.info(
                 "the archive holds files verified as they are read (larger than --verify-threshold):"
                 " every open reaches the daemon (an open before a mismatch must fail)"
@@ -301,160 +147,42 @@ class BlobFS(pyfuse3.Operations):
             self.skip_open = True
             log.debug("every file is verified before it is served: opens answered ENOSYS (no-open mode)")
 
-    def take_retired(self) -> list[Generation]:
-        """Generations dropped since the last call, for the caller to close their data sources."""
-        retired, self._retired = self._retired, []
-        return retired
-
-    def _file_of(self, ino: int) -> tuple[Generation, Entry] | None:
-        """The generation and entry of a file inode (None: not a file of a kept generation)."""
-        gen = self.generations.get(ino >> GEN_SHIFT)
-        if gen is None:
-            return None
-        entry = gen.entry_of(ino)
-        return None if entry is None else (gen, entry)
-
-    def _looked_up(self, ino: int) -> None:
-        """The kernel now holds one more reference to `ino` (a lookup, or a readdirplus entry)."""
-        if not self.follows:
-            return
-        gen = self.generations.get(ino >> GEN_SHIFT)
-        if gen is not None and ino >= gen.base and ino - gen.base < len(gen.view):
-            gen.lookups[ino] = gen.lookups.get(ino, 0) + 1
-
-    # -- inode model ---------------------------------------------------------------------------
-
-    def _dir_inode(self, path: bytes) -> int:
-        ino = self._dir_ino.get(path)
-        if ino is None:
-            ino = self._next_dir_ino
-            self._next_dir_ino += 1
-            self._dir_ino[path] = ino
-            self._dir_path[ino] = path
-        return ino
-
-    def _inode_for(self, kind: int, path: bytes, gen: Generation | None = None) -> int:
-        return (gen or self.current).ino(kind) if kind >= 0 else self._dir_inode(path)
-
-    def _entry_of(self, ino: int) -> Entry | None:
-        found = self._file_of(ino)
-        return None if found is None else found[1]
-
-    def _dir_of(self, ino: int) -> bytes:
-        path = self._dir_path.get(ino)
-        if path is None:
-            if self._entry_of(ino) is not None:
-                raise NotADirectory(f"inode {ino}: not a directory")
-            raise NotFound(f"inode {ino}: unknown")
-        return path
-
-    def _dir_stats_of(self, ino: int, path: bytes) -> tuple[int, int]:
-        """(st_nlink, time) of a directory, from one pass over its children at its first stat and
-        kept for the mount: nlink is 2 + subdirectories (find(1) relies on it); the time is the
-        newest mtime of the files directly in it, else :attr:`dir_time_ns`. A directory of 0
-        (1970) is refused by zip and copied as such by tar and rsync -t; the newest file is what a
-        directory's mtime is after its files were written, and costs nothing beyond the pass nlink
-        needed already (a subdirectory's own time would need its subtree: not looked at)."""
-        gen = self.current
-        known = gen.dir_stats.get(ino)
-        if known is None:
-            subdirs, newest = 0, None
-            mtime_ns = gen.view.mtime_ns
-            for child in gen.view.children(path):
-                if child.is_dir:
-                    subdirs += 1
-                    continue
-                try:
-                    t = mtime_ns(child.entry)
-                except InvalidArchive:  # unusable entry: lookups refuse it; it lends no time
-                    continue
-                if newest is None or t > newest:
-                    newest = t
-            known = (2 + subdirs, gen.dir_time_ns if newest is None else newest)
-            gen.dir_stats[ino] = known
-        return known
-
-    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = ino
-        attr.generation = 0
-        attr.entry_timeout = self.timeout_s
-        attr.attr_timeout = self.timeout_s
-        attr.st_rdev = 0
-        attr.st_blksize = IO_BLOCK_BYTES
-        entry = self._entry_of(ino)
-        if entry is not None:
-            attr.st_mode = stat.S_IFREG | (entry.mode & 0o777)
-            attr.st_nlink = 1
-            attr.st_uid = entry.uid if self.uid is None else self.uid
-            attr.st_gid = entry.gid if self.gid is None else self.gid
-            attr.st_size = entry.original_size
-            attr.st_blocks = (entry.original_size + 511) // 512
-            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
-            return attr
-        path = self._dir_of(ino)
-        attr.st_mode = DIR_MODE
-        attr.st_nlink, when = self._dir_stats_of(ino, path)
-        attr.st_uid = 0 if self.uid is None else self.uid
-        attr.st_gid = 0 if self.gid is None else self.gid
-        attr.st_size = 0
-        attr.st_blocks = 0
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = when
-        return attr
-
-    def _child_path(self, parent: bytes, name: bytes) -> bytes:
-        return parent + b"/" + name if parent else name
-
     # -- lookups -------------------------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        parent = self._dir_of(parent_inode)
+        parent = self.inodes.dir_of(parent_inode)
         if name == b".":
-            return self._attrs(parent_inode)
+            return self.inodes.attrs(parent_inode)
         if name == b"..":
-            return self._attrs(self._dir_inode(parent.rpartition(b"/")[0]))
+            return self.inodes.attrs(self.inodes.dir_inode(parent.rpartition(b"/")[0]))
         if b"/" in name or not name:
             raise NotFound(f"{show(name)}: no such name")
-        path = self._child_path(parent, name)
+        path = self.inodes.child_path(parent, name)
         kind = self.view.kind(path)
         if kind is None:
             raise NotFound(f"{show(path)}: no such file or directory")
-        ino = self._inode_for(kind, path)
-        attr = self._attrs(ino)
+        ino = self.inodes.inode_for(kind, path)
+        attr = self.inodes.attrs(ino)
         if kind >= 0:
             self._looked_up(ino)
         return attr
 
-    @_fuse_errors
+    @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return self._attrs(inode)
+        return self.inodes.attrs(inode)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """Count down the kernel's lookups of file inodes (directory inodes live for the mount);
-        an old generation the kernel no longer holds and nobody reads may go."""
-        if not self.follows:
-            return
-        emptied = False
-        for ino, count in inode_list:
-            gen = self.generations.get(ino >> GEN_SHIFT)
-            if gen is None:
-                continue
-            left = gen.lookups.get(ino, 0) - count
-            if left > 0:
-                gen.lookups[ino] = left
-            elif gen.lookups.pop(ino, None) is not None and not gen.lookups:
-                emptied = True
-        if emptied and len(self.generations) > 1:
-            self._retire_unused()
+        """Count down the kernel's lookups of file inodes (served.py)."""
+        self.forgotten(inode_list)
 
-    @_fuse_errors
+    @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if mode & os.W_OK:
             raise ReadOnly("read-only file system")
-        attr = self._attrs(inode)
+        attr = self.inodes.attrs(inode)
         if ctx.uid == 0:
             return not (mode & os.X_OK) or bool(attr.st_mode & 0o111) or stat.S_ISDIR(attr.st_mode)
         if ctx.uid == attr.st_uid:
@@ -467,9 +195,9 @@ class BlobFS(pyfuse3.Operations):
 
     # -- directories ---------------------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self._dir_of(inode)
+        self.inodes.dir_of(inode)
         if self.skip_opendir:
             raise RequestNotNeeded("opendir: no state kept; the kernel need not ask (no-opendir mode)")
         fh = self._next_fh
@@ -478,26 +206,26 @@ class BlobFS(pyfuse3.Operations):
         self.current.handles += 1
         return fh
 
-    @_fuse_errors
+    @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken, inode: int | None = None) -> None:
         # ids: 1 = after ".", 2 = after "..", 3 + p = resume the listing at sorted position p
         # fh 0: no-opendir mode, the listing of the archive served now (it is cached by the kernel
         # until a --follow switch invalidates the directory)
         ino, gen = (inode, self.current) if fh == 0 and inode is not None else self._dir_handles[fh]
-        path = self._dir_of(ino)
+        path = self.inodes.dir_of(ino)
         if start_id < 1:
-            if not pyfuse3.readdir_reply(token, b".", self._attrs(ino), 1):
+            if not pyfuse3.readdir_reply(token, b".", self.inodes.attrs(ino), 1):
                 return
             start_id = 1
         if start_id < 2:
-            parent = self._dir_inode(path.rpartition(b"/")[0]) if path else ROOT_INO
-            if not pyfuse3.readdir_reply(token, b"..", self._attrs(parent), 2):
+            parent = self.inodes.dir_inode(path.rpartition(b"/")[0]) if path else ROOT_INO
+            if not pyfuse3.readdir_reply(token, b"..", self.inodes.attrs(parent), 2):
                 return
             start_id = 2
         for child in gen.view.children(path, start_id - 3 if start_id >= 3 else 0):
-            child_path = self._child_path(path, child.name)
+            child_path = self.inodes.child_path(path, child.name)
             try:
-                attr = self._attrs(self._inode_for(child.entry, child_path, gen))
+                attr = self.inodes.attrs(self.inodes.inode_for(child.entry, child_path, gen))
             except InvalidArchive as exc:  # listed, but unusable: skip it, keep the rest listable
                 log.warning("%s", exc)
                 continue
@@ -506,7 +234,7 @@ class BlobFS(pyfuse3.Operations):
             if child.entry >= 0:  # readdirplus: the kernel holds the inode now
                 self._looked_up(attr.st_ino)
 
-    @_fuse_errors
+    @fuse_errors
     async def releasedir(self, fh: int, inode: int | None = None) -> None:
         held = self._dir_handles.pop(fh, None)
         if held is not None:
@@ -516,27 +244,27 @@ class BlobFS(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT | os.O_APPEND):
             raise ReadOnly("read-only file system")
-        found = self._file_of(inode)
+        found = self.file_of(inode)
         if found is None:
-            self._dir_of(inode)
+            self.inodes.dir_of(inode)
             raise IsADirectory(f"inode {inode}: is a directory")
         if self.skip_open:
             raise RequestNotNeeded("open: every file is verified before it is served; the kernel need not ask")
         gen, entry = found[0].source_of(found[1])  # unchanged bytes: from an older archive's cache
         handle = await gen.reader.open(entry)
         gen.handles += 1
-        keep = await self._pages_dropped(inode)  # after open: a drop queued while it waited counts
+        keep = await self.pages.dropped(gen.number, entry.number)  # after open: a drop queued while it waited counts
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = (gen, handle)
         # Immutable content: let the kernel keep pages across opens (unless some were wrong).
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
-    @_fuse_errors
+    @fuse_errors
     async def read(self, fh: int, off: int, size: int, inode: int | None = None) -> bytes:
         if fh == 0 and inode is not None:
             return await self._read_unopened(inode, off, size)
@@ -548,9 +276,9 @@ class BlobFS(pyfuse3.Operations):
         open did: the poisoned check, a decoded file's store fd, read-ahead state; handles.py)."""
 
         async def open_file() -> tuple[Generation, Handle]:
-            found = self._file_of(inode)
+            found = self.file_of(inode)
             if found is None:
-                self._dir_of(inode)
+                self.inodes.dir_of(inode)
                 raise IsADirectory(f"inode {inode}: is a directory")
             gen, entry = found[0].source_of(found[1])
             return gen, await gen.reader.open(entry)
@@ -563,11 +291,11 @@ class BlobFS(pyfuse3.Operations):
             if not held.gen.handles and held.gen is not self.current:
                 self._retire_unused()
 
-    @_fuse_errors
+    @fuse_errors
     async def flush(self, fh: int, inode: int | None = None) -> None:
         raise RequestNotNeeded("flush: nothing to write back; the kernel need not ask")
 
-    @_fuse_errors
+    @fuse_errors
     async def release(self, fh: int, inode: int | None = None) -> None:
         held = self._handles.pop(fh, None)
         if held is not None:
@@ -579,7 +307,7 @@ class BlobFS(pyfuse3.Operations):
 
     # -- metadata ------------------------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()
         st.f_bsize = BLOCK_SIZE_BYTES
@@ -591,25 +319,25 @@ class BlobFS(pyfuse3.Operations):
         st.f_namemax = 255
         return st
 
-    @_fuse_errors
+    @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         """None are listed, though getxattr answers every one by name: `cp -a`, `rsync -aX` and
         `tar --xattrs` copy what is listed, and on a copy `user.blobmount.verified` and the rest
         would be stale claims about bytes that no longer live under a mount."""
-        if self._entry_of(inode) is None:
-            self._dir_of(inode)
+        if self.inodes.entry_of(inode) is None:
+            self.inodes.dir_of(inode)
         return []
 
-    @_fuse_errors
+    @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         """user.blobmount.* by name; EOPNOTSUPP for the security.*, trusted.* and POSIX ACL names
         (ls -l then stops asking for security.selinux and the ACL on this mount: the kernel
         caches no negative xattr answer); ENODATA for other names."""
         if name.startswith(UNSUPPORTED_XATTRS):
             raise NotSupported(f"inode {inode}: {show(name)}: no such attributes on this filesystem")
-        found = self._file_of(inode)
+        found = self.file_of(inode)
         if found is None:
-            self._dir_of(inode)
+            self.inodes.dir_of(inode)
             if inode == ROOT_INO and name == ROOT_XATTR_DIGEST:
                 return self.current.digest.encode()
             raise NoAttribute(f"inode {inode}: no attribute {show(name)}")
@@ -630,81 +358,14 @@ class BlobFS(pyfuse3.Operations):
 
     # -- integrity -----------------------------------------------------------------------------
 
-    def _poisoned(self, gen: Generation, entry: Entry) -> None:
-        """Reader callback: pages of this file already in the kernel may be wrong (or were served
-        under a hash state the reader gave up); drop them.
-
-        Called inside a read handler, so the invalidation is queued for :meth:`invalidator`
-        (invalidating an inode from its own read request would deadlock on its page locks); an
-        open of the file waits for it (:meth:`_pages_dropped`). A newer generation's inode whose
-        bytes came from this entry (:meth:`Generation.source_of`) is dropped too."""
-        for ino in self._inodes_reading(gen, entry):
-            self._queue_drop(ino, entry)
-
-    def _inodes_reading(self, gen: Generation, entry: Entry) -> list[int]:
-        inodes = [gen.ino(entry.number)]
-        for other in self.generations.values():
-            if other.number > gen.number:
-                number = other.view.find(entry.path)
-                if number is not None:
-                    with contextlib.suppress(InvalidArchive):
-                        if other.source_of(other.view.entry(number)) == (gen, entry):
-                            inodes.append(other.ino(number))
-        return inodes
-
-    def _queue_drop(self, ino: int, entry: Entry) -> None:
-        try:
-            self._invalidate_send.send_nowait(ino)
-        except trio.WouldBlock:
-            log.warning("%s: invalidation queue full; cached pages may linger", show(entry.path))
-            return
-        queued, done = self._invalidating.get(ino, (0, trio.Event()))
-        self._invalidating[ino] = (queued + 1, done)
-
-    async def _pages_dropped(self, ino: int) -> bool:
-        """Before an open is answered: wait (bounded) until pages queued for dropping are gone; whether
-        the open may keep the kernel's pages (not after a drop: none of them is to be trusted)."""
-        pending = self._invalidating.get(ino)
-        if pending is None:
-            return True
-        with trio.move_on_after(INVALIDATE_WAIT_S):
-            await pending[1].wait()
-        return False
-
-    async def invalidator(self) -> None:
-        """Long-lived task (started by mount.py in its nursery): drop distrusted files' pages."""
-        async for ino in self._invalidate_recv:
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:  # ENOENT: the kernel no longer knows the inode
-                    log.warning("invalidate inode %d: %s", ino, exc)
-            finally:
-                queued, done = self._invalidating.pop(ino, (1, trio.Event()))
-                if queued > 1:
-                    self._invalidating[ino] = (queued - 1, done)
-                else:
-                    done.set()
-
     async def invalidate_switch(self, old: Generation, changed: Changes) -> int:
         """After :meth:`switch`: make the kernel forget what it cached of `old`. Every name whose
         inode the kernel holds (all files got new numbers) and every added, removed or changed
         name is invalidated, and so is every known directory whose listing or time changed. The
         old files' pages are left alone: no new file has their inode numbers, and a reader holding
         one open keeps them. Returns the invalidations the kernel took."""
-        names: set[tuple[int, bytes]] = set()
-        for ino in list(old.lookups):
-            entry = old.entry_of(ino)
-            parent = None if entry is None else self._dir_ino.get(entry.path.rpartition(b"/")[0])
-            if entry is not None and parent is not None:
-                names.add((parent, entry.name))
-        for path in changed.names:
-            parent_path, _, name = path.rpartition(b"/")
-            parent = self._dir_ino.get(parent_path)
-            if parent is not None:
-                names.add((parent, name))
-        dirs = [ino for ino in (self._dir_ino.get(path) for path in changed.dirs) if ino is not None]
-        return await trio.to_thread.run_sync(_invalidate, sorted(names), dirs)
+        names, dirs = self.inodes.names_after_switch(old, changed)
+        return await trio.to_thread.run_sync(invalidate_names, names, dirs)
 
     # -- writes: all refused -------------------------------------------------------------------
 
@@ -713,40 +374,3 @@ class BlobFS(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
     write = create = setxattr = removexattr = _erofs
-
-
-async def _holds_lazy(view: IndexView, above: int | None) -> bool:
-    """Whether any file of `view` is larger than `above` (None: no file is verified lazily). An
-    entry whose size cannot be read counts as not lazy: it is never served."""
-    if above is None:
-        return False
-    original_size = view.original_size
-    for start in range(0, len(view), DECIDE_SLICE_ENTRIES):
-        for number in range(start, min(start + DECIDE_SLICE_ENTRIES, len(view))):
-            try:
-                if original_size(number) > above:
-                    return True
-            except InvalidArchive:
-                continue
-        await trio.lowlevel.checkpoint()  # requests are served between slices
-    return False
-
-
-def _invalidate(names: list[tuple[int, bytes]], dirs: list[int]) -> int:
-    """On a worker thread: each call may block until a request for that directory is answered."""
-    done = 0
-    for parent, name in names:
-        done += _kernel(pyfuse3.invalidate_entry, parent, name)
-    for ino in dirs:
-        done += _kernel(pyfuse3.invalidate_inode, ino, False)
-    return done
-
-
-def _kernel(call: Callable[..., None], *args: Any) -> int:
-    try:
-        call(*args)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:  # ENOENT: the kernel did not hold it
-            log.warning("%s%r: %s", call.__name__, args, exc)
-        return 0
-    return 1

@@ -40,6 +40,7 @@ from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, U
 from blobmount.follow import Follower, cached_bytes_of, check_followable, index_view
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
+from blobmount.kernel import PageDrops
 from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.sources import Opening, RemoteSettings, open_archive
@@ -345,10 +346,12 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
     logs.quiet_one_shot(False)  # the daemon's log is where a failing registry or file shows
     if config.prefetch.record:
         prep.recorder = profile.Recorder(seconds=config.prefetch.record_seconds)
+    pages = PageDrops()  # the kernel's pages of files the reader distrusts
     reader = Reader(
         prep.archive.data,
         prep.store,
         ReaderConfig(config.verify.policy, config.verify.threshold_bytes, config.registry.timeout_s),  # type: ignore[arg-type]
+        drop_pages=pages.for_archive(0),
         dir_span=prep.view.data_span,
         recorder=prep.recorder.read if prep.recorder is not None else None,
     )
@@ -361,14 +364,16 @@ def serve(prep: Prepared, ready_fd: int | None) -> int:
         dir_time_ns=prep.archive.created_ns,
         deadline_s=config.kernel.request_bound_s,
         archive=prep.archive,
+        pages=pages,
+        cached_bytes=cached_bytes_of(prep.archive.data),
+        keep=config.follow.keep,
+        follows=config.follow.enabled,
     )
     if config.kernel.request_bound_s < math.inf:
         log.info(
             "every FUSE request is answered within %g s (the kernel's request timeout less a margin)",
             config.kernel.request_bound_s,
         )
-    fs.keep, fs.follows = config.follow.keep, config.follow.enabled
-    fs.cached_bytes = cached_bytes_of(prep.archive.data)
     try:
         pyfuse3.init(fs, str(config.mountpoint), fuse_options(config, prep.archive.name))
     except RuntimeError as exc:

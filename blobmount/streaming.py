@@ -1,7 +1,7 @@
 """The reader's part for large zstd files served while they decode: which decode serves a read, when
 one starts and stops, and what its verdict does (the mechanism, one decode, is decode.py).
 
-Policy (the "Trust first" guarantees of lazily verified raw files, reader.py's docstring):
+Policy (the "Trust first" guarantees of lazily verified raw files, integrity/__init__.py):
 - a read returns once the decoder has passed its end, at most ``wait_s`` later (EIO, the decode
   goes on); the read that reaches the end of the file waits for the verdict;
 - a mismatch found at the end is a distrust: that read fails, every handle opened before fails
@@ -14,17 +14,17 @@ Policy (the "Trust first" guarantees of lazily verified raw files, reader.py's d
   are served from the store); a file the store cannot take goes through a bounded ring, and a read
   behind the ring's window starts another decode (the old one goes on to its verdict).
 
-A mixin of :class:`blobmount.reader.Reader`, touched only from the trio thread.
+The strategy of :class:`blobmount.reader.Reader` for those files; a mismatch and the read once more
+from the origin go through integrity/. Touched only from the trio thread.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -33,75 +33,62 @@ from blobmount.cache.content import Pending
 from blobmount.daemon import metrics
 from blobmount.decode import LINGER_S, Behind, Decode, window_for
 from blobmount.errors import BlobmountError, IntegrityError, InvalidArchive, LimitExceeded, SourceError
+from blobmount.flight import Flights
 from blobmount.index import Entry
 from blobmount.index.paths import show
+from blobmount.integrity import Integrity
+from blobmount.smallfiles import pread
 from blobmount.sources.base import RangeSource
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
-    from blobmount.reader import Handle, ReaderConfig
+    from blobmount.reader import Handle
 
 log = logging.getLogger("blobmount.reader")
 
 
-class StreamingReads:
+class StreamedFiles:
     """Large zstd files served while they decode (module docstring)."""
 
-    # the reader's state this part shares (reader.py)
-    source: RangeSource
-    store: ContentStore
-    config: ReaderConfig
-    _nursery: trio.Nursery | None
-    _verified: set[int]
-    _poisoned: set[int]
-    _suspect: set[int]
-    _generation: dict[int, int]
-    _verifying: dict[int, trio.Event]
-    _decodes: dict[int, list[Decode]]  # entry -> decodes running for it
-    _pending: dict[int, Pending]  # id(decode) -> its content-store temp file
-    _starting: dict[int, trio.Event]  # entry -> set once its new decode is registered
+    def __init__(self, source: RangeSource, store: ContentStore, integrity: Integrity) -> None:
+        self.source = source
+        self.store = store
+        self.integrity = integrity
+        self.config = integrity.config
+        self._decodes: dict[int, list[Decode]] = {}  # entry -> decodes running for it
+        self._pending: dict[int, Pending] = {}  # id(decode) -> its content-store temp file
+        self._starting: Flights[int] = Flights()  # entry -> its new decode being registered
 
-    if TYPE_CHECKING:
-
-        def _check_generation(self, handle: Handle) -> None: ...
-        def _check_poison(self, entry: Entry) -> None: ...
-        def _notify_poison(self, entry: Entry) -> None: ...
-        def _hashed_ok(self, entry: Entry) -> None: ...
-        async def _forget_remote(self, entry: Entry) -> None: ...
-        def _decode(self, entry: Entry, tmp: Path) -> None: ...
-        def _decode_to(
-            self, entry: Entry, out: BinaryIO, compressed: bytes | None = None, keep: bool = True
-        ) -> None: ...
-
-    def _progressive(self, entry: Entry) -> bool:
-        """A large zstd file is served as the decoder passes each byte (and verified at the end),
-        unless ``strict`` asks for verify-before-serve; needs the nursery the decodes run in."""
-        return (
-            self.config.verify != "strict"
-            and entry.original_size > self.config.verify_threshold
-            and self._nursery is not None
-        )
-
-    async def _open_stream(self, handle: Handle) -> None:
-        entry = handle.entry
-        handle.generation = self._generation.get(entry.number, 0)
-        if entry.number not in self._suspect:
+    async def open(self, handle: Handle) -> None:
+        entry, integrity = handle.entry, self.integrity
+        handle.generation = integrity.generation_of(entry)
+        if entry.number not in integrity.suspect:
             fd = await self.store.open(entry.hash.hex())
             if fd is not None:  # decoded and verified before (only verified content is committed)
                 handle.content_fd = fd
-                self._verified.add(entry.number)
+                integrity.verified.add(entry.number)
                 return
         handle.stream = True  # the decode starts with the first read, not here
+
+    async def read(self, handle: Handle, offset: int, end: int) -> bytes:
+        if handle.content_fd is not None:
+            return await pread(handle, offset, end)
+        return await self._read_stream(handle, offset, end)
+
+    def close(self, handle: Handle) -> None:
+        if handle.decode is not None:
+            self._leave(handle)
+        if handle.content_fd is not None:
+            self.store.release(handle.entry.hash.hex(), handle.content_fd)
+            handle.content_fd = None
 
     async def _read_stream(self, handle: Handle, offset: int, end: int) -> bytes:
         """Bytes [offset, end) from the file's running decode (one is started if none can serve
         them): at once if decoded, else when the decoder gets there, EIO after ``wait_s``. The read
         that reaches the end of the file waits for the verdict; a mismatch fails it (distrust)."""
-        entry = handle.entry
+        entry, integrity = handle.entry, self.integrity
         for _ in range(4):  # a restart (behind the window, a failed decode) at most a few times
-            self._check_generation(handle)
-            if entry.number in self._suspect:
+            integrity.check_generation(entry, handle.generation)
+            if entry.number in integrity.suspect:
                 await self._wait_recheck(entry)
                 continue
             dec = handle.decode
@@ -116,7 +103,7 @@ class StreamingReads:
                     with trio.move_on_after(self.config.wait_s):
                         await settling[0].settled_event.wait()
                     continue
-                if entry.number in self._verified:  # decoded whole meanwhile: the store may have it
+                if entry.number in integrity.verified:  # decoded whole meanwhile: the store may have it
                     fd = await self.store.open(entry.hash.hex())
                     if fd is not None:
                         handle.content_fd, handle.stream = fd, False
@@ -126,7 +113,7 @@ class StreamingReads:
             try:
                 with trio.move_on_after(self.config.wait_s):
                     data = await dec.read(offset, end, end >= entry.original_size)
-                    self._check_generation(handle)  # distrusted while it waited: not served
+                    integrity.check_generation(entry, handle.generation)  # distrusted while it waited: not served
                     return data
             except Behind:
                 _behind(entry, offset)
@@ -141,21 +128,18 @@ class StreamingReads:
     async def _decode_for(self, entry: Entry, offset: int) -> Decode:
         """The running decode that can serve `offset` (the one furthest along), or a new one: into
         a content-store temp file when it fits, else a bounded ring."""
-        while (starting := self._starting.get(entry.number)) is not None:
-            await starting.wait()  # one decode at a time is started (its store file is one)
+        while self._starting.busy(entry.number):
+            await self._starting.settle(entry.number)  # one decode at a time is started (its store file is one)
         running = [d for d in self._decodes.get(entry.number, ()) if not d.done.is_set() and d.holds(offset)]
         if running:
             return max(running, key=lambda d: d.upto)
         pending: Pending | None = None
         if not self._decodes.get(entry.number):  # the store file is for the first decode only
-            starting = self._starting[entry.number] = trio.Event()
-            try:
-                pending = await self.store.begin(entry.hash.hex(), entry.original_size)
-            except (StoreUnavailable, LimitExceeded) as exc:
-                log.debug("%s: %s; decoding it through a bounded window", show(entry.path), exc)
-            finally:
-                del self._starting[entry.number]
-                starting.set()
+            with self._starting.lead(entry.number):
+                try:
+                    pending = await self.store.begin(entry.hash.hex(), entry.original_size)
+                except (StoreUnavailable, LimitExceeded) as exc:
+                    log.debug("%s: %s; decoding it through a bounded window", show(entry.path), exc)
         window = window_for(self.store.max_bytes)
         log.info(
             "%s: decoding it while it is read (%s)",
@@ -169,13 +153,13 @@ class StreamingReads:
         if pending is not None:
             self._pending[id(dec)] = pending
         self._decodes.setdefault(entry.number, []).append(dec)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_decode, dec)
+        started = self.integrity.start(self._run_decode, dec)
+        assert started, "a streamed file needs the reader's nursery (Reader._strategy)"
         return dec
 
     async def _run_decode(self, dec: Decode) -> None:
         entry = dec.entry
-        generation = self._generation.get(entry.number, 0)
+        generation = self.integrity.generation_of(entry)
         started = time.monotonic()
         try:
             await dec.run(lambda d: self._decoded_stream(d, generation))
@@ -195,9 +179,9 @@ class StreamingReads:
                             log.warning("%s: decoded and verified, but not kept: %s", show(entry.path), exc)
                     elif pending is not None:
                         await self.store.abort(pending)
-                if dec.error is not None and dec.upto and entry.number not in self._verified:
+                if dec.error is not None and dec.upto and entry.number not in self.integrity.verified:
                     # it served bytes and ended without a verdict: the kernel must not keep them
-                    self._notify_poison(entry)
+                    self.integrity.drop_pages(entry)
             finally:
                 decodes = self._decodes.get(entry.number, [])
                 if dec in decodes:
@@ -210,28 +194,23 @@ class StreamingReads:
 
     def _decoded_stream(self, dec: Decode, generation: int) -> None:
         """The verdict of a decode, before any reader waiting on it sees it."""
-        entry, exc = dec.entry, dec.error
+        entry, exc, integrity = dec.entry, dec.error, self.integrity
         if exc is None:
-            if generation == self._generation.get(entry.number, 0):
-                self._hashed_ok(entry)
+            if generation == integrity.generation_of(entry):
+                integrity.hashed_ok(entry)
         elif isinstance(exc, (IntegrityError, InvalidArchive)):
             # Bytes already served were wrong: fail every handle that may hold them, drop the
             # kernel's pages, and read the file whole from the origin before serving it again.
             metrics.VERIFY_FILES.labels(result="mismatch").inc()
             log.warning("%s; the read that completes it fails (EIO); reading it again from the origin", exc)
-            number = entry.number
-            self._generation[number] = self._generation.get(number, 0) + 1
-            self._verified.discard(number)
-            self._suspect.add(number)
-            self._notify_poison(entry)
-            if self._nursery is not None:
-                self._nursery.start_soon(self._recheck, entry, True)
+            integrity.distrust(entry)
+            integrity.start(self.recheck, entry)
 
     def _leave(self, handle: Handle, stop: bool = True) -> None:
         dec, handle.decode = handle.decode, None
         if dec is not None and dec.leave(id(handle)) == 0:
-            if stop and not dec.done.is_set() and self._nursery is not None and self.config.verify != "background":
-                self._nursery.start_soon(self._linger, dec)  # background: it goes on to its verdict
+            if stop and not dec.done.is_set() and self.config.verify != "background":
+                self.integrity.start(self._linger, dec)  # background: it goes on to its verdict
             self._close_decode(dec)
 
     @staticmethod
@@ -252,60 +231,34 @@ class StreamingReads:
             dec.fd = None
 
     async def _wait_recheck(self, entry: Entry) -> None:
-        if entry.number not in self._verifying and self._nursery is not None:
-            self._nursery.start_soon(self._recheck, entry, True)
+        integrity = self.integrity
+        if not integrity.verifying.busy(entry.number) and integrity.start(self.recheck, entry):
             await trio.lowlevel.checkpoint()
-        pending = self._verifying.get(entry.number)
-        if pending is not None:
-            with trio.move_on_after(self.config.wait_s):
-                await pending.wait()
-            if not pending.is_set():
+        if integrity.verifying.busy(entry.number):
+            with trio.move_on_after(self.config.wait_s) as waited:
+                await integrity.verifying.settle(entry.number)
+            if waited.cancelled_caught:
                 raise SourceError(
                     f"{show(entry.path)}: being read again from the origin after a mismatch; not done within"
                     f" {self.config.wait_s:g} s"
                 )
-        self._check_poison(entry)
+        integrity.check_poison(entry)
 
-    async def _recheck(self, entry: Entry, purge: bool) -> None:
+    async def recheck(self, entry: Entry) -> None:
         """Decode the whole file and check it before another byte is served (into the store when it
-        fits, else only hashed), single-flight; `purge`: its chunks first, so it comes from the
-        origin. A mismatch then poisons it."""
-        number = entry.number
-        if number in self._verifying:
+        fits, else only hashed), single-flight, through integrity's one rule: a suspect file's
+        chunks are purged first so it comes from the origin, and a mismatch then poisons it."""
+        integrity, number = self.integrity, entry.number
+        if integrity.verifying.busy(number):
             return
-        done = self._verifying[number] = trio.Event()
-        try:
-            if purge:
-                await self._forget_remote(entry)
+        with integrity.verifying.lead(number):
             try:
-                await self.store.fill(entry.hash.hex(), entry.original_size, lambda tmp: self._decode(entry, tmp))
-            except (StoreUnavailable, LimitExceeded):
-                await trio.to_thread.run_sync(self._decode_to, entry, cast(BinaryIO, _Discard()))
-            self._suspect.discard(number)
-            self._hashed_ok(entry)
-        except (IntegrityError, InvalidArchive) as exc:
-            self._suspect.discard(number)
-            self._poisoned.add(number)
-            metrics.VERIFY_FILES.labels(result="poisoned").inc()
-            metrics.VERIFY_FAILURES.labels(what="file").inc()
-            log.error("%s", exc)
-            self._notify_poison(entry)
-        except BlobmountError as exc:
-            log.warning("%s: reading it again stopped: %s (the next read tries again)", show(entry.path), exc)
-        finally:
-            del self._verifying[number]
-            done.set()
+                await integrity.decode_into_store(entry, or_hash=True)
+            except (IntegrityError, InvalidArchive):
+                pass  # poisoned: logged once, every read EIO
+            except BlobmountError as exc:
+                log.warning("%s: reading it again stopped: %s (the next read tries again)", show(entry.path), exc)
 
 
 def _behind(entry: Entry, offset: int) -> None:
     log.info("%s: a read at byte %d is behind the decode window; decoding again", show(entry.path), offset)
-
-
-class _Discard(io.RawIOBase):
-    """A sink that keeps nothing: a file too large for the store is only hashed when rechecked."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        return len(b)

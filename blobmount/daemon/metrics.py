@@ -70,7 +70,7 @@ FOLLOW_CHECKS = Counter(
 FOLLOW_ARCHIVES = Gauge("blobmount_follow_archives", "--follow: archives kept (the one served and older ones in use).")
 FOLLOW_INDEX_BYTES = Gauge("blobmount_follow_index_bytes", "--follow: index bytes in memory for the archives kept.")
 
-# fs.py, in its _fuse_errors wrapper: every handler that goes through it.
+# handler.py, in its fuse_errors wrapper: every handler (fs.py) goes through it.
 FUSE_REQUESTS = Counter("blobmount_fuse_requests_total", "FUSE requests answered, by operation.", ("op",))
 FUSE_ERRORS = Counter(
     "blobmount_fuse_errors_total",
@@ -166,7 +166,7 @@ FETCH_IN_FLIGHT = Gauge(
     "Range reads the fetcher has started and not finished (bounded by its concurrency budget).",
 )
 
-# reader.py (the lead's layer): sha256 verification outcomes.
+# integrity/ (and streaming.py's verdicts): sha256 verification outcomes.
 VERIFY_FILES = Counter(
     "blobmount_verify_files_total",
     "Files whose sha256 was checked, by result (ok, mismatch, poisoned).",

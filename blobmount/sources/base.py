@@ -12,7 +12,7 @@ Cheap to import on purpose (no trio, no cache): the CLI imports it before the mo
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import trio
 
-    from blobmount.cache import ChunkStore
+    from blobmount.cache import ChunkStore, MetaStore
     from blobmount.fetch_runs import FetchStats
     from blobmount.readahead import ReadHint
 
@@ -56,6 +56,7 @@ class Fetching(RangeSource, Protocol):
 
     offline: bool
     stats: FetchStats
+    meta: MetaStore | None  # where verified records live (integrity/records.py)
 
     @property
     def store(self) -> ChunkStore: ...
@@ -79,9 +80,7 @@ class Fetching(RangeSource, Protocol):
 
     async def purge(self, start: int, end: int) -> None: ...
 
-    async def was_verified(self, start: int, end: int, sha256: bytes) -> bool: ...
-
-    async def remember_verified(self, start: int, end: int, sha256: bytes) -> None: ...
+    def expect(self, first: int, digests: Sequence[int]) -> None: ...
 
 
 @runtime_checkable

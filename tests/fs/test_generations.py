@@ -83,7 +83,7 @@ def test_an_open_file_and_an_old_inode_keep_their_archive_across_a_switch(tmp_pa
     assert run(fs.lookup, ROOT_INO, b"new", CTX).st_mode & 0o040000
     # an unchanged file of v2 is read through v1's reader (its cached bytes)
     same = run(fs.lookup, ROOT_INO, b"same.txt", CTX).st_ino
-    found = fs._file_of(same)
+    found = fs.file_of(same)
     assert found is not None
     assert found[0].source_of(found[1])[0].number == 0
 
@@ -108,7 +108,7 @@ def test_an_old_archive_goes_once_the_kernel_forgets_it_and_at_most_keep_are_ali
     assert fuse_errno(fs.getattr, old, CTX) == errno.ENOENT  # forgotten by the kernel, then dropped
     assert run(fs.getattr, v2_ino, CTX).st_size == 4  # still held: still v2
     assert _read(fs, run(fs.lookup, ROOT_INO, b"a.txt", CTX).st_ino)[1] == b"three"
-    found = fs._file_of(run(fs.lookup, ROOT_INO, b"same.txt", CTX).st_ino)
+    found = fs.file_of(run(fs.lookup, ROOT_INO, b"same.txt", CTX).st_ino)
     assert found is not None
     assert found[0].source_of(found[1])[0].number == 1  # v1 is gone: from the oldest kept
 

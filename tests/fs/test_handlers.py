@@ -163,12 +163,15 @@ def test_unexpected_exception_is_eio_and_the_fs_keeps_serving(tmp_path: Path, ca
 
 
 def test_cached_bytes_xattr_hook(tmp_path: Path) -> None:
-    """user.blobmount.cached_bytes exists only once the chunk store answers through the hook."""
+    """user.blobmount.cached_bytes exists only when the filesystem was given the chunk store's count."""
     fs = make_fs(tmp_path)
     ino = run(fs.lookup, ROOT_INO, b"top.md", CTX).st_ino
     name = b"user.blobmount.cached_bytes"
     assert fuse_errno(fs.getxattr, ino, name, CTX) == errno.ENODATA
-    fs.cached_bytes = lambda entry: entry.original_size // 2
+    archive = open_directory(FIXTURES / "basic")
+    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
+    reader = Reader(archive.data, ContentStore(tmp_path / "cache"))
+    fs = BlobFS(view, reader, cached_bytes=lambda entry: entry.original_size // 2)
     entry = fs.view.entry(ino - FILE_INO_BASE)
     assert run(fs.getxattr, ino, name, CTX) == str(entry.original_size // 2).encode()
 

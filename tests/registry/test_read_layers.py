@@ -1,5 +1,6 @@
 """One cold read, traced: the blobmount modules on the stack where the read enters the fetcher and
-where its range request is sent. The layers are fs -> reader -> fetch (the reading task) and
+where its range request is sent. The layers are handler -> fs -> reader -> the reader's strategy ->
+integrity -> fetch (the reading task; a small file is read whole and checked) and
 fetch -> remote -> registry client -> session -> transport -> wire (the fetch task), each entered once, in
 that order, none calling back up (the mirror indirection once re-entered the source through
 closures). A real registry on 127.0.0.1, the real handlers without the kernel."""
@@ -24,7 +25,14 @@ from blobmount.registry.options import RegistryOptions
 from blobmount.registry.wire import WireTransport
 from tests.support.helpers import tree_files
 
-READING = ["blobmount.fs", "blobmount.reader"]  # recorded as the call enters blobmount.fetch
+READING = [  # recorded as the call enters blobmount.fetch
+    "blobmount.handler",
+    "blobmount.fs",
+    "blobmount.reader",
+    "blobmount.smallfiles",
+    "blobmount.integrity",
+    "blobmount.integrity.whole",
+]
 REQUEST = [
     "blobmount.fetch_runs",
     "blobmount.sources.remote",

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from blobmount import decode
+from blobmount import decode, rangestream
 from blobmount.cache import ContentStore
 from blobmount.cache.content import TRAILER_BYTES, Pending
 from blobmount.errors import IntegrityError
@@ -122,7 +122,7 @@ def test_a_decode_whose_readers_left_stops_and_gives_its_space_back(
         reader.close(handle)
         with trio.fail_after(30):
             await dec.done.wait()
-        assert dec.error is None or isinstance(dec.error, decode.Stopped)
+        assert dec.error is None or isinstance(dec.error, rangestream.Stopped)
         for _ in range(100):
             if not list((tmp_path / "c").rglob("*.tmp")):
                 break
@@ -209,7 +209,7 @@ def test_the_frame_is_read_in_growing_hops_while_they_are_fast(delay_s: float) -
     got = bytearray()
 
     def drain() -> None:
-        stream = decode.RangeStream(src, 0, src.size)
+        stream = rangestream.RangeStream(src, 0, src.size)
         buf = bytearray(decode.INPUT_BYTES)
         for _ in range(8):
             n = stream.readinto(buf)
@@ -220,7 +220,7 @@ def test_the_frame_is_read_in_growing_hops_while_they_are_fast(delay_s: float) -
 
     trio.run(go, clock=trio.testing.MockClock(autojump_threshold=0))
     assert bytes(got) == src.data[: len(got)]
-    if delay_s < decode.INPUT_FAST_S:
+    if delay_s < rangestream.INPUT_FAST_S:
         assert src.asked[:5] == [MiB, 2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB], src.asked
     else:
         assert src.asked == [MiB] * 8, src.asked

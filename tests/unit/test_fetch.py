@@ -412,6 +412,7 @@ def test_fill_uses_one_request_per_contiguous_range(tmp_path: Path) -> None:
 @pytest.mark.expect_log("differs from the bytes a file was verified with")
 def test_a_chunk_that_changed_since_verification_is_refused(tmp_path: Path) -> None:
     from blobmount.cache import MetaStore
+    from blobmount.integrity.records import VerifiedRecords
 
     cache = CacheDir(tmp_path / "c")
     sha = b"\x11" * 32
@@ -420,14 +421,14 @@ def test_a_chunk_that_changed_since_verification_is_refused(tmp_path: Path) -> N
         async with serving(_source(FakeRemote(BLOB), cache, meta=MetaStore(cache))) as src:
             await src.read_range(0, 4 * CS)
             await trio.sleep(0.1)
-            await src.remember_verified(0, 4 * CS, sha)
+            await VerifiedRecords(src).remember(0, 4 * CS, sha)
         # another mount: the record holds while the chunks are the ones verified
         bad = bytearray(BLOB)
         bad[CS + 5] ^= 1
         remote = FakeRemote(bytes(bad))
         async with serving(_source(remote, cache, meta=MetaStore(cache), timeout_s=60.0)) as src:
-            assert await src.was_verified(0, 4 * CS, sha)
-            assert not await src.was_verified(0, 4 * CS, b"\x22" * 32)
+            assert await VerifiedRecords(src).was_verified(0, 4 * CS, sha)
+            assert not await VerifiedRecords(src).was_verified(0, 4 * CS, b"\x22" * 32)
             os.unlink(tmp_path / "c" / "chunks" / f"{DIGEST}-{CS}" / "1")  # evicted meanwhile
             with pytest.raises(TransientError, match="differs from the bytes a file was verified with"):
                 await src.read_range(CS, CS + 10)  # the refetch brings other bytes: refused

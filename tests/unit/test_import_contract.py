@@ -19,7 +19,15 @@ PACKAGE = Path(blobmount.__file__).resolve().parent
 
 # library -> the modules (or packages, ending in ".") that may import it
 OWNERS: Mapping[str, tuple[str, ...]] = {
-    "pyfuse3": ("blobmount.fs", "blobmount.mount", "blobmount.generations"),  # handlers, life, inode numbers
+    # handlers, their one wrapper, inode attributes, the kernel's caches, life, inode numbers
+    "pyfuse3": (
+        "blobmount.fs",
+        "blobmount.handler",
+        "blobmount.inodes",
+        "blobmount.kernel",
+        "blobmount.mount",
+        "blobmount.generations",
+    ),
     "pyfuse3_asyncio": (),
     "httpx": ("blobmount.registry.",),
     "httpcore": ("blobmount.registry.transport",),
