@@ -1,20 +1,240 @@
-"""Calling the filesystem's handlers without the kernel (tests/fs): a request context, and the
-errno a handler answers with."""
+"""Calling the filesystem's handlers without the kernel (tests/fs): the one place a test builds a
+:class:`BlobFS` (so a change of how it is constructed is made here once), a request context, the
+errno a handler answers with, and the walks a kernel would make (lookup by path, open-read-release,
+readdir with its offsets).
+
+:func:`blob_fs` wires an archive as mount.py's ``serve`` does (view, reader with the directory
+spans, filesystem); :func:`serving` also opens SOURCE as the mount's parent does (a local
+directory, an ``oci:`` layout or a registry reference through ``open_remote``, the index checked
+through ``index_view``) and gives the data source and the reader a nursery, as ``_serve`` does.
+The one kernel call a handler path makes, ``pyfuse3.invalidate_inode`` (the reader distrusted a
+file's pages), is recorded instead of sent: there is no kernel to drop them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+import contextlib
+import errno
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import pytest
+import trio
 
+from blobmount.cache import CacheDir, ContentStore
+from blobmount.fetch import ChunkedSource
+from blobmount.follow import cached_bytes_of, index_view
+from blobmount.fs import ROOT_INO, BlobFS
+from blobmount.index import IndexView
+from blobmount.reader import Reader, ReaderConfig
+from blobmount.registry.client import RegistryOptions
+from blobmount.source import Archive, RangeSource, open_local
+from blobmount.sources import RemoteSettings, is_local, open_remote
 from tests.support.aio import run
 
 CTX = pyfuse3.RequestContext()
+READ_BYTES = 128 << 10  # the kernel's FUSE read size
 
 
 def fuse_errno(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> int:
     with pytest.raises(pyfuse3.FUSEError) as info:
         run(fn, *args)
     return info.value.errno
+
+
+async def answer(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+    """The handler's result, or the errno it answered (an int) as a kernel would pass it on."""
+    try:
+        return await fn(*args)
+    except pyfuse3.FUSEError as exc:
+        return exc.errno
+
+
+# -- building the filesystem ----------------------------------------------------------------------
+
+
+def reader_for(
+    archive: Archive,
+    store: ContentStore | Path,
+    config: ReaderConfig | None = None,
+    *,
+    view: IndexView | None = None,
+    data: RangeSource | None = None,
+) -> Reader:
+    """The reader mount.py builds for `archive` (`data`: its data source wrapped, for a fault)."""
+    store = store if isinstance(store, ContentStore) else ContentStore(store)
+    view = view if view is not None else IndexView(archive.index_bytes, blob_size=archive.data.size)
+    return Reader(data if data is not None else archive.data, store, config, dir_span=view.data_span)
+
+
+def blob_fs(
+    archive: Archive,
+    store: ContentStore | Path,
+    config: ReaderConfig | None = None,
+    *,
+    view: IndexView | None = None,
+    data: RangeSource | None = None,
+    **options: Any,
+) -> BlobFS:
+    """The filesystem over `archive` as mount.py builds it; `options` are BlobFS's own (uid, gid,
+    dir_time_ns, deadline_s...). `view`: a view of the index (a subclass, to break or count)."""
+    view = view if view is not None else IndexView(archive.index_bytes, blob_size=archive.data.size)
+    reader = reader_for(archive, store, config, view=view, data=data)
+    return BlobFS(view, reader, archive=archive, **options)
+
+
+@dataclass
+class Served:
+    """A filesystem being served without a kernel: what :func:`serving` yields."""
+
+    fs: BlobFS
+    archive: Archive
+    cache: Path
+    dropped: list[int] = field(default_factory=list)  # inodes whose kernel pages the daemon dropped
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    source: str,
+    cache: Path,
+    config: ReaderConfig | None = None,
+    *,
+    options: RegistryOptions | None = None,
+    offline: bool = False,
+    decide_opens: bool = False,
+    **fs_options: Any,
+) -> AsyncIterator[Served]:
+    """SOURCE opened and served as a mount serves it, minus the kernel (module docstring).
+    `decide_opens`: run the no-open decision first, as a mount does once it is up."""
+    cache_dir = CacheDir(cache)
+    if is_local(source):
+        archive = open_local(source)
+    else:
+        archive = await open_remote(source, options or RegistryOptions(), RemoteSettings(cache_dir, None, offline))
+    try:
+        view = index_view(archive, cache_dir)
+        fs = blob_fs(archive, ContentStore(cache_dir), config, view=view, dir_time_ns=archive.created_ns, **fs_options)
+        fs.cached_bytes = cached_bytes_of(archive.data)
+        served = Served(fs, archive, cache)
+        real_invalidate = pyfuse3.invalidate_inode
+        pyfuse3.invalidate_inode = lambda ino, attr_only=False: served.dropped.append(ino)  # type: ignore[assignment]
+        try:
+            async with trio.open_nursery() as nursery:
+                if isinstance(archive.data, ChunkedSource):
+                    archive.data.attach(nursery)
+                fs.reader.attach(nursery)
+                nursery.start_soon(fs.invalidator)
+                if decide_opens:
+                    await fs.decide_opens()
+                yield served
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.invalidate_inode = real_invalidate
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await archive.data.aclose()
+        archive.data.close()
+
+
+# -- what a kernel would ask ----------------------------------------------------------------------
+
+
+async def inode_of(fs: BlobFS, path: bytes | str) -> int:
+    """Looked up name by name from the root, as the kernel resolves a path."""
+    raw = os.fsencode(path)
+    ino = ROOT_INO
+    for name in raw.split(b"/") if raw else ():
+        ino = (await fs.lookup(ino, name, CTX)).st_ino
+    return ino
+
+
+async def read_file(fs: BlobFS, path: bytes | str, offset: int = 0, size: int | None = None) -> bytes | int:
+    """open, reads of READ_BYTES from `offset` (to the end, or `size` bytes), release: the bytes,
+    or the errno of the first call that failed (as a program reading the file would see it)."""
+    try:
+        info = await fs.open(await inode_of(fs, path), os.O_RDONLY, CTX)
+    except pyfuse3.FUSEError as exc:
+        return exc.errno
+    try:
+        return await read_handle(fs, info.fh, offset, size)
+    finally:
+        await fs.release(info.fh)
+
+
+async def read_handle(fs: BlobFS, fh: int, offset: int = 0, size: int | None = None) -> bytes | int:
+    out: list[bytes] = []
+    pos = offset
+    end = None if size is None else offset + size
+    while end is None or pos < end:
+        n = READ_BYTES if end is None else min(READ_BYTES, end - pos)
+        try:
+            block = await fs.read(fh, pos, n)
+        except pyfuse3.FUSEError as exc:
+            return exc.errno
+        if not block:
+            break
+        out.append(block)
+        pos += len(block)
+    return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    name: bytes
+    attr: pyfuse3.EntryAttributes
+    next_id: int  # the offset the kernel passes back to resume after this entry
+
+
+@contextlib.contextmanager
+def _replies(into: list[Listed], room: int | None) -> Any:
+    """pyfuse3.readdir_reply answered into `into`; with `room`, the kernel's buffer holds that many."""
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        if room is not None and len(into) >= room:
+            return False
+        into.append(Listed(name, attr, next_id))
+        return True
+
+    real = pyfuse3.readdir_reply
+    pyfuse3.readdir_reply = reply
+    try:
+        yield
+    finally:
+        pyfuse3.readdir_reply = real
+
+
+async def readdir_once(fs: BlobFS, fh: int, ino: int, start_id: int, room: int | None = None) -> list[Listed]:
+    """One readdir request from `start_id`, the kernel's buffer holding `room` entries (fh 0: the
+    no-opendir mode, where the request names the inode)."""
+    got: list[Listed] = []
+    with _replies(got, room):
+        await fs.readdir(fh, start_id, None, ino)  # type: ignore[arg-type]
+    return got
+
+
+async def list_dir(fs: BlobFS, ino: int, room: int | None = None) -> list[Listed]:
+    """opendir (ENOSYS: the no-opendir mode, fh 0), readdir requests resumed at each last offset
+    until one adds nothing, releasedir: the listing `ls -a -f` gets (with `room` entries per
+    request, as many requests as that takes)."""
+    try:
+        fh = await fs.opendir(ino, CTX)
+    except pyfuse3.FUSEError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        fh = 0
+    try:
+        out: list[Listed] = []
+        start = 0
+        while True:
+            got = await readdir_once(fs, fh, ino, start, room)
+            if not got:
+                return out
+            out.extend(got)
+            start = got[-1].next_id
+    finally:
+        if fh:
+            await fs.releasedir(fh)
