@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,3 +238,18 @@ async def list_dir(fs: BlobFS, ino: int, room: int | None = None) -> list[Listed
     finally:
         if fh:
             await fs.releasedir(fh)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, guard_s: float = 60.0, poll_s: float = 0.05) -> None:
+    """Wait for a state the daemon reaches in the background (a verification, a re-read), at most
+    `guard_s` (a hang guard: the wait is over as soon as `check` holds)."""
+    for _ in range(max(1, int(guard_s / poll_s))):
+        if await check():
+            return
+        await trio.sleep(poll_s)
+    raise AssertionError(f"{what}: not within {guard_s:g} s")
+
+
+async def verified_state(fs: BlobFS, path: bytes | str) -> bytes:
+    """The user.blobmount.verified xattr of `path`."""
+    return await fs.getxattr(await inode_of(fs, path), b"user.blobmount.verified", CTX)
