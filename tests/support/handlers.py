@@ -25,11 +25,12 @@ import pyfuse3
 import pytest
 import trio
 
-from blobmount.cache import CacheDir, ContentStore
+from blobmount.cache import DEFAULT_CACHE_SIZE_BYTES, CacheDir, ContentStore
 from blobmount.fetch import ChunkedSource
 from blobmount.follow import cached_bytes_of, index_view
 from blobmount.fs import ROOT_INO, BlobFS
 from blobmount.index import IndexView
+from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.registry.client import RegistryOptions
 from blobmount.source import Archive, RangeSource, open_local
@@ -105,12 +106,16 @@ async def serving(
     *,
     options: RegistryOptions | None = None,
     offline: bool = False,
+    cache_size: int = DEFAULT_CACHE_SIZE_BYTES,
+    prefetch: tuple[str, ...] = (),
     decide_opens: bool = False,
     **fs_options: Any,
 ) -> AsyncIterator[Served]:
-    """SOURCE opened and served as a mount serves it, minus the kernel (module docstring).
-    `decide_opens`: run the no-open decision first, as a mount does once it is up."""
-    cache_dir = CacheDir(cache)
+    """SOURCE opened and served as a mount serves it, minus the kernel (module docstring), with
+    ``--cache-size`` `cache_size`. `prefetch`: the ``--prefetch`` paths, fetched into the cache
+    before the filesystem is handed over (a mount does it right after READY). `decide_opens`:
+    the no-open decision taken first, as a mount takes it once it is up."""
+    cache_dir = CacheDir(cache, cache_size)
     if is_local(source):
         archive = open_local(source)
     else:
@@ -128,6 +133,8 @@ async def serving(
                     archive.data.attach(nursery)
                 fs.reader.attach(nursery)
                 nursery.start_soon(fs.invalidator)
+                if prefetch and isinstance(archive.data, ChunkedSource):
+                    await archive.data.fill(ranges_for(view, prefetch))
                 if decide_opens:
                     await fs.decide_opens()
                 yield served
