@@ -530,3 +530,89 @@ def test_a_pruned_cache_is_refetched_by_the_next_read(lazy: LazyArchive, registr
             assert await read_file(s.fs, "small/f0002.txt") == lazy.files["small/f0002.txt"]
 
     run(body)
+
+
+def test_two_filesystems_sharing_a_cache_fetch_each_chunk_once(
+    lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path
+) -> None:
+    cache = tmp_path / "shared-cache"
+    src = f"{quirk_proxy.host}/{lazy.repo}@{lazy.digest}"
+    results: list[bytes | int] = []
+
+    async def body() -> None:
+        async with _lazy(src, cache) as a, _lazy(src, cache) as b:
+            quirk_proxy.state.seen.clear()
+
+            async def reader(s: Served) -> None:
+                results.append(await read_file(s.fs, "big.bin"))
+
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader, a)
+                    nursery.start_soon(reader, b)
+
+    run(body)
+    assert results == [lazy.files["big.bin"]] * 2
+    covered: list[int] = []
+    for a0, b0 in ranges(quirk_proxy):
+        covered.extend(range(a0 // CHUNK, (b0 - 1) // CHUNK + 1))
+    assert len(covered) == len(set(covered)), "a chunk was fetched by both filesystems"
+
+
+@pytest.mark.expect_log(r"failed its checksum")
+def test_a_flipped_chunk_on_disk_is_caught_and_refetched(
+    lazy: LazyArchive, registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    src = f"{registry.host}/{lazy.repo}@{lazy.digest}"
+
+    async def read_big() -> None:
+        async with _lazy(src, cache) as s:
+            assert await read_file(s.fs, "big.bin") == lazy.files["big.bin"]
+
+    run(read_big)
+    chunk_files = sorted(p for p in (cache / "chunks").rglob("*") if p.is_file() and p.name.isdigit())
+    assert chunk_files
+    raw = bytearray(chunk_files[0].read_bytes())
+    raw[100] ^= 0x01
+    chunk_files[0].write_bytes(bytes(raw))
+    run(read_big)
+    assert "failed its checksum" in caplog.text
+
+
+@pytest.mark.expect_log(r"^blobmount\.cache(\.\w+)*: ")
+def test_a_full_cache_disk_and_a_deleted_cache_dir_keep_reads_working(
+    lazy: LazyArchive, registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = f"{registry.host}/{lazy.repo}@{lazy.digest}"
+    tiny = tmp_path / "tiny"
+    tiny.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(tiny)], check=True, timeout=30)
+    try:
+
+        async def full() -> None:
+            async with _lazy(src, tiny / "cache") as s:
+                assert await read_file(s.fs, "big.bin") == lazy.files["big.bin"]
+                assert await read_file(s.fs, "other/blob.bin") == lazy.files["other/blob.bin"]
+
+        run(full)
+        assert "serving from memory" in caplog.text
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False, timeout=30)
+    cache = tmp_path / "cache"
+
+    async def deleted() -> None:
+        async with _lazy(src, cache) as s:
+            assert await read_file(s.fs, "small/f0000.txt") == lazy.files["small/f0000.txt"]
+            for _ in range(20):  # the filesystem may be writing into it while it goes
+                await trio.to_thread.run_sync(
+                    functools.partial(subprocess.run, ["rm", "-rf", str(cache)], check=False, timeout=30)
+                )
+                if not cache.exists():
+                    break
+            assert await read_file(s.fs, "big.bin") == lazy.files["big.bin"]
+            for i in range(500, 520):
+                name = f"small/f{i:04}.txt"
+                assert await read_file(s.fs, name) == lazy.files[name]
+
+    run(deleted)

@@ -26,8 +26,10 @@ import pytest
 import trio
 
 from blobmount.cache import DEFAULT_CACHE_SIZE_BYTES, CacheDir, ContentStore
+from blobmount.config import MountConfig
+from blobmount.daemon.control import DaemonState
 from blobmount.fetch import ChunkedSource
-from blobmount.follow import cached_bytes_of, index_view
+from blobmount.follow import Follower, cached_bytes_of, index_view
 from blobmount.fs import ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.prefetch import ranges_for
@@ -96,6 +98,8 @@ class Served:
     archive: Archive
     cache: Path
     dropped: list[int] = field(default_factory=list)  # inodes whose kernel pages the daemon dropped
+    forgotten: list[tuple[int, bytes]] = field(default_factory=list)  # (parent, name) entries invalidated
+    follower: Follower | None = None  # with follow_interval_s: the --follow task, running
 
 
 @contextlib.asynccontextmanager
@@ -109,24 +113,34 @@ async def serving(
     cache_size: int = DEFAULT_CACHE_SIZE_BYTES,
     prefetch: tuple[str, ...] = (),
     decide_opens: bool = False,
+    follow_interval_s: float | None = None,
     **fs_options: Any,
 ) -> AsyncIterator[Served]:
     """SOURCE opened and served as a mount serves it, minus the kernel (module docstring), with
     ``--cache-size`` `cache_size`. `prefetch`: the ``--prefetch`` paths, fetched into the cache
     before the filesystem is handed over (a mount does it right after READY). `decide_opens`:
-    the no-open decision taken first, as a mount takes it once it is up."""
+    the no-open decision taken first, as a mount takes it once it is up. `follow_interval_s`:
+    ``--follow`` with that interval (its Follower in ``Served.follower``; ``wake()`` is SIGHUP)."""
     cache_dir = CacheDir(cache, cache_size)
     if is_local(source):
         archive = open_local(source)
     else:
         archive = await open_remote(source, options or RegistryOptions(), RemoteSettings(cache_dir, None, offline))
+    fs: BlobFS | None = None
     try:
         view = index_view(archive, cache_dir)
         fs = blob_fs(archive, ContentStore(cache_dir), config, view=view, dir_time_ns=archive.created_ns, **fs_options)
         fs.cached_bytes = cached_bytes_of(archive.data)
         served = Served(fs, archive, cache)
-        real_invalidate = pyfuse3.invalidate_inode
-        pyfuse3.invalidate_inode = lambda ino, attr_only=False: served.dropped.append(ino)  # type: ignore[assignment]
+        real_invalidate, real_forget = pyfuse3.invalidate_inode, pyfuse3.invalidate_entry
+
+        def drop(inode: int, attr_only: bool = False) -> None:
+            served.dropped.append(inode)
+
+        def forget(inode_p: int, name: bytes, deleted: int = 0) -> None:
+            served.forgotten.append((inode_p, name))
+
+        pyfuse3.invalidate_inode, pyfuse3.invalidate_entry = drop, forget
         try:
             async with trio.open_nursery() as nursery:
                 if isinstance(archive.data, ChunkedSource):
@@ -137,14 +151,63 @@ async def serving(
                     await archive.data.fill(ranges_for(view, prefetch))
                 if decide_opens:
                     await fs.decide_opens()
+                if follow_interval_s is not None:
+                    served.follower = _follower(source, cache, fs, archive, config, options, follow_interval_s)
+                    nursery.start_soon(served.follower.run)
                 yield served
                 nursery.cancel_scope.cancel()
         finally:
-            pyfuse3.invalidate_inode = real_invalidate
+            pyfuse3.invalidate_inode, pyfuse3.invalidate_entry = real_invalidate, real_forget
     finally:
+        # every archive still open, as mount.py closes them: after --follow switches, more than one
+        opened = [archive]
+        if fs is not None:
+            gens = [*fs.generations.values(), *fs.take_retired()]
+            opened += [g.archive for g in gens if g.archive is not None and g.archive is not archive]
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await archive.data.aclose()
-        archive.data.close()
+            for one in opened:
+                await one.data.aclose()
+        for one in opened:
+            one.data.close()
+
+
+def _follower(
+    source: str,
+    cache: Path,
+    fs: BlobFS,
+    archive: Archive,
+    config: ReaderConfig | None,
+    options: RegistryOptions | None,
+    interval_s: float,
+) -> Follower:
+    """The --follow task mount.py starts, with the settings `serving` was given."""
+    reader = config or ReaderConfig()
+    mount = MountConfig(
+        source=source,
+        mountpoint=cache / "mountpoint",  # named in status only: nothing is mounted
+        cache_dir=cache,
+        verify=reader.verify,
+        verify_threshold=reader.verify_threshold,
+        registry=options or RegistryOptions(),
+        follow=True,
+        follow_interval_s=interval_s,
+    )
+    fs.follows = True
+    fs.keep = mount.follow_keep
+    store = fs.reader.store
+    view = fs.view
+    state = DaemonState(
+        mountpoint=mount.mountpoint,
+        source=source,
+        pinned=archive.name,
+        index_digest=archive.index_digest,
+        data_digest=f"sha256:{view.data_hash.hex()}" if view.data_hash else None,
+        entries=len(view),
+        data_size=view.blob_size,
+        cache_dir=cache,
+        cache_limit=mount.cache_size,
+    )
+    return Follower(mount, store.cache, store, fs, state)
 
 
 # -- what a kernel would ask ----------------------------------------------------------------------
@@ -161,25 +224,33 @@ async def inode_of(fs: BlobFS, path: bytes | str) -> int:
 
 async def read_file(fs: BlobFS, path: bytes | str, offset: int = 0, size: int | None = None) -> bytes | int:
     """open, reads of READ_BYTES from `offset` (to the end, or `size` bytes), release: the bytes,
-    or the errno of the first call that failed (as a program reading the file would see it)."""
+    or the errno of the first call that failed (as a program reading the file would see it). An
+    open answered ENOSYS is the no-open mode: the reads go with fh 0 and the inode, and no release
+    is sent, as the kernel does it."""
+    ino = await inode_of(fs, path)
     try:
-        info = await fs.open(await inode_of(fs, path), os.O_RDONLY, CTX)
+        fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
     except pyfuse3.FUSEError as exc:
-        return exc.errno
+        if exc.errno != errno.ENOSYS:
+            return exc.errno
+        return await read_handle(fs, 0, offset, size, inode=ino)
     try:
-        return await read_handle(fs, info.fh, offset, size)
+        return await read_handle(fs, fh, offset, size)
     finally:
-        await fs.release(info.fh)
+        await fs.release(fh)
 
 
-async def read_handle(fs: BlobFS, fh: int, offset: int = 0, size: int | None = None) -> bytes | int:
+async def read_handle(
+    fs: BlobFS, fh: int, offset: int = 0, size: int | None = None, *, inode: int | None = None
+) -> bytes | int:
+    """Reads of one open file (fh 0 and `inode`: the no-open mode) until its end or `size` bytes."""
     out: list[bytes] = []
     pos = offset
     end = None if size is None else offset + size
     while end is None or pos < end:
         n = READ_BYTES if end is None else min(READ_BYTES, end - pos)
         try:
-            block = await fs.read(fh, pos, n)
+            block = await (fs.read(fh, pos, n) if inode is None else fs.read(fh, pos, n, inode))
         except pyfuse3.FUSEError as exc:
             return exc.errno
         if not block:
