@@ -28,12 +28,12 @@ from blobmount.reader import ReaderConfig
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.fuse.test_network_faults import CASES, LAZY_READ, TARGETS, TOKEN_FAULTS
 from tests.support import resolver
 from tests.support.aio import run
 from tests.support.corpus import Placed, Spec, write_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob, path_prefix
 from tests.support.handlers import CTX, Served, inode_of, list_dir, read_file, serving, until, verified_state
+from tests.support.netfaults import CASES, LAZY_READ, TARGETS, TOKEN_FAULTS
 from tests.support.servers import Registry
 
 TIMEOUT_S = 2.0  # --timeout of every mount of the mounted twin

@@ -25,7 +25,6 @@ from blobmount.reader import ReaderConfig
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
-from tests.fuse.test_zstd_stream import DECODE_LINE, RANDOM_BYTES, TEXT_BYTES, text
 from tests.support import load
 from tests.support.aio import run
 from tests.support.corpus import Placed, Spec, write_archive
@@ -42,6 +41,7 @@ from tests.support.handlers import (
     verified_state,
 )
 from tests.support.servers import Registry
+from tests.support.zstdstream import DECODE_LINE, RANDOM_BYTES, TEXT_BYTES, text
 
 MiB = 1 << 20
 REPO = "twins/stream:v1"

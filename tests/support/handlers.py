@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -169,6 +170,11 @@ async def serving(
                 await one.data.aclose()
         for one in opened:
             one.data.close()
+        cache_dir.close()  # its lock file: a daemon's exit closes it
+        # Fetches cancelled on the way out leave async generators (response bodies) in reference
+        # cycles; collected here, inside this trio run, trio finalizes them. Collected later, after
+        # the run, they would warn in whichever test runs then (a daemon's run ends with its process).
+        gc.collect()
 
 
 def _follower(
@@ -227,8 +233,8 @@ async def read_file(fs: BlobFS, path: bytes | str, offset: int = 0, size: int | 
     or the errno of the first call that failed (as a program reading the file would see it). An
     open answered ENOSYS is the no-open mode: the reads go with fh 0 and the inode, and no release
     is sent, as the kernel does it."""
-    ino = await inode_of(fs, path)
     try:
+        ino = await inode_of(fs, path)
         fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
     except pyfuse3.FUSEError as exc:
         if exc.errno != errno.ENOSYS:
