@@ -42,6 +42,7 @@ from tests.support.aio import run
 
 CTX = pyfuse3.RequestContext()
 READ_BYTES = 128 << 10  # the kernel's FUSE read size
+MAX_REQUESTS = 1 << 16  # bound of one walk: 8 GiB of reads, or a listing of millions of entries
 
 
 def fuse_errno(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> int:
@@ -253,7 +254,9 @@ async def read_handle(
     out: list[bytes] = []
     pos = offset
     end = None if size is None else offset + size
-    while end is None or pos < end:
+    for _ in range(MAX_REQUESTS):
+        if end is not None and pos >= end:
+            break
         n = READ_BYTES if end is None else min(READ_BYTES, end - pos)
         try:
             block = await (fs.read(fh, pos, n) if inode is None else fs.read(fh, pos, n, inode))
@@ -263,6 +266,8 @@ async def read_handle(
             break
         out.append(block)
         pos += len(block)
+    else:
+        raise AssertionError(f"fh {fh}: still reading after {MAX_REQUESTS} requests")
     return b"".join(out)
 
 
@@ -313,12 +318,13 @@ async def list_dir(fs: BlobFS, ino: int, room: int | None = None) -> list[Listed
     try:
         out: list[Listed] = []
         start = 0
-        while True:
+        for _ in range(MAX_REQUESTS):
             got = await readdir_once(fs, fh, ino, start, room)
             if not got:
                 return out
             out.extend(got)
             start = got[-1].next_id
+        raise AssertionError(f"readdir of inode {ino}: still listing after {MAX_REQUESTS} requests")
     finally:
         if fh:
             await fs.releasedir(fh)
