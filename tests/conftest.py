@@ -18,9 +18,10 @@ import trio
 from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
+from tests.support.faults import FaultProxy
 from tests.support.helpers import FIXTURE_NAMES, FIXTURES, REFERENCE_CREATED
 from tests.support.logstrict import collected, unexpected
-from tests.support.servers import Registry, start_registry
+from tests.support.servers import QuirkProxy, Registry, start_registry
 
 _LOCAL = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 _real_getaddrinfo = socket.getaddrinfo
@@ -85,3 +86,24 @@ def pushed(registry: Registry) -> dict[str, str]:
         refs[name] = str(ref)
         refs[name + "@"] = f"{registry.host}/fixtures/{name}@{digest}"
     return refs
+
+
+@pytest.fixture
+def quirk_proxy(registry: Registry) -> Iterator[QuirkProxy]:
+    """A quirk proxy in front of the session registry: it counts what the client asks for
+    (requests, ranges, body bytes) and plays registry quirks when told to."""
+    p = QuirkProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def fault_proxy(registry: Registry) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session registry, no fault on (tests switch them per request)."""
+    p = FaultProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()

@@ -12,11 +12,10 @@ from blobmount.create import CreateOptions, create_archive
 from blobmount.fs import ROOT_INO, BlobFS
 from blobmount.generations import GEN_SHIFT, changes
 from blobmount.index import IndexView
-from blobmount.reader import Reader
 from blobmount.sources.base import Archive
 from blobmount.sources.local import open_directory
 from tests.support.aio import run
-from tests.support.handlers import CTX, fuse_errno
+from tests.support.handlers import CTX, blob_fs, fuse_errno, reader_for
 
 FLAGS = os.O_RDONLY
 
@@ -40,14 +39,14 @@ V3 = {"a.txt": b"three", "same.txt": b"same"}
 def _fs(tmp: Path, files: dict[str, bytes]) -> tuple[BlobFS, ContentStore]:
     archive, view = _archive(tmp, "v1", files)
     store = ContentStore(tmp / "store")
-    fs = BlobFS(view, Reader(archive.data, store), archive=archive)
+    fs = blob_fs(archive, store, view=view)
     fs.follows = True
     return fs, store
 
 
 def _switch(fs: BlobFS, store: ContentStore, tmp: Path, name: str, files: dict[str, bytes]) -> None:
     archive, view = _archive(tmp, name, files)
-    fs.switch(archive, view, Reader(archive.data, store), None)
+    fs.switch(archive, view, reader_for(archive, store, view=view), None)
 
 
 def _read(fs: BlobFS, ino: int) -> tuple[int, bytes]:

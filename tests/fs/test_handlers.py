@@ -19,15 +19,13 @@ import pytest
 import trio
 
 from blobmount import errors
-from blobmount.cache import ContentStore
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
 from blobmount.index import IndexView
 from blobmount.readahead import ReadHint
-from blobmount.reader import Reader
 from blobmount.sources.local import LocalFileSource, open_directory
 from blobmount.sources.oci_layout import open_oci_layout
 from tests.support.aio import run
-from tests.support.handlers import CTX, fuse_errno
+from tests.support.handlers import CTX, blob_fs, fuse_errno
 from tests.support.helpers import make_oci_layout, tree_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
@@ -35,10 +33,7 @@ T = TypeVar("T")
 
 
 def make_fs(tmp_path: Path, fixture: str = "basic") -> BlobFS:
-    archive = open_directory(FIXTURES / fixture)
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
-    reader = Reader(archive.data, ContentStore(tmp_path / "cache"))
-    return BlobFS(view, reader)
+    return blob_fs(open_directory(FIXTURES / fixture), tmp_path / "cache")
 
 
 def test_every_error_class_is_mapped_to_its_errno() -> None:
@@ -90,9 +85,7 @@ def test_lookup_getattr_and_inode_model(tmp_path: Path) -> None:
 
 
 def test_owner_overrides(tmp_path: Path) -> None:
-    archive = open_directory(FIXTURES / "basic")
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
-    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), uid=4242, gid=4343)
+    fs = blob_fs(open_directory(FIXTURES / "basic"), tmp_path / "c", uid=4242, gid=4343)
     attr = run(fs.lookup, ROOT_INO, b"top.md", CTX)
     assert (attr.st_uid, attr.st_gid) == (4242, 4343)
     assert (run(fs.getattr, ROOT_INO, CTX).st_uid, run(fs.getattr, ROOT_INO, CTX).st_gid) == (4242, 4343)
@@ -168,10 +161,7 @@ def test_cached_bytes_xattr_hook(tmp_path: Path) -> None:
     ino = run(fs.lookup, ROOT_INO, b"top.md", CTX).st_ino
     name = b"user.blobmount.cached_bytes"
     assert fuse_errno(fs.getxattr, ino, name, CTX) == errno.ENODATA
-    archive = open_directory(FIXTURES / "basic")
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
-    reader = Reader(archive.data, ContentStore(tmp_path / "cache"))
-    fs = BlobFS(view, reader, cached_bytes=lambda entry: entry.original_size // 2)
+    fs = blob_fs(open_directory(FIXTURES / "basic"), tmp_path / "cache", cached_bytes=lambda e: e.original_size // 2)
     entry = fs.view.entry(ino - FILE_INO_BASE)
     assert run(fs.getxattr, ino, name, CTX) == str(entry.original_size // 2).encode()
 
@@ -189,8 +179,8 @@ def _dir_inode(fs: BlobFS, path: bytes) -> int:
 @pytest.mark.parametrize("fixture", ["basic", "mixed", "unicode"])
 def test_directory_times_are_their_newest_file_else_the_archive_time(tmp_path: Path, fixture: str) -> None:
     archive = open_directory(FIXTURES / fixture)
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
-    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), dir_time_ns=ARCHIVE_TIME_NS)
+    fs = blob_fs(archive, tmp_path / "c", dir_time_ns=ARCHIVE_TIME_NS)
+    view = fs.view
     entries = [view.entry(i) for i in range(len(view))]
     dirs = {b"/".join(e.path.split(b"/")[:k]) for e in entries for k in range(e.path.count(b"/") + 1)}
     want = {
@@ -221,7 +211,7 @@ def test_directory_time_is_computed_once_per_directory(tmp_path: Path) -> None:
 
     archive = open_directory(FIXTURES / "basic")
     view = CountingView(archive.index_bytes, blob_size=archive.data.size)
-    fs = BlobFS(view, Reader(archive.data, ContentStore(tmp_path / "c")), dir_time_ns=ARCHIVE_TIME_NS)
+    fs = blob_fs(archive, tmp_path / "c", view=view, dir_time_ns=ARCHIVE_TIME_NS)
     a = run(fs.lookup, ROOT_INO, b"a", CTX)
     first = len(calls)
     assert first == sum(1 for c in view.children(b"a") if not c.is_dir)  # its files, nothing deeper
@@ -296,8 +286,7 @@ def stalled_fs(tmp_path: Path, fixture: str) -> tuple[BlobFS, StalledSource]:
     archive = open_directory(FIXTURES / fixture)
     assert isinstance(archive.data, LocalFileSource)
     source = StalledSource(archive.data)
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
-    return BlobFS(view, Reader(source, ContentStore(tmp_path / "cache")), deadline_s=DEADLINE_S), source
+    return blob_fs(archive, tmp_path / "cache", data=source, deadline_s=DEADLINE_S), source
 
 
 async def _answer(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> tuple[T | int, float]:

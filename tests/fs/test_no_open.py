@@ -15,14 +15,12 @@ import pytest
 import trio
 
 from blobmount import fs as fs_module
-from blobmount.cache import ContentStore
 from blobmount.create import CreateOptions, create_archive
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
-from blobmount.index import IndexView
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.sources.local import open_directory
 from tests.support.aio import run
-from tests.support.handlers import CTX, fuse_errno
+from tests.support.handlers import CTX, blob_fs, fuse_errno
 
 MIB = 1 << 20
 
@@ -50,9 +48,7 @@ def _fs(tmp: Path, files: dict[str, bytes] = FILES, config: ReaderConfig | None 
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
     create_archive(src, tmp / "arch", CreateOptions())
-    archive = open_directory(tmp / "arch")
-    view = IndexView(archive.index_bytes, blob_size=archive.data.size)
-    return BlobFS(view, Reader(archive.data, ContentStore(tmp / "store"), config), archive=archive)
+    return blob_fs(open_directory(tmp / "arch"), tmp / "store", config)
 
 
 def _ino(fs: BlobFS, path: str) -> int:

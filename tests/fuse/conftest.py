@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.faults import FaultProxy
 from tests.support.mounts import require_fuse
-from tests.support.servers import QuirkProxy, Registry
 
 HELPER = Path("/sbin/mount.fuse.blobmount")
 
@@ -30,24 +28,3 @@ def helper_installed() -> Iterator[None]:
     finally:
         if created:
             HELPER.unlink()
-
-
-@pytest.fixture
-def quirk_proxy(registry: Registry) -> Iterator[QuirkProxy]:
-    """A quirk proxy in front of the session registry: it counts what the daemon asks for
-    (requests, ranges, body bytes) and plays registry quirks when told to."""
-    p = QuirkProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
-@pytest.fixture
-def fault_proxy(registry: Registry) -> Iterator[FaultProxy]:
-    """A fault proxy in front of the session registry, no fault on (tests switch them per request)."""
-    p = FaultProxy(registry.host)
-    try:
-        yield p
-    finally:
-        p.stop()

@@ -32,28 +32,15 @@ from tests.support.faults import Fault, FaultProxy, Kind, blob
 from tests.support.mounts import Mount, mounted
 from tests.support.reads import read_bounded
 from tests.support.servers import Registry
+from tests.support.zstdstream import DECODE_LINE, RANDOM_BYTES, TEXT_BYTES, text
 
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-TEXT_BYTES = 48 * MiB + 4321  # compresses ~4x: a dozen MiB of frame, several range requests
-RANDOM_BYTES = 6 * MiB + 99  # incompressible: raw zstd blocks, so a flipped bit decodes fine
 REPO = "zstd/stream:v1"
 TIMEOUT_S = 3.0
 GUARD_S = 90.0  # hang guard for one read (the machine may be loaded)
 ARGS = ("--verify-threshold", "256K", "--timeout", str(TIMEOUT_S), "--log-level", "info")
-DECODE_LINE = "decoding it while it is read"
-
-
-def text(size: int, seed: int) -> bytes:
-    """Compressible text with variation: words of a fixed vocabulary in random order."""
-    rng = random.Random(seed)
-    letters = b"etaoinshrdlucmfwypvbgkjqxz"
-    words = [bytes(rng.choices(letters, k=rng.randint(1, 10))) for _ in range(4000)]
-    out = b" ".join(rng.choices(words, k=size // 5))
-    while len(out) < size:
-        out += out[: size - len(out)]
-    return out[:size]
 
 
 @dataclass(frozen=True, slots=True)
