@@ -173,7 +173,8 @@ class Pieces:
                 await self._flights.wait(index)
                 continue
             with self._flights.lead(index):
-                data = await trio.to_thread.run_sync(self.store.load, index)
+                # one stat here rather than a thread hop for the load: most pieces are absent
+                data = await trio.to_thread.run_sync(self.store.load, index) if self.store.on_disk(index) else None
                 if data is None:
                     data = await self._fetch_run(index, last)
                 self.store.memory_put(index, data)
