@@ -48,8 +48,8 @@ from blobmount.cache import CacheDir, ChunkStore
 from blobmount.daemon import metrics
 from blobmount.errors import BlobmountError, SourceError, TransientError
 from blobmount.flight import Flights
-from blobmount.registry.retry import Retry
 from blobmount.readahead import ReadHint
+from blobmount.registry.retry import Retry
 
 log = logging.getLogger(__name__)
 
