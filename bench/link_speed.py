@@ -19,6 +19,9 @@ Every trial of ours uses a fresh mount and an empty cache directory; the reader 
 - ``rand4k``: ``--rand`` preads of 4 KiB at seeded random 4 KiB-aligned offsets of big.bin (QD1),
   cold, beside one curl run fetching the same ranges over one keep-alive connection (``--next``);
   with bytes fetched (the daemon's ``blobmount_fetch_bytes_total``) per byte read.
+- ``rclone-seq`` and ``rclone-rand4k``: the same reads through ``rclone mount --vfs-cache-mode full``
+  (cold cache) of big.bin served by nginx on loopback (rclone's http backend needs a directory
+  listing, which a registry's blob URL does not give; nginx serves the same bytes).
 
 Repetitions alternate the order of ours and the peer's; ratios are taken per pair, then the
 median. Targets printed beside the figures, never asserted. The load average is printed with every
@@ -44,7 +47,7 @@ from typing import Any
 from bench._common import cleanup_on_term, code_state, default_json_path, loadavg, machine, median, write_json
 from bench.janitor import Janitor, fresh_dir, unmount
 from bench.peers import blobmount_cmd
-from bench.servers import free_port, start_registry
+from bench.servers import Server, free_port, start_nginx, start_registry
 from bench.zstd_stream import children_cpu, data_digest, parse_size, proc_cpu, spans
 
 WORK_ROOT = Path(os.environ.get("BENCH_LINK_WORK_ROOT", "/var/tmp/blobmount-bench-link"))
@@ -54,7 +57,15 @@ MOUNT_WAIT_S = 60.0
 RUN_TIMEOUT_S = 900.0
 PAR = 8
 WORKLOADS = ("seq", "par8", "remount", "rand4k")
-TARGETS = {"seq": 1.0, "httpfs2": 1.0, "par8": 0.8, "remount": 0.9, "rand4k": 0.9}
+TARGETS = {
+    "seq": 1.0,
+    "httpfs2": 1.0,
+    "rclone-seq": 1.0,
+    "par8": 0.8,
+    "remount": 0.9,
+    "rand4k": 0.9,
+    "rclone-rand4k": 1.0,
+}
 FETCHED = re.compile(r"^blobmount_fetch_bytes_total (\S+)$", re.M)
 
 
@@ -150,6 +161,37 @@ class Bench:
         self.janitor, self.work, self.archive, self.ref, self.url = janitor, work, archive, ref, blob_url
         self.where = spans(archive)
         self.n = 0
+        self.nginx: Server | None = None
+
+    def rclone(self, run: Callable[[Path], dict[str, float]]) -> dict[str, float]:
+        """`run` on big.bin through a fresh rclone mount (full VFS cache, empty) of nginx's copy."""
+        if self.nginx is None:
+            www = fresh_dir(self.work / "www")
+            offset, size, _ = self.where[b"big.bin"]
+            with open(self.archive / "data.blob", "rb") as src, open(www / "big.bin", "wb") as dst:
+                src.seek(offset)
+                dst.write(src.read(size))
+            self.nginx = start_nginx(self.janitor, self.work, www, "127.0.0.1", free_port(), netns=False)
+        self.n += 1
+        mnt, cache = fresh_dir(self.work / f"mnt-rclone-{self.n}"), fresh_dir(self.work / f"cache-rclone-{self.n}")
+        (self.work / "rclone.conf").touch()
+        cmd = ["rclone", "mount", ":http:", str(mnt), "--http-url", f"http://{self.nginx.addr}/", "--read-only"]
+        cmd += ["--vfs-cache-mode", "full", "--cache-dir", str(cache), "--config", str(self.work / "rclone.conf")]
+        proc = self.janitor.spawn(cmd, self.work / f"rclone-{self.n}.log")
+        try:
+            deadline = time.monotonic() + MOUNT_WAIT_S
+            while not os.path.ismount(mnt):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("rclone did not mount")
+                time.sleep(0.02)
+            c0 = proc_cpu(proc.pid)
+            out = run(mnt / "big.bin")
+            return out | {"cpu": proc_cpu(proc.pid) - c0}
+        finally:
+            if os.path.ismount(mnt):
+                unmount(mnt)
+            self.janitor.wait_exit(proc, 30.0)
+            shutil.rmtree(cache, ignore_errors=True)
 
     def mount(self, source: str | None = None, cache: Path | None = None) -> Mount:
         self.n += 1
@@ -234,18 +276,28 @@ class Bench:
         rng = random.Random(26)
         return [rng.randrange(size // 4096) * 4096 for _ in range(count)]
 
+    def preads(self, path: Path, count: int) -> dict[str, float]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            t = time.perf_counter()
+            for off in self.offsets(count):
+                if len(os.pread(fd, 4096, off)) != 4096:
+                    raise SystemExit("rand4k: short read")
+            took = time.perf_counter() - t
+        finally:
+            os.close(fd)
+        return {"s": took, "iops": count / took}
+
     def rand4k(self, count: int) -> dict[str, float]:
         with self.mount() as m:
-            fd = os.open(m.mnt / "big.bin", os.O_RDONLY)
-            try:
-                t = time.perf_counter()
-                for off in self.offsets(count):
-                    if len(os.pread(fd, 4096, off)) != 4096:
-                        raise SystemExit("rand4k: short read")
-                took = time.perf_counter() - t
-            finally:
-                os.close(fd)
-            return {"s": took, "iops": count / took, "fetched_per_read": m.fetched() / (count * 4096)}
+            out = self.preads(m.mnt / "big.bin", count)
+            return out | {"fetched_per_read": m.fetched() / (count * 4096)}
+
+    def rclone_seq(self) -> dict[str, float]:
+        return self.rclone(lambda path: {"s": run_timed([dd(path)])[0]})
+
+    def rclone_rand4k(self, count: int) -> dict[str, float]:
+        return self.rclone(lambda path: self.preads(path, count))
 
     def peer_rand4k(self, count: int) -> dict[str, float]:
         offset = self.where[b"big.bin"][0]
@@ -292,12 +344,14 @@ def main(argv: list[str] | None = None) -> int:
             if "seq" in only:
                 pairs.append(("seq", bench.seq, bench.peer_seq))
                 pairs.append(("httpfs2", bench.seq, bench.httpfs2))
+                pairs.append(("rclone-seq", bench.seq, bench.rclone_seq))
             if "remount" in only:
                 pairs.append(("remount", lambda: (bench.seq(), bench.remount())[1], bench.local))
             if "par8" in only:
                 pairs.append(("par8", bench.par8, bench.peer_par8))
             if "rand4k" in only:
                 pairs.append(("rand4k", lambda: bench.rand4k(args.rand), lambda: bench.peer_rand4k(args.rand)))
+                pairs.append(("rclone-rand4k", lambda: bench.rand4k(args.rand), lambda: bench.rclone_rand4k(args.rand)))
             for rep in range(args.reps):
                 for name, ours_fn, peer_fn in pairs:
                     first_ours = rep % 2 == 0
@@ -321,11 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in dict.fromkeys(r["workload"] for r in rows):
         mine = [r for r in rows if r["workload"] == name]
         ratios = [r["ratio"] for r in mine]
-        per = gib if name in ("seq", "httpfs2") else parse_size(args.par_size) * PAR / 2**30
+        per = gib if name in ("seq", "httpfs2", "rclone-seq") else parse_size(args.par_size) * PAR / 2**30
         cpu = [r["ours"]["cpu"] / per for r in mine if "cpu" in r["ours"]]
         pcpu = [r["peer"]["cpu"] / per for r in mine if "cpu" in r["peer"]]
         extra = ""
-        if name == "rand4k":
+        if name in ("rand4k", "rclone-rand4k"):
             extra = f" (fetched/read {median([r['ours']['fetched_per_read'] for r in mine]):.1f}, target <= 16)"
         cpus = f"{median(cpu):.2f} | {median(pcpu):.2f}" if cpu and pcpu else " | "
         print(

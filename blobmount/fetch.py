@@ -40,6 +40,7 @@ from blobmount.fetch_runs import (
     Run,
     flight_seq,
 )
+from blobmount.pieces import PIECE_BYTES, Pieces
 from blobmount.readahead import DEFAULT_AHEAD_BYTES, ReadHint
 from blobmount.registry.retry import Retry
 from blobmount.sources.base import StreamSource
@@ -94,6 +95,17 @@ class ChunkedSource(ChunkRuns):
         self._purged: dict[int, int] = {}  # chunk -> epoch of its last purge
         self._unsaved_slots = trio.Semaphore(UNSAVED_CHUNKS)
         self._drained = trio.Event()  # set when the last unsaved chunk reaches the disk
+        self.pieces: Pieces | None = None  # random reads fetch pieces, not chunks (pieces.py)
+        if store.chunk_size >= 4 * PIECE_BYTES and not offline:
+            self.pieces = Pieces(
+                store.cache,
+                store.blob_hex,
+                store.blob_size,
+                lambda s, e: self.remote.iter_range(s, e),
+                retry=self._retry,
+                timeout_s=timeout_s,
+                on_fetched=self._count_piece,
+            )
 
     # -- RangeSource ---------------------------------------------------------------------------
 
@@ -110,6 +122,8 @@ class ChunkedSource(ChunkRuns):
     def attach(self, nursery: trio.Nursery) -> None:
         """Give the source the long-lived nursery its fetches run in (the mount's, or a command's)."""
         self._nursery = nursery
+        if self.pieces is not None:
+            self.pieces.attach(nursery)
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[ChunkedSource]:
@@ -138,6 +152,10 @@ class ChunkedSource(ChunkRuns):
             return b""
         cs = self.store.chunk_size
         first, last = start // cs, (end - 1) // cs
+        if self.pieces is not None and Pieces.wanted(hint, start, end) and self._untouched(first, last):
+            assert hint is not None
+            hint.window, hint.ahead, hint.pos = 0, 0, end  # what _read_ahead does after a jump
+            return await self.pieces.read(start, end)
         since = flight_seq()  # flights from here on serve this read; older ones it joined
         waiting_since = trio.current_time()
         missed = self._schedule(range(first, last + 1), ahead=False, keep=hint is None or hint.keep)
@@ -163,6 +181,41 @@ class ChunkedSource(ChunkRuns):
         )
         self._abandon_silent(first, last, waiting_since, error)
         raise error
+
+    def _untouched(self, first: int, last: int) -> bool:
+        """No chunk in [first, last] is present, on its way, or bound to the checks of the chunk
+        path (a verified record's digest, the origin after a purge): pieces may serve the read."""
+        for index in range(first, last + 1):
+            if (
+                index in self._flights
+                or index in self._unsaved
+                or index in self._expected
+                or index in self._origin_only
+                or index in self._purged
+                or self.store.in_memory(index)
+                or self.store.on_disk(index)
+            ):
+                return False
+        return True
+
+    async def pieces_agree(self, start: int, end: int) -> bool:
+        """Whether every piece served under [start, end) since the mount holds the bytes the
+        chunks hold there (pieces.py, Integrity): a file whose hash matched is verified only then."""
+        if self.pieces is None:
+            return True
+        for index in self.pieces.served(start, end):
+            piece = await self.pieces.get(index)
+            lo, hi = self.pieces.store.span(index)
+            a, b = max(lo, start), min(hi, end)
+            if piece is None or piece[a - lo : b - lo] != await self.read_range(a, b):
+                log.warning("data blob bytes %d-%d: a piece served earlier differs from the chunks", a, b)
+                return False
+        return True
+
+    def _count_piece(self, n: int) -> None:
+        self.stats.requests += 1
+        self.stats.bytes_fetched += n
+        metrics.FETCH_BYTES.inc(n)
 
     def prefetch(self, start: int, end: int, *, request_bytes: int | None = None) -> None:
         """Fetch [start, end) in the background, within the read-ahead budget (best effort).
@@ -249,11 +302,21 @@ class ChunkedSource(ChunkRuns):
             flight = self._flights.get(index)
             if flight is not None and flight.owner is not None:
                 del self._flights[index]  # its bytes still reach whoever waits, never the cache
+        if self.pieces is not None:
+            self.pieces.purge(start, end)
+            await trio.to_thread.run_sync(self.pieces.purge_disk, start, end)
         for index in range(first, last + 1):
             saving = self._saving.get(index)
             if saving is not None:
                 await saving.wait()  # a write of the old bytes in progress: delete after it
         await trio.to_thread.run_sync(self.store.purge_disk, first, last)
+
+    async def drop_pieces(self, start: int, end: int) -> None:
+        """A file over [start, end) verified: its chunks hold the verified bytes, and a piece
+        fetched apart from them must not keep serving others at its offset (pieces.py)."""
+        if start < end and self.pieces is not None:
+            self.pieces.purge(start, end)
+            await trio.to_thread.run_sync(self.pieces.purge_disk, start, end)
 
     def expect(self, first: int, digests: Sequence[int]) -> None:
         """Chunks `first`, `first` + 1, ... were verified as part of a file with these xxh3 digests

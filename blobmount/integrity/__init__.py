@@ -154,7 +154,20 @@ class Integrity:
         if await self.records.was_verified(entry.data_offset, entry.data_offset + entry.original_size, entry.hash):
             self.verified.add(number)
 
+    async def pieces_agree(self, entry: Entry) -> bool:
+        """The bytes served from pieces (random reads) are the ones just hashed (pieces.py)."""
+        if self.remote is None:
+            return True
+        return await self.remote.pieces_agree(entry.data_offset, entry.data_offset + entry.original_size)
+
+    async def _hash_raw(self, entry: Entry) -> None:
+        await whole.hash_raw(self.source, entry)
+        if not await self.pieces_agree(entry):
+            raise IntegrityError(f"{show(entry.path)}: a piece served earlier differs from the bytes verified")
+
     async def remember(self, entry: Entry) -> None:
+        if self.remote is not None:  # the chunks hold the verified bytes now: its pieces go
+            await self.remote.drop_pieces(entry.data_offset, entry.data_offset + entry.original_size)
         if self.records is not None and entry.original_size > RECORD_ABOVE_BYTES:
             await self.records.remember(entry.data_offset, entry.data_offset + entry.original_size, entry.hash)
 
@@ -233,7 +246,7 @@ class Integrity:
             if number in self.verified:
                 return
         with self.verifying.lead(number):
-            await self.from_origin(entry, lambda: whole.hash_raw(self.source, entry), served=not self.upfront(entry))
+            await self.from_origin(entry, lambda: self._hash_raw(entry), served=not self.upfront(entry))
             await self.remember(entry)
 
     async def load_raw(self, entry: Entry, hint: ReadHint | None) -> bytes:

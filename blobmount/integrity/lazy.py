@@ -28,7 +28,7 @@ from blobmount.daemon import metrics
 from blobmount.errors import BlobmountError, IntegrityError
 from blobmount.index import Entry
 from blobmount.index.paths import show
-from blobmount.integrity.whole import hash_range
+from blobmount.integrity.whole import BLOCK_BYTES, hash_range
 
 if TYPE_CHECKING:
     from blobmount.integrity import Integrity
@@ -154,6 +154,7 @@ class LazyHashes:
                 progress.early_bytes += len(data)
             else:
                 progress.covered = _merge(progress.covered, (offset, end))
+        await self._catch_up(entry, progress)
         # Once every byte has been read, bytes that arrived out of order and were not kept are
         # read again to hash them in order (rare with the buffer above).
         if progress.hashed_upto < entry.original_size and not _covers(
@@ -161,6 +162,26 @@ class LazyHashes:
         ):
             return
         await self._finish(entry, progress, "the read fails (EIO)")
+
+    async def _catch_up(self, entry: Entry, progress: Progress) -> None:
+        """The in-order hash reached bytes that were served but not kept (an out-of-order read
+        past the early buffer, or one an earlier open read before its last close): hash them from
+        the source now, then what was kept after them. Left for the end, they kept the reads that
+        came after them in the early buffer, unaccounted, so the read that completed the file did
+        not know it: the file was only checked when closed, after a program that read it to its
+        end had its bytes and exit 0 (the kernel had served it such a range from its page cache)."""
+        while not progress.finishing and self._progress.get(entry.number) is progress:
+            upto = progress.hashed_upto
+            gap = next((b for a, b in progress.covered if a <= upto < b), None)
+            if gap is None:
+                return
+            end = min(gap, upto + BLOCK_BYTES)
+            block = await self.integrity.source.read_range(entry.data_offset + upto, entry.data_offset + end)
+            if progress.hashed_upto != upto or progress.finishing or self._progress.get(entry.number) is not progress:
+                continue  # another read moved the hash on meanwhile (or the state was dropped)
+            progress.hasher.update(block)
+            progress.hashed_upto = end
+            _drain_early(progress)
 
     async def _finish(self, entry: Entry, progress: Progress, outcome: str) -> None:
         """Every byte was served: hash what was not hashed in order (from the source) and decide.
@@ -179,7 +200,7 @@ class LazyHashes:
                 raise
             progress.hashed_upto = entry.original_size
         digest = progress.hasher.digest()
-        if digest == entry.hash:
+        if digest == entry.hash and await integrity.pieces_agree(entry):
             integrity.hashed_ok(entry)
             await integrity.remember(entry)
             return

@@ -272,7 +272,7 @@ async def release(response: httpx.Response) -> None:
     await response.aclose()
 
 
-def raw_blocks(response: httpx.Response, chunk: int) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
+def raw_blocks(response: httpx.Response, chunk: int | None) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
     """The body undecoded (callers check Content-Encoding first) in blocks of `chunk` bytes,
     closed even when the reader stops early. Blocks of a fixed size: a body that overruns is
     noticed at a block boundary, with the stream below read to its end when it is that short (no

@@ -82,6 +82,10 @@ class Fetching(RangeSource, Protocol):
 
     def expect(self, first: int, digests: Sequence[int]) -> None: ...
 
+    async def pieces_agree(self, start: int, end: int) -> bool: ...
+
+    async def drop_pieces(self, start: int, end: int) -> None: ...
+
 
 @runtime_checkable
 class StreamSource(Protocol):
