@@ -200,18 +200,17 @@ class LazyHashes:
                 raise
             progress.hashed_upto = entry.original_size
         digest = progress.hasher.digest()
-        if digest == entry.hash and await integrity.pieces_agree(entry):
+        agree = digest == entry.hash and await integrity.pieces_agree(entry)
+        if agree:
             integrity.hashed_ok(entry)
             await integrity.remember(entry)
             return
         # Bytes already served were wrong: this read fails, and so does every handle that may hold
         # them. One more read from the origin decides between a transient fault and a bad archive.
         _MISMATCH.inc()
+        what = f"sha256 mismatch (got {digest.hex()})" if digest != entry.hash else "a piece served earlier differs"
         log.warning(
-            "%s: sha256 mismatch after reading it all (got %s): %s; reading it again from the origin",
-            show(entry.path),
-            digest.hex(),
-            outcome,
+            "%s: %s after reading it all: %s; reading it again from the origin", show(entry.path), what, outcome
         )
         integrity.distrust(entry)
         integrity.reverify(entry)

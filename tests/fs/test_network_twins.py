@@ -266,7 +266,7 @@ def test_dns_failure(
 ) -> None:
     """tests/support/resolver.py's resolver, installed in this process as the daemon's
     sitecustomize installs it there: registry.faults.test resolves to 127.0.0.1 until the flag
-    file exists, then fails as a dead resolver does; the fault_proxy also cuts the live connections."""
+    file exists, then fails as a dead resolver does; the proxy also cuts the live connections."""
     import socket
 
     flag = tmp_path / "dns-down"

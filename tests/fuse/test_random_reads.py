@@ -1,83 +1,29 @@
-"""Random reads fetch 64 KiB pieces, not 1 MiB chunks (blobmount/pieces.py), against the real
+"""Random reads fetch 32 KiB pieces, not 1 MiB chunks (blobmount/pieces.py), against the real
 registry, counted at a proxy in front of it; streams and whole files keep the chunk path."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 
-from blobmount.create import CreateOptions, create_archive
 from blobmount.pieces import PIECE_BYTES
-from blobmount.reference import Reference
-from blobmount.registry.client import RegistryOptions
-from blobmount.registry.push import push_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob
 from tests.support.mounts import mounted
+from tests.support.pieces import BIG, MIB, SMALL, Pushed, far_offsets, piece_requests, push_random_archive
+from tests.support.pieces import blob_ranges as _ranges
 from tests.support.servers import QuirkProxy, Registry
 
 pytestmark = pytest.mark.fuse
 
-MIB = 1 << 20
-BIG = 16 * MIB
-SMALL = 5000
-BLOB_SIZE = SMALL + BIG + 4 * MIB  # raw: the files' bytes, in path order
-
-
-@dataclass
-class Pushed:
-    repo: str
-    files: dict[str, bytes]
-    data_digest: str
-
 
 @pytest.fixture(scope="module")
 def archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
-    rng = random.Random(26)
-    src = tmp_path_factory.mktemp("random-src")
-    files = {"a/big.bin": rng.randbytes(BIG), "b/stream.bin": rng.randbytes(4 * MIB), "0/small.txt": b"x" * SMALL}
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    out = tmp_path_factory.mktemp("random-archive")
-    create_archive(str(src), str(out), CreateOptions("none"))
-    trio.run(push_archive, out, Reference.parse(f"{registry.host}/random/reads:v1"), RegistryOptions())
-    digest = "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest()
-    return Pushed("random/reads", files, digest)
-
-
-def _ranges(proxy: QuirkProxy) -> list[tuple[int, int]]:
-    out = []
-    for method, path, headers in list(proxy.state.seen):
-        value = headers.get("range")
-        if method == "GET" and value and "/blobs/" in path:
-            first, last = (int(x) for x in value.removeprefix("bytes=").split("-"))
-            if (first, last) != (0, 0):  # the 1-byte probe
-                out.append((first, last + 1))
-    return out
-
-
-def _pieces(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The requests that fetched pieces (the blob's short last chunk is not one)."""
-    return [(a, b) for a, b in ranges if b - a <= 2 * PIECE_BYTES and b != BLOB_SIZE]
-
-
-def _offsets(count: int, size: int, seed: int = 1) -> list[int]:
-    """4 KiB-aligned offsets, each more than a chunk away from the one before (a read near the
-    previous one is taken for a stream: chunks and read-ahead, as before pieces)."""
-    rng = random.Random(seed)
-    out = [rng.randrange(1, size // 4096) * 4096]
-    while len(out) < count:
-        off = rng.randrange(1, size // 4096) * 4096
-        if abs(off - out[-1]) > 2 * MIB:
-            out.append(off)
-    return out
+    return push_random_archive(
+        registry, tmp_path_factory.mktemp("random-src"), tmp_path_factory.mktemp("random-archive")
+    )
 
 
 def _random_reads(path: Path, offsets: list[int], want: bytes) -> int:
@@ -94,7 +40,7 @@ def test_random_4k_reads_fetch_pieces_and_a_remount_fetches_nothing(
     archive: Pushed, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
     ref = f"{quirk_proxy.host}/{archive.repo}:v1"
-    offsets = _offsets(60, BIG)
+    offsets = far_offsets(60, BIG)
     cache = tmp_path / "cache"
     with mounted(ref, tmp_path / "mnt", "--timeout", "30", cache_dir=cache) as m:
         quirk_proxy.state.seen.clear()
@@ -120,7 +66,7 @@ def test_a_stream_and_a_read_that_continues_after_a_jump_keep_whole_chunks(
         stream = _ranges(quirk_proxy)
         assert stream
         assert sum(end - start for start, end in stream) <= 4 * MIB + 2 * MIB  # each byte about once
-        assert _pieces(stream) == []  # no piece on a stream
+        assert piece_requests(stream) == []  # no piece on a stream
         quirk_proxy.state.seen.clear()
         big = archive.files["a/big.bin"]
         with open(m.path / "a/big.bin", "rb", buffering=0) as f:
@@ -144,7 +90,7 @@ def test_small_files_and_first_reads_at_the_start_stay_on_chunks(
         assert (m.path / "0/small.txt").read_bytes() == archive.files["0/small.txt"]
         fetched = _ranges(quirk_proxy)
         assert fetched
-        assert _pieces(fetched) == []
+        assert piece_requests(fetched) == []
 
 
 def test_a_flipped_piece_fails_the_whole_read_then_the_file_reads_right(
