@@ -11,20 +11,15 @@ external ``fusermount3 -u``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import logging.handlers
 import math
 import os
-import re
 import signal
 import socket
-import stat
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -36,11 +31,12 @@ from blobmount.cache.meta import MetaStore
 from blobmount.config import MountConfig
 from blobmount.daemon import control, http, logs, metrics
 from blobmount.daemon.notify import notify, watchdog
-from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, UsageError, exit_code_for
+from blobmount.errors import EXIT_ERROR, EXIT_OK, BlobmountError, SourceError, exit_code_for
 from blobmount.follow import Follower, cached_bytes_of, check_followable, index_view
 from blobmount.fs import BlobFS
 from blobmount.index import IndexView
 from blobmount.kernel import PageDrops
+from blobmount.mountpoint import check_mountpoint, fuse_fd
 from blobmount.prefetch import ranges_for
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.sources import Opening, RemoteSettings, open_archive
@@ -69,74 +65,6 @@ class Prepared:
     prefetch: list[tuple[int, int]]  # data-blob ranges of the --prefetch paths
     metrics_socket: socket.socket | None = None  # --metrics, bound before the fork
     recorder: profile.Recorder | None = None  # --record-profile
-
-
-def fuse_fd(path: Path) -> int | None:
-    """libfuse's convention: a mountpoint `/dev/fd/N` means "already mounted, serve /dev/fuse fd N".
-    A privileged helper opens /dev/fuse, mounts with fd=N and hands the fd to an unprivileged
-    daemon (the non-root sidecar); the daemon never mounts or unmounts, the helper does."""
-    match = re.fullmatch(r"/dev/fd/(\d+)", str(path))
-    return int(match.group(1)) if match else None
-
-
-def check_mountpoint(path: Path, nonempty: bool = False) -> None:
-    """Refuse a missing or live mountpoint; lazily unmount a stale one (ENOTCONN after a crash);
-    refuse a directory with entries unless `nonempty` (-o nonempty): mounting over it would hide
-    them, silently (libfuse 3 no longer checks).
-
-    A dead FUSE mount can still answer ``stat`` from attributes the kernel cached, so liveness is
-    probed with ``statvfs``, which always reaches the daemon."""
-    fd = fuse_fd(path)
-    if fd is not None:
-        try:
-            mode = os.fstat(fd).st_mode
-        except OSError as exc:
-            raise UsageError(f"mountpoint {path}: fd {fd} is not open ({exc.strerror})") from exc
-        if not stat.S_ISCHR(mode):
-            raise UsageError(f"mountpoint {path}: fd {fd} is not an open /dev/fuse")
-        return
-    try:
-        os.stat(path)
-        stale = False
-        if os.path.ismount(path):
-            os.statvfs(path)
-            raise UsageError(f"mountpoint {path}: something is already mounted there")
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            if exc.errno == errno.ENOENT:
-                raise UsageError(f"mountpoint {path}: does not exist") from exc
-            raise UsageError(f"mountpoint {path}: {exc.strerror}") from exc
-        stale = True
-    if stale:
-        log.warning("%s: stale FUSE mount (its daemon died); unmounting it lazily", path)
-        _lazy_unmount(path)
-    if not os.path.isdir(path):
-        raise UsageError(f"mountpoint {path}: not a directory")
-    if not nonempty and _has_entries(path):
-        raise UsageError(
-            f"mountpoint {path}: not empty (a mount would hide its files); pass -o nonempty to mount over them"
-        )
-    if not os.path.exists("/dev/fuse"):
-        raise UsageError("/dev/fuse does not exist: load the fuse module or pass --device /dev/fuse to the container")
-
-
-def _has_entries(path: Path) -> bool:
-    """Whether the directory holds anything (one entry read, however large it is). A directory
-    we may not list is left to the mount itself to judge."""
-    try:
-        with os.scandir(path) as entries:
-            return next(entries, None) is not None
-    except OSError as exc:
-        log.debug("mountpoint %s: cannot list it (%s); not checked for entries", path, exc.strerror)
-        return False
-
-
-def _lazy_unmount(path: Path) -> None:
-    result = subprocess.run(
-        ["fusermount3", "-u", "-z", str(path)], capture_output=True, text=True, check=False, timeout=30
-    )
-    if result.returncode != 0:
-        raise UsageError(f"mountpoint {path}: stale mount could not be unmounted: {result.stderr.strip()}")
 
 
 def prepare(config: MountConfig, opening: Opening | None = None) -> Prepared:
