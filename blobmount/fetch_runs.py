@@ -332,7 +332,10 @@ class ChunkRuns:
                 flight.done.set()  # type: ignore[union-attr]
             return
         expected = self._expected.get(index)
-        digest = chunk_digest(data) if run.keep or expected is not None else 0
+        # The trailer's xxh3 is computed by the writer, on its thread, unless this chunk must be
+        # checked now (a file was verified over it): off the trio thread, which every FUSE read
+        # and every landed chunk waits for.
+        digest = chunk_digest(data) if expected is not None else None
         if expected is not None and digest != expected:
             self.stats.changed_chunks += 1
             self._origin_only.add(index)
@@ -366,7 +369,7 @@ class ChunkRuns:
             if self.store.cache is not None:
                 self.store.cache.unclaim(self.store.claim_key(index))
 
-    async def _persist(self, index: int, data: bytes, digest: int) -> None:
+    async def _persist(self, index: int, data: bytes, digest: int | None) -> None:
         """Write a landed chunk to disk, then free its claim (other processes wait for the file)."""
         try:
             await trio.to_thread.run_sync(self.store.store, index, data, digest)
