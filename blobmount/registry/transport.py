@@ -18,7 +18,7 @@ import functools
 import os
 import ssl
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -223,46 +223,18 @@ class _CountedStream(httpx.AsyncByteStream):
         self._inner = inner
         self._bytes = metrics.HTTP_BYTES.labels(kind=kind)
         self._open = True
-        self._iters: list[AsyncGenerator[bytes, None]] = []
         metrics.HTTP_IN_FLIGHT.inc()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        it = self._counting()
-        self._iters.append(it)
-        return it
-
-    async def _counting(self) -> AsyncGenerator[bytes, None]:
-        async with contextlib.aclosing(aiter_of(self._inner)) as chunks:
-            async for chunk in chunks:
-                self._bytes.inc(len(chunk))
-                yield chunk
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._bytes.inc(len(chunk))
+            yield chunk
 
     async def aclose(self) -> None:
-        """Also closes the iterators handed out: httpx's ``aiter_raw`` leaves its ``async for``
-        over this stream without closing it when its reader stops early (an error, a body longer
-        than asked), and an async generator left unfinished is finalized whenever the garbage
-        collector finds it, outside any trio run, with a warning, holding its connection till then."""
         if self._open:
             self._open = False
             metrics.HTTP_IN_FLIGHT.dec()
-        iters, self._iters = self._iters, []
-        for it in iters:
-            await it.aclose()
         await self._inner.aclose()
-
-
-def aiter_of(stream: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
-    """`stream`'s iterator as an async generator (closable: ``aclosing``), whatever it is."""
-
-    it = stream.__aiter__()
-    if isinstance(it, AsyncGenerator):
-        return it
-
-    async def each() -> AsyncGenerator[bytes, None]:
-        async for chunk in it:
-            yield chunk
-
-    return each()
 
 
 def _tls_problem(exc: BaseException) -> str | None:

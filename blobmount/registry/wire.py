@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -93,7 +93,7 @@ class _Body(httpx.AsyncByteStream):
         self._pending = rest + self._pending
         return line
 
-    async def _exactly(self, remaining: int, block_bytes: int) -> AsyncGenerator[bytes, None]:
+    async def _exactly(self, remaining: int, block_bytes: int) -> AsyncIterator[bytes]:
         while remaining > 0:
             data = await self._receive(min(block_bytes, remaining))
             if not data:
@@ -108,9 +108,8 @@ class _Body(httpx.AsyncByteStream):
         if self._done:
             return
         if self._length >= 0:
-            async with contextlib.aclosing(self._exactly(self._length, RECEIVE_BYTES)) as blocks:
-                async for data in blocks:
-                    yield data
+            async for data in self._exactly(self._length, RECEIVE_BYTES):
+                yield data
         elif self._chunked:
             while True:
                 size_text = (await self._line()).split(b";", 1)[0].strip()
@@ -122,9 +121,8 @@ class _Body(httpx.AsyncByteStream):
                     while await self._line():  # trailers, up to the empty line
                         pass
                     break
-                async with contextlib.aclosing(self._exactly(size, RECEIVE_BYTES)) as blocks:
-                    async for data in blocks:
-                        yield data
+                async for data in self._exactly(size, RECEIVE_BYTES):
+                    yield data
                 if await self._line():
                     raise httpx.RemoteProtocolError("chunk not followed by CRLF", request=self._request)
         else:
