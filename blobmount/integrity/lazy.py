@@ -12,11 +12,7 @@ when little is left (``COMPLETE_BYTES``; never a fetch).
 
 A mismatch is a distrust (integrity/__init__.py): the read that completes the file fails.
 
-Concurrency: touched only from the trio thread, except the sha256 itself: the bytes to hash are
-queued in order (``Progress.pending``) and one task per file feeds them to its hasher on a worker
-thread (``_hash_pending``). sha256 costs ~0.5 ms per MiB here, which the trio thread, serving every
-request and landing every chunk, would otherwise spend in line with them; hashlib releases the GIL
-while it hashes. The decision waits for the queue to be empty (``_hashed``).
+Concurrency: touched only from the trio thread.
 """
 
 from __future__ import annotations
@@ -58,8 +54,6 @@ class Progress:
     early_bytes: int = 0
     users: int = 0
     finishing: bool = False  # one task owns the final catch-up; the hasher is frozen for others
-    pending: list[bytes | memoryview] = field(default_factory=list)  # in order, not hashed yet
-    hashing: trio.Event | None = None  # set when the task hashing `pending` is done (None: idle)
 
 
 class LazyHashes:
@@ -149,9 +143,9 @@ class LazyHashes:
             return
         end = offset + len(data)
         if offset <= progress.hashed_upto < end:
-            self._feed(progress, memoryview(data)[progress.hashed_upto - offset :])
+            progress.hasher.update(memoryview(data)[progress.hashed_upto - offset :])
             progress.hashed_upto = end
-            self._drain_early(progress)
+            _drain_early(progress)
         elif end > progress.hashed_upto:
             # Concurrent FUSE reads finish out of order by a few MiB: keep such reads (bounded)
             # until the gap before them is hashed, instead of reading them again at the end.
@@ -185,16 +179,15 @@ class LazyHashes:
             block = await self.integrity.source.read_range(entry.data_offset + upto, entry.data_offset + end)
             if progress.hashed_upto != upto or progress.finishing or self._progress.get(entry.number) is not progress:
                 continue  # another read moved the hash on meanwhile (or the state was dropped)
-            self._feed(progress, block)
+            progress.hasher.update(block)
             progress.hashed_upto = end
-            self._drain_early(progress)
+            _drain_early(progress)
 
     async def _finish(self, entry: Entry, progress: Progress, outcome: str) -> None:
         """Every byte was served: hash what was not hashed in order (from the source) and decide.
         A mismatch distrusts the file and raises (`outcome` says what the log line promises)."""
         integrity = self.integrity
         progress.finishing = True
-        await _hashed(progress)
         if progress.hashed_upto < entry.original_size:
             try:
                 await hash_range(integrity.source, entry, progress.hashed_upto, progress.hasher)
@@ -223,53 +216,19 @@ class LazyHashes:
         integrity.reverify(entry)
         raise IntegrityError(f"{show(entry.path)}: sha256 mismatch after reading it all; not served")
 
-    def _drain_early(self, progress: Progress) -> None:
-        """Hash the kept early reads that now continue the hashed prefix; drop the stale ones."""
-        while progress.early:
-            upto = progress.hashed_upto
-            nxt = min(progress.early)
-            if nxt > upto:
-                return
-            data = progress.early.pop(nxt)
-            progress.early_bytes -= len(data)
-            if nxt + len(data) > upto:
-                self._feed(progress, memoryview(data)[upto - nxt :])
-                progress.hashed_upto = nxt + len(data)
 
-    def _feed(self, progress: Progress, chunk: bytes | memoryview) -> None:
-        """The next bytes of the file, in order, for its hasher (module docstring: on a worker
-        thread; here, at once, when the reader has no nursery to run that task in)."""
-        progress.pending.append(chunk)
-        if progress.hashing is None:
-            progress.hashing = trio.Event()
-            if not self.integrity.start(_hash_pending, progress):
-                _update(progress.hasher, progress.pending)
-                progress.pending = []
-                progress.hashing.set()
-                progress.hashing = None
-
-
-async def _hash_pending(progress: Progress) -> None:
-    """Feed the queued bytes to the file's hasher on a worker thread until none are left."""
-    try:
-        while progress.pending:
-            chunks, progress.pending = progress.pending, []
-            await trio.to_thread.run_sync(_update, progress.hasher, chunks)
-    finally:
-        done, progress.hashing = progress.hashing, None
-        if done is not None:
-            done.set()
-
-
-def _update(hasher: hashlib._Hash, chunks: list[bytes | memoryview]) -> None:
-    for chunk in chunks:
-        hasher.update(chunk)
-
-
-async def _hashed(progress: Progress) -> None:
-    """Until every byte fed to the hasher is in it."""
-    while progress.hashing is not None:
-        await progress.hashing.wait()
+def _drain_early(progress: Progress) -> None:
+    """Hash the kept early reads that now continue the hashed prefix; drop the stale ones."""
+    while progress.early:
+        upto = progress.hashed_upto
+        nxt = min(progress.early)
+        if nxt > upto:
+            return
+        data = progress.early.pop(nxt)
+        progress.early_bytes -= len(data)
+        if nxt + len(data) > upto:
+            progress.hasher.update(memoryview(data)[upto - nxt :])
+            progress.hashed_upto = nxt + len(data)
 
 
 def _merge(ranges: list[tuple[int, int]], new: tuple[int, int]) -> list[tuple[int, int]]:
