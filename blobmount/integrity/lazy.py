@@ -10,7 +10,9 @@ verified once all of it was served; a state given up drops the file's pages with
 is then hashed from byte 0). A file served in part and closed is hashed to its end from the cache
 when little is left (``COMPLETE_BYTES``; never a fetch).
 
-A mismatch is a distrust (integrity/__init__.py): the read that completes the file fails.
+A mismatch is a distrust (integrity/__init__.py): the read that completes the file fails. Deciding
+awaits (it may hash the rest from the source); a read of the file served meanwhile, by any open,
+waits for the verdict and fails with it: unaccounted, it could end a whole read with wrong bytes.
 
 Concurrency: touched only from the trio thread.
 """
@@ -54,6 +56,7 @@ class Progress:
     early_bytes: int = 0
     users: int = 0
     finishing: bool = False  # one task owns the final catch-up; the hasher is frozen for others
+    settled: trio.Event = field(default_factory=trio.Event)  # set when that task has decided
 
 
 class LazyHashes:
@@ -85,12 +88,28 @@ class LazyHashes:
             self._progress[number] = Progress(users=old.users)
 
     async def served(self, entry: Entry, offset: int, data: bytes) -> None:
-        """`data`, bytes [offset, ...) of the file, is being served: hash it (or keep it for later)."""
-        if entry.number in self.integrity.verified:
-            return
-        progress = self._progress.get(entry.number)
-        if progress is not None:
-            await self._advance(entry, progress, offset, data)
+        """`data`, bytes [offset, ...) of the file, is being served: hash it (or keep it for later).
+
+        While the file is being decided (``finishing``: a close's completion hashing the rest, or
+        the read that completed it catching up), these bytes are not in the hash being judged:
+        the read waits for the verdict instead of going out unaccounted, and fails if the file
+        was distrusted meanwhile (a program reading the file to its end in that window would
+        otherwise end with wrong bytes and no error). Raises IntegrityError then, as a read
+        that completes a file that does not check out does."""
+        integrity = self.integrity
+        generation = integrity.generation_of(entry)
+        while entry.number not in integrity.verified:
+            progress = self._progress.get(entry.number)
+            if progress is None:
+                break
+            if not progress.finishing:
+                await self._advance(entry, progress, offset, data)
+                break
+            await progress.settled.wait()  # verified, distrusted, or given up and reset: see again
+            if integrity.generation_of(entry) != generation:
+                break
+        if integrity.generation_of(entry) != generation:
+            raise IntegrityError(f"{show(entry.path)}: failed verification while this read was served; not served")
 
     def _last_close(self, entry: Entry, progress: Progress) -> None:
         """Keep the hash state of a file that was served in part (the kernel keeps those pages
@@ -155,6 +174,9 @@ class LazyHashes:
             else:
                 progress.covered = _merge(progress.covered, (offset, end))
         await self._catch_up(entry, progress)
+        if progress.finishing:  # another read or a close's completion took the decision meanwhile
+            await progress.settled.wait()  # its verdict covers these bytes too (served checks it)
+            return
         # Once every byte has been read, bytes that arrived out of order and were not kept are
         # read again to hash them in order (rare with the buffer above).
         if progress.hashed_upto < entry.original_size and not _covers(
@@ -185,9 +207,16 @@ class LazyHashes:
 
     async def _finish(self, entry: Entry, progress: Progress, outcome: str) -> None:
         """Every byte was served: hash what was not hashed in order (from the source) and decide.
-        A mismatch distrusts the file and raises (`outcome` says what the log line promises)."""
+        A mismatch distrusts the file and raises (`outcome` says what the log line promises).
+        Reads of the file served meanwhile wait for ``settled`` (:meth:`served`)."""
+        progress.finishing, progress.settled = True, trio.Event()
+        try:
+            await self._decide(entry, progress, outcome)
+        finally:
+            progress.settled.set()  # reads served meanwhile waited for this (served)
+
+    async def _decide(self, entry: Entry, progress: Progress, outcome: str) -> None:
         integrity = self.integrity
-        progress.finishing = True
         if progress.hashed_upto < entry.original_size:
             try:
                 await hash_range(integrity.source, entry, progress.hashed_upto, progress.hasher)
