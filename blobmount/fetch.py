@@ -318,6 +318,15 @@ class ChunkedSource(ChunkRuns):
             self.pieces.purge(start, end)
             await trio.to_thread.run_sync(self.pieces.purge_disk, start, end)
 
+    async def saved(self, first: int, last: int) -> None:
+        """Wait (at most --timeout) for the disk writes of chunks first..last under way: a verified
+        record names those chunks as they are on disk (integrity/records.py)."""
+        with trio.move_on_after(self.timeout_s):
+            for index in range(first, last + 1):
+                saving = self._saving.get(index)
+                if saving is not None:
+                    await saving.wait()
+
     def expect(self, first: int, digests: Sequence[int]) -> None:
         """Chunks `first`, `first` + 1, ... were verified as part of a file with these xxh3 digests
         (integrity/records.py): they may no longer change, so a refetch that brings different bytes

@@ -232,6 +232,7 @@ class LazyHashes:
         agree = digest == entry.hash and await integrity.pieces_agree(entry)
         if agree:
             integrity.hashed_ok(entry)
+            progress.settled.set()  # the reads that waited need not wait for the record's disk writes
             await integrity.remember(entry)
             return
         # Bytes already served were wrong: this read fails, and so does every handle that may hold

@@ -51,9 +51,12 @@ class VerifiedRecords:
             return
         cs = store.chunk_size
         first, last = start // cs, (end - 1) // cs
+        # A file read straight through is hashed to its end as its last chunks land, before their
+        # writes do: without this wait their trailers were missing and no record was left.
+        await self.source.saved(first, last)
         digests = await trio.to_thread.run_sync(self._trailer_digests, first, last)
         if digests is None:
-            return  # some chunk lives in memory only (disk full): nothing durable to vouch for
+            return  # some chunk lives in memory only (disk full, or its write outlasted --timeout)
         self.source.expect(first, digests)
         await trio.to_thread.run_sync(meta.put_verified, store.blob_hex, start, end - start, sha256, cs, digests)
 

@@ -23,7 +23,11 @@ from typing import Any
 import pytest
 import trio
 
+from blobmount.cache.chunks import ChunkStore
 from blobmount.create import CreateOptions, create_archive
+from blobmount.fetch import ChunkedSource
+from blobmount.index import IndexView
+from blobmount.integrity.records import VerifiedRecords
 from blobmount.pieces import PIECE_BYTES
 from blobmount.reader import ReaderConfig
 from blobmount.reference import Reference
@@ -32,7 +36,7 @@ from blobmount.registry.push import push_archive
 from tests.support.aio import run
 from tests.support.corpus import Placed, Spec, write_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob
-from tests.support.handlers import CTX, Served, inode_of, read_file, read_handle, serving, until, verified_state
+from tests.support.handlers import CTX, Served, inode_of, read_file, serving, until, verified_state
 from tests.support.mounts import blobmount_cmd
 from tests.support.servers import QuirkProxy, Registry
 
@@ -427,22 +431,15 @@ def test_prefetch_then_offline_with_the_registry_gone(
 
 
 def test_verified_state_survives_a_reopen(lazy: LazyArchive, registry: Registry, tmp_path: Path) -> None:
+    """Read straight through, as fast as the handlers answer: the last chunks land and the file is
+    hashed to its end before their disk writes finish; the record waits for them."""
     cache = tmp_path / "cache"
     src = f"{registry.host}/{lazy.repo}@{lazy.digest}"
     head = lazy.files["big.bin"][:1]
 
-    async def chunks_on_disk() -> bool:
-        return len([p for p in (cache / "chunks").rglob("*") if p.is_file() and p.name.isdigit()]) >= BIG // CHUNK
-
     async def body() -> None:
         async with _lazy(src, cache) as s:
-            fh = (await s.fs.open(await inode_of(s.fs, "big.bin"), 0, CTX)).fh
-            assert await read_handle(s.fs, fh, 0, BIG - 4096) == lazy.files["big.bin"][: BIG - 4096]
-            # the record that vouches for the file names the chunks it was read from, as they are
-            # on disk when its last byte is hashed: let their writes land first (see TWINS.md)
-            await until(chunks_on_disk, "the file's chunks never reached the disk cache", 20)
-            assert await read_handle(s.fs, fh, BIG - 4096) == lazy.files["big.bin"][BIG - 4096 :]
-            await s.fs.release(fh)
+            assert await read_file(s.fs, "big.bin") == lazy.files["big.bin"]
             assert await verified_state(s.fs, "big.bin") == b"verified"
         async with _lazy(src, cache) as s:
             assert await read_file(s.fs, "big.bin", 0, 1) == head
@@ -450,6 +447,55 @@ def test_verified_state_survives_a_reopen(lazy: LazyArchive, registry: Registry,
         async with _lazy(src, tmp_path / "cold") as s:
             assert await read_file(s.fs, "big.bin", 0, 1) == head
             assert await verified_state(s.fs, "big.bin") == b"unverified"  # the control
+
+    run(body)
+
+
+def test_the_record_of_a_file_waits_for_the_write_of_its_last_chunk(
+    lazy: LazyArchive, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk write of the file's last chunk is held (a slow disk) until the verified record
+    waits for it, or was written without it: the record is left, and a reopen trusts the file
+    without hashing it. Deterministic: no timing decides whether the write landed first."""
+    cache = tmp_path / "cache"
+    src = f"{registry.host}/{lazy.repo}@{lazy.digest}"
+    release = trio.Event()
+    held: list[int] = []
+    real_store, real_remember = ChunkStore.store, VerifiedRecords.remember
+    real_saved = getattr(ChunkedSource, "saved", None)
+
+    def store(self: ChunkStore, index: int, data: bytes, digest: int | None = None) -> bool:
+        if index in held:  # a worker thread: wait for the trio event
+            trio.from_thread.run(release.wait)
+        return real_store(self, index, data, digest)
+
+    async def saved(self: ChunkedSource, first: int, last: int) -> None:
+        release.set()  # the record waits for the writes: the disk catches up
+        if real_saved is not None:
+            await real_saved(self, first, last)
+
+    async def remember(self: VerifiedRecords, start: int, end: int, sha256: bytes) -> None:
+        try:
+            await real_remember(self, start, end, sha256)
+        finally:
+            release.set()  # the record was written or given up without the held write
+
+    monkeypatch.setattr(ChunkStore, "store", store)
+    monkeypatch.setattr(ChunkedSource, "saved", saved, raising=False)
+    monkeypatch.setattr(VerifiedRecords, "remember", remember)
+
+    async def body() -> None:
+        async with _lazy(src, cache) as s:
+            view = IndexView(s.archive.index_bytes)
+            entry = view.entry(view.resolve(b"big.bin"))
+            held.append((entry.data_offset + entry.original_size - 1) // CHUNK)
+            with trio.fail_after(GUARD_S):
+                assert await read_file(s.fs, "big.bin") == lazy.files["big.bin"]
+            assert release.is_set()
+            assert await verified_state(s.fs, "big.bin") == b"verified"
+        async with _lazy(src, cache) as s:
+            assert await read_file(s.fs, "big.bin", 0, 1) == lazy.files["big.bin"][:1]
+            assert await verified_state(s.fs, "big.bin") == b"verified", "no record: hashed again"
 
     run(body)
 
