@@ -7,9 +7,7 @@ anything is served, with the exit status a mount reports."""
 from __future__ import annotations
 
 import errno
-import random
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,8 @@ from blobmount.fs import ROOT_INO
 from blobmount.reader import ReaderConfig
 from blobmount.sources import open_local
 from tests.support.aio import run
-from tests.support.corpus import Spec, write_archive
 from tests.support.handlers import CTX, inode_of, list_dir, read_file, serving
-from tests.support.hostile import BAD, GOOD, UNREACHABLE, MiB, build_hostile
+from tests.support.hostile import BAD, GOOD, UNREACHABLE, WHOLE, MiB, beyond_every_limit, build_hostile
 from tests.support.mounts import push_dir
 from tests.support.servers import Registry
 
@@ -87,7 +84,7 @@ def test_hostile_entries_are_isolated(hostile_source: str, tmp_path: Path, caplo
 @pytest.mark.expect_log(r"'max\.txt': zstd frame decodes to 1 bytes|in-memory limit")
 def test_a_file_beyond_every_limit_is_eio_with_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "arc"
-    write_archive(out, [Spec(b"max.txt", b"m", zstd=True, original_size=(1 << 63) - 1), Spec(b"ok", b"ok")])
+    beyond_every_limit(out)
 
     async def body() -> None:
         async with serving(f"dir:{out}", tmp_path / "lazy") as s:
@@ -103,27 +100,6 @@ def test_a_file_beyond_every_limit_is_eio_with_one_log_line(tmp_path: Path, capl
     lines = [r.getMessage() for r in caplog.records]
     lines = [ln for ln in lines if "max.txt" in ln and "cache" in ln and "in-memory limit" in ln]
     assert len(lines) == 1, caplog.text
-
-
-def _duplicates(out: Path) -> None:
-    write_archive(out, [Spec(b"a", b"1"), Spec(b"b", b"2"), Spec(b"a", b"3")])
-
-
-def _data_size_lies(out: Path) -> None:
-    write_archive(out, [Spec(b"a", b"123")])
-    (out / "data.blob").write_bytes(b"1234")
-
-
-def _noise(out: Path) -> None:
-    (out / "index.blob").write_bytes(random.Random(1).randbytes(4096))
-    (out / "data.blob").touch()
-
-
-WHOLE: dict[str, tuple[Callable[[Path], None], str]] = {
-    "duplicate paths": (_duplicates, "duplicate path 'a'"),
-    "data_size lies": (_data_size_lies, "does not match the data blob"),
-    "index is noise": (_noise, "index"),
-}
 
 
 @pytest.mark.parametrize("case", list(WHOLE))

@@ -12,12 +12,9 @@ same filesystem (a transient fault never poisons a file)."""
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
-import random
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,88 +22,35 @@ import trio
 
 from blobmount.fs import ROOT_INO
 from blobmount.reader import ReaderConfig
-from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
-from blobmount.registry.push import push_archive
 from tests.support import resolver
 from tests.support.aio import run
-from tests.support.corpus import Placed, Spec, write_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob, path_prefix
 from tests.support.handlers import CTX, Served, inode_of, list_dir, read_file, serving, until, verified_state
-from tests.support.netfaults import CASES, LAZY_READ, TARGETS, TOKEN_FAULTS
+from tests.support.netfaults import (
+    CASES,
+    HANG_GUARD_S,
+    TIMEOUT_S,
+    TOKEN_FAULTS,
+    NetArchive,
+    expected,
+    mid,
+    push_net_archive,
+    range_of,
+    span,
+    targets,
+)
 from tests.support.servers import Registry
 
-TIMEOUT_S = 2.0  # --timeout of every mount of the mounted twin
-HANG_GUARD_S = 10 * TIMEOUT_S
-KiB, MiB = 1 << 10, 1 << 20
-PAD_BYTES = 4 * MiB
 REPO = "twins/net:v1"
 # what a network fault makes the daemon say (retries, give-ups, EIO answers, the mismatch)
 NET_LOG = r"^blobmount\.(fetch|remote|registry(\.\w+)*|reader|fs|streaming|flight|sources|decode): (?!unexpected error)"
 
 
-@dataclass(frozen=True, slots=True)
-class NetArchive:
-    placed: dict[bytes, Placed]
-    data_digest: str
-
-
-def _text(lines: int, salt: int) -> bytes:
-    return b"".join(b"line %08d of compressible file %d\n" % (i, salt) for i in range(lines))
-
-
 @pytest.fixture(scope="module")
 def net_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> NetArchive:
-    """test_network_faults.py's archive: every reader path three times, between 4 MiB pads."""
-    rng = random.Random(7)
-    specs = [Spec(b"base.txt", b"the baseline\n" * 50)]
-    for copy in ("1", "2", "3"):
-        for name in TARGETS:
-            path = f"{copy}/{name}".encode()
-            specs.append(Spec(f"{copy}/pad-{name}".encode(), bytes(PAD_BYTES)))
-            if name == "small.bin":
-                specs.append(Spec(path, rng.randbytes(200 * KiB)))
-            elif name == "small.txt":
-                specs.append(Spec(path, _text(18_000, int(copy)), zstd=True))
-            elif name == "big.txt":
-                specs.append(Spec(path, _text(90_000, int(copy)), zstd=True))
-            elif name == "verified.bin":
-                specs.append(Spec(path, rng.randbytes(3 * MiB)))
-            else:
-                specs.append(Spec(path, rng.randbytes(12 * MiB)))
-    specs += [Spec(b"pad-other", bytes(PAD_BYTES)), Spec(b"other.bin", rng.randbytes(300 * KiB))]
-    out = tmp_path_factory.mktemp("net-twin-archive")
-    placed = write_archive(out, specs)
-    ref = Reference.parse(f"{registry.host}/{REPO}")
-    trio.run(functools.partial(push_archive, out, ref, RegistryOptions()))
-    return NetArchive(placed, "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest())
-
-
-def _span(path: bytes) -> tuple[int, int | None]:
-    return LAZY_READ if path.endswith(b"lazy.bin") else (0, None)
-
-
-def _expected(arc: NetArchive, path: bytes) -> bytes:
-    data = arc.placed[path].data
-    offset, size = _span(path)
-    return data if size is None else data[offset : offset + size]
-
-
-def _range_of(arc: NetArchive, path: bytes) -> tuple[int, int]:
-    p = arc.placed[path]
-    offset, size = _span(path)
-    if size is None:
-        return p.data_offset, p.data_offset + p.data_size
-    return p.data_offset + offset, p.data_offset + offset + size
-
-
-def _targets(copy: str) -> list[bytes]:
-    return [f"{copy}/{name}".encode() for name in TARGETS]
-
-
-def _mid(arc: NetArchive, path: bytes) -> int:
-    start, end = _range_of(arc, path)
-    return (start + end) // 2
+    """test_network_faults.py's archive (tests/support/netfaults.py), in a repository of its own."""
+    return push_net_archive(registry, REPO, tmp_path_factory.mktemp("net-twin-archive"))
 
 
 def _serving(source: str, tmp_path: Path, plain_http: tuple[str, ...] = ()) -> AbstractAsyncContextManager[Served]:
@@ -120,7 +64,7 @@ async def _read_all(s: Served, paths: list[bytes]) -> dict[bytes, bytes | int]:
     out: dict[bytes, bytes | int] = {}
 
     async def one(path: bytes) -> None:
-        offset, size = _span(path)
+        offset, size = span(path)
         out[path] = await read_file(s.fs, path, offset, size)
 
     with trio.fail_after(HANG_GUARD_S):
@@ -147,7 +91,7 @@ async def _is_verified(s: Served, path: bytes) -> bool:
 def _assert_right(arc: NetArchive, got: dict[bytes, bytes | int]) -> None:
     for path, data in got.items():
         assert not isinstance(data, int), f"{path!r}: {errno.errorcode.get(data)} where the bytes were due"
-        assert data == _expected(arc, path), f"{path!r}: wrong bytes"
+        assert data == expected(arc, path), f"{path!r}: wrong bytes"
 
 
 def _assert_eio(got: dict[bytes, bytes | int], expect: int = errno.EIO) -> None:
@@ -161,11 +105,11 @@ async def _persistent(s: Served, arc: NetArchive, expect: int = errno.EIO) -> No
     got: dict[bytes, bytes | int] = {}
 
     async def reads() -> None:
-        got.update(await _read_all(s, _targets("2")))
+        got.update(await _read_all(s, targets("2")))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reads)
-        await _meanwhile(s, arc, _targets("2"))
+        await _meanwhile(s, arc, targets("2"))
     _assert_eio(got, expect)
 
 
@@ -182,22 +126,22 @@ def test_fault_on_some_files(
             assert await read_file(s.fs, "base.txt") == arc.placed[b"base.txt"].data
             if case.brief is not None:  # met briefly: retried, the bytes are right
                 faults = {}
-                for path in _targets("1"):
+                for path in targets("1"):
                     fault = case.brief()
-                    fault.match = blob(arc.data_digest, *_range_of(arc, path))
+                    fault.match = blob(arc.data_digest, *range_of(arc, path))
                     faults[path] = fault_proxy.add(fault)
-                _assert_right(arc, await _read_all(s, _targets("1")))
+                _assert_right(arc, await _read_all(s, targets("1")))
                 assert all(f.hits >= 1 for f in faults.values()), "a fault was never met"
                 fault_proxy.clear()
             faults = {}
-            for path in _targets("2"):  # persistent: EIO in time, the rest served meanwhile
+            for path in targets("2"):  # persistent: EIO in time, the rest served meanwhile
                 fault = case.persistent()
-                fault.match = blob(arc.data_digest, *_range_of(arc, path))
+                fault.match = blob(arc.data_digest, *range_of(arc, path))
                 faults[path] = fault_proxy.add(fault)
             await _persistent(s, arc)
             assert all(f.hits >= 1 for f in faults.values()), "a fault was never met"
             fault_proxy.clear()
-            _assert_right(arc, await _read_all(s, _targets("2")))  # cleared: the same files, right bytes
+            _assert_right(arc, await _read_all(s, targets("2")))  # cleared: the same files, right bytes
 
     run(body)
     assert "Traceback" not in caplog.text
@@ -220,7 +164,7 @@ async def _global_case(
         got: dict[bytes, bytes | int] = {}
 
         async def reads() -> None:
-            got.update(await _read_all(s, _targets("1")))
+            got.update(await _read_all(s, targets("1")))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reads)
@@ -232,17 +176,17 @@ async def _global_case(
         persistent: dict[bytes, bytes | int] = {}
 
         async def faulted() -> None:
-            persistent.update(await _read_all(s, _targets("2")))
+            persistent.update(await _read_all(s, targets("2")))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(faulted)
-            for path in _targets("2"):  # names resolve while the registry is away
+            for path in targets("2"):  # names resolve while the registry is away
                 attr = await s.fs.getattr(await inode_of(s.fs, path), CTX)
                 assert attr.st_size == len(arc.placed[path].data)
         _assert_eio(persistent, expect)
     finally:
         await off()
-    _assert_right(arc, await _read_all(s, _targets("2")))
+    _assert_right(arc, await _read_all(s, targets("2")))
 
 
 @pytest.mark.expect_log(NET_LOG)
@@ -331,13 +275,13 @@ def test_bits_flipped_in_transit(
             for name in ("small.bin", "verified.bin"):  # verified before the first byte
                 path = f"1/{name}".encode()
                 fault = fault_proxy.add(
-                    Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)), times=1, at=_mid(arc, path))
+                    Fault(Kind.FLIP, blob(arc.data_digest, *range_of(arc, path)), times=1, at=mid(arc, path))
                 )
                 _assert_right(arc, await _read_all(s, [path]))
                 assert fault.hits == 1
             fault_proxy.clear()
             path = b"2/small.bin"
-            fault_proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)), at=_mid(arc, path)))
+            fault_proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *range_of(arc, path)), at=mid(arc, path)))
             _assert_eio(await _read_all(s, [path]))
             fault_proxy.clear()
             _assert_eio(await _read_all(s, [path]))  # poisoned: both reads disagreed
@@ -374,7 +318,7 @@ def test_a_zstd_file_corrupted_once_in_transit_is_read_again(
     async def body() -> None:
         async with _serving(f"{fault_proxy.host}/{REPO}", tmp_path) as s:
             fault = fault_proxy.add(
-                Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)), times=1, at=_mid(arc, path))
+                Fault(Kind.FLIP, blob(arc.data_digest, *range_of(arc, path)), times=1, at=mid(arc, path))
             )
             _assert_right(arc, await _read_all(s, [path]))
             assert fault.hits == 1

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import stat
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support.corpus import Spec, write_archive
-from tests.support.hostile import BAD, GOOD, UNREACHABLE, MiB, build_hostile
+from tests.support.hostile import BAD, GOOD, UNREACHABLE, WHOLE, MiB, beyond_every_limit, build_hostile
 from tests.support.mounts import blobmount_cmd, is_mounted, mounted, push_dir
 from tests.support.reads import read_bounded
 from tests.support.servers import Registry
@@ -129,27 +126,6 @@ def _refused(tmp_path: Path, source: str, *args: str) -> str:
     return out.stderr
 
 
-def _duplicates(out: Path) -> None:
-    write_archive(out, [Spec(b"a", b"1"), Spec(b"b", b"2"), Spec(b"a", b"3")])
-
-
-def _data_size_lies(out: Path) -> None:
-    write_archive(out, [Spec(b"a", b"123")])
-    (out / "data.blob").write_bytes(b"1234")
-
-
-def _noise(out: Path) -> None:
-    (out / "index.blob").write_bytes(random.Random(1).randbytes(4096))
-    (out / "data.blob").touch()
-
-
-WHOLE: dict[str, tuple[Callable[[Path], None], str]] = {
-    "duplicate paths": (_duplicates, "duplicate path 'a'"),
-    "data_size lies": (_data_size_lies, "does not match the data blob"),
-    "index is noise": (_noise, "index"),
-}
-
-
 @pytest.mark.parametrize("case", list(WHOLE))
 def test_archives_broken_as_a_whole_are_refused_with_one_line(case: str, tmp_path: Path) -> None:
     make, phrase = WHOLE[case]
@@ -175,7 +151,7 @@ def test_a_file_beyond_every_limit_is_eio_with_one_log_line(tmp_path: Path) -> N
     Under ``--verify strict`` (verify before serve); otherwise it is served while it decodes,
     through a bounded window, and its lie about its size is an EIO at the end of the frame."""
     out = tmp_path / "arc"
-    write_archive(out, [Spec(b"max.txt", b"m", zstd=True, original_size=(1 << 63) - 1), Spec(b"ok", b"ok")])
+    beyond_every_limit(out)
     with mounted(f"dir:{out}", tmp_path / "lazy") as m:
         assert read_bounded(m.path / "max.txt", GUARD_S).errno == errno.EIO
         assert "'max.txt': zstd frame decodes to 1 bytes" in m.log()

@@ -20,108 +20,47 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import json
 import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 
-from blobmount.reference import Reference
-from blobmount.registry.client import RegistryOptions
-from blobmount.registry.push import push_archive
 from tests.support import resolver
-from tests.support.corpus import Placed, Spec, write_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob, path_prefix
 from tests.support.mounts import Mount, mounted
-from tests.support.netfaults import CASES, LAZY_READ, TARGETS, TOKEN_FAULTS
+from tests.support.netfaults import (
+    CASES,
+    HANG_GUARD_S,
+    TIMEOUT_S,
+    TOKEN_FAULTS,
+    NetArchive,
+    expected,
+    mid,
+    push_net_archive,
+    range_of,
+    span,
+    targets,
+)
 from tests.support.reads import Outcome, PendingRead, read_bounded
 from tests.support.servers import Registry
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
-TIMEOUT_S = 2.0  # --timeout of every mount here
-HANG_GUARD_S = 10 * TIMEOUT_S
-KiB, MiB = 1 << 10, 1 << 20
-PAD_BYTES = 4 * MiB
 REPO = "faults/net:v1"
 REPORT = os.environ.get("BLOBMOUNT_FAULT_REPORT")
 
 
-@dataclass(frozen=True, slots=True)
-class NetArchive:
-    placed: dict[bytes, Placed]
-    data_digest: str
-
-
-def _text(lines: int, salt: int) -> bytes:
-    return b"".join(b"line %08d of compressible file %d\n" % (i, salt) for i in range(lines))
-
-
 @pytest.fixture(scope="module")
 def net_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> NetArchive:
-    rng = random.Random(7)
-    specs = [Spec(b"base.txt", b"the baseline\n" * 50)]
-    for copy in ("1", "2", "3"):  # 1: brief faults, 2: persistent faults, 3: spare for global faults
-        for name in TARGETS:
-            path = f"{copy}/{name}".encode()
-            specs.append(Spec(f"{copy}/pad-{name}".encode(), bytes(PAD_BYTES)))
-            if name == "small.bin":
-                specs.append(Spec(path, rng.randbytes(200 * KiB)))
-            elif name == "small.txt":
-                specs.append(Spec(path, _text(18_000, int(copy)), zstd=True))  # ~650 KiB
-            elif name == "big.txt":
-                specs.append(Spec(path, _text(90_000, int(copy)), zstd=True))  # ~3.2 MiB
-            elif name == "verified.bin":
-                specs.append(Spec(path, rng.randbytes(3 * MiB)))
-            else:
-                specs.append(Spec(path, rng.randbytes(12 * MiB)))
-    specs += [Spec(b"pad-other", bytes(PAD_BYTES)), Spec(b"other.bin", rng.randbytes(300 * KiB))]
-    out = tmp_path_factory.mktemp("net-archive")
-    placed = write_archive(out, specs)
-    ref = Reference.parse(f"{registry.host}/{REPO}")
-    trio.run(functools.partial(push_archive, out, ref, RegistryOptions()))
-    digest = "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest()
-    return NetArchive(placed, digest)
-
-
-def _expected(arc: NetArchive, path: bytes) -> bytes:
-    data = arc.placed[path].data
-    if path.endswith(b"lazy.bin"):
-        offset, size = LAZY_READ
-        return data[offset : offset + size]
-    return data
+    return push_net_archive(registry, REPO, tmp_path_factory.mktemp("net-archive"))
 
 
 def _start(mount: Mount, path: bytes) -> PendingRead:
-    if path.endswith(b"lazy.bin"):
-        offset, size = LAZY_READ
-        return PendingRead(mount.path / os.fsdecode(path), offset, size)
-    return PendingRead(mount.path / os.fsdecode(path))
-
-
-def _range_of(arc: NetArchive, path: bytes) -> Callable[[], tuple[int, int]]:
-    p = arc.placed[path]
-    if path.endswith(b"lazy.bin"):
-        offset, size = LAZY_READ
-        return lambda: (p.data_offset + offset, p.data_offset + offset + size)
-    return lambda: (p.data_offset, p.data_offset + p.data_size)
-
-
-def _targets(copy: str) -> list[bytes]:
-    return [f"{copy}/{name}".encode() for name in TARGETS]
-
-
-def _mid(arc: NetArchive, path: bytes) -> int:
-    """A blob offset inside `path`'s stored bytes (where a flipped bit must land to matter)."""
-    start, end = _range_of(arc, path)()
-    return (start + end) // 2
+    return PendingRead(mount.path / os.fsdecode(path), *span(path))
 
 
 def _report(name: str, **fields: object) -> None:
@@ -139,7 +78,7 @@ def _check_names_resolve(mount: Mount, arc: NetArchive, paths: list[bytes]) -> N
 
 def _assert_read(arc: NetArchive, path: bytes, out: Outcome) -> None:
     assert out.errno is None, f"{path!r}: {errno.errorcode.get(out.errno or 0)} where the bytes were due"
-    assert out.data == _expected(arc, path), f"{path!r}: wrong bytes"
+    assert out.data == expected(arc, path), f"{path!r}: wrong bytes"
 
 
 def _assert_eio(path: bytes, out: Outcome) -> None:
@@ -165,11 +104,11 @@ def test_fault_on_some_files(name: str, fault_proxy: FaultProxy, net_archive: Ne
         _baseline(m, arc)
         if case.brief is not None:  # met briefly: retried, the bytes are right
             faults = {}
-            for path in _targets("1"):
+            for path in targets("1"):
                 fault = case.brief()
-                fault.match = blob(arc.data_digest, *_range_of(arc, path)())
+                fault.match = blob(arc.data_digest, *range_of(arc, path))
                 faults[path] = fault_proxy.add(fault)
-            pending = {path: _start(m, path) for path in _targets("1")}
+            pending = {path: _start(m, path) for path in targets("1")}
             for path, p in pending.items():
                 out = p.result(HANG_GUARD_S)
                 longest = max(longest, out.longest_s)
@@ -177,21 +116,21 @@ def test_fault_on_some_files(name: str, fault_proxy: FaultProxy, net_archive: Ne
                 assert faults[path].hits >= 1, f"{path!r}: the fault was never met"
             fault_proxy.clear()
         faults = {}
-        for path in _targets("2"):  # persistent: EIO in time, the rest served meanwhile
+        for path in targets("2"):  # persistent: EIO in time, the rest served meanwhile
             fault = case.persistent()
-            fault.match = blob(arc.data_digest, *_range_of(arc, path)())
+            fault.match = blob(arc.data_digest, *range_of(arc, path))
             faults[path] = fault_proxy.add(fault)
-        pending = {path: _start(m, path) for path in _targets("2")}
+        pending = {path: _start(m, path) for path in targets("2")}
         other = read_bounded(m.path / "other.bin", HANG_GUARD_S)
         _assert_read(arc, b"other.bin", other)
-        _check_names_resolve(m, arc, _targets("2"))
+        _check_names_resolve(m, arc, targets("2"))
         for path, p in pending.items():
             out = p.result(HANG_GUARD_S)
             longest = max(longest, out.longest_s)
             _assert_eio(path, out)
             assert faults[path].hits >= 1, f"{path!r}: the fault was never met"
         fault_proxy.clear()
-        for path in _targets("2"):  # cleared: the same files, same mount, right bytes
+        for path in targets("2"):  # cleared: the same files, same mount, right bytes
             _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
         log = m.log()
     assert "Traceback" not in log, log
@@ -214,7 +153,7 @@ def _global_case(
     _baseline(mount, arc)
     if brief:
         on()
-        pending = {path: _start(mount, path) for path in _targets("1")}
+        pending = {path: _start(mount, path) for path in targets("1")}
         time.sleep(TIMEOUT_S / 8)
         off()
         for path, p in pending.items():
@@ -223,15 +162,15 @@ def _global_case(
             _assert_read(arc, path, out)
     on()
     try:
-        pending = {path: _start(mount, path) for path in _targets("2")}
-        _check_names_resolve(mount, arc, _targets("2"))
+        pending = {path: _start(mount, path) for path in targets("2")}
+        _check_names_resolve(mount, arc, targets("2"))
         for path, p in pending.items():
             out = p.result(HANG_GUARD_S)
             longest = max(longest, out.longest_s)
             assert out.errno == expect, f"{path!r}: {errno.errorcode.get(out.errno or 0)}, expected {expect}"
     finally:
         off()
-    for path in _targets("2"):
+    for path in targets("2"):
         _assert_read(arc, path, _start(mount, path).result(HANG_GUARD_S))
     return longest
 
@@ -299,13 +238,13 @@ def test_bits_flipped_in_transit(fault_proxy: FaultProxy, net_archive: NetArchiv
     with _mount(fault_proxy, tmp_path) as m:
         for name in ("small.bin", "verified.bin"):  # verified before the first byte
             path = f"1/{name}".encode()
-            match = blob(arc.data_digest, *_range_of(arc, path)())
-            fault = fault_proxy.add(Fault(Kind.FLIP, match, times=1, at=_mid(arc, path)))
+            match = blob(arc.data_digest, *range_of(arc, path))
+            fault = fault_proxy.add(Fault(Kind.FLIP, match, times=1, at=mid(arc, path)))
             _assert_read(arc, path, _start(m, path).result(HANG_GUARD_S))
             assert fault.hits == 1
         fault_proxy.clear()
         path = b"2/small.bin"
-        fault_proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), at=_mid(arc, path)))
+        fault_proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, *range_of(arc, path)), at=mid(arc, path)))
         _assert_eio(path, _start(m, path).result(HANG_GUARD_S))
         fault_proxy.clear()
         _assert_eio(path, _start(m, path).result(HANG_GUARD_S))  # poisoned: both reads disagreed
@@ -340,7 +279,7 @@ def test_a_zstd_file_corrupted_once_in_transit_is_read_again(
     path = f"1/{name}".encode()
     with _mount(fault_proxy, tmp_path) as m:
         fault = fault_proxy.add(
-            Fault(Kind.FLIP, blob(arc.data_digest, *_range_of(arc, path)()), times=1, at=_mid(arc, path))
+            Fault(Kind.FLIP, blob(arc.data_digest, *range_of(arc, path)), times=1, at=mid(arc, path))
         )
         out = _start(m, path).result(HANG_GUARD_S)
         assert fault.hits == 1
@@ -360,7 +299,7 @@ def test_daemon_killed_during_a_stalled_read(fault_proxy: FaultProxy, net_archiv
     mnt = tmp_path / "mnt"
     with _mount(fault_proxy, tmp_path) as m:
         _baseline(m, arc)
-        fault = fault_proxy.add(Fault(Kind.STALL, blob(arc.data_digest, *_range_of(arc, path)())))
+        fault = fault_proxy.add(Fault(Kind.STALL, blob(arc.data_digest, *range_of(arc, path))))
         pending = _start(m, path)
         for _ in range(100):  # bounded: until the request is stalled at the proxy
             if fault.hits:

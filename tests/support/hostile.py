@@ -1,11 +1,13 @@
-"""The hostile archive of the mounted hostile tests (and cp's): every way an index entry can lie,
-each beside good files that must still be served, and the reading expected of each entry."""
+"""The hostile archives of tests/fuse/test_hostile.py and its kernel-free twins (and cp's): every
+way an index entry can lie, each beside good files that must still be served, and the reading
+expected of each entry; archives broken as a whole; a file beyond every limit."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.corpus import Spec, bomb_frame, compress, write_archive
@@ -99,3 +101,31 @@ UNREACHABLE = (
 def build_hostile(out: Path) -> Path:
     write_archive(out, _hostile_specs())
     return out
+
+
+def beyond_every_limit(out: Path) -> None:
+    """max.txt: a zstd file that says it decodes to 2^63-1 bytes (beyond the disk cache and the
+    in-memory limit), beside a good one."""
+    write_archive(out, [Spec(b"max.txt", b"m", zstd=True, original_size=(1 << 63) - 1), Spec(b"ok", b"ok")])
+
+
+def _duplicates(out: Path) -> None:
+    write_archive(out, [Spec(b"a", b"1"), Spec(b"b", b"2"), Spec(b"a", b"3")])
+
+
+def _data_size_lies(out: Path) -> None:
+    write_archive(out, [Spec(b"a", b"123")])
+    (out / "data.blob").write_bytes(b"1234")
+
+
+def _noise(out: Path) -> None:
+    (out / "index.blob").write_bytes(random.Random(1).randbytes(4096))
+    (out / "data.blob").touch()
+
+
+# archives refused as a whole: how to make one in a directory, a phrase of the one-line refusal
+WHOLE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "duplicate paths": (_duplicates, "duplicate path 'a'"),
+    "data_size lies": (_data_size_lies, "does not match the data blob"),
+    "index is noise": (_noise, "index"),
+}
