@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import random
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,7 @@ from blobmount.create import CreateOptions, create_archive
 from blobmount.daemon import metrics
 from blobmount.fs import ROOT_INO, BlobFS
 from blobmount.index import EntryRecord, IndexView, build_index
-from blobmount.manifest import DATA_MEDIA_TYPE, INDEX_MEDIA_TYPE, Descriptor, build_manifest
 from blobmount.reader import ReaderConfig
-from blobmount.reference import Digest
 from tests.support.aio import run
 from tests.support.corpus import Spec, write_archive
 from tests.support.daemon import samples
@@ -38,41 +35,23 @@ from tests.support.handlers import (
     readdir_once,
     serving,
 )
-from tests.support.helpers import FIXTURE_NAMES, FIXTURES, make_oci_layout, tree_files
-from tests.support.mounts import push_dir
-from tests.support.servers import Registry
-
-SOURCES = ("dir", "oci", "registry")
-SourceFor = Callable[[Path], str]
+from tests.support.helpers import FIXTURE_NAMES, FIXTURES, tree_files
+from tests.support.mountedtree import (
+    RANDOM_READERS,
+    SOURCES,
+    SourceFor,
+    flip,
+    random_read_archive,
+    random_reads,
+    source_maker,
+    tampered_archive,
+)
 
 
 @pytest.fixture(params=SOURCES)
 def source_for(request: pytest.FixtureRequest, tmp_path: Path) -> SourceFor:
     """An archive directory as a SOURCE string of the parametrized kind (test_mounted.py's)."""
-    kind = request.param
-    counter = iter(range(1000))
-
-    def make(archive: Path) -> str:
-        n = next(counter)
-        if kind == "dir":
-            return f"dir:{archive}"
-        if kind == "oci":
-            layout = make_oci_layout(archive, tmp_path / f"layout{n}", manifest=_manifest_for(archive))
-            return f"oci:{layout}:v1"
-        registry: Registry = request.getfixturevalue("registry")
-        name = request.node.name.lower().replace("[", "-").rstrip("]")
-        return push_dir(registry, archive, f"twins/{name}{n}")
-
-    return make
-
-
-def _manifest_for(archive: Path) -> bytes:
-    index, data = (archive / "index.blob").read_bytes(), (archive / "data.blob").read_bytes()
-    return build_manifest(
-        Descriptor(INDEX_MEDIA_TYPE, Digest.of(index), len(index)),
-        Descriptor(DATA_MEDIA_TYPE, Digest.of(data), len(data)),
-        {"org.opencontainers.image.created": "2024-01-02T03:04:05Z"},
-    )
+    return source_maker(request, tmp_path, "twins")
 
 
 async def _walk(fs: BlobFS, ino: int, path: bytes, parent: int, out: dict[bytes, pyfuse3.EntryAttributes]) -> None:
@@ -120,17 +99,8 @@ def test_tree_through_the_handlers_equals_the_source_tree(name: str, source_for:
 
 
 def test_concurrent_random_reads_match(source_for: SourceFor, tmp_path: Path) -> None:
-    rng = random.Random(11)
-    src = tmp_path / "src"
-    src.mkdir()
-    raw = rng.randbytes(8 << 20)
-    text = b"".join(b"line %08d of a compressible file\n" % i for i in range(250_000))
-    (src / "raw.jpg").write_bytes(raw)  # .jpg: stored raw by the skip rule
-    (src / "text.txt").write_bytes(text)  # zstd
-    create_archive(src, tmp_path / "arc")
-    view = IndexView((tmp_path / "arc" / "index.blob").read_bytes())
-    assert {view.entry(i).compression for i in range(len(view))} == {0, 1}
-    source = source_for(tmp_path / "arc")
+    archive, files = random_read_archive(tmp_path)
+    source = source_for(archive)
     wrong: list[str] = []
 
     async def body() -> None:
@@ -138,16 +108,11 @@ def test_concurrent_random_reads_match(source_for: SourceFor, tmp_path: Path) ->
             fs = s.fs
 
             async def worker(seed: int) -> None:
-                r = random.Random(seed)
-                fhs = {n: (await fs.open(await inode_of(fs, n), os.O_RDONLY, CTX)).fh for n in ("raw.jpg", "text.txt")}
+                fhs = {n: (await fs.open(await inode_of(fs, n), os.O_RDONLY, CTX)).fh for n in files}
                 try:
-                    for _ in range(150):
-                        n = r.choice(["raw.jpg", "text.txt"])
-                        want = raw if n == "raw.jpg" else text
-                        off = r.randrange(0, len(want) + 1000)
-                        size = r.randrange(1, 300_000)
+                    for n, off, size in random_reads(seed, files):
                         got = await read_handle(fs, fhs[n], off, size)
-                        if got != want[off : off + size]:
+                        if got != files[n][off : off + size]:
                             wrong.append(f"{n} {off}+{size}: {got if isinstance(got, int) else len(got)}")
                 finally:
                     for fh in fhs.values():
@@ -155,7 +120,7 @@ def test_concurrent_random_reads_match(source_for: SourceFor, tmp_path: Path) ->
 
             with trio.fail_after(120):
                 async with trio.open_nursery() as nursery:
-                    for i in range(16):
+                    for i in range(RANDOM_READERS):
                         nursery.start_soon(worker, i)
 
     run(body)
@@ -224,41 +189,13 @@ def test_writes_fail_with_erofs_and_xattrs_describe_files(source_for: SourceFor,
 # -- integrity ------------------------------------------------------------------------------------
 
 
-def _tampered_archive(tmp_path: Path, big: bool = True) -> tuple[Path, dict[str, bytes]]:
-    src = tmp_path / "tsrc"
-    src.mkdir()
-    rng = random.Random(3)
-    contents = {
-        "small.jpg": rng.randbytes(5000) + b".",  # .jpg: stored raw
-        "text.txt": b"compressible text\n" * 5000,
-        "other.txt": b"an innocent neighbour\n" * 100,
-    }
-    if big:
-        contents["big.jpg"] = rng.randbytes(24 << 20)
-    for name, data in contents.items():
-        (src / name).write_bytes(data)
-    create_archive(src, tmp_path / "tarc")
-    return tmp_path / "tarc", contents
-
-
-def _flip(archive: Path, name: bytes, at_fraction: float = 0.5) -> tuple[str, str]:
-    view = IndexView((archive / "index.blob").read_bytes())
-    entry = view.entry(view.resolve(name))
-    data = bytearray((archive / "data.blob").read_bytes())
-    pos = entry.data_offset + int(entry.data_size * at_fraction)
-    data[pos] ^= 0x01
-    (archive / "data.blob").write_bytes(data)
-    actual = hashlib.sha256(bytes(data[entry.data_offset : entry.data_offset + entry.data_size])).hexdigest()
-    return entry.hash.hex(), actual
-
-
 @pytest.mark.expect_log(r"sha256 mismatch|corrupt zstd frame|poisoned")
 @pytest.mark.parametrize("name", [b"small.jpg", b"text.txt"])
 def test_tampered_file_is_eio_and_the_rest_is_served(
     name: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    archive, contents = _tampered_archive(tmp_path, big=False)
-    expected, actual = _flip(archive, name)
+    archive, contents = tampered_archive(tmp_path, big=False)
+    expected, actual = flip(archive, name)
 
     async def body() -> None:
         async with serving(f"dir:{archive}", tmp_path / "cache") as s:
@@ -277,8 +214,8 @@ def test_tampered_file_is_eio_and_the_rest_is_served(
 
 @pytest.mark.expect_log(r"sha256 mismatch|poisoned")
 def test_large_tampered_file_lazy_head_then_eof_then_head_again(tmp_path: Path) -> None:
-    archive, contents = _tampered_archive(tmp_path)
-    _flip(archive, b"big.jpg", 0.9)
+    archive, contents = tampered_archive(tmp_path)
+    flip(archive, b"big.jpg", 0.9)
 
     async def body() -> None:
         async with serving(f"dir:{archive}", tmp_path / "cache") as s:
@@ -295,8 +232,8 @@ def test_large_tampered_file_lazy_head_then_eof_then_head_again(tmp_path: Path) 
 
 @pytest.mark.expect_log(r"sha256 mismatch|poisoned")
 def test_strict_policy_serves_nothing_of_a_bad_file(tmp_path: Path) -> None:
-    archive, _ = _tampered_archive(tmp_path)
-    _flip(archive, b"big.jpg", 0.9)
+    archive, _ = tampered_archive(tmp_path)
+    flip(archive, b"big.jpg", 0.9)
 
     async def body() -> None:
         async with serving(f"dir:{archive}", tmp_path / "cache", ReaderConfig(verify="strict")) as s:
@@ -308,7 +245,7 @@ def test_strict_policy_serves_nothing_of_a_bad_file(tmp_path: Path) -> None:
 def test_opens_let_the_kernel_keep_pages(tmp_path: Path) -> None:
     """The daemon's half of test_kernel_keeps_pages_across_opens: every open of an immutable,
     trusted file says keep_cache (that the kernel then answers from its pages is its own part)."""
-    archive, contents = _tampered_archive(tmp_path, big=False)
+    archive, contents = tampered_archive(tmp_path, big=False)
 
     async def body() -> None:
         async with serving(f"dir:{archive}", tmp_path / "cache") as s:

@@ -20,45 +20,26 @@ import pytest
 
 from blobmount.create import create_archive
 from blobmount.index import IndexView
-from tests.support.helpers import FIXTURE_NAMES, FIXTURES, make_oci_layout, tree_files
-from tests.support.mounts import mounted, push_dir
-from tests.support.servers import Registry
+from tests.support.helpers import FIXTURE_NAMES, FIXTURES, tree_files
+from tests.support.mountedtree import (
+    RANDOM_READERS,
+    SOURCES,
+    SourceFor,
+    flip,
+    random_read_archive,
+    random_reads,
+    source_maker,
+    tampered_archive,
+)
+from tests.support.mounts import mounted
 
 pytestmark = pytest.mark.fuse
-
-SOURCES = ("dir", "oci", "registry")
-SourceFor = Callable[[Path], str]
 
 
 @pytest.fixture(params=SOURCES)
 def source_for(request: pytest.FixtureRequest, tmp_path: Path) -> SourceFor:
     """Turns an archive directory into a SOURCE string of the parametrized kind."""
-    kind = request.param
-    counter = iter(range(1000))
-
-    def make(archive: Path) -> str:
-        n = next(counter)
-        if kind == "dir":
-            return f"dir:{archive}"
-        if kind == "oci":
-            layout = make_oci_layout(archive, tmp_path / f"layout{n}", manifest=_manifest_for(archive))
-            return f"oci:{layout}:v1"
-        registry: Registry = request.getfixturevalue("registry")
-        return push_dir(registry, archive, f"mounted/{request.node.name.lower().replace('[', '-').rstrip(']')}{n}")
-
-    return make
-
-
-def _manifest_for(archive: Path) -> bytes:
-    from blobmount.manifest import DATA_MEDIA_TYPE, INDEX_MEDIA_TYPE, Descriptor, build_manifest
-    from blobmount.reference import Digest
-
-    index, data = (archive / "index.blob").read_bytes(), (archive / "data.blob").read_bytes()
-    return build_manifest(
-        Descriptor(INDEX_MEDIA_TYPE, Digest.of(index), len(index)),
-        Descriptor(DATA_MEDIA_TYPE, Digest.of(data), len(data)),
-        {"org.opencontainers.image.created": "2024-01-02T03:04:05Z"},
-    )
+    return source_maker(request, tmp_path, "mounted")
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -157,30 +138,16 @@ def test_real_programs_run_from_the_mount(source_for: SourceFor, tmp_path: Path)
 
 
 def test_concurrent_random_reads_match(source_for: SourceFor, tmp_path: Path) -> None:
-    rng = random.Random(11)
-    src = tmp_path / "src"
-    src.mkdir()
-    raw = rng.randbytes(8 << 20)
-    text = b"".join(b"line %08d of a compressible file\n" % i for i in range(250_000))
-    (src / "raw.jpg").write_bytes(raw)  # .jpg: stored raw by the skip rule
-    (src / "text.txt").write_bytes(text)  # zstd
-    create_archive(src, tmp_path / "arc")
-    view = IndexView((tmp_path / "arc" / "index.blob").read_bytes())
-    assert {view.entry(i).compression for i in range(len(view))} == {0, 1}
+    archive, files = random_read_archive(tmp_path)
     errors: list[str] = []
-    with mounted(source_for(tmp_path / "arc"), tmp_path / "mnt") as m:
+    with mounted(source_for(archive), tmp_path / "mnt") as m:
 
         def worker(seed: int) -> None:
-            r = random.Random(seed)
-            fds = {name: os.open(m.path / name, os.O_RDONLY) for name in ("raw.jpg", "text.txt")}
+            fds = {name: os.open(m.path / name, os.O_RDONLY) for name in files}
             try:
-                for _ in range(150):
-                    name = r.choice(["raw.jpg", "text.txt"])
-                    want = raw if name == "raw.jpg" else text
-                    off = r.randrange(0, len(want) + 1000)
-                    size = r.randrange(1, 300_000)
+                for name, off, size in random_reads(seed, files):
                     got = os.pread(fds[name], size, off)
-                    if got != want[off : off + size]:
+                    if got != files[name][off : off + size]:
                         errors.append(f"{name} {off}+{size}")
             except OSError as exc:
                 errors.append(repr(exc))
@@ -188,7 +155,7 @@ def test_concurrent_random_reads_match(source_for: SourceFor, tmp_path: Path) ->
                 for fd in fds.values():
                     os.close(fd)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(RANDOM_READERS)]
         for t in threads:
             t.start()
         for t in threads:
@@ -237,38 +204,10 @@ def test_writes_fail_with_erofs_and_xattrs_describe_files(source_for: SourceFor,
         assert vfs.f_files == len(view)
 
 
-def _tampered_archive(tmp_path: Path, big: bool = True) -> tuple[Path, dict[str, bytes]]:
-    src = tmp_path / "tsrc"
-    src.mkdir()
-    rng = random.Random(3)
-    contents = {
-        "small.jpg": rng.randbytes(5000) + b".",  # .jpg: stored raw
-        "text.txt": b"compressible text\n" * 5000,
-        "other.txt": b"an innocent neighbour\n" * 100,
-    }
-    if big:
-        contents["big.jpg"] = rng.randbytes(24 << 20)
-    for name, data in contents.items():
-        (src / name).write_bytes(data)
-    create_archive(src, tmp_path / "tarc")
-    return tmp_path / "tarc", contents
-
-
-def _flip(archive: Path, name: bytes, at_fraction: float = 0.5) -> tuple[str, str]:
-    view = IndexView((archive / "index.blob").read_bytes())
-    entry = view.entry(view.resolve(name))
-    data = bytearray((archive / "data.blob").read_bytes())
-    pos = entry.data_offset + int(entry.data_size * at_fraction)
-    data[pos] ^= 0x01
-    (archive / "data.blob").write_bytes(data)
-    actual = hashlib.sha256(bytes(data[entry.data_offset : entry.data_offset + entry.data_size])).hexdigest()
-    return entry.hash.hex(), actual
-
-
 @pytest.mark.parametrize("name", [b"small.jpg", b"text.txt"])
 def test_tampered_file_is_eio_and_the_rest_is_served(name: bytes, tmp_path: Path) -> None:
-    archive, contents = _tampered_archive(tmp_path, big=False)
-    expected, actual = _flip(archive, name)
+    archive, contents = tampered_archive(tmp_path, big=False)
+    expected, actual = flip(archive, name)
     with mounted(f"dir:{archive}", tmp_path / "mnt") as m:
         _expect_errno(errno.EIO, lambda: (m.path / os.fsdecode(name)).read_bytes())
         assert (m.path / "other.txt").read_bytes() == contents["other.txt"]
@@ -282,8 +221,8 @@ def test_tampered_file_is_eio_and_the_rest_is_served(name: bytes, tmp_path: Path
 
 
 def test_large_tampered_file_lazy_head_then_eof_then_head_again(tmp_path: Path) -> None:
-    archive, contents = _tampered_archive(tmp_path)
-    _flip(archive, b"big.jpg", 0.9)
+    archive, contents = tampered_archive(tmp_path)
+    flip(archive, b"big.jpg", 0.9)
     with mounted(f"dir:{archive}", tmp_path / "mnt") as m:
         path = m.path / "big.jpg"
         with open(path, "rb", buffering=0) as f:
@@ -297,8 +236,8 @@ def test_large_tampered_file_lazy_head_then_eof_then_head_again(tmp_path: Path) 
 
 
 def test_strict_policy_serves_nothing_of_a_bad_file(tmp_path: Path) -> None:
-    archive, _ = _tampered_archive(tmp_path)
-    _flip(archive, b"big.jpg", 0.9)
+    archive, _ = tampered_archive(tmp_path)
+    flip(archive, b"big.jpg", 0.9)
     with mounted(f"dir:{archive}", tmp_path / "mnt", "--verify", "strict") as m, open(m.path / "big.jpg", "rb") as f:
         with pytest.raises(OSError) as info:
             f.read(4096)
@@ -306,7 +245,7 @@ def test_strict_policy_serves_nothing_of_a_bad_file(tmp_path: Path) -> None:
 
 
 def test_kernel_keeps_pages_across_opens(tmp_path: Path) -> None:
-    archive, contents = _tampered_archive(tmp_path, big=False)
+    archive, contents = tampered_archive(tmp_path, big=False)
     with mounted(f"dir:{archive}", tmp_path / "mnt") as m:
         assert (m.path / "other.txt").read_bytes() == contents["other.txt"]
         view = IndexView((archive / "index.blob").read_bytes())
