@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import itertools
 import random
 import subprocess
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,55 +22,46 @@ import pytest
 import trio
 
 from blobmount.cache.chunks import ChunkStore
-from blobmount.create import CreateOptions, create_archive
 from blobmount.fetch import ChunkedSource
 from blobmount.index import IndexView
 from blobmount.integrity.records import VerifiedRecords
 from blobmount.pieces import PIECE_BYTES
 from blobmount.reader import ReaderConfig
-from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
-from blobmount.registry.push import push_archive
 from tests.support.aio import run
-from tests.support.corpus import Placed, Spec, write_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob
 from tests.support.handlers import CTX, Served, inode_of, read_file, serving, until, verified_state
 from tests.support.mounts import blobmount_cmd
 from tests.support.servers import QuirkProxy, Registry
+from tests.support.trust import (
+    BIG,
+    CHUNK,
+    FILE_BYTES,
+    SMALL_BYTES,
+    SMALL_FILES,
+    TRUST_TIMEOUT_S,
+    KiB,
+    LazyArchive,
+    MiB,
+    TrustArchive,
+    flip_once,
+    push_lazy_archive,
+    push_trust_archive,
+    ranges,
+)
 
-KiB, MiB = 1 << 10, 1 << 20
-CHUNK = MiB  # the default chunk size
 GUARD_S = 60.0
 
 # -- test_lazy_trust.py's archive and settings ----------------------------------------------------
 
-FILE_BYTES = 3 * MiB + 12345  # lazy under --verify-threshold 256K; a few chunks
-SIZES = {"one.bin": FILE_BYTES, "two.bin": FILE_BYTES, "pieces.bin": FILE_BYTES, "part.bin": FILE_BYTES}
-SIZES |= {"remount.bin": 8 * MiB + 777, "stall.bin": FILE_BYTES}
 TRUST_REPO = "twins/trust:v1"
-TRUST_TIMEOUT_S = 3.0
 TRUST = ReaderConfig(verify_threshold=256 * KiB, wait_s=TRUST_TIMEOUT_S)  # --verify-threshold 256K --timeout 3
 TRUST_LOG = r"^blobmount\.(fetch|remote|registry(\.\w+)*|reader|fs|streaming|cache(\.\w+)*): (?!unexpected error)"
 
 
-@dataclass(frozen=True, slots=True)
-class TrustArchive:
-    placed: dict[bytes, Placed]
-    data_digest: str
-
-
 @pytest.fixture(scope="module")
 def trust_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> TrustArchive:
-    rng = random.Random(13)
-    specs = []
-    for name, size in SIZES.items():
-        specs.append(Spec(f"pad-{name}".encode(), bytes(2 * MiB)))
-        specs.append(Spec(name.encode(), rng.randbytes(size)))
-    specs.append(Spec(b"pad-end", bytes(2 * MiB)))
-    out = tmp_path_factory.mktemp("trust-twin-archive")
-    placed = write_archive(out, specs)
-    trio.run(functools.partial(push_archive, out, Reference.parse(f"{registry.host}/{TRUST_REPO}"), RegistryOptions()))
-    return TrustArchive(placed, "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest())
+    return push_trust_archive(registry, TRUST_REPO, tmp_path_factory.mktemp("trust-twin-archive"))
 
 
 def _trusting(
@@ -80,12 +69,6 @@ def _trusting(
 ) -> AbstractAsyncContextManager[Served]:
     options = RegistryOptions(timeout_s=TRUST_TIMEOUT_S)
     return serving(f"{fault_proxy.host}/{TRUST_REPO}", cache, config, options=options, **kw)
-
-
-def _flip(fault_proxy: FaultProxy, arc: TrustArchive, name: str, at_fraction: float) -> tuple[Fault, int]:
-    p = arc.placed[name.encode()]
-    at = p.data_offset + int(p.data_size * at_fraction)
-    return fault_proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, at, at + 1), times=1, at=at)), at
 
 
 def _right_or_failed(got: bytes | int, data: bytes) -> bool:
@@ -119,7 +102,7 @@ def test_one_flip_in_one_full_read(
 
     async def body() -> None:
         async with _trusting(fault_proxy, tmp_path / "cache", config) as s:
-            fault, _ = _flip(fault_proxy, trust_archive, name, 0.5)
+            fault, _ = flip_once(fault_proxy, trust_archive, name, 0.5)
             with trio.fail_after(GUARD_S):
                 got = await read_file(s.fs, name)
             assert fault.hits == 1, "the flip was never met"
@@ -142,7 +125,7 @@ def test_a_flip_in_a_partial_read_then_a_full_read_in_another_open(
 
     async def body() -> None:
         async with _trusting(fault_proxy, tmp_path / "cache") as s:
-            fault, _ = _flip(fault_proxy, trust_archive, name, 0.25)
+            fault, _ = flip_once(fault_proxy, trust_archive, name, 0.25)
             head = await read_file(s.fs, name, 0, FILE_BYTES * 6 // 10)
             assert fault.hits == 1, "the flip was never met"
             assert isinstance(head, bytes)  # a partial read may get unverified bytes: the lazy policy
@@ -164,7 +147,7 @@ def test_a_file_read_in_pieces_by_two_opens_is_verified(
 
     async def body() -> None:
         async with _trusting(fault_proxy, tmp_path / "cache") as s:
-            fault, _ = _flip(fault_proxy, trust_archive, name, 0.25)
+            fault, _ = flip_once(fault_proxy, trust_archive, name, 0.25)
             assert isinstance(await read_file(s.fs, name, 0, half), bytes)
             assert fault.hits == 1
             fault_proxy.clear()
@@ -185,7 +168,7 @@ def test_a_file_read_in_part_and_closed_is_verified_from_the_cache(
     the origin: verified, and right."""
     name = "part.bin"
     data = trust_archive.placed[name.encode()].data
-    fault, _ = _flip(fault_proxy, trust_archive, name, 0.25)
+    fault, _ = flip_once(fault_proxy, trust_archive, name, 0.25)
 
     async def body() -> None:
         async with _trusting(fault_proxy, tmp_path / "cache", prefetch=(name,)) as s:
@@ -212,7 +195,7 @@ def test_a_remount_over_a_cache_holding_a_corrupted_chunk(
 
     async def first() -> None:
         async with _trusting(fault_proxy, cache) as s:
-            fault, at = _flip(fault_proxy, trust_archive, name, 0.05)
+            fault, at = flip_once(fault_proxy, trust_archive, name, 0.05)
             tail = placed.data_offset + 4 * MiB
             fault_proxy.add(
                 Fault(Kind.STALL, blob(trust_archive.data_digest, tail, placed.data_offset + placed.data_size))
@@ -276,48 +259,15 @@ def test_a_stalled_file_reads_again_as_soon_as_the_origin_answers(
 
 # -- test_lazy.py's archive -----------------------------------------------------------------------
 
-BIG = 24 * MiB
-SMALL_FILES = 1000
-SMALL_BYTES = 16 << 10
 LAZY_REPO = "twins/lazy"
 LAZY = ReaderConfig(wait_s=10.0)  # --timeout 10
 LAZY_OPTIONS = RegistryOptions(timeout_s=10.0)
 
 
-@dataclass
-class LazyArchive:
-    repo: str
-    digest: str
-    files: dict[str, bytes]
-    data_size: int
-
-
 @pytest.fixture(scope="module")
 def lazy(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> LazyArchive:
-    rng = random.Random(5)
-    src = tmp_path_factory.mktemp("lazy-twin-src")
-    files = {"big.bin": rng.randbytes(BIG), "other/blob.bin": rng.randbytes(4 * MiB)}
-    for i in range(SMALL_FILES):
-        files[f"small/f{i:04}.txt"] = rng.randbytes(SMALL_BYTES)
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    out = tmp_path_factory.mktemp("lazy-twin-archive")
-    result = create_archive(str(src), str(out), CreateOptions("none"))
-    digest = trio.run(push_archive, out, Reference.parse(f"{registry.host}/{LAZY_REPO}:v1"), RegistryOptions())
-    return LazyArchive(LAZY_REPO, str(digest), files, result.data_size)
-
-
-def ranges(quirk_proxy: QuirkProxy) -> list[tuple[int, int]]:
-    """Range requests for the data blob seen by the proxy, as [start, end) (the 1-byte probe excluded)."""
-    out = []
-    for method, _path, headers in list(quirk_proxy.state.seen):
-        value = headers.get("range")
-        if method == "GET" and value:
-            first, last = (int(x) for x in value.removeprefix("bytes=").split("-"))
-            if (first, last) != (0, 0):
-                out.append((first, last + 1))
-    return out
+    src, out = tmp_path_factory.mktemp("lazy-twin-src"), tmp_path_factory.mktemp("lazy-twin-archive")
+    return push_lazy_archive(registry, LAZY_REPO, src, out)
 
 
 def _lazy(source: str, cache: Path, config: ReaderConfig = LAZY, **kw: Any) -> AbstractAsyncContextManager[Served]:

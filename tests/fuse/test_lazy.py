@@ -12,65 +12,23 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 
 from blobmount.cache import CacheDir, ChunkStore
-from blobmount.create import CreateOptions, create_archive
 from blobmount.pieces import PIECE_BYTES
-from blobmount.reference import Reference
-from blobmount.registry.client import RegistryOptions
-from blobmount.registry.push import push_archive
 from tests.support.mounts import blobmount_cmd, mounted, unmount
 from tests.support.servers import QuirkProxy, Registry
+from tests.support.trust import BIG, CHUNK, SMALL_BYTES, SMALL_FILES, LazyArchive, MiB, push_lazy_archive, ranges
 
 pytestmark = pytest.mark.fuse
-
-MIB = 1 << 20
-CHUNK = MIB  # the default chunk size
-BIG = 24 * MIB
-SMALL_FILES = 1000
-SMALL_BYTES = 16 << 10
-
-
-@dataclass
-class LazyArchive:
-    repo: str  # repository on the session registry
-    digest: str  # manifest digest
-    files: dict[str, bytes]
-    data_size: int
 
 
 @pytest.fixture(scope="session")
 def lazy(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> LazyArchive:
-    rng = random.Random(5)
-    src = tmp_path_factory.mktemp("lazy-src")
-    files = {"big.bin": rng.randbytes(BIG), "other/blob.bin": rng.randbytes(4 * MIB)}
-    for i in range(SMALL_FILES):
-        files[f"small/f{i:04}.txt"] = rng.randbytes(SMALL_BYTES)
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    out = tmp_path_factory.mktemp("lazy-archive")
-    result = create_archive(str(src), str(out), CreateOptions("none"))
-    ref = Reference.parse(f"{registry.host}/lazy/tree:v1")
-    digest = trio.run(push_archive, out, ref, RegistryOptions())
-    return LazyArchive("lazy/tree", str(digest), files, result.data_size)
-
-
-def ranges(quirk_proxy: QuirkProxy) -> list[tuple[int, int]]:
-    """Range requests for the data blob seen by the proxy, as [start, end) (the 1-byte probe excluded)."""
-    out = []
-    for method, _path, headers in list(quirk_proxy.state.seen):
-        value = headers.get("range")
-        if method == "GET" and value:
-            first, last = (int(x) for x in value.removeprefix("bytes=").split("-"))
-            if (first, last) != (0, 0):
-                out.append((first, last + 1))
-    return out
+    src, out = tmp_path_factory.mktemp("lazy-src"), tmp_path_factory.mktemp("lazy-archive")
+    return push_lazy_archive(registry, "lazy/tree", src, out)
 
 
 def fetched_bytes(quirk_proxy: QuirkProxy) -> int:
@@ -125,7 +83,7 @@ def test_small_files_read_in_order_prefetch_their_directory(
 def test_random_reads_fetch_a_piece_each_and_no_read_ahead(
     lazy: LazyArchive, quirk_proxy: QuirkProxy, tmp_path: Path
 ) -> None:
-    offsets = [i * 2 * MIB + 1000 for i in range(11)]
+    offsets = [i * 2 * MiB + 1000 for i in range(11)]
     random.Random(3).shuffle(offsets)
     with mounted(f"{quirk_proxy.host}/{lazy.repo}:v1", tmp_path / "mnt", *mount_args()) as m:
         quirk_proxy.state.seen.clear()
@@ -259,7 +217,7 @@ def test_a_tiny_cache_stays_within_its_limit(lazy: LazyArchive, registry: Regist
         assert read(m.path / "big.bin") == lazy.files["big.bin"]
         time.sleep(0.3)
         stored = sum(f.stat().st_size for d in ("chunks", "content") for f in (cache / d).rglob("*") if f.is_file())
-        assert stored <= 3 * MIB
+        assert stored <= 3 * MiB
 
 
 def _chunk_files(cache: Path) -> list[Path]:
@@ -340,7 +298,7 @@ def test_cache_status_and_prune_on_a_live_cache(lazy: LazyArchive, registry: Reg
         assert status.returncode == 0, status.stderr
         assert "chunks" in status.stdout
         held = int(status.stdout.split(": ", 1)[1].split(" bytes")[0])
-        assert held >= 4 * MIB
+        assert held >= 4 * MiB
         pruned = subprocess.run(
             blobmount_cmd("cache", "prune", "--cache-dir", str(cache), "--size", "0"),
             capture_output=True,

@@ -16,72 +16,46 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import os
-import random
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 
-from blobmount.reference import Reference
-from blobmount.registry.client import RegistryOptions
-from blobmount.registry.push import push_archive
-from tests.support.corpus import Placed, Spec, write_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob
 from tests.support.mounts import Mount, mounted
 from tests.support.reads import read_bounded
 from tests.support.servers import Registry
+from tests.support.trust import (
+    CHUNK,
+    FILE_BYTES,
+    SIZES,
+    TRUST_THRESHOLD,
+    TRUST_TIMEOUT_S,
+    MiB,
+    TrustArchive,
+    flip_once,
+    push_trust_archive,
+)
 
 pytestmark = pytest.mark.fuse
 
-KiB, MiB = 1 << 10, 1 << 20
-CHUNK = MiB  # the default chunk size
-FILE_BYTES = 3 * MiB + 12345  # lazy under --verify-threshold 256K; a few chunks
-SIZES = {"one.bin": FILE_BYTES, "two.bin": FILE_BYTES, "pieces.bin": FILE_BYTES, "part.bin": FILE_BYTES}
-SIZES |= {"remount.bin": 8 * MiB + 777, "stall.bin": FILE_BYTES}
 NAMES = tuple(SIZES)
 REPO = "trust/lazy:v1"
-TIMEOUT_S = 3.0
+TIMEOUT_S = TRUST_TIMEOUT_S
 GUARD_S = 60.0  # hang guard for one program run
-ARGS = ("--verify-threshold", "256K", "--timeout", str(TIMEOUT_S))
-
-
-@dataclass(frozen=True, slots=True)
-class TrustArchive:
-    placed: dict[bytes, Placed]
-    data_digest: str
+ARGS = ("--verify-threshold", TRUST_THRESHOLD, "--timeout", str(TIMEOUT_S))
 
 
 @pytest.fixture(scope="module")
 def trust_archive(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> TrustArchive:
-    rng = random.Random(13)
-    specs = []
-    for name in NAMES:
-        specs.append(Spec(f"pad-{name}".encode(), bytes(2 * MiB)))
-        specs.append(Spec(name.encode(), rng.randbytes(SIZES[name])))
-    specs.append(Spec(b"pad-end", bytes(2 * MiB)))
-    out = tmp_path_factory.mktemp("trust-archive")
-    placed = write_archive(out, specs)
-    ref = Reference.parse(f"{registry.host}/{REPO}")
-    trio.run(functools.partial(push_archive, out, ref, RegistryOptions()))
-    digest = "sha256:" + hashlib.sha256((out / "data.blob").read_bytes()).hexdigest()
-    return TrustArchive(placed, digest)
+    return push_trust_archive(registry, REPO, tmp_path_factory.mktemp("trust-archive"))
 
 
 def _mount(proxy: FaultProxy, mnt: Path, cache: Path) -> contextlib.AbstractContextManager[Mount]:
     return mounted(f"{proxy.host}/{REPO}", mnt, *ARGS, cache_dir=cache)
-
-
-def _flip(proxy: FaultProxy, arc: TrustArchive, name: str, at_fraction: float) -> tuple[Fault, int]:
-    """One bit flipped, once, in the answer that carries byte `at_fraction` of the file."""
-    p = arc.placed[name.encode()]
-    at = p.data_offset + int(p.data_size * at_fraction)
-    return proxy.add(Fault(Kind.FLIP, blob(arc.data_digest, at, at + 1), times=1, at=at)), at
 
 
 def _sha256sum(path: Path) -> tuple[int, str]:
@@ -135,7 +109,7 @@ def test_one_flip_in_one_full_read(
     want = hashlib.sha256(data).hexdigest()
     source = f"{fault_proxy.host}/{REPO}"
     with mounted(source, tmp_path / "mnt", *ARGS, "--verify", policy, cache_dir=tmp_path / "cache") as m:
-        fault, _ = _flip(fault_proxy, arc, name, 0.5)
+        fault, _ = flip_once(fault_proxy, arc, name, 0.5)
         path = m.path / name
         if program == "cp":
             copy = tmp_path / "copy"
@@ -164,7 +138,7 @@ def test_a_flip_in_a_partial_read_then_a_full_read_in_another_process(
     want = hashlib.sha256(data).hexdigest()
     with _mount(fault_proxy, tmp_path / "mnt", tmp_path / "cache") as m:
         path = m.path / name
-        fault, _ = _flip(fault_proxy, arc, name, 0.25)
+        fault, _ = flip_once(fault_proxy, arc, name, 0.25)
         head = subprocess.run(
             ["head", "-c", str(FILE_BYTES * 6 // 10), str(path)],
             stdout=subprocess.DEVNULL,
@@ -194,7 +168,7 @@ def test_a_file_read_in_pieces_by_two_processes_is_verified(
     half = FILE_BYTES // 2
     with _mount(fault_proxy, tmp_path / "mnt", tmp_path / "cache") as m:
         path = m.path / name
-        fault, _ = _flip(fault_proxy, arc, name, 0.25)
+        fault, _ = flip_once(fault_proxy, arc, name, 0.25)
         first = subprocess.run(
             ["head", "-c", str(half), str(path)], stdout=subprocess.DEVNULL, timeout=GUARD_S, check=False
         )
@@ -220,7 +194,7 @@ def test_a_file_read_in_part_and_closed_is_verified_from_the_cache(
     arc = trust_archive
     name = "part.bin"
     data = arc.placed[name.encode()].data
-    fault, _ = _flip(fault_proxy, arc, name, 0.25)
+    fault, _ = flip_once(fault_proxy, arc, name, 0.25)
     args = ("--prefetch", name)
     with mounted(f"{fault_proxy.host}/{REPO}", tmp_path / "mnt", *ARGS, *args, cache_dir=tmp_path / "cache") as m:
         path = m.path / name
@@ -254,7 +228,7 @@ def test_a_remount_over_a_cache_holding_a_corrupted_chunk(
     cache = tmp_path / "cache"
     with _mount(fault_proxy, tmp_path / "m1", cache) as m:
         path = m.path / name
-        fault, at = _flip(fault_proxy, arc, name, 0.05)
+        fault, at = flip_once(fault_proxy, arc, name, 0.05)
         tail = placed.data_offset + 4 * MiB
         fault_proxy.add(Fault(Kind.STALL, blob(arc.data_digest, tail, placed.data_offset + placed.data_size)))
         head = subprocess.run(
