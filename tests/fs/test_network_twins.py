@@ -33,6 +33,7 @@ from tests.support.netfaults import (
     TIMEOUT_S,
     TOKEN_FAULTS,
     NetArchive,
+    aim,
     expected,
     mid,
     push_net_archive,
@@ -125,19 +126,12 @@ def test_fault_on_some_files(
         async with _serving(f"{fault_proxy.host}/{REPO}", tmp_path) as s:
             assert await read_file(s.fs, "base.txt") == arc.placed[b"base.txt"].data
             if case.brief is not None:  # met briefly: retried, the bytes are right
-                faults = {}
-                for path in targets("1"):
-                    fault = case.brief()
-                    fault.match = blob(arc.data_digest, *range_of(arc, path))
-                    faults[path] = fault_proxy.add(fault)
+                faults = aim(fault_proxy, arc, case.brief, targets("1"))
                 _assert_right(arc, await _read_all(s, targets("1")))
                 assert all(f.hits >= 1 for f in faults.values()), "a fault was never met"
                 fault_proxy.clear()
-            faults = {}
-            for path in targets("2"):  # persistent: EIO in time, the rest served meanwhile
-                fault = case.persistent()
-                fault.match = blob(arc.data_digest, *range_of(arc, path))
-                faults[path] = fault_proxy.add(fault)
+            # persistent: EIO in time, the rest served meanwhile
+            faults = aim(fault_proxy, arc, case.persistent, targets("2"))
             await _persistent(s, arc)
             assert all(f.hits >= 1 for f in faults.values()), "a fault was never met"
             fault_proxy.clear()

@@ -45,6 +45,7 @@ from tests.support.trust import (
     MiB,
     TrustArchive,
     flip_once,
+    prefetch_small,
     push_lazy_archive,
     push_trust_archive,
     ranges,
@@ -363,10 +364,7 @@ def test_prefetch_then_offline_with_the_registry_gone(
 ) -> None:
     cache = tmp_path / "cache"
     ref = f"{quirk_proxy.host}/{lazy.repo}:v1"
-    out = subprocess.run(
-        blobmount_cmd("prefetch", ref, "small", "--cache-dir", str(cache)), capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
+    prefetch_small(ref, cache)
     quirk_proxy.stop()  # the registry is unreachable from here on
 
     async def body() -> None:

@@ -20,7 +20,17 @@ from blobmount.cache import CacheDir, ChunkStore
 from blobmount.pieces import PIECE_BYTES
 from tests.support.mounts import blobmount_cmd, mounted, unmount
 from tests.support.servers import QuirkProxy, Registry
-from tests.support.trust import BIG, CHUNK, SMALL_BYTES, SMALL_FILES, LazyArchive, MiB, push_lazy_archive, ranges
+from tests.support.trust import (
+    BIG,
+    CHUNK,
+    SMALL_BYTES,
+    SMALL_FILES,
+    LazyArchive,
+    MiB,
+    prefetch_small,
+    push_lazy_archive,
+    ranges,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -143,11 +153,7 @@ def test_prefetch_then_offline_with_the_registry_gone(
 ) -> None:
     cache = tmp_path / "cache"
     ref = f"{quirk_proxy.host}/{lazy.repo}:v1"
-    out = subprocess.run(
-        blobmount_cmd("prefetch", ref, "small", "--cache-dir", str(cache)), capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    assert f"{SMALL_FILES * SMALL_BYTES} bytes in the cache" in out.stdout
+    assert f"{SMALL_FILES * SMALL_BYTES} bytes in the cache" in prefetch_small(ref, cache)
     requests = len(ranges(quirk_proxy))
     assert requests <= 2  # the whole directory is one contiguous range
     quirk_proxy.stop()  # the registry is unreachable from here on

@@ -38,6 +38,7 @@ from tests.support.netfaults import (
     TIMEOUT_S,
     TOKEN_FAULTS,
     NetArchive,
+    aim,
     expected,
     mid,
     push_net_archive,
@@ -103,11 +104,7 @@ def test_fault_on_some_files(name: str, fault_proxy: FaultProxy, net_archive: Ne
     with _mount(fault_proxy, tmp_path) as m:
         _baseline(m, arc)
         if case.brief is not None:  # met briefly: retried, the bytes are right
-            faults = {}
-            for path in targets("1"):
-                fault = case.brief()
-                fault.match = blob(arc.data_digest, *range_of(arc, path))
-                faults[path] = fault_proxy.add(fault)
+            faults = aim(fault_proxy, arc, case.brief, targets("1"))
             pending = {path: _start(m, path) for path in targets("1")}
             for path, p in pending.items():
                 out = p.result(HANG_GUARD_S)
@@ -115,11 +112,8 @@ def test_fault_on_some_files(name: str, fault_proxy: FaultProxy, net_archive: Ne
                 _assert_read(arc, path, out)
                 assert faults[path].hits >= 1, f"{path!r}: the fault was never met"
             fault_proxy.clear()
-        faults = {}
-        for path in targets("2"):  # persistent: EIO in time, the rest served meanwhile
-            fault = case.persistent()
-            fault.match = blob(arc.data_digest, *range_of(arc, path))
-            faults[path] = fault_proxy.add(fault)
+        # persistent: EIO in time, the rest served meanwhile
+        faults = aim(fault_proxy, arc, case.persistent, targets("2"))
         pending = {path: _start(m, path) for path in targets("2")}
         other = read_bounded(m.path / "other.bin", HANG_GUARD_S)
         _assert_read(arc, b"other.bin", other)

@@ -19,7 +19,7 @@ from blobmount.reference import Reference
 from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from tests.support.corpus import Placed, Spec, write_archive
-from tests.support.faults import Fault, Kind
+from tests.support.faults import Fault, FaultProxy, Kind, blob
 from tests.support.servers import Registry
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -132,3 +132,14 @@ TOKEN_FAULTS: dict[str, tuple[Callable[[], Fault], int, bool]] = {  # fault, err
     "closed": (lambda: Fault(Kind.CLOSE), errno.EIO, True),
     "401": (lambda: Fault(Kind.STATUS, status=401), errno.EACCES, False),  # credentials refused
 }
+
+
+def aim(proxy: FaultProxy, arc: NetArchive, make: Callable[[], Fault], paths: list[bytes]) -> dict[bytes, Fault]:
+    """A fault made by `make` for each path, matching the blob range its read fetches, added to
+    `proxy`: by path (each must be met: ``hits``)."""
+    faults = {}
+    for path in paths:
+        fault = make()
+        fault.match = blob(arc.data_digest, *range_of(arc, path))
+        faults[path] = proxy.add(fault)
+    return faults

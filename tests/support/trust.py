@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from blobmount.registry.client import RegistryOptions
 from blobmount.registry.push import push_archive
 from tests.support.corpus import Placed, Spec, write_archive
 from tests.support.faults import Fault, FaultProxy, Kind, blob
+from tests.support.mounts import blobmount_cmd
 from tests.support.servers import QuirkProxy, Registry
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -102,3 +104,12 @@ def ranges(quirk_proxy: QuirkProxy) -> list[tuple[int, int]]:
             if (first, last) != (0, 0):
                 out.append((first, last + 1))
     return out
+
+
+def prefetch_small(ref: str, cache: Path) -> str:
+    """``blobmount prefetch REF small --cache-dir CACHE`` (the small files, before going offline):
+    its output, once it succeeded."""
+    cmd = blobmount_cmd("prefetch", ref, "small", "--cache-dir", str(cache))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
