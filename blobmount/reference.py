@@ -45,6 +45,15 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
+def written_host(text: str) -> str | None:
+    """The registry host a reference's text names before its first '/' (something with a '.' or a
+    ':', or localhost); None: it names none, so it means Docker Hub."""
+    first, slash, _ = text.partition("@")[0].partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+        return first
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Reference:
     registry: str  # host[:port] as written (docker.io for Docker Hub)
@@ -65,9 +74,9 @@ class Reference:
             digest = Digest.parse(digest_text) if at else None
         except UsageError as exc:
             raise UsageError(f"reference {text[:100]!r}: {exc}") from None
-        first, slash, remainder = rest.partition("/")
-        if slash and (("." in first or ":" in first) or first == "localhost" or first.startswith("[")):
-            registry, path = first, remainder
+        host = written_host(rest)
+        if host is not None:
+            registry, path = host, rest.partition("/")[2]
             if not _HOST.fullmatch(registry):
                 raise UsageError(f"reference {text[:100]!r}: malformed registry host {registry[:100]!r}")
             port = registry.rpartition(":")[2] if not registry.endswith("]") and ":" in registry else None

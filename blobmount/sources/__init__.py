@@ -13,6 +13,7 @@ imports only the daemon needs (pyfuse3, the reader).
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ class RemoteSettings:
 
 def kind(spec: str) -> SourceKind:
     """What a SOURCE names: an OCI layout, a local directory, or (anything else) a registry
-    reference. A bare relative name is a reference: write a directory as ./name or dir:name."""
+    reference. A bare relative name is a reference: write a directory as ./name or dir:name (one that
+    exists is refused with that hint: :func:`refuse_local_lookalike`)."""
     if spec.startswith("oci:"):
         return "oci"
     if spec.startswith(("dir:", "/", "./", "../")) or spec in (".", ".."):
@@ -52,6 +54,17 @@ def kind(spec: str) -> SourceKind:
 
 def is_local(spec: str) -> bool:
     return kind(spec) != "registry"
+
+
+def refuse_local_lookalike(spec: str) -> None:
+    """A registry reference that names no registry host (Docker Hub) but spells an existing local
+    directory, such as ``tests/fixtures/x``, was almost surely meant as that directory: refused in
+    one line with the spelling that means it, before any request (the registry's error would name
+    Docker Hub and nothing about the directory)."""
+    from blobmount.reference import written_host
+
+    if kind(spec) == "registry" and written_host(spec) is None and os.path.isdir(spec):
+        raise UsageError(f"{spec!r} is a registry reference, but a local directory of that name exists: write ./{spec}")
 
 
 def open_local(spec: str) -> Archive:
@@ -76,6 +89,7 @@ def open_archive(spec: str, options: RegistryOptions | None = None, settings: Re
     """Open SOURCE from synchronous code (the CLI, the mount's parent process)."""
     if is_local(spec):
         return open_local(spec)
+    refuse_local_lookalike(spec)
     import trio
 
     from blobmount.sources.remote import open_remote
@@ -91,6 +105,7 @@ async def open_source(
         import trio
 
         return await trio.to_thread.run_sync(open_local, spec)
+    refuse_local_lookalike(spec)
     from blobmount.sources.remote import open_remote
 
     return await open_remote(spec, options or RegistryOptions(), settings or RemoteSettings())

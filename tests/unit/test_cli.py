@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from blobmount.cli import main
+from blobmount.errors import SourceError
 from blobmount.index import IndexView
 from tests.support.helpers import FIXTURES, make_oci_layout, tree_files
 
@@ -194,3 +195,44 @@ def test_a_bad_flag_is_one_line_naming_help(capsys: pytest.CaptureFixture[str]) 
     assert err.count("\n") == 1
     assert "--verify" in err
     assert "blobmount mount --help" in err
+
+
+def test_a_bare_name_that_is_a_local_directory_is_refused_with_the_spelling_that_means_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tests/fixtures/x` is a Docker Hub reference by the SOURCE syntax; when a directory of that
+    name exists the command fails before any request, in one line that says to write ./ before it
+    (not an error from registry-1.docker.io). A name with a registry host, or one that is no local
+    directory, is still a registry reference."""
+    from blobmount.sources import remote
+
+    asked: list[str] = []
+
+    async def no_registry(spec: str, *args: object) -> None:
+        asked.append(spec)
+        raise SourceError("no registry in this test")
+
+    monkeypatch.setattr(remote, "open_remote", no_registry)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(FIXTURES / "basic", tmp_path / "tests" / "fixtures" / "x")
+    shutil.copytree(FIXTURES / "basic", tmp_path / "localhost:5000" / "x")
+    (tmp_path / "mnt").mkdir()
+    for argv in (
+        ["ls", "tests/fixtures/x"],
+        ["cat", "tests/fixtures/x", "top.md"],
+        ["prefetch", "tests/fixtures/x", "a", "--cache-dir", str(tmp_path / "cache")],
+        ["mount", "tests/fixtures/x", "mnt", "--cache-dir", str(tmp_path / "cache")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("blobmount: "), err
+        assert err.count("\n") == 1, err
+        assert "a local directory of that name exists: write ./tests/fixtures/x" in err
+        assert "docker.io" not in err
+    assert asked == []
+    assert main(["ls", "./tests/fixtures/x"]) == 0  # the hint's spelling works
+    assert "top.md" in capsys.readouterr().out
+    for ref in ("localhost:5000/x", "tests/fixtures/y"):  # a host named, or no such directory
+        assert main(["ls", ref]) != 0
+        assert "local directory" not in capsys.readouterr().err
+    assert asked == ["localhost:5000/x", "tests/fixtures/y"]
