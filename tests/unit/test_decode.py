@@ -5,6 +5,7 @@ several processes, the registry) is tests/fuse/test_zstd_stream.py."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from pathlib import Path
@@ -16,8 +17,8 @@ import trio.testing
 from blobmount import decode, rangestream
 from blobmount.cache import ContentStore
 from blobmount.cache.content import TRAILER_BYTES, Pending
-from blobmount.errors import IntegrityError
-from blobmount.index import IndexView
+from blobmount.errors import IntegrityError, SourceError
+from blobmount.index import Entry, IndexView
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.sources.local import open_directory
 from tests.support.corpus import Spec, write_archive
@@ -224,3 +225,73 @@ def test_the_frame_is_read_in_growing_hops_while_they_are_fast(delay_s: float) -
         assert src.asked[:5] == [MiB, 2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB], src.asked
     else:
         assert src.asked == [MiB] * 8, src.asked
+
+
+def _remote_reader(archive: Path, cache: Path, timed: _TimedSource) -> tuple[Reader, dict[bytes, Entry]]:
+    """A Reader over the archive's data blob served by `timed`, a remote-like source (so a
+    decode reads it through a Feed), its content store large enough for every file."""
+    source = open_directory(archive)
+    view = IndexView(source.index_bytes, blob_size=source.data.size)
+    config = ReaderConfig(verify_threshold=MiB, wait_s=30)
+    return Reader(timed, ContentStore(cache, 1 << 30), config), {e.path: e for e in view.entries()}
+
+
+def test_the_frame_is_fed_to_the_decoder_in_chunk_reads_in_order_and_a_failed_read_fails_the_decode(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode from a remote source reads its frame through a Feed: in order, in reads that end
+    on FEED_STEP_BYTES boundaries, ahead of the decoder; the file comes out right. A read of the
+    frame that fails fails the decode with that error (the reader gets it), it never hangs."""
+    monkeypatch.setattr(decode, "FEED_STEP_BYTES", 256 << 10)
+    want = _text(12 * MiB + 333)
+    timed = _TimedSource((archive / "data.blob").read_bytes(), 0.0)
+    reader, entries = _remote_reader(archive, tmp_path / "c", timed)
+    entry = entries[b"a.txt"]
+    spans: list[tuple[int, int]] = []
+    real_read = timed.read_range
+
+    async def read_range(start: int, end: int, hint: object = None) -> bytes:
+        spans.append((start, end))
+        return await real_read(start, end, hint)
+
+    timed.read_range = read_range  # type: ignore[method-assign]
+
+    async def ok() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            handle = await reader.open(entry)
+            got = bytearray()
+            with trio.fail_after(60):
+                while len(got) < len(want):
+                    got += await reader.read(handle, len(got), MiB)
+            assert got == want
+            reader.close(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(ok)
+    start, end = entry.data_offset, entry.data_offset + entry.data_size
+    assert spans[0][0] == start, spans[:2]
+    assert spans[-1][1] == end, spans[-2:]
+    assert all(a == b for (_, a), (b, _) in itertools.pairwise(spans)), "in order, no gap, no overlap"
+    assert all(b % (256 << 10) == 0 for _, b in spans[:-1]), spans  # chunk-aligned reads,
+    assert max(b - a for a, b in spans) <= 256 << 10, spans  # a chunk each
+
+    async def failing(start: int, end: int, hint: object = None) -> bytes:
+        if start >= entry.data_offset + (512 << 10):
+            raise SourceError("bytes refused on purpose")
+        return await real_read(start, end, hint)
+
+    timed.read_range = failing  # type: ignore[method-assign]
+    reader2, _ = _remote_reader(archive, tmp_path / "c2", timed)
+
+    async def broken() -> None:
+        async with trio.open_nursery() as nursery:
+            reader2.attach(nursery)
+            handle = await reader2.open(entry)
+            with trio.fail_after(60), pytest.raises(SourceError, match="refused on purpose"):
+                await reader2.read(handle, 8 * MiB, MiB)
+            reader2.close(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(broken)
+
