@@ -55,6 +55,7 @@ FEED_AHEAD_BYTES = 16 << 20  # compressed bytes a Feed holds ahead of the decode
 FEED_STEP_BYTES = 1 << 20  # a Feed's read when the source has no chunks (else one chunk, within bounds)
 FIRST_STEP_BYTES = 64 << 10  # the first output step; then as long as what came before, up to
 # STEP_BYTES (64K, 64K, 128K, ... 1M: the steps end on STEP_BYTES boundaries, like the kernel's reads)
+HOLD_BLOCKS = 8  # decoded blocks of a decode into the store held in memory for its readers (STEP_BYTES each)
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
 LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
@@ -201,6 +202,10 @@ class Decode:
         self._seq = itertools.count()
         self._token: trio.lowlevel.TrioToken | None = None
         self.reading: trio.CancelScope | None = None  # the source read under way (trio thread)
+        # a decode into a file: its last decoded blocks, (start, end, buffer), oldest first, held
+        # by the trio thread for the reads that come while they are fresh (:meth:`read_view`)
+        self._held: collections.deque[tuple[int, int, bytearray]] = collections.deque()
+        self._hashing: Hashing | None = None
 
     @property
     def stopped(self) -> bool:
@@ -247,6 +252,15 @@ class Decode:
     async def read(self, offset: int, end: int, final: bool) -> bytes:
         """Bytes [offset, end) once decoded; `final` (the read reaches the end of the file): once
         the whole file is decoded and its hash checked, raising the verdict if it is not good."""
+        data = await self.read_view(offset, end, final)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_view(self, offset: int, end: int, final: bool) -> bytes | memoryview:
+        """:meth:`read`, for a caller that hands the bytes on at once and keeps nothing (the
+        kernel's reads: fs.py to pyfuse3's reply): bytes still held in memory come as a view of
+        the decoder's buffer, no copy and no ``pread`` (4-8 % of the daemon's CPU in a cold read,
+        with the page faults of a new 1 MiB ``bytes`` each). A buffer is reused only once no view
+        of it is left (:func:`_unexported`), so a view that is kept keeps its bytes."""
         if final:
             await self.done.wait()
             if self.error is not None:
@@ -258,6 +272,9 @@ class Decode:
             heapq.heappush(self._waiters, (end, next(self._seq), event))
             await event.wait()
         if self._ring is None:
+            held = self._view(offset, end)
+            if held is not None:
+                return held
             assert self.fd is not None
             if end - offset <= STEP_BYTES:
                 return os.pread(self.fd, end - offset, offset)
@@ -270,6 +287,34 @@ class Decode:
             if a < b and end - offset <= w:
                 return bytes(self._ring[a:b])
             return bytes(self._ring[a:]) + bytes(self._ring[:b])
+
+    def _view(self, offset: int, end: int) -> memoryview | None:
+        """[offset, end) from one held block, or None."""
+        for start, stop, buf in reversed(self._held):
+            if start <= offset and end <= stop:
+                return memoryview(buf)[offset - start : end - start]
+            if stop <= offset:
+                break  # older blocks are further below
+        return None
+
+    def _hold(self, pos: int, buf: bytearray, n: int) -> None:
+        """Trio thread: decoded bytes [pos, pos + n), written, are `buf`'s: held for the reads to
+        come (the oldest block goes back to the decoder), then published."""
+        held = self._held
+        held.append((pos, pos + n, buf))
+        while len(held) > HOLD_BLOCKS:
+            self._give_back(held.popleft()[2])
+        self._publish(pos + n)
+
+    def _give_back(self, buf: bytearray) -> None:
+        hashing = self._hashing
+        assert hashing is not None
+        # a view of it still alive (a caller kept one): it stays theirs, the decoder gets a new one
+        hashing.recycle(buf if _unexported(buf) else bytearray(len(buf)))
+
+    def drop_held(self) -> None:
+        """Trio thread: the held blocks go (the decode is over; reads go to the file)."""
+        self._held.clear()
 
     def _publish(self, upto: int) -> None:
         self.upto = max(self.upto, upto)
@@ -332,7 +377,7 @@ class Decode:
         xxh3."""
         entry = self.entry
         size = entry.original_size
-        hashing = Hashing(self._put_and_publish, self._prepare)
+        hashing = self._hashing = Hashing(self._put_and_publish, self._prepare, 0 if self.ring else HOLD_BLOCKS)
         pos = 0
         try:
             with zstandard.ZstdDecompressor().stream_reader(stream, read_size=INPUT_BYTES) as reader:  # type: ignore[arg-type]
@@ -369,12 +414,19 @@ class Decode:
             )
         return xxh3
 
-    def _put_and_publish(self, pos: int, block: memoryview) -> None:
-        """The hashing thread: the block goes to the output, then its end to the readers."""
+    def _put_and_publish(self, pos: int, block: memoryview) -> bool:
+        """The hashing thread: the block goes to the output, then its end to the readers; a
+        decode into a file hands its buffer to the trio thread too (:meth:`_hold`; returns True)."""
         self._put(pos, block)
         token = self._token
         assert token is not None
+        if self._ring is None:
+            buf = block.obj
+            assert isinstance(buf, bytearray)
+            token.run_sync_soon(self._hold, pos, buf, len(block))
+            return True
         token.run_sync_soon(self._publish, pos + len(block))
+        return False
 
     def _put(self, pos: int, block: memoryview) -> None:
         if self._ring is None:
@@ -405,6 +457,18 @@ class Decode:
         not hold up the others (nor the decode): if it reads again below the window, it restarts."""
         recent = time.monotonic() - IDLE_S
         return min((at for at, when in self._cursors.values() if when >= recent), default=default)
+
+
+def _unexported(buf: bytearray) -> bool:
+    """Whether no view of `buf` is alive (a memoryview, or one derived from it, or a buffer a C
+    extension holds): only then can a bytearray resize, so try one that changes nothing (its last
+    byte, a byte of a buffer about to be overwritten, becomes 0)."""
+    try:
+        del buf[-1:]
+    except BufferError:
+        return False
+    buf.append(0)
+    return True
 
 
 def window_for(store_bytes: int) -> int:

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from blobmount import decode, rangestream
+from blobmount import decode, hashing, rangestream
 from blobmount.cache import ContentStore
 from blobmount.cache.content import TRAILER_BYTES, Pending
 from blobmount.errors import IntegrityError, SourceError
@@ -295,3 +295,45 @@ def test_the_frame_is_fed_to_the_decoder_in_chunk_reads_in_order_and_a_failed_re
 
     trio.run(broken)
 
+
+def test_fresh_bytes_are_views_of_the_decoders_buffers_and_a_kept_view_keeps_its_bytes(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads near the decoder's front come as views of its held buffers (no copy); a buffer goes
+    back to the decoder only once no view of it is alive. With 2 held blocks and 3 buffers, a
+    reader that keeps every view it got makes the decoder reuse buffers many times over 12 MiB:
+    every kept view still holds its bytes at the end (a reused one would hold later bytes)."""
+    monkeypatch.setattr(decode, "HOLD_BLOCKS", 2)
+    monkeypatch.setattr(hashing, "BUFFERS", 3)
+    monkeypatch.setattr(decode, "FEED_STEP_BYTES", 64 << 10)  # the decoder a little ahead at most
+    want = _text(12 * MiB + 333)
+    timed = _TimedSource((archive / "data.blob").read_bytes(), 0.002)
+    reader, entries = _remote_reader(archive, tmp_path / "c", timed)
+    entry = entries[b"a.txt"]
+    kept: list[tuple[int, bytes | memoryview]] = []
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            handle = await reader.open(entry)
+            pos = 0
+            with trio.fail_after(60):
+                while pos < len(want):
+                    data = await reader.read_view(handle, pos, MiB)
+                    kept.append((pos, data))
+                    pos += len(data)
+            assert reader.state(entry) == "verified"
+            reader.close(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(body)
+    views = [data for _, data in kept if isinstance(data, memoryview)]
+    assert len(views) >= 4, [type(d).__name__ for _, d in kept]
+    for pos, data in kept:
+        assert data == want[pos : pos + len(data)], pos
+    assert decode._unexported(bytearray(8))
+    held = bytearray(8)
+    part = memoryview(held)[2:6][1:]  # derived from a view that is gone: still an export
+    assert not decode._unexported(held)
+    assert bytes(part) == b"\0\0\0"
+    assert len(held) == 8
