@@ -86,13 +86,9 @@ class Feed:
     def __init__(self, decode: Decode, source: RangeSource, start: int, end: int, keep: bool) -> None:
         self._decode = decode
         self._source = source
-        self._pos = start
+        self._start = self._pos = start
         self._end = end
-        # a stream read in order to its end from its first read: the fetcher's read-ahead starts
-        # with the first read, FEED_FIRST_AHEAD_BYTES at once (readahead.advance doubles the
-        # window), not one chunk after two reads in order (each cold chunk cost a round trip,
-        # ~14 ms from the loopback registry, before the decoder could go on)
-        self._hint = ReadHint(start, end, keep=keep, pos=start, window=FEED_FIRST_AHEAD_BYTES // 2)
+        self._hint = ReadHint(start, end, keep=keep)
         step = source.store.chunk_size if isinstance(source, Fetching) else FEED_STEP_BYTES
         self._step = max(64 << 10, min(step, 4 << 20))
         self._blocks: collections.deque[bytes] = collections.deque()
@@ -119,6 +115,13 @@ class Feed:
                     raise Stopped(f"{show(decode.entry.path)}: decode stopped: no reader left")
                 if len(data) != nxt - self._pos:
                     raise SourceError(f"{show(decode.entry.path)}: bytes {self._pos}-{nxt} of the frame came out short")
+                if self._pos == self._start:
+                    # the first chunk came alone (the first byte waits for nothing else); from the
+                    # next read on, the frame is a stream read to its end: the fetcher reads
+                    # FEED_FIRST_AHEAD_BYTES ahead at once (readahead.advance doubles the window),
+                    # not one cold chunk after another until two reads in order (~14 ms each from
+                    # the loopback registry, timelines of a cold 64 MiB read)
+                    self._hint.pos, self._hint.window = nxt, FEED_FIRST_AHEAD_BYTES // 2
                 with self._cond:
                     self._blocks.append(data)
                     self._held += len(data)
