@@ -53,7 +53,7 @@ MIN_WINDOW_BYTES = 4 << 20
 INPUT_BYTES = 8 << 20  # compressed bytes per hop to the trio thread, once a decode is under way
 FEED_AHEAD_BYTES = 16 << 20  # compressed bytes a Feed holds ahead of the decoder (memory, per decode)
 FEED_STEP_BYTES = 1 << 20  # a Feed's read when the source has no chunks (else one chunk, within bounds)
-FEED_FIRST_AHEAD_BYTES = 8 << 20  # what a Feed's first read has the fetcher fetch ahead, at once
+FEED_FIRST_AHEAD_BYTES = 8 << 20  # the fetcher's read-ahead from a Feed's second read on, at once
 FIRST_STEP_BYTES = 64 << 10  # the first output step; then as long as what came before, up to
 # STEP_BYTES (64K, 64K, 128K, ... 1M: the steps end on STEP_BYTES boundaries, like the kernel's reads)
 HOLD_BLOCKS = 8  # decoded blocks of a decode into the store held in memory for its readers (STEP_BYTES each)
