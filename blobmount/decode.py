@@ -26,6 +26,7 @@ on it). Everything else runs on the trio thread.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import heapq
 import io
@@ -44,13 +45,18 @@ from blobmount.hashing import STEP_BYTES, Hashing
 from blobmount.index import Entry
 from blobmount.index.paths import show
 from blobmount.rangestream import RangeStream, Stopped
-from blobmount.sources.base import RangeSource
+from blobmount.readahead import ReadHint
+from blobmount.sources.base import Fetching, RangeSource, SyncRangeSource
 
 WINDOW_BYTES = 64 << 20  # ring of a decode too large for the store (memory, per decode)
 MIN_WINDOW_BYTES = 4 << 20
 INPUT_BYTES = 8 << 20  # compressed bytes per hop to the trio thread, once a decode is under way
+FEED_AHEAD_BYTES = 16 << 20  # compressed bytes a Feed holds ahead of the decoder (memory, per decode)
+FEED_STEP_BYTES = 1 << 20  # a Feed's read when the source has no chunks (else one chunk, within bounds)
+FEED_FIRST_AHEAD_BYTES = 8 << 20  # the fetcher's read-ahead from a Feed's second read on, at once
 FIRST_STEP_BYTES = 64 << 10  # the first output step; then as long as what came before, up to
 # STEP_BYTES (64K, 64K, 128K, ... 1M: the steps end on STEP_BYTES boundaries, like the kernel's reads)
+HOLD_BLOCKS = 8  # decoded blocks of a decode into the store held in memory for its readers (STEP_BYTES each)
 ROOM_WAIT_S = 0.2  # the ring's decoder re-checks for a stop (or an idle reader) this often
 LINGER_S = 2.0  # a decode nobody reads any more is stopped after this (unless a reader comes back)
 IDLE_S = 1.0  # a ring holds its window for readers that read within this; an idle one is left behind
@@ -59,6 +65,114 @@ FRAME_FAILED = "corrupt zstd frame or sha256 mismatch"  # what a failed decode_f
 
 class Behind(Exception):
     """The read starts below the ring's window: those bytes are gone; decode again."""
+
+
+class Feed:
+    """The compressed frame of a decode, read in order on the trio thread ahead of the decoder.
+
+    Why: read on demand (:class:`~blobmount.rangestream.RangeStream`), every hop is a round trip
+    the decoder waits for (a wake-up of the trio thread, the chunks joined into one ``bytes``, two
+    more copies through ``RawIOBase.read``): 10 % of the decoder's thread in a profile of a cold
+    384 MiB read, on the decode's critical path. Here a trio task (:meth:`run`) reads one chunk
+    after another (chunk-aligned: a chunk comes back as the fetcher holds it, no copy) into a
+    queue of at most ``FEED_AHEAD_BYTES``, and the decoder takes them as they are (:meth:`read`,
+    what zstd's ``stream_reader`` calls), waiting only when the network is behind.
+
+    A failed read (the fetcher's ``--timeout`` included) is handed to the decoder, which fails with
+    it; :meth:`Decode.stop` cancels the read under way (``Decode.reading``), and a feeder that is
+    cancelled or fails never leaves the decoder waiting. Concurrency: the queue is under ``_cond``;
+    :meth:`run` is the trio thread's, :meth:`read` the decoder thread's."""
+
+    def __init__(self, decode: Decode, source: RangeSource, start: int, end: int, keep: bool) -> None:
+        self._decode = decode
+        self._source = source
+        self._start = self._pos = start
+        self._end = end
+        self._hint = ReadHint(start, end, keep=keep)
+        step = source.store.chunk_size if isinstance(source, Fetching) else FEED_STEP_BYTES
+        self._step = max(64 << 10, min(step, 4 << 20))
+        self._blocks: collections.deque[bytes] = collections.deque()
+        self._held = 0  # bytes in _blocks
+        self._over: BaseException | None = None  # why no more blocks come (None: more will)
+        self._cond = threading.Condition()
+        self._room: trio.Event | None = None  # the feeder waits for room (set from the decoder's thread)
+        self._token = trio.lowlevel.current_trio_token()
+
+    async def run(self) -> None:
+        """Trio thread: the frame's chunks in order into the queue, then the end (or the error)."""
+        decode, over = self._decode, None
+        try:
+            while self._pos < self._end:
+                await self._wait_room()
+                nxt = min(self._end, (self._pos // self._step + 1) * self._step)
+                data = b""
+                with trio.CancelScope() as scope:
+                    decode.reading = scope
+                    if not decode.stopped:
+                        data = await self._source.read_range(self._pos, nxt, self._hint)
+                decode.reading = None
+                if scope.cancelled_caught or decode.stopped:
+                    raise Stopped(f"{show(decode.entry.path)}: decode stopped: no reader left")
+                if len(data) != nxt - self._pos:
+                    raise SourceError(f"{show(decode.entry.path)}: bytes {self._pos}-{nxt} of the frame came out short")
+                if self._pos == self._start:
+                    # the first chunk came alone (the first byte waits for nothing else); from the
+                    # next read on, the frame is a stream read to its end: the fetcher reads
+                    # FEED_FIRST_AHEAD_BYTES ahead at once (readahead.advance doubles the window),
+                    # not one cold chunk after another until two reads in order (~14 ms each from
+                    # the loopback registry, timelines of a cold 64 MiB read)
+                    self._hint.pos, self._hint.window = nxt, FEED_FIRST_AHEAD_BYTES // 2
+                with self._cond:
+                    self._blocks.append(data)
+                    self._held += len(data)
+                    self._cond.notify()
+                self._pos = nxt
+        except Exception as exc:
+            over = exc
+        finally:
+            decode.reading = None
+            if over is None:  # the whole frame, or cancelled (the decode is being stopped)
+                done = self._pos >= self._end
+                over = EOFError() if done else Stopped(f"{show(decode.entry.path)}: decode stopped: input cancelled")
+            with self._cond:  # the decoder never waits on a feeder that is gone (cancelled too)
+                self._over = over
+                self._cond.notify()
+
+    async def _wait_room(self) -> None:
+        while True:
+            with self._cond:
+                if self._held < FEED_AHEAD_BYTES:
+                    return
+                room = self._room = trio.Event()
+            await room.wait()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        """Decoder thread: the next chunk of the frame (less than `size` only at its end; b"" at
+        the end), waiting while the feeder is behind; raises what stopped the feeder."""
+        with self._cond:
+            while not self._blocks:
+                if self._over is not None:
+                    if isinstance(self._over, EOFError):
+                        return b""
+                    raise self._over
+                if self._decode.stopped:
+                    raise Stopped(f"{show(self._decode.entry.path)}: decode stopped: no reader left")
+                self._cond.wait(ROOM_WAIT_S)
+            data = self._blocks[0]
+            if 0 <= size < len(data):
+                self._blocks[0] = data[size:]
+                data = data[:size]
+            else:
+                self._blocks.popleft()
+            self._held -= len(data)
+            room = self._room
+            if room is not None and self._held < FEED_AHEAD_BYTES:
+                self._room = None
+                self._token.run_sync_soon(room.set)
+        return data
 
 
 class Decode:
@@ -96,6 +210,10 @@ class Decode:
         self._seq = itertools.count()
         self._token: trio.lowlevel.TrioToken | None = None
         self.reading: trio.CancelScope | None = None  # the source read under way (trio thread)
+        # a decode into a file: its last decoded blocks, (start, end, buffer), oldest first, held
+        # by the trio thread for the reads that come while they are fresh (:meth:`read_view`)
+        self._held: collections.deque[tuple[int, int, bytearray]] = collections.deque()
+        self._hashing: Hashing | None = None
 
     @property
     def stopped(self) -> bool:
@@ -142,6 +260,15 @@ class Decode:
     async def read(self, offset: int, end: int, final: bool) -> bytes:
         """Bytes [offset, end) once decoded; `final` (the read reaches the end of the file): once
         the whole file is decoded and its hash checked, raising the verdict if it is not good."""
+        data = await self.read_view(offset, end, final)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_view(self, offset: int, end: int, final: bool) -> bytes | memoryview:
+        """:meth:`read`, for a caller that hands the bytes on at once and keeps nothing (the
+        kernel's reads: fs.py to pyfuse3's reply): bytes still held in memory come as a view of
+        the decoder's buffer, no copy and no ``pread`` (4-8 % of the daemon's CPU in a cold read,
+        with the page faults of a new 1 MiB ``bytes`` each). A buffer is reused only once no view
+        of it is left (:func:`_unexported`), so a view that is kept keeps its bytes."""
         if final:
             await self.done.wait()
             if self.error is not None:
@@ -153,6 +280,9 @@ class Decode:
             heapq.heappush(self._waiters, (end, next(self._seq), event))
             await event.wait()
         if self._ring is None:
+            held = self._view(offset, end)
+            if held is not None:
+                return held
             assert self.fd is not None
             if end - offset <= STEP_BYTES:
                 return os.pread(self.fd, end - offset, offset)
@@ -165,6 +295,34 @@ class Decode:
             if a < b and end - offset <= w:
                 return bytes(self._ring[a:b])
             return bytes(self._ring[a:]) + bytes(self._ring[:b])
+
+    def _view(self, offset: int, end: int) -> memoryview | None:
+        """[offset, end) from one held block, or None."""
+        for start, stop, buf in reversed(self._held):
+            if start <= offset and end <= stop:
+                return memoryview(buf)[offset - start : end - start]
+            if stop <= offset:
+                break  # older blocks are further below
+        return None
+
+    def _hold(self, pos: int, buf: bytearray, n: int) -> None:
+        """Trio thread: decoded bytes [pos, pos + n), written, are `buf`'s: held for the reads to
+        come (the oldest block goes back to the decoder), then published."""
+        held = self._held
+        held.append((pos, pos + n, buf))
+        while len(held) > HOLD_BLOCKS:
+            self._give_back(held.popleft()[2])
+        self._publish(pos + n)
+
+    def _give_back(self, buf: bytearray) -> None:
+        hashing = self._hashing
+        assert hashing is not None
+        # a view of it still alive (a caller kept one): it stays theirs, the decoder gets a new one
+        hashing.recycle(buf if _unexported(buf) else bytearray(len(buf)))
+
+    def drop_held(self) -> None:
+        """Trio thread: the held blocks go (the decode is over; reads go to the file)."""
+        self._held.clear()
 
     def _publish(self, upto: int) -> None:
         self.upto = max(self.upto, upto)
@@ -181,11 +339,22 @@ class Decode:
         """Decode to the end (or until stopped or failed); `on_done` sees the outcome before any
         waiting reader does. Runs in the reader's long-lived nursery."""
         self._token = trio.lowlevel.current_trio_token()
+        entry = self.entry
+        start, end = entry.data_offset, entry.data_offset + entry.data_size
+        # into the store: its compressed bytes are not kept (a ring's are: a restart reads them)
+        keep = self.fd is None
+        stream: Feed | RangeStream
+        if isinstance(self.source, SyncRangeSource):  # a local file: read on the decoder's thread
+            stream = RangeStream(self.source, start, end, self, keep=keep)
+        else:
+            stream = Feed(self, self.source, start, end, keep)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_when_cancelled)  # a worker thread is not cancellable
+                if isinstance(stream, Feed):
+                    nursery.start_soon(stream.run)
                 try:
-                    self.xxh3 = await trio.to_thread.run_sync(self._work)
+                    self.xxh3 = await trio.to_thread.run_sync(self._work, stream)
                 except Exception as exc:
                     self.error = exc
                 finally:
@@ -211,15 +380,12 @@ class Decode:
             self.done.set()
             self._wake_all()
 
-    def _work(self) -> int:
-        """Worker thread: decode, hash, write, publish. Returns the content's xxh3."""
+    def _work(self, stream: Feed | RangeStream) -> int:
+        """Worker thread: decode `stream` (the frame), hash, write, publish. Returns the content's
+        xxh3."""
         entry = self.entry
         size = entry.original_size
-        # into the store: its compressed bytes are not kept (a ring's are: a restart reads them)
-        stream = RangeStream(
-            self.source, entry.data_offset, entry.data_offset + entry.data_size, self, keep=self.fd is None
-        )
-        hashing = Hashing(self._put_and_publish, self._prepare)
+        hashing = self._hashing = Hashing(self._put_and_publish, self._prepare, 0 if self.ring else HOLD_BLOCKS)
         pos = 0
         try:
             with zstandard.ZstdDecompressor().stream_reader(stream, read_size=INPUT_BYTES) as reader:  # type: ignore[arg-type]
@@ -256,12 +422,19 @@ class Decode:
             )
         return xxh3
 
-    def _put_and_publish(self, pos: int, block: memoryview) -> None:
-        """The hashing thread: the block goes to the output, then its end to the readers."""
+    def _put_and_publish(self, pos: int, block: memoryview) -> bool:
+        """The hashing thread: the block goes to the output, then its end to the readers; a
+        decode into a file hands its buffer to the trio thread too (:meth:`_hold`; returns True)."""
         self._put(pos, block)
         token = self._token
         assert token is not None
+        if self._ring is None:
+            buf = block.obj
+            assert isinstance(buf, bytearray)
+            token.run_sync_soon(self._hold, pos, buf, len(block))
+            return True
         token.run_sync_soon(self._publish, pos + len(block))
+        return False
 
     def _put(self, pos: int, block: memoryview) -> None:
         if self._ring is None:
@@ -292,6 +465,18 @@ class Decode:
         not hold up the others (nor the decode): if it reads again below the window, it restarts."""
         recent = time.monotonic() - IDLE_S
         return min((at for at, when in self._cursors.values() if when >= recent), default=default)
+
+
+def _unexported(buf: bytearray) -> bool:
+    """Whether no view of `buf` is alive (a memoryview, or one derived from it, or a buffer a C
+    extension holds): only then can a bytearray resize, so try one that changes nothing (its last
+    byte, a byte of a buffer about to be overwritten, becomes 0)."""
+    try:
+        del buf[-1:]
+    except BufferError:
+        return False
+    buf.append(0)
+    return True
 
 
 def window_for(store_bytes: int) -> int:

@@ -265,13 +265,14 @@ class BlobFS(ServedArchives, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int, inode: int | None = None) -> bytes:
+    async def read(self, fh: int, off: int, size: int, inode: int | None = None) -> bytes | memoryview:  # type: ignore[override]
+        # pyfuse3 replies from any buffer at once and keeps nothing: a view saves a copy (read_view)
         if fh == 0 and inode is not None:
             return await self._read_unopened(inode, off, size)
         gen, handle = self._handles[fh]  # the archive it was opened on, whatever is current now
-        return await gen.reader.read(handle, off, size)
+        return await gen.reader.read_view(handle, off, size)
 
-    async def _read_unopened(self, inode: int, off: int, size: int) -> bytes:
+    async def _read_unopened(self, inode: int, off: int, size: int) -> bytes | memoryview:
         """A read in no-open mode: through the inode's handle, opened by its first read (what an
         open did: the poisoned check, a decoded file's store fd, read-ahead state; handles.py)."""
 
@@ -285,7 +286,7 @@ class BlobFS(ServedArchives, pyfuse3.Operations):
 
         held = await self._inode_handles.acquire(inode, open_file)
         try:
-            return await held.gen.reader.read(held.handle, off, size)
+            return await held.gen.reader.read_view(held.handle, off, size)
         finally:
             self._inode_handles.release(held)
             if not held.gen.handles and held.gen is not self.current:

@@ -27,13 +27,21 @@ class Hashing:
     The blocks live in at most ``BUFFERS`` recycled bytearrays, made as they are first needed (making
     all ten at once cost 6-9 ms before the first byte): the decoder takes one (:meth:`buffer`, which
     waits while all are queued), fills it, hands it over (:meth:`put`); this thread gives it back
-    once it is hashed and written. The sink must not keep the block (it copies or writes it).
-    `after_first()` runs on this thread once the first block is out (work that must not delay it)."""
+    once it is hashed and written. The sink must not keep the block (it copies or writes it), but
+    may keep its buffer (``block.obj``) by returning True, and give it back with :meth:`recycle`
+    (``extra`` more buffers may be made for the ones it keeps). `after_first()` runs on this thread
+    once the first block is out (work that must not delay it)."""
 
-    def __init__(self, sink: Callable[[int, memoryview], None], after_first: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        sink: Callable[[int, memoryview], bool],
+        after_first: Callable[[], None] | None = None,
+        extra: int = 0,
+    ) -> None:
         self._queue: queue.Queue[tuple[int, bytearray, int] | None] = queue.Queue(HASH_QUEUE)
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._made = 0  # buffers made so far (the decoder's thread only)
+        self._most = BUFFERS + extra
         self._sink = sink
         self._after_first = after_first
         self._sha256 = hashlib.sha256()
@@ -45,6 +53,7 @@ class Hashing:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             pos, buf, n = item
+            kept = False
             try:
                 if self.error is not None:
                     continue  # drained, so the decoder never blocks on a full queue
@@ -52,7 +61,7 @@ class Hashing:
                 self._sha256.update(block)
                 self._xxh3.update(block)
                 try:
-                    self._sink(pos, block)
+                    kept = self._sink(pos, block)
                     if self._after_first is not None:
                         after, self._after_first = self._after_first, None
                         after()
@@ -61,7 +70,8 @@ class Hashing:
                 finally:
                     block.release()
             finally:
-                self._free.put(buf)
+                if not kept:
+                    self._free.put(buf)
 
     def buffer(self) -> bytearray:
         """A free output buffer of ``STEP_BYTES`` (waits while every one is queued)."""
@@ -70,12 +80,13 @@ class Hashing:
         try:
             return self._free.get_nowait()
         except queue.Empty:
-            if self._made < BUFFERS:
+            if self._made < self._most:
                 self._made += 1
                 return bytearray(STEP_BYTES)
         return self._free.get()
 
     def recycle(self, buf: bytearray) -> None:
+        """`buf` is free again (any thread)."""
         self._free.put(buf)
 
     def put(self, pos: int, buf: bytearray, n: int) -> None:

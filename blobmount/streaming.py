@@ -70,6 +70,12 @@ class StreamedFiles:
         handle.stream = True  # the decode starts with the first read, not here
 
     async def read(self, handle: Handle, offset: int, end: int) -> bytes:
+        data = await self.read_view(handle, offset, end)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_view(self, handle: Handle, offset: int, end: int) -> bytes | memoryview:
+        """:meth:`read`, for a caller that hands the bytes on at once and keeps nothing
+        (Reader.read_view): fresh bytes of a decode come as a view of its buffer (Decode.read_view)."""
         if handle.content_fd is not None:
             return await pread(handle, offset, end)
         return await self._read_stream(handle, offset, end)
@@ -81,7 +87,7 @@ class StreamedFiles:
             self.store.release(handle.entry.hash.hex(), handle.content_fd)
             handle.content_fd = None
 
-    async def _read_stream(self, handle: Handle, offset: int, end: int) -> bytes:
+    async def _read_stream(self, handle: Handle, offset: int, end: int) -> bytes | memoryview:
         """Bytes [offset, end) from the file's running decode (one is started if none can serve
         them): at once if decoded, else when the decoder gets there, EIO after ``wait_s``. The read
         that reaches the end of the file waits for the verdict; a mismatch fails it (distrust)."""
@@ -112,7 +118,7 @@ class StreamedFiles:
             dec.touch(id(handle), offset)
             try:
                 with trio.move_on_after(self.config.wait_s):
-                    data = await dec.read(offset, end, end >= entry.original_size)
+                    data = await dec.read_view(offset, end, end >= entry.original_size)
                     integrity.check_generation(entry, handle.generation)  # distrusted while it waited: not served
                     return data
             except Behind:
@@ -183,6 +189,7 @@ class StreamedFiles:
                     # it served bytes and ended without a verdict: the kernel must not keep them
                     self.integrity.drop_pages(entry)
             finally:
+                dec.drop_held()  # later reads go to the file (or the store)
                 decodes = self._decodes.get(entry.number, [])
                 if dec in decodes:
                     decodes.remove(dec)

@@ -90,7 +90,7 @@ def test_follow_switches_atomically_and_fetches_only_what_changed(
             same_ino = await inode_of(s.fs, "same.bin")
             held_ino = await inode_of(s.fs, "big.bin")
             held = (await s.fs.open(held_ino, os.O_RDONLY, CTX)).fh
-            first = await s.fs.read(held, 0, 64 << 10)
+            first = bytes(await s.fs.read(held, 0, 64 << 10))
             mark = quirk_proxy.state.body_bytes_sent
 
             d2 = await trio.to_thread.run_sync(_push, registry.host, "twins/follow:cur", v2)

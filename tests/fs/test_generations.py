@@ -51,7 +51,7 @@ def _switch(fs: BlobFS, store: ContentStore, tmp: Path, name: str, files: dict[s
 
 def _read(fs: BlobFS, ino: int) -> tuple[int, bytes]:
     fh = run(fs.open, ino, FLAGS, CTX).fh
-    return fh, run(fs.read, fh, 0, 1 << 20)
+    return fh, bytes(run(fs.read, fh, 0, 1 << 20))
 
 
 def test_changes_names_every_added_removed_and_changed_path(tmp_path: Path) -> None:

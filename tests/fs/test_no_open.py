@@ -129,7 +129,7 @@ def test_concurrent_first_reads_share_one_open_and_idle_handles_are_bounded(
         got: list[bytes] = [b""] * 8
 
         async def one(i: int) -> None:
-            got[i] = await fs.read(0, i * (128 << 10), 128 << 10, inode=ino)
+            got[i] = bytes(await fs.read(0, i * (128 << 10), 128 << 10, inode=ino))
 
         async with trio.open_nursery() as nursery:
             for i in range(8):

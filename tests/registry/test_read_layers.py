@@ -88,7 +88,7 @@ def test_a_cold_read_goes_down_the_layers_once(
             for part in path.split(b"/"):
                 ino = (await handlers.lookup(ino, part, pyfuse3.RequestContext())).st_ino
             fh = (await handlers.open(ino, os.O_RDONLY, pyfuse3.RequestContext())).fh
-            data = await handlers.read(fh, 0, len(f.data))
+            data = bytes(await handlers.read(fh, 0, len(f.data)))
             await handlers.release(fh)
         await archive.data.aclose()
         return data

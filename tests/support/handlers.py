@@ -254,7 +254,7 @@ async def read_handle(
     fs: BlobFS, fh: int, offset: int = 0, size: int | None = None, *, inode: int | None = None
 ) -> bytes | int:
     """Reads of one open file (fh 0 and `inode`: the no-open mode) until its end or `size` bytes."""
-    out: list[bytes] = []
+    out: list[bytes | memoryview] = []  # read() may give views (fs.py): joined at the end
     pos = offset
     end = None if size is None else offset + size
     for _ in range(MAX_REQUESTS):

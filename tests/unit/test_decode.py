@@ -5,6 +5,8 @@ several processes, the registry) is tests/fuse/test_zstd_stream.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import random
 from pathlib import Path
@@ -13,11 +15,12 @@ import pytest
 import trio
 import trio.testing
 
-from blobmount import decode, rangestream
+from blobmount import decode, hashing, rangestream, readahead
 from blobmount.cache import ContentStore
 from blobmount.cache.content import TRAILER_BYTES, Pending
-from blobmount.errors import IntegrityError
-from blobmount.index import IndexView
+from blobmount.errors import IntegrityError, SourceError
+from blobmount.index import Entry, IndexView
+from blobmount.readahead import ReadHint
 from blobmount.reader import Reader, ReaderConfig
 from blobmount.sources.local import open_directory
 from tests.support.corpus import Spec, write_archive
@@ -224,3 +227,122 @@ def test_the_frame_is_read_in_growing_hops_while_they_are_fast(delay_s: float) -
         assert src.asked[:5] == [MiB, 2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB], src.asked
     else:
         assert src.asked == [MiB] * 8, src.asked
+
+
+def _remote_reader(archive: Path, cache: Path, timed: _TimedSource) -> tuple[Reader, dict[bytes, Entry]]:
+    """A Reader over the archive's data blob served by `timed`, a remote-like source (so a
+    decode reads it through a Feed), its content store large enough for every file."""
+    source = open_directory(archive)
+    view = IndexView(source.index_bytes, blob_size=source.data.size)
+    config = ReaderConfig(verify_threshold=MiB, wait_s=30)
+    return Reader(timed, ContentStore(cache, 1 << 30), config), {e.path: e for e in view.entries()}
+
+
+def test_the_frame_is_fed_to_the_decoder_in_chunk_reads_in_order_and_a_failed_read_fails_the_decode(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode from a remote source reads its frame through a Feed: in order, in reads that end
+    on FEED_STEP_BYTES boundaries, ahead of the decoder, the first alone, the second with a
+    read-ahead of FEED_FIRST_AHEAD_BYTES; the file comes out right. A read of the
+    frame that fails fails the decode with that error (the reader gets it), it never hangs."""
+    monkeypatch.setattr(decode, "FEED_STEP_BYTES", 256 << 10)
+    want = _text(12 * MiB + 333)
+    timed = _TimedSource((archive / "data.blob").read_bytes(), 0.0)
+    reader, entries = _remote_reader(archive, tmp_path / "c", timed)
+    entry = entries[b"a.txt"]
+    spans: list[tuple[int, int]] = []
+    ahead: list[tuple[int, int] | None] = []
+    real_read = timed.read_range
+
+    async def read_range(start: int, end: int, hint: object = None) -> bytes:
+        if len(spans) < 2:  # what the fetcher's read-ahead makes of the first reads (fetch.py)
+            assert isinstance(hint, ReadHint)
+            ahead.append(readahead.advance(dataclasses.replace(hint), start, end, True, MiB, 32 * MiB))
+        spans.append((start, end))
+        return await real_read(start, end, hint)
+
+    timed.read_range = read_range  # type: ignore[method-assign]
+
+    async def ok() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            handle = await reader.open(entry)
+            got = bytearray()
+            with trio.fail_after(60):
+                while len(got) < len(want):
+                    got += await reader.read(handle, len(got), MiB)
+            assert got == want
+            reader.close(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(ok)
+    start, end = entry.data_offset, entry.data_offset + entry.data_size
+    assert spans[0][0] == start, spans[:2]
+    assert spans[-1][1] == end, spans[-2:]
+    assert all(a == b for (_, a), (b, _) in itertools.pairwise(spans)), "in order, no gap, no overlap"
+    assert all(b % (256 << 10) == 0 for _, b in spans[:-1]), spans  # chunk-aligned reads,
+    assert max(b - a for a, b in spans) <= 256 << 10, spans  # a chunk each
+    # the first chunk comes alone; the second read has the fetcher read FEED_FIRST_AHEAD_BYTES ahead
+    assert ahead == [None, (spans[1][1], min(end, spans[1][1] + decode.FEED_FIRST_AHEAD_BYTES))], ahead
+
+    async def failing(start: int, end: int, hint: object = None) -> bytes:
+        if start >= entry.data_offset + (512 << 10):
+            raise SourceError("bytes refused on purpose")
+        return await real_read(start, end, hint)
+
+    timed.read_range = failing  # type: ignore[method-assign]
+    reader2, _ = _remote_reader(archive, tmp_path / "c2", timed)
+
+    async def broken() -> None:
+        async with trio.open_nursery() as nursery:
+            reader2.attach(nursery)
+            handle = await reader2.open(entry)
+            with trio.fail_after(60), pytest.raises(SourceError, match="refused on purpose"):
+                await reader2.read(handle, 8 * MiB, MiB)
+            reader2.close(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(broken)
+
+
+def test_fresh_bytes_are_views_of_the_decoders_buffers_and_a_kept_view_keeps_its_bytes(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads near the decoder's front come as views of its held buffers (no copy); a buffer goes
+    back to the decoder only once no view of it is alive. With 2 held blocks and 3 buffers, a
+    reader that keeps every view it got makes the decoder reuse buffers many times over 12 MiB:
+    every kept view still holds its bytes at the end (a reused one would hold later bytes)."""
+    monkeypatch.setattr(decode, "HOLD_BLOCKS", 2)
+    monkeypatch.setattr(hashing, "BUFFERS", 3)
+    monkeypatch.setattr(decode, "FEED_STEP_BYTES", 64 << 10)  # the decoder a little ahead at most
+    want = _text(12 * MiB + 333)
+    timed = _TimedSource((archive / "data.blob").read_bytes(), 0.002)
+    reader, entries = _remote_reader(archive, tmp_path / "c", timed)
+    entry = entries[b"a.txt"]
+    kept: list[tuple[int, bytes | memoryview]] = []
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            handle = await reader.open(entry)
+            pos = 0
+            with trio.fail_after(60):
+                while pos < len(want):
+                    data = await reader.read_view(handle, pos, MiB)
+                    kept.append((pos, data))
+                    pos += len(data)
+            assert reader.state(entry) == "verified"
+            reader.close(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(body)
+    views = [data for _, data in kept if isinstance(data, memoryview)]
+    assert len(views) >= 4, [type(d).__name__ for _, d in kept]
+    for pos, data in kept:
+        assert data == want[pos : pos + len(data)], pos
+    assert decode._unexported(bytearray(8))
+    held = bytearray(8)
+    part = memoryview(held)[2:6][1:]  # derived from a view that is gone: still an export
+    assert not decode._unexported(held)
+    assert bytes(part) == b"\0\0\0"
+    assert len(held) == 8
