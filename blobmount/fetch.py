@@ -101,7 +101,7 @@ class ChunkedSource(ChunkRuns):
         self._purged: dict[int, int] = {}  # chunk -> epoch of its last purge
         self._unsaved_slots = trio.Semaphore(UNSAVED_CHUNKS)
         self._drained = trio.Event()  # set when the last unsaved chunk reaches the disk
-        self._readers: dict[int, tuple[ReadHint, float]] = {}  # id -> (hint in order, last read)
+        self._readers: dict[int, tuple[ReadHint, float]] = {}  # id -> (hint in order, last read), by last read
         self.pieces: Pieces | None = None  # random reads fetch pieces, not chunks (pieces.py)
         if store.chunk_size >= 4 * PIECE_BYTES and not offline:
             self.pieces = Pieces(
@@ -382,6 +382,7 @@ class ChunkedSource(ChunkRuns):
             # each take a whole window at their second) while it stays in order and has more than
             # a chunk left: a small file read whole, or a seek, takes no share.
             if (hint.window > 0 or first) and hint.hi - hint.pos > cs:
+                self._readers.pop(id(hint), None)  # to the end: the dict stays in order of last read
                 self._readers[id(hint)] = (hint, trio.current_time())
             else:
                 self._readers.pop(id(hint), None)
@@ -395,9 +396,13 @@ class ChunkedSource(ChunkRuns):
         if hint.directory:
             return self.ahead_bytes
         now = trio.current_time()
-        for key, (_, seen) in list(self._readers.items()):
-            if now - seen > READER_IDLE_S:
-                del self._readers[key]
+        stale = []
+        for key, (_, seen) in self._readers.items():  # oldest first: stops at the first one active
+            if now - seen <= READER_IDLE_S:
+                break
+            stale.append(key)
+        for key in stale:
+            del self._readers[key]
         n = len(self._readers) + (id(hint) not in self._readers)
         if n <= 1:
             return self.ahead_bytes

@@ -579,5 +579,13 @@ def test_the_window_cap_divides_among_active_readers_and_comes_back(tmp_path: Pa
             assert src.window_cap(a) == 4 * CS
             await trio.sleep(2.0)  # b stopped reading: its share comes back
             assert src.window_cap(a) == 16 * CS
+            await src.read_range(3 * CS, 4 * CS, a)  # both read again, a first
+            for i in range(49, 51):
+                await src.read_range(i * CS, (i + 1) * CS, b)
+            assert src.window_cap(a) == 4 * CS
+            await trio.sleep(0.6)
+            await src.read_range(4 * CS, 5 * CS, a)  # only a goes on ...
+            await trio.sleep(0.6)
+            assert src.window_cap(a) == 16 * CS  # ... so b, idle for 1.2 s behind it, left the budget
 
     run_jumping(go)
