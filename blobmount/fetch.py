@@ -11,6 +11,11 @@ budgets, streaming, landing, retries) is fetch_runs.py's; when to read ahead is 
   :class:`~blobmount.readahead.ReadHint`; each read moves its window (readahead.advance) and the
   window is fetched as several concurrent requests, which fills links with a large
   bandwidth-delay product.
+- **Shared windows.** Readers in order at once share one read-ahead budget: with ``n`` of them
+  (active within ``READER_IDLE_S``), each window is capped at half the memory tier divided by ``n``
+  (one reader alone keeps ``ahead_bytes``). Otherwise 8 readers of 32 MiB windows landed 256 MiB
+  ahead into a 64 MiB memory tier: their chunks were evicted before they were read and 700 of 768
+  came back from the disk (bench/link_speed.py par8, 2026-12-07).
 - **Deadlines.** A read waits at most ``--timeout`` (then EIO; a later read tries afresh: the
   requests it waited for that landed nothing meanwhile are abandoned with it, so no later read joins
   a dead connection).
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_BYTES = 8 << 20  # per range request: ~70 ms at 1 Gbit, long enough to leave slow start
 DEFAULT_INFLIGHT_BYTES = 256 << 20  # read-ahead stops growing while this much is on its way
+READER_IDLE_S = 1.0  # a reader in order that has not read for this long no longer shares the budget
 
 _HITS = metrics.CACHE_HITS.labels(store="chunk")
 
@@ -95,6 +101,7 @@ class ChunkedSource(ChunkRuns):
         self._purged: dict[int, int] = {}  # chunk -> epoch of its last purge
         self._unsaved_slots = trio.Semaphore(UNSAVED_CHUNKS)
         self._drained = trio.Event()  # set when the last unsaved chunk reaches the disk
+        self._readers: dict[int, tuple[ReadHint, float]] = {}  # id -> (hint in order, last read), by last read
         self.pieces: Pieces | None = None  # random reads fetch pieces, not chunks (pieces.py)
         if store.chunk_size >= 4 * PIECE_BYTES and not offline:
             self.pieces = Pieces(
@@ -377,10 +384,39 @@ class ChunkedSource(ChunkRuns):
 
     def _read_ahead(self, hint: ReadHint, start: int, end: int, missed: bool) -> None:
         cs = self.store.chunk_size
-        window = readahead.advance(hint, start, end, missed, cs, self.ahead_bytes)
+        first = hint.pos < 0
+        window = readahead.advance(hint, start, end, missed, cs, self.window_cap(hint))
+        if not hint.directory:
+            # A reader shares the budget from its first read (readers started together must not
+            # each take a whole window at their second) while it stays in order and has more than
+            # a chunk left: a small file read whole, or a seek, takes no share.
+            if (hint.window > 0 or first) and hint.hi - hint.pos > cs:
+                self._readers.pop(id(hint), None)  # to the end: the dict stays in order of last read
+                self._readers[id(hint)] = (hint, trio.current_time())
+            else:
+                self._readers.pop(id(hint), None)
         if window is not None:
             frm, to = window
             self._schedule(range(frm // cs, (to - 1) // cs + 1), ahead=True, load_present=False, keep=hint.keep)
+
+    def window_cap(self, hint: ReadHint) -> int:
+        """The largest read-ahead window `hint` may have now (module docstring, shared windows):
+        what is landed ahead of n readers must fit the memory tier, or it is evicted unread."""
+        if hint.directory:
+            return self.ahead_bytes
+        now = trio.current_time()
+        stale = []
+        for key, (_, seen) in self._readers.items():  # oldest first: stops at the first one active
+            if now - seen <= READER_IDLE_S:
+                break
+            stale.append(key)
+        for key in stale:
+            del self._readers[key]
+        n = len(self._readers) + (id(hint) not in self._readers)
+        if n <= 1:
+            return self.ahead_bytes
+        share = min(self.ahead_bytes, self.store.memory_bytes // 2) // n
+        return max(self.store.chunk_size, share - share % self.store.chunk_size)
 
     def _abandon_silent(self, first: int, last: int, since: float, error: BlobmountError) -> None:
         """A read gave up on chunks [first, last]: the requests that were to bring them and landed

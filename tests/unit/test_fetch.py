@@ -530,3 +530,62 @@ def test_fill_as_read_ahead_caps_its_requests(tmp_path: Path) -> None:
 
     run(go)
     assert sorted((s // CS, e // CS) for s, e, _ in remote.requests) == [(0, 10), (10, 20), (20, 30)]
+
+
+def test_readers_in_order_at_once_share_the_read_ahead_and_never_lose_it_unread() -> None:
+    """8 readers in order, slower than the network, each with a full window, would land 8 windows
+    ahead into a memory tier of 2: chunks evicted before they were read, fetched again here (a
+    memory-only store), read back from the disk with a cache (2026-12-07: 700 of 768 chunks).
+    With the windows shared, every byte is fetched once."""
+    blob = random.Random(8).randbytes(8 * 32 * CS)
+    remote = FakeRemote(blob, block_bytes=CS)
+    region = len(blob) // 8
+
+    async def go() -> None:
+        async with serving(_source(remote, None, memory_bytes=32 * CS, ahead_bytes=16 * CS)) as src:
+
+            async def reader(k: int) -> None:
+                hint = ReadHint(k * region, (k + 1) * region)
+                for pos in range(k * region, (k + 1) * region, CS):
+                    assert await src.read_range(pos, pos + CS, hint) == blob[pos : pos + CS]
+                    await trio.sleep(0.01)  # the reader is the slow side
+
+            async with trio.open_nursery() as nursery:
+                for k in range(8):
+                    nursery.start_soon(reader, k)
+            assert max(e - s for s, e, _ in remote.requests) > CS  # it did read ahead
+            assert sum(e - s for s, e, _ in remote.requests) == len(blob)  # nothing fetched twice
+
+    run_jumping(go)
+
+
+def test_the_window_cap_divides_among_active_readers_and_comes_back(tmp_path: Path) -> None:
+    remote = FakeRemote(BLOB)
+
+    async def go() -> None:
+        src = _source(remote, None, memory_bytes=16 * CS, ahead_bytes=16 * CS)
+        async with serving(src):
+            a, b = ReadHint(0, 32 * CS), ReadHint(32 * CS, len(BLOB))
+            for i in range(3):  # a reads in order: alone, it may have the whole window
+                await src.read_range(i * CS, (i + 1) * CS, a)
+            assert src.window_cap(a) == 16 * CS
+            for i in range(32, 35):  # b too: half the memory tier, shared by two
+                await src.read_range(i * CS, (i + 1) * CS, b)
+            assert src.window_cap(a) == src.window_cap(b) == 4 * CS
+            await src.read_range(45 * CS, 46 * CS, b)  # b seeks: a is alone again
+            assert src.window_cap(a) == 16 * CS
+            for i in range(46, 49):
+                await src.read_range(i * CS, (i + 1) * CS, b)
+            assert src.window_cap(a) == 4 * CS
+            await trio.sleep(2.0)  # b stopped reading: its share comes back
+            assert src.window_cap(a) == 16 * CS
+            await src.read_range(3 * CS, 4 * CS, a)  # both read again, a first
+            for i in range(49, 51):
+                await src.read_range(i * CS, (i + 1) * CS, b)
+            assert src.window_cap(a) == 4 * CS
+            await trio.sleep(0.6)
+            await src.read_range(4 * CS, 5 * CS, a)  # only a goes on ...
+            await trio.sleep(0.6)
+            assert src.window_cap(a) == 16 * CS  # ... so b, idle for 1.2 s behind it, left the budget
+
+    run_jumping(go)

@@ -182,3 +182,49 @@ def test_a_range_answered_with_content_encoding_is_never_read_as_data() -> None:
 
     with server(answer) as s, pytest.raises(SourceError, match="Content-Encoding"):
         read_via_client(s.port, [(0, 100)])
+
+
+def test_a_cookie_set_on_a_range_answer_goes_with_the_next_request() -> None:
+    """Range GETs skip httpx's client layers (transport.py, _send_direct) but keep its cookies: a
+    load balancer's sticky cookie set on one answer is sent with the next request."""
+    seen: list[str | None] = []
+
+    def answer(line: str, h: dict[str, str], n: int) -> tuple[bytes, bool]:
+        seen.append(h.get("cookie"))
+        extra = "Set-Cookie: lb=node1; Path=/\r\n" if len(seen) == 1 else ""
+        return ranged(*parse_range(h), extra=extra), False
+
+    with server(answer) as s:
+        assert read_via_client(s.port, [(0, 10), (10, 20)]) == [BLOB[0:10], BLOB[10:20]]
+    assert seen == [None, "lb=node1"]
+
+
+def test_range_gets_go_straight_to_the_wire_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cheaper path for GETs (transport.py, _send_direct) is the one taken: httpx's
+    AsyncClient.send, made to fail here, is never called for them."""
+
+    async def refuse(*args: object, **kwargs: object) -> httpx.Response:
+        raise AssertionError("a GET went through httpx.AsyncClient.send")
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", refuse)
+    with server(lambda line, h, n: (ranged(*parse_range(h)), False)) as s:
+        assert read_via_client(s.port, [(0, 100), (100, 4000)]) == [BLOB[0:100], BLOB[100:4000]]
+
+
+def test_a_body_that_stalls_is_a_read_timeout() -> None:
+    """The wire's one translation (_translated): a receive that waits past the read timeout is
+    httpx's ReadTimeout, with the cause chained."""
+    with server(lambda line, h, n: (ranged(0, 1000)[:-10], False)) as s:  # 10 bytes never come
+
+        async def go() -> None:
+            transport = WireTransport(ssl.create_default_context(), httpx.AsyncHTTPTransport())
+            async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, read=0.3)) as client:
+                request = client.build_request("GET", f"http://127.0.0.1:{s.port}/x", headers={"Range": "bytes=0-999"})
+                response = await client.send(request, stream=True)
+                with pytest.raises(httpx.ReadTimeout, match=r"no data within 0\.3 s") as info:
+                    async for _ in response.aiter_raw():
+                        pass
+                assert isinstance(info.value.__cause__, trio.TooSlowError)
+                await response.aclose()
+
+        trio.run(go)
