@@ -1,12 +1,18 @@
 """The benchmark suite keeps working: `python -m bench --quick` runs end to end against the real
 peers that `make test` installs (squashfuse, httpfs2 behind nginx, docker-registry, curl) and writes
 well-formed results. No timing is asserted: the figures are the suite's business, not the test's.
-Missing tools fail the run (--no-install: the suite checks and names what is missing), never skip."""
+Missing tools fail the run (--no-install: the suite checks and names what is missing), never skip.
+
+The suite runs from a lone clone of HEAD (tests/support/clone.py): a benchmark reaching outside the
+repository (a sibling's tool, a dataset only a developer's machine has) fails here. This is the only
+run of the bench suite in a test session; tests/unit/test_standalone.py runs the other tiers in a
+clone of its own."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from bench.janitor import WORK_ROOT, mounts_under
+from tests.support.clone import CHECK_IMPORTS, child_env, lone_clone
 from tests.support.mounts import require_fuse
 
-REPO = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT_S = 900  # hang guard only; the smoke run takes 2-3 minutes on a busy 2-core machine
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,14 +34,29 @@ def test_quick_suite_writes_results(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("the benchmark suite needs root (drop_caches, mounts); CI runs as root")
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(out)],
-        cwd=REPO,
+    clone = lone_clone(tmp_path)
+    env = child_env(clone)
+    where = subprocess.run(
+        [sys.executable, "-c", CHECK_IMPORTS, str(clone)],
+        cwd=clone,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=SMOKE_TIMEOUT_S,
         check=False,
     )
+    assert where.returncode == 0, where.stdout + where.stderr  # the suite below runs the clone's code
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(out)],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SMOKE_TIMEOUT_S,
+            check=False,
+        )
+    finally:  # the benchmark datasets the run built in the clone: ~0.5 GB of a shared disk
+        shutil.rmtree(clone / "bench" / ".cache", ignore_errors=True)
     assert done.returncode == 0, f"suite failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     (doc_path,) = out.glob("*-quick.json")
     doc = json.loads(doc_path.read_text())

@@ -4,15 +4,15 @@ tests, and no tracked file points outside it.
 What a user gets is `git clone` into a directory of their choosing: nothing next to it, nothing
 above it. A test reading ``../something``, a script calling a sibling checkout's tool, or a link to
 a document that only a developer's machine has works here and fails there. The clone test catches
-the failures that show (collection, the unit, fs and bench-smoke tiers); the scan catches the
-references that might only show later (a README link, a docstring naming a path)."""
+the failures that show (collection, the unit and fs tiers here; the benchmark suite's smoke run in
+tests/bench, in a clone of its own); the scan catches the references that might only show later (a
+README link, a docstring naming a path)."""
 
 from __future__ import annotations
 
 import ast
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +20,14 @@ from urllib.parse import unquote
 
 import pytest
 
+from tests.support.clone import CHECK_IMPORTS, child_env, git, lone_clone
+
 ROOT = Path(__file__).resolve().parents[2]
 CLONE_TEST = "tests/unit/test_standalone.py::test_a_lone_clone_collects_and_passes_its_tiers"
-CLONE_TIERS = ("tests/unit", "tests/fs", "tests/bench")
-CLONE_TIMEOUT_S = 2400  # hang guard only: the tiers take ~5 min on a busy 2-core machine, the bench smoke most
-GIT_TIMEOUT_S = 120
-
-
-def _git(*args: str, cwd: Path = ROOT) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
-    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr.strip()}"
-    return done.stdout
+# tests/bench is not here: its smoke run clones HEAD itself (tests/support/clone.py), so the bench
+# suite runs once per suite, from a lone clone, instead of once here and once in the work tree
+CLONE_TIERS = ("tests/unit", "tests/fs")
+CLONE_TIMEOUT_S = 2400  # hang guard only: the tiers take ~3 min on a busy 2-core machine
 
 
 # -- what the scan looks at ------------------------------------------------------------------------
@@ -39,7 +36,7 @@ def _git(*args: str, cwd: Path = ROOT) -> str:
 def tracked_text_files() -> dict[str, str]:
     """Every tracked file that is text (binary fixtures, images and archives are left out)."""
     out = {}
-    for rel in _git("ls-files", "-z").split("\0"):
+    for rel in git("ls-files", "-z").split("\0"):
         if not rel:
             continue
         try:
@@ -264,23 +261,9 @@ def test_the_scan_finds_what_it_is_meant_to_find() -> None:
 # -- the clone -------------------------------------------------------------------------------------
 
 
-def _child_env(clone: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONPATH"))}
-    env["PYTHONPATH"] = str(clone)  # ahead of the venv's editable install of this work tree
-    return env
-
-
 # Imports blobmount, bench and tests first and checks they are the clone's, then runs pytest in the
 # same process, so the code under test is the code that was checked.
-_RUN_IN_CLONE = """
-import sys
-import blobmount, bench, tests
-root = sys.argv[1]
-where = {m.__name__: m.__file__ for m in (blobmount, bench, tests)}
-wrong = {k: v for k, v in where.items() if not (v or "").startswith(root + "/")}
-if wrong:
-    sys.exit(f"imported from outside the clone: {wrong}")
-print("imports from the clone:", where, flush=True)
+_RUN_IN_CLONE = CHECK_IMPORTS + """
 import pytest
 sys.exit(pytest.main(sys.argv[2:]))
 """
@@ -290,16 +273,10 @@ sys.exit(pytest.main(sys.argv[2:]))
 @pytest.mark.fuse
 def test_a_lone_clone_collects_and_passes_its_tiers(tmp_path: Path) -> None:
     """`git clone` of this checkout's HEAD (committed work only) into a directory with no siblings;
-    there, the whole suite collects, and the unit, fs and bench-smoke tiers pass. This test is
-    deselected inside the clone (it would recurse)."""
-    head = _git("rev-parse", "HEAD").strip()
-    lone = tmp_path / "x"
-    lone.mkdir()
-    clone = lone / "clone"
-    _git("clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone), cwd=lone)
-    _git("checkout", "--quiet", "--detach", head, cwd=clone)
-    assert sorted(p.name for p in lone.iterdir()) == ["clone"]  # no siblings at all
-    env = _child_env(clone)
+    there, the whole suite collects, and the unit and fs tiers pass. This test is deselected inside
+    the clone (it would recurse)."""
+    clone = lone_clone(tmp_path)
+    env = child_env(clone)
 
     def run(*pytest_args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -312,18 +289,15 @@ def test_a_lone_clone_collects_and_passes_its_tiers(tmp_path: Path) -> None:
             check=False,
         )
 
-    try:
-        collected = run("--collect-only", "-q")
-        out = collected.stdout + collected.stderr
-        assert collected.returncode == 0, f"collection failed in the clone:\n{out[-6000:]}"
-        assert f"imports from the clone: {{'blobmount': '{clone}/blobmount/__init__.py'" in out, out[:2000]
-        count = re.search(r"(\d+) tests? collected", out)
-        assert count, out[-2000:]
-        assert int(count.group(1)) > 0, out[-2000:]
+    collected = run("--collect-only", "-q")
+    out = collected.stdout + collected.stderr
+    assert collected.returncode == 0, f"collection failed in the clone:\n{out[-6000:]}"
+    assert f"imports from the clone: {{'blobmount': '{clone}/blobmount/__init__.py'" in out, out[:2000]
+    count = re.search(r"(\d+) tests? collected", out)
+    assert count, out[-2000:]
+    assert int(count.group(1)) > 0, out[-2000:]
 
-        tiers = run("-q", "--deselect", CLONE_TEST, *CLONE_TIERS)
-        out = tiers.stdout + tiers.stderr
-        assert tiers.returncode == 0, f"the unit, fs and bench tiers failed in the clone:\n{out[-8000:]}"
-        assert re.search(r"\d+ passed", out), out[-2000:]
-    finally:  # the benchmark datasets the smoke run built in the clone: ~0.5 GB of a shared disk
-        shutil.rmtree(clone / "bench" / ".cache", ignore_errors=True)
+    tiers = run("-q", "--deselect", CLONE_TEST, *CLONE_TIERS)
+    out = tiers.stdout + tiers.stderr
+    assert tiers.returncode == 0, f"the unit and fs tiers failed in the clone:\n{out[-8000:]}"
+    assert re.search(r"\d+ passed", out), out[-2000:]
