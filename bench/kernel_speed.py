@@ -5,6 +5,13 @@ each phase (its ``blobmount_fuse_requests_total``).
 
     python -m bench.kernel_speed --prepare   # builds the data, outside the lock
     flock /tmp/bench.lock python -m bench.kernel_speed [--reps 3] [--generated] [--json [OUT]] [--md OUT]
+        [--phases walk,read,ls] [--peers plain,squashfuse_ll,blobmount] [--before SRC] [--archive-key KEY]
+
+Before/after pairs of a change: ``--before SRC`` adds the peer ``blobmount-before``, the blobmount
+package found in SRC (e.g. ``git archive HEAD blobmount | tar -x -C SRC``) run by the same
+interpreter, mounted and measured interleaved with the others; ``--archive-key`` mounts the archive
+built by the package of that digest (an archive's bytes do not depend on the reader's code) instead
+of building one for the sources checked out now.
 
 Data: the ``drivers/net fs kernel include net Documentation`` subtrees of Debian's linux-source-6.1
 (/usr/src/linux-source-*.tar.xz; issue 17's dataset, ~25,000 files / ~295 MB), else (or with
@@ -55,6 +62,7 @@ COMMANDS = {
     "ls": "ls -l {many}",
 }
 PEERS = ("plain", "squashfuse_ll", "blobmount")
+BEFORE = "blobmount-before"  # --before: the same archive through another checkout's package
 REQUESTS = re.compile(r'^blobmount_fuse_requests_total\{op="(\w+)"\} (\S+)$', re.M)
 
 
@@ -99,10 +107,13 @@ def _tree_stats(root: Path) -> tuple[int, int]:
     return files, size
 
 
-def _build(name: str, src: Path, work: Path, log: Any) -> tuple[Path, Path]:
+def _build(name: str, src: Path, work: Path, log: Any, key: str | None = None) -> tuple[Path, Path]:
     """blobmount archive (default zstd) and squashfs image (-comp zstd) of `src`, kept across runs
-    (keyed by the blobmount sources' digest for the archive: the writer may change)."""
-    key = code_state()["package_sha256"]
+    (keyed by the blobmount sources' digest for the archive: the writer may change; `key`: the
+    archive an earlier package built, which must exist)."""
+    if key is not None and not (work / f"{name}-archive-{key}").exists():
+        raise SystemExit(f"--archive-key {key}: no {name} archive of that key in {work}")
+    key = key or code_state()["package_sha256"]
     archive = work / f"{name}-archive-{key}"
     if not archive.exists():
         log(f"creating the blobmount archive of {name}")
@@ -145,8 +156,10 @@ def _wait_mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
 class Peer:
     """One peer's two mounts (the tree and many/) for one repetition."""
 
-    def __init__(self, kind: str, janitor: Janitor, work: Path, data: dict[str, Path]) -> None:
-        self.kind, self.janitor, self.work, self.data = kind, janitor, work, data
+    def __init__(
+        self, kind: str, janitor: Janitor, work: Path, data: dict[str, Path], before: Path | None = None
+    ) -> None:
+        self.kind, self.janitor, self.work, self.data, self.before = kind, janitor, work, data, before
         self.procs: list[subprocess.Popen[bytes]] = []
         self.mounts: list[Path] = []
         self.url: str | None = None  # the tree mount's metrics
@@ -163,13 +176,15 @@ class Peer:
             else:
                 port = free_port()
                 cache = fresh_dir(self.work / "cache" / name)
-                cmd = [*blobmount_cmd(), "mount", "-f", f"dir:{self.data[f'{name}-archive']}", str(mnt)]
+                program = blobmount_cmd() if self.kind != BEFORE else [sys.executable, "-m", "blobmount.cli"]
+                cmd = [*program, "mount", "-f", f"dir:{self.data[f'{name}-archive']}", str(mnt)]
                 cmd += ["--cache-dir", str(cache), "--metrics", f"127.0.0.1:{port}"]
-            proc = self.janitor.spawn(cmd, log=self.work / f"{self.kind}-{name}.log")
+            env = None if self.kind != BEFORE else {**os.environ, "PYTHONPATH": str(self.before)}
+            proc = self.janitor.spawn(cmd, log=self.work / f"{self.kind}-{name}.log", env=env)
             self.procs.append(proc)
             _wait_mounted(mnt, proc)
             self.mounts.append(mnt)
-            if self.kind == "blobmount":
+            if self.kind.startswith("blobmount"):
                 url = f"http://127.0.0.1:{port}"
                 deadline = time.monotonic() + MOUNT_WAIT_S
                 while not _requests_ok(url) and time.monotonic() < deadline:
@@ -202,16 +217,16 @@ def _run_phase(cmd: str) -> float:
     return time.perf_counter() - started
 
 
-def _one(peer: Peer, tree: Path, many: Path) -> dict[str, dict[str, Any]]:
+def _one(peer: Peer, tree: Path, many: Path, phases: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for phase in PHASES:
+    for phase in phases:
         url = peer.many_url if phase == "ls" else peer.url
         for pas in PASSES:
             before = _requests(url)
             seconds = _run_phase(COMMANDS[phase].format(root=tree, many=many))
             after = _requests(url)
             reqs = {op: int(n - before.get(op, 0)) for op, n in after.items() if n - before.get(op, 0)}
-            out[f"{phase}/{pas}"] = {"s": seconds, "requests": reqs if peer.kind == "blobmount" else None}
+            out[f"{phase}/{pas}"] = {"s": seconds, "requests": reqs if peer.kind.startswith("blobmount") else None}
     return out
 
 
@@ -222,7 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prepare", action="store_true", help="build the data (outside the bench lock) and exit")
     ap.add_argument("--json", nargs="?", const="-", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--phases", default=",".join(PHASES), help="a comma-separated subset of walk,read,ls")
+    ap.add_argument("--peers", default=",".join(PEERS), help="a comma-separated subset of the peers")
+    ap.add_argument("--before", type=Path, default=None, help="SRC holding another blobmount package (docstring)")
+    ap.add_argument("--archive-key", default=None, help="mount the archives built by this package digest")
     args = ap.parse_args(argv)
+    phases = tuple(p for p in PHASES if p in args.phases.split(","))
+    peers = tuple(p for p in PEERS if p in args.peers.split(","))
+    if args.before is not None:
+        if not (args.before / "blobmount" / "cli" / "__init__.py").exists():
+            raise SystemExit(f"--before {args.before}: no blobmount package there")
+        peers += (BEFORE,)
+    if not phases or not peers:
+        raise SystemExit("--phases and --peers must name at least one of theirs")
     log = print
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     janitor = Janitor(WORK_ROOT)
@@ -241,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     if not many.exists():
         _many(many)
     data = {"tree": tree, "many": many}
-    data["tree-archive"], data["tree-image"] = _build("tree", tree, WORK_ROOT, log)
-    data["many-archive"], data["many-image"] = _build("many", many, WORK_ROOT, log)
+    data["tree-archive"], data["tree-image"] = _build("tree", tree, WORK_ROOT, log, args.archive_key)
+    data["many-archive"], data["many-image"] = _build("many", many, WORK_ROOT, log, args.archive_key)
     if args.prepare:
         return 0
     files, size = _tree_stats(tree)
@@ -256,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         "squashfuse_ll": subprocess.run(["dpkg-query", "-W", "squashfuse"], capture_output=True, text=True).stdout,
         "load_start": loadavg(),
         "reps": args.reps,
+        "phases": phases,
+        "peers": peers,
+        "before": None if args.before is None else str(args.before),
+        "archive": data["tree-archive"].name,
     }
     log(f"# kernel speed, {header['date']}, commit {header['code']['head']} {header['code']['dirty']}")
     log(machine_line)
@@ -264,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     with cleanup_on_term():
         try:
             for rep in range(args.reps):
-                order = PEERS[rep % len(PEERS) :] + PEERS[: rep % len(PEERS)]
+                order = peers[rep % len(peers) :] + peers[: rep % len(peers)]
                 for kind in order:
-                    peer = Peer(kind, janitor, WORK_ROOT, data)
+                    peer = Peer(kind, janitor, WORK_ROOT, data, args.before)
                     with peer as (root, many_dir):
-                        result = _one(peer, root, many_dir)
+                        result = _one(peer, root, many_dir, phases)
                     load = loadavg()
                     runs.append({"rep": rep, "peer": kind, "load": load, "phases": result})
                     figures = "  ".join(f"{k} {v['s']:.3f}s" for k, v in result.items())
@@ -276,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             janitor.stop_all()
     header["load_end"] = loadavg()
-    table = _table(runs)
+    table = _table(runs, phases, peers)
     log(table)
     doc: dict[str, object] = {"header": header, "commands": COMMANDS, "runs": runs}
     if args.json is not None:
@@ -290,24 +321,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _table(runs: list[dict[str, Any]]) -> str:
-    lines = [
-        "| phase | plain files | squashfuse_ll | blobmount | blobmount / plain | squashfuse_ll / plain"
-        " | blobmount FUSE requests (median; kinds of the last run) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for phase in PHASES:
+def _table(runs: list[dict[str, Any]], phases: tuple[str, ...] = PHASES, peers: tuple[str, ...] = PEERS) -> str:
+    """Medians per peer, ratios to plain files (else to the first peer), the requests of each
+    blobmount peer; with --before, also the median of the same repetitions' after/before ratios."""
+    base = "plain" if "plain" in peers else peers[0]
+    ours = [p for p in peers if p.startswith("blobmount")]
+    head = ["phase", *peers, *[f"{p} / {base}" for p in peers if p != base]]
+    if BEFORE in peers and "blobmount" in peers:
+        head.append("blobmount / blobmount-before (median of same-rep ratios)")
+    head += [f"{p} FUSE requests (median; kinds of the last run)" for p in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for phase in phases:
         for pas in PASSES:
             key = f"{phase}/{pas}"
-            med = {p: median([r["phases"][key]["s"] for r in runs if r["peer"] == p]) for p in PEERS}
-            counts = [r["phases"][key]["requests"] for r in runs if r["peer"] == "blobmount"]
-            total = median([sum(c.values()) for c in counts])
-            kinds = ", ".join(f"{op} {n}" for op, n in sorted(counts[-1].items()))
-            lines.append(
-                f"| {phase} ({pas}) | {med['plain']:.3f} s | {med['squashfuse_ll']:.3f} s | {med['blobmount']:.3f} s"
-                f" | {med['blobmount'] / med['plain']:.2f}x | {med['squashfuse_ll'] / med['plain']:.2f}x"
-                f" | {total:g} ({kinds}) |"
-            )
+            med = {p: median([r["phases"][key]["s"] for r in runs if r["peer"] == p]) for p in peers}
+            row = [f"{phase} ({pas})", *[f"{med[p]:.3f} s" for p in peers]]
+            row += [f"{med[p] / med[base]:.2f}x" for p in peers if p != base]
+            if BEFORE in peers and "blobmount" in peers:
+                per_rep = {(r["rep"], r["peer"]): r["phases"][key]["s"] for r in runs}
+                reps = sorted({r["rep"] for r in runs})
+                pairs = [per_rep[(i, "blobmount")] / per_rep[(i, BEFORE)] for i in reps]
+                row.append(f"{median(pairs):.2f}x ({', '.join(f'{x:.2f}' for x in pairs)})")
+            for p in ours:
+                counts = [r["phases"][key]["requests"] for r in runs if r["peer"] == p]
+                kinds = ", ".join(f"{op} {n}" for op, n in sorted(counts[-1].items()))
+                row.append(f"{median([sum(c.values()) for c in counts]):g} ({kinds})")
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -315,7 +354,9 @@ def _markdown(header: dict[str, Any], table: str) -> str:
     code = header["code"]
     return (
         f"# Kernel speed (issue 17): walk, read-all, ls -l; {header['date']}\n\n"
-        f"`flock /tmp/bench.lock python -m bench.kernel_speed --reps {header['reps']}`"
+        f"`flock /tmp/bench.lock python -m bench.kernel_speed --reps {header['reps']}"
+        f" --phases {','.join(header['phases'])} --peers {','.join(p for p in header['peers'] if p != BEFORE)}"
+        f"{'' if header['before'] is None else ' --before ' + header['before']}`"
         f" at commit {code['head']} {code['dirty']} (package {code['package_sha256']}).\n\n"
         f"Machine: {json.dumps(header['machine'])}. Load average at the start {header['load_start']},"
         f" at the end {header['load_end']} (every row's load is in the JSON).\n\n"
