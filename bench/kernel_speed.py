@@ -179,8 +179,12 @@ class Peer:
                 program = blobmount_cmd() if self.kind != BEFORE else [sys.executable, "-m", "blobmount.cli"]
                 cmd = [*program, "mount", "-f", f"dir:{self.data[f'{name}-archive']}", str(mnt)]
                 cmd += ["--cache-dir", str(cache), "--metrics", f"127.0.0.1:{port}"]
+            # `python -m` puts its working directory first on sys.path: run the other package from its own
             env = None if self.kind != BEFORE else {**os.environ, "PYTHONPATH": str(self.before)}
-            proc = self.janitor.spawn(cmd, log=self.work / f"{self.kind}-{name}.log", env=env)
+            cwd = None if self.kind != BEFORE else self.before
+            if env is not None and self.before is not None and name == "tree":
+                _check_package(self.before, env)
+            proc = self.janitor.spawn(cmd, log=self.work / f"{self.kind}-{name}.log", env=env, cwd=cwd)
             self.procs.append(proc)
             _wait_mounted(mnt, proc)
             self.mounts.append(mnt)
@@ -203,12 +207,34 @@ class Peer:
             self.janitor.wait_exit(proc, 20.0)
 
 
+def _check_package(src: Path, env: dict[str, str]) -> None:
+    """The --before daemon's interpreter, started as it is, imports the package in `src`."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import blobmount; print(blobmount.__file__)"],
+        env=env,
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    if not Path(done.stdout.strip()).resolve().is_relative_to(src.resolve()):
+        raise SystemExit(f"--before {src}: the daemon would import {done.stdout.strip()}")
+
+
 def _requests_ok(url: str) -> bool:
     try:
         _requests(url)
     except OSError:
         return False
     return True
+
+
+def _cpu_s(proc: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU seconds `proc` has used so far (/proc/PID/stat), 0 without one."""
+    if proc is None:
+        return 0.0
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _run_phase(cmd: str) -> float:
@@ -221,12 +247,19 @@ def _one(peer: Peer, tree: Path, many: Path, phases: tuple[str, ...]) -> dict[st
     out: dict[str, dict[str, Any]] = {}
     for phase in phases:
         url = peer.many_url if phase == "ls" else peer.url
+        daemon = (peer.procs[1] if phase == "ls" else peer.procs[0]) if peer.procs else None
         for pas in PASSES:
             before = _requests(url)
+            cpu = _cpu_s(daemon)
             seconds = _run_phase(COMMANDS[phase].format(root=tree, many=many))
+            cpu = _cpu_s(daemon) - cpu
             after = _requests(url)
             reqs = {op: int(n - before.get(op, 0)) for op, n in after.items() if n - before.get(op, 0)}
-            out[f"{phase}/{pas}"] = {"s": seconds, "requests": reqs if peer.kind.startswith("blobmount") else None}
+            out[f"{phase}/{pas}"] = {
+                "s": seconds,
+                "daemon_cpu_s": cpu if daemon is not None else None,
+                "requests": reqs if peer.kind.startswith("blobmount") else None,
+            }
     return out
 
 
@@ -322,13 +355,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(runs: list[dict[str, Any]], phases: tuple[str, ...] = PHASES, peers: tuple[str, ...] = PEERS) -> str:
-    """Medians per peer, ratios to plain files (else to the first peer), the requests of each
-    blobmount peer; with --before, also the median of the same repetitions' after/before ratios."""
+    """Medians per peer, ratios to plain files (else to the first peer), the CPU time of each
+    mounting daemon in the phase (its /proc stat: less swayed by other work on the machine than
+    the wall clock), the requests of each blobmount peer; with --before, also the median of the
+    same repetitions' after/before ratios."""
     base = "plain" if "plain" in peers else peers[0]
     ours = [p for p in peers if p.startswith("blobmount")]
     head = ["phase", *peers, *[f"{p} / {base}" for p in peers if p != base]]
     if BEFORE in peers and "blobmount" in peers:
-        head.append("blobmount / blobmount-before (median of same-rep ratios)")
+        head.append("blobmount / blobmount-before, wall (median of same-rep ratios)")
+        head.append("blobmount / blobmount-before, daemon CPU (same)")
+    mounted = [p for p in peers if p != "plain"]
+    head += [f"{p} daemon CPU" for p in mounted]
     head += [f"{p} FUSE requests (median; kinds of the last run)" for p in ours]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for phase in phases:
@@ -338,10 +376,15 @@ def _table(runs: list[dict[str, Any]], phases: tuple[str, ...] = PHASES, peers: 
             row = [f"{phase} ({pas})", *[f"{med[p]:.3f} s" for p in peers]]
             row += [f"{med[p] / med[base]:.2f}x" for p in peers if p != base]
             if BEFORE in peers and "blobmount" in peers:
-                per_rep = {(r["rep"], r["peer"]): r["phases"][key]["s"] for r in runs}
                 reps = sorted({r["rep"] for r in runs})
-                pairs = [per_rep[(i, "blobmount")] / per_rep[(i, BEFORE)] for i in reps]
-                row.append(f"{median(pairs):.2f}x ({', '.join(f'{x:.2f}' for x in pairs)})")
+                for what in ("s", "daemon_cpu_s"):
+                    per_rep = {(r["rep"], r["peer"]): r["phases"][key][what] for r in runs}
+                    pairs = [per_rep[(i, "blobmount")] / max(per_rep[(i, BEFORE)], 1e-9) for i in reps]
+                    row.append(f"{median(pairs):.2f}x ({', '.join(f'{x:.2f}' for x in pairs)})")
+            for p in mounted:
+                row.append(
+                    f"{median([r['phases'][key].get('daemon_cpu_s') or 0.0 for r in runs if r['peer'] == p]):.3f} s"
+                )
             for p in ours:
                 counts = [r["phases"][key]["requests"] for r in runs if r["peer"] == p]
                 kinds = ", ".join(f"{op} {n}" for op, n in sorted(counts[-1].items()))

@@ -23,16 +23,15 @@ from blobmount.index.format import (
     _E_MTIME,
     _E_OFFSET,
     _E_ORIG,
-    _E_PATH,
     _E_SIZE,
     _E_UID,
-    _E_UINTS,
     COMPRESSION_NONE,
     COMPRESSION_ZSTD,
     HASH_SIZE_BYTES,
     MAX_FILE_SIZE_BYTES,
     Child,
     Entry,
+    EntryLayout,
     Order,
     _i8,
     _i32,
@@ -40,6 +39,7 @@ from blobmount.index.format import (
     _u16,
     _u16s,
     _u32,
+    entry_layout,
 )
 from blobmount.index.paths import name_problem, path_problem, show
 from blobmount.index.tables import IndexTables
@@ -56,7 +56,7 @@ _ENTRY_CACHE_SIZE = 32768  # validated entries kept (~8 MiB): a tree walk that o
 class IndexView(IndexTables):
     """A validated-on-demand view of one index blob (see the module docstring)."""
 
-    __slots__ = ("_entries_cache", "_extents")
+    __slots__ = ("_entries_cache", "_extents", "_layouts")
 
     def __init__(self, buf: bytes, *, blob_size: int | None = None, known_order: bytes | None = None) -> None:
         """See :class:`IndexTables`; the view adds a bounded cache of validated entries and one of
@@ -67,6 +67,7 @@ class IndexView(IndexTables):
         # a walk lists each directory twice (its parent's readdirplus needs its nlink and time) and
         # found its extent in its parent's listing, by two binary searches of the whole index each
         self._extents: dict[bytes, tuple[int, int]] = {}
+        self._layouts: dict[int, EntryLayout | None] = {}  # vtable position -> its entry_layout
 
     def _at(self, pos: int) -> int:
         """Entry number at sorted position `pos`."""
@@ -353,48 +354,24 @@ class IndexView(IndexTables):
         if table < 0 or table + 4 > size:
             return None
         vt = table - _i32(buf, table)[0]
-        if vt < 0 or vt + 4 > size:
+        layouts = self._layouts
+        layout = layouts[vt] if vt in layouts else self._layout_at(vt)
+        if layout is None:
             return None
-        vsize = _u16(buf, vt)[0]
-        if vsize < 4 or vsize % 2 or vt + vsize > size:
+        span, read, path_at, hash_at = layout
+        if table + span > size:
             return None
-        slots = _u16s(vsize // 2 - 2).unpack_from(buf, vt + 4) if vsize > 4 else ()
-        nslots = len(slots)
-
-        def at(slot: int, width: int) -> int:  # the field's position, 0: absent, -1: out of bounds
-            fo = slots[slot] if slot < nslots else 0
-            if not fo:
-                return 0
-            return table + fo if table + fo + width <= size else -1
-
-        h = at(_E_HASH, 4)
-        if h <= 0:
-            return None
+        p, h, offset, data_size, original, mode, uid, gid, mtime, comp = read(buf, table)
         if checked_path is None:
-            p = at(_E_PATH, 4)
-            if p <= 0:
-                return None
-            s = p + _u32(buf, p)[0]
+            s = table + path_at + p
             if s + 4 > size or s + 4 + _u32(buf, s)[0] > size:
                 return None
             path = buf[s + 4 : s + 4 + _u32(buf, s)[0]]
         else:
             path = checked_path
-        hv = h + _u32(buf, h)[0]
+        hv = table + hash_at + h
         if hv + 4 > size or _u32(buf, hv)[0] != HASH_SIZE_BYTES or hv + 4 + HASH_SIZE_BYTES > size:
             return None
-        values = []
-        for slot, width, unpack in _E_UINTS:
-            pos = at(slot, width)
-            if pos < 0:
-                return None
-            values.append(unpack(buf, pos)[0] if pos else 0)
-        offset, data_size, original, mode, uid, gid = values
-        mpos, cpos = at(_E_MTIME, 8), at(_E_COMP, 1)
-        if mpos < 0 or cpos < 0:
-            return None
-        mtime = _i64(buf, mpos)[0] if mpos else 0
-        comp = _i8(buf, cpos)[0] if cpos else COMPRESSION_NONE
         if (
             comp not in (COMPRESSION_NONE, COMPRESSION_ZSTD)
             or original > MAX_FILE_SIZE_BYTES
@@ -412,6 +389,18 @@ class IndexView(IndexTables):
             return None
         digest = buf[hv + 4 : hv + 4 + HASH_SIZE_BYTES]
         return Entry(i, path, offset, data_size, original, digest, mode, uid, gid, mtime, comp)
+
+    def _layout_at(self, vt: int) -> EntryLayout | None:
+        """The entry layout of the vtable at `vt` (format.entry_layout), None when it is out of
+        bounds or malformed; kept for the view (the buffer never changes)."""
+        buf, size = self._buf, self._size
+        layout = None
+        if vt >= 0 and vt + 4 <= size:
+            vsize = _u16(buf, vt)[0]
+            if vsize >= 4 and not vsize % 2 and vt + vsize <= size:
+                layout = entry_layout(_u16s(vsize // 2 - 2).unpack_from(buf, vt + 4) if vsize > 4 else ())
+        self._layouts[vt] = layout
+        return layout
 
     def _entry_checked(self, i: int) -> Entry:
         """Entry `i` read field by field, each check raising the InvalidArchive that names it."""
