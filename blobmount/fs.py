@@ -237,7 +237,7 @@ class BlobFS(ServedArchives, pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, child.name, attr, 3 + child.next_pos):
                 return
-            if child.entry >= 0:  # readdirplus: the kernel holds the inode now
+            if child.entry >= 0 and self.follows:  # readdirplus: the kernel holds the inode now
                 self._looked_up(attr.st_ino)
 
     @fuse_errors

@@ -95,7 +95,16 @@ class IndexView(IndexTables):
 
     def _file_between(self, path: bytes, lo: int, hi: int) -> bool:
         """Whether a file is stored at `path` at a sorted position in [lo, hi): :meth:`find` for a
-        name a listing knows the range of (it sorts before the entries under ``path/``)."""
+        name a listing knows the range of (it sorts before the entries under ``path/``).
+
+        Only keys continuing `path` with a byte below '/' sort between `path` and ``path/``, so
+        the name just before `hi` settles it unless it is one of those."""
+        if lo < hi:
+            before = self.path(self._at(hi - 1))
+            if before == path:
+                return True
+            if not before.startswith(path):
+                return False
         key = self._key(path)
         pos = self._lower_bound(key, lo, hi)
         return pos < hi and self._key_at(pos) == key
