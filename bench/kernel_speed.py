@@ -62,6 +62,7 @@ COMMANDS = {
     "ls": "ls -l {many}",
 }
 PEERS = ("plain", "squashfuse_ll", "blobmount")
+START_POLL_S = 0.001  # how often a starting mount is looked for (the ready figure's resolution)
 BEFORE = "blobmount-before"  # --before: the same archive through another checkout's package
 REQUESTS = re.compile(r'^blobmount_fuse_requests_total\{op="(\w+)"\} (\S+)$', re.M)
 
@@ -96,6 +97,18 @@ def _many(dest: Path) -> None:
     for i in range(MANY_FILES):
         (many / f"f{i:05d}.txt").write_bytes(f"{i}\n".encode())
     tmp.rename(dest)
+
+
+def _small_file(root: Path) -> Path:
+    """The file whose first byte is read right after each mount: the first, in path order, of
+    1-16 KiB (a small file: its bytes are one chunk)."""
+    for dirpath, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(dirpath) / name
+            if 1024 <= path.lstat().st_size <= 16384:
+                return path
+    raise SystemExit(f"no file of 1-16 KiB under {root}")
 
 
 def _tree_stats(root: Path) -> tuple[int, int]:
@@ -142,14 +155,14 @@ def _requests(url: str | None) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in REQUESTS.finditer(body)}
 
 
-def _wait_mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
+def _wait_mounted(path: Path, proc: subprocess.Popen[bytes], poll_s: float = 0.01) -> None:
     deadline = time.monotonic() + MOUNT_WAIT_S
     while time.monotonic() < deadline:
         if os.path.ismount(path):
             return
         if proc.poll() is not None:
             raise SystemExit(f"the daemon for {path} exited ({proc.returncode}) before mounting")
-        time.sleep(0.01)
+        time.sleep(poll_s)
     raise SystemExit(f"{path} not mounted within {MOUNT_WAIT_S:g} s")
 
 
@@ -164,6 +177,7 @@ class Peer:
         self.mounts: list[Path] = []
         self.url: str | None = None  # the tree mount's metrics
         self.many_url: str | None = None  # many/'s
+        self.start: dict[str, float] = {}  # the tree mount's start-up (module docstring)
 
     def __enter__(self) -> tuple[Path, Path]:
         if self.kind == "plain":
@@ -184,10 +198,21 @@ class Peer:
             cwd = None if self.kind != BEFORE else self.before
             if env is not None and self.before is not None and name == "tree":
                 _check_package(self.before, env)
+            started = time.perf_counter()
             proc = self.janitor.spawn(cmd, log=self.work / f"{self.kind}-{name}.log", env=env, cwd=cwd)
             self.procs.append(proc)
-            _wait_mounted(mnt, proc)
+            _wait_mounted(mnt, proc, poll_s=START_POLL_S)
             self.mounts.append(mnt)
+            if name == "tree":  # ready: mounted and a stat answered; then one small file's first byte
+                os.stat(mnt)
+                ready = time.perf_counter()
+                with open(mnt / self.data["small"].relative_to(self.data["tree"]), "rb") as f:
+                    f.read(1)
+                self.start = {"ready_s": ready - started, "first_byte_s": time.perf_counter() - ready}
+                if self.kind.startswith("blobmount"):
+                    version = time.perf_counter()
+                    subprocess.run([*program, "--version"], env=env, cwd=cwd, check=True, capture_output=True)
+                    self.start["version_s"] = time.perf_counter() - version
             if self.kind.startswith("blobmount"):
                 url = f"http://127.0.0.1:{port}"
                 deadline = time.monotonic() + MOUNT_WAIT_S
@@ -300,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     many = WORK_ROOT / "many"
     if not many.exists():
         _many(many)
-    data = {"tree": tree, "many": many}
+    data = {"tree": tree, "many": many, "small": _small_file(tree)}
     data["tree-archive"], data["tree-image"] = _build("tree", tree, WORK_ROOT, log, args.archive_key)
     data["many-archive"], data["many-image"] = _build("many", many, WORK_ROOT, log, args.archive_key)
     if args.prepare:
@@ -334,13 +359,13 @@ def main(argv: list[str] | None = None) -> int:
                     with peer as (root, many_dir):
                         result = _one(peer, root, many_dir, phases)
                     load = loadavg()
-                    runs.append({"rep": rep, "peer": kind, "load": load, "phases": result})
+                    runs.append({"rep": rep, "peer": kind, "load": load, "phases": result, "start": peer.start})
                     figures = "  ".join(f"{k} {v['s']:.3f}s" for k, v in result.items())
                     log(f"rep {rep} {kind:14s} load {load}: {figures}")
         finally:
             janitor.stop_all()
     header["load_end"] = loadavg()
-    table = _table(runs, phases, peers)
+    table = _table(runs, phases, peers) + "\n\n" + _start_table(runs, peers)
     log(table)
     doc: dict[str, object] = {"header": header, "commands": COMMANDS, "runs": runs}
     if args.json is not None:
@@ -390,6 +415,27 @@ def _table(runs: list[dict[str, Any]], phases: tuple[str, ...] = PHASES, peers: 
                 kinds = ", ".join(f"{op} {n}" for op, n in sorted(counts[-1].items()))
                 row.append(f"{median([sum(c.values()) for c in counts]):g} ({kinds})")
             lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _start_table(runs: list[dict[str, Any]], peers: tuple[str, ...]) -> str:
+    """Start-up of the tree mount, medians: spawn to mounted-and-stat-answered (polled every
+    START_POLL_S; foreground mounts, so no daemonizing), then one small file's first byte, and
+    blobmount's own ``--version`` (the interpreter's and the CLI's start) in the same repetition."""
+    lines = [
+        "| peer | mount ready | first byte of a small file after ready | `--version` | ready - `--version` |",
+        "|---|---|---|---|---|",
+    ]
+    for p in peers:
+        starts = [r["start"] for r in runs if r["peer"] == p and r.get("start")]
+        if not starts:
+            continue
+        ready = median([x["ready_s"] for x in starts])
+        first = median([x["first_byte_s"] for x in starts])
+        versions = [x["version_s"] for x in starts if "version_s" in x]
+        version = f"{median(versions) * 1e3:.0f} ms" if versions else "-"
+        gap = f"{median([x['ready_s'] - x['version_s'] for x in starts]) * 1e3:.0f} ms" if versions else "-"
+        lines.append(f"| {p} | {ready * 1e3:.0f} ms | {first * 1e3:.1f} ms | {version} | {gap} |")
     return "\n".join(lines)
 
 
