@@ -244,6 +244,9 @@ class IndexView(IndexTables):
         else:
             first, prefix, end = 0, b"", self._n
         pos = max(first, start_pos)
+        # a resume position is the kernel's offset, which a program may set with seekdir: the first
+        # name found there may be the middle of a subdirectory's run, not where it starts
+        unsure = pos if pos > first else -1
         plen = len(prefix)
         n, at, path_of, cache = self._n, self._at, self.path, self._entries_cache
         ahead: bytes | None = None  # the path at `pos`, when the step before decoded it
@@ -272,7 +275,8 @@ class IndexView(IndexTables):
                 if problem is not None:
                     log.warning("entry %d: %s: %s; skipped", number, show(path), problem)
                 elif not self._file_between(sub, first, pos):
-                    self._remember_extent(sub, pos, nxt)
+                    if pos != unsure:  # its first position (reached from the start or past a name)
+                        self._remember_extent(sub, pos, nxt)
                     yield Child(name, -1, nxt), None
                 # else a file of the same name sorts just before (and was skipped with a warning):
                 # lookup refuses the name (kind()), so the listing must not offer the directory,

@@ -74,3 +74,24 @@ def test_listings_from_remembered_extents_match_cold_ones(files: list[bytes], or
                 assert entry.path == prefix + child.name
         for i, child in enumerate(cold):
             assert list(warm.children(d, child.next_pos)) == cold[i + 1 :], (d, child)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(files=trees(), order=st.sampled_from(["bytes", "walk", "neither"]), seed=st.integers(0, 1000))
+def test_a_listing_resumed_anywhere_leaves_later_listings_right(files: list[bytes], order: str, seed: int) -> None:
+    """A resume position is the kernel's directory offset, which seekdir(3) sets to anything: a
+    listing resumed in the middle of a subdirectory's run must not remember that point as where
+    the subdirectory starts (every later listing of it would lose its first names)."""
+    if order == "walk":
+        files = sorted(files, key=lambda p: p.replace(b"/", b"\x00"))
+    elif order == "neither":
+        random.Random(seed).shuffle(files)
+    blob = build_index([EntryRecord(p, 0, 0, 0, H, 0o644, 0, 0, 0, 0) for p in files], 0, H)
+    dirs = sorted({b""} | {p.rsplit(b"/", i)[0] for p in files for i in range(1, p.count(b"/") + 1)})
+    cold = {d: list(IndexView(blob, blob_size=0).children(d)) for d in dirs}
+    for d in dirs:
+        for pos in range(len(files) + 1):
+            warm = IndexView(blob, blob_size=0)
+            list(warm.child_entries(d, pos))
+            for sub in reversed(dirs):  # deepest first: a parent's listing from its start would mend it
+                assert list(warm.children(sub)) == cold[sub], (d, pos, sub)
