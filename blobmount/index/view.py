@@ -46,6 +46,7 @@ from blobmount.index.tables import IndexTables
 
 log = logging.getLogger(__name__)
 
+_LAYOUTS_KEPT = 1024  # vtable positions whose entry layout is kept (FlatBuffers builders share vtables: a few)
 _EXTENT_CACHE_SIZE = 65536  # directory extents kept (~10 MiB at most; a directory each)
 Listed = tuple[Child, Entry | InvalidArchive | None]  # IndexView.child_entries: a file's entry or why not
 
@@ -412,7 +413,8 @@ class IndexView(IndexTables):
             vsize = _u16(buf, vt)[0]
             if vsize >= 4 and not vsize % 2 and vt + vsize <= size:
                 layout = entry_layout(_u16s(vsize // 2 - 2).unpack_from(buf, vt + 4) if vsize > 4 else ())
-        self._layouts[vt] = layout
+        if len(self._layouts) < _LAYOUTS_KEPT:  # a writer shares vtables; an index that does not gets no memory
+            self._layouts[vt] = layout
         return layout
 
     def _entry_checked(self, i: int) -> Entry:
