@@ -222,16 +222,22 @@ class BlobFS(ServedArchives, pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", self.inodes.attrs(parent), 2):
                 return
             start_id = 2
-        for child in gen.view.children(path, start_id - 3 if start_id >= 3 else 0):
-            child_path = self.inodes.child_path(path, child.name)
+        # each file with its validated entry, read once per listing (IndexView.child_entries)
+        for child, found in gen.view.child_entries(path, start_id - 3 if start_id >= 3 else 0):
             try:
-                attr = self.inodes.attrs(self.inodes.inode_for(child.entry, child_path, gen))
+                if isinstance(found, InvalidArchive):
+                    raise found
+                if found is None:
+                    child_path = self.inodes.child_path(path, child.name)
+                    attr = self.inodes.dir_attrs(self.inodes.dir_inode(child_path), child_path)
+                else:
+                    attr = self.inodes.file_attrs(gen.ino(child.entry), found)
             except InvalidArchive as exc:  # listed, but unusable: skip it, keep the rest listable
                 log.warning("%s", exc)
                 continue
             if not pyfuse3.readdir_reply(token, child.name, attr, 3 + child.next_pos):
                 return
-            if child.entry >= 0:  # readdirplus: the kernel holds the inode now
+            if child.entry >= 0 and self.follows:  # readdirplus: the kernel holds the inode now
                 self._looked_up(attr.st_ino)
 
     @fuse_errors

@@ -71,15 +71,20 @@ class Inodes:
         known = gen.dir_stats.get(ino)
         if known is None:
             subdirs, newest = 0, None
-            mtime_ns = gen.view.mtime_ns
-            for child in gen.view.children(path):
-                if child.is_dir:
+            # with every file's validated entry: the pass runs when the parent is listed (its
+            # readdirplus needs this directory's nlink), and this directory's own listing comes
+            # next in a walk: its entries are then in the view's cache, read once for both
+            for child, found in gen.view.child_entries(path):
+                if found is None:
                     subdirs += 1
                     continue
-                try:
-                    t = mtime_ns(child.entry)
-                except InvalidArchive:  # unusable entry: lookups refuse it; it lends no time
-                    continue
+                if isinstance(found, Entry):
+                    t = found.mtime_ns
+                else:  # refused for a field other than its path: still lends its time, as before
+                    try:
+                        t = gen.view.mtime_ns(child.entry)
+                    except InvalidArchive:  # unreadable: lends no time
+                        continue
                 if newest is None or t > newest:
                     newest = t
             known = (2 + subdirs, gen.dir_time_ns if newest is None else newest)
@@ -87,6 +92,12 @@ class Inodes:
         return known
 
     def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        entry = self.entry_of(ino)
+        if entry is not None:
+            return self.file_attrs(ino, entry)
+        return self.dir_attrs(ino, self.dir_of(ino))
+
+    def _base_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
         attr.generation = 0
@@ -94,17 +105,23 @@ class Inodes:
         attr.attr_timeout = self.timeout_s
         attr.st_rdev = 0
         attr.st_blksize = IO_BLOCK_BYTES
-        entry = self.entry_of(ino)
-        if entry is not None:
-            attr.st_mode = stat.S_IFREG | (entry.mode & 0o777)
-            attr.st_nlink = 1
-            attr.st_uid = entry.uid if self.uid is None else self.uid
-            attr.st_gid = entry.gid if self.gid is None else self.gid
-            attr.st_size = entry.original_size
-            attr.st_blocks = (entry.original_size + 511) // 512
-            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
-            return attr
-        path = self.dir_of(ino)
+        return attr
+
+    def file_attrs(self, ino: int, entry: Entry) -> pyfuse3.EntryAttributes:
+        """The attributes of file inode `ino`, whose entry the caller has (a listing)."""
+        attr = self._base_attrs(ino)
+        attr.st_mode = stat.S_IFREG | (entry.mode & 0o777)
+        attr.st_nlink = 1
+        attr.st_uid = entry.uid if self.uid is None else self.uid
+        attr.st_gid = entry.gid if self.gid is None else self.gid
+        attr.st_size = entry.original_size
+        attr.st_blocks = (entry.original_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
+        return attr
+
+    def dir_attrs(self, ino: int, path: bytes) -> pyfuse3.EntryAttributes:
+        """The attributes of directory inode `ino` at `path`."""
+        attr = self._base_attrs(ino)
         attr.st_mode = DIR_MODE
         attr.st_nlink, when = self._dir_stats_of(ino, path)
         attr.st_uid = 0 if self.uid is None else self.uid

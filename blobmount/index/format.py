@@ -5,7 +5,9 @@ precompiled ``struct`` unpackers, and the values a view hands out (Entry, Child,
 from __future__ import annotations
 
 import functools
+import operator
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -46,6 +48,57 @@ def _u16s(count: int) -> struct.Struct:
 
 
 _MTIME_SLOT = 4 + 2 * _E_MTIME  # its offset within an entry's vtable
+
+# Every field of an entry table in the order entry_layout's reader gives them: (slot, struct code)
+_E_FIELDS = (
+    (_E_PATH, "I"),  # uoffset of the string
+    (_E_HASH, "I"),  # uoffset of the vector
+    (_E_OFFSET, "Q"),
+    (_E_SIZE, "Q"),
+    (_E_ORIG, "Q"),
+    (_E_MODE, "I"),
+    (_E_UID, "I"),
+    (_E_GID, "I"),
+    (_E_MTIME, "q"),
+    (_E_COMP, "b"),
+)
+# (span from the table's start, read of every field at once, path field offset, hash field offset)
+EntryLayout = tuple[int, Callable[[bytes, int], tuple[int, ...]], int, int]
+
+
+@functools.lru_cache(maxsize=256)
+def entry_layout(slots: tuple[int, ...]) -> EntryLayout | None:
+    """How to read every field of an entry table whose vtable holds `slots` (field offsets from
+    the table's start, 0: absent) in one ``struct`` call: FlatBuffers shares a vtable between
+    tables of one shape, so an index has a handful of layouts, each worked out once (the view
+    keeps them by vtable position). The reader returns the fields in :data:`_E_FIELDS`' order,
+    0 for an absent one (every default of the format is 0). None: a layout this shortcut does not
+    read (path or hash absent, fields overlapping each other or the table's own offset): the
+    field-by-field reads decide about it."""
+    present = []
+    for index, (slot, code) in enumerate(_E_FIELDS):
+        fo = slots[slot] if slot < len(slots) else 0
+        if fo:
+            present.append((fo, struct.calcsize("<" + code), code, index))
+        elif slot in (_E_PATH, _E_HASH):
+            return None
+    present.sort()
+    fmt, here, where = "<", 4, [len(present)] * len(_E_FIELDS)  # absent: the appended 0
+    for n, (fo, width, code, index) in enumerate(present):
+        if fo < here:
+            return None
+        fmt += f"{fo - here}x{code}" if fo > here else code
+        here = fo + width
+        where[index] = n
+    reader = struct.Struct(fmt).unpack_from
+    pick = operator.itemgetter(*where)
+
+    def read(buf: bytes, table: int) -> tuple[int, ...]:
+        return pick((*reader(buf, table + 4), 0))  # type: ignore[no-any-return]
+
+    return here, read, slots[_E_PATH], slots[_E_HASH]
+
+
 # Index vtable slots
 _I_VERSION, _I_HASHALG, _I_ENTRIES, _I_DATA_SIZE, _I_DATA_HASH = range(5)
 

@@ -11,6 +11,22 @@ PATH_MAX_BYTES = 4095  # Linux PATH_MAX minus the NUL: longer paths cannot be op
 
 def path_problem(path: bytes) -> str | None:
     """Why `path` is not a valid archive path, or None when it is."""
+    if (  # most paths: short, no component starting with '.', no empty one (one check per entry of a walk)
+        path
+        and len(path) <= NAME_MAX_BYTES
+        and path[0] != 0x2F
+        and path[-1] != 0x2F
+        and path[0] != 0x2E
+        and b"/." not in path
+        and b"//" not in path
+        and b"\x00" not in path
+    ):
+        return None
+    return _path_problem(path)
+
+
+def _path_problem(path: bytes) -> str | None:
+    """:func:`path_problem`, every rule in turn."""
     if not path:
         return "empty path"
     if len(path) > PATH_MAX_BYTES:

@@ -10,7 +10,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,12 +20,13 @@ import trio
 
 from blobmount import errors
 from blobmount.fs import FILE_INO_BASE, ROOT_INO, BlobFS
-from blobmount.index import IndexView
+from blobmount.index import Entry, IndexView
+from blobmount.index.view import Listed
 from blobmount.readahead import ReadHint
 from blobmount.sources.local import LocalFileSource, open_directory
 from blobmount.sources.oci_layout import open_oci_layout
 from tests.support.aio import run
-from tests.support.handlers import CTX, blob_fs, fuse_errno
+from tests.support.handlers import CTX, blob_fs, fuse_errno, list_dir
 from tests.support.helpers import make_oci_layout, tree_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go-reference"
@@ -202,22 +203,62 @@ def test_directory_times_are_their_newest_file_else_the_archive_time(tmp_path: P
 
 
 def test_directory_time_is_computed_once_per_directory(tmp_path: Path) -> None:
-    calls: list[int] = []
+    calls: list[bytes] = []
 
     class CountingView(IndexView):
-        def mtime_ns(self, i: int) -> int:
-            calls.append(i)
-            return super().mtime_ns(i)
+        def child_entries(self, directory: bytes, start_pos: int = 0) -> Iterator[Listed]:
+            calls.append(directory)
+            return super().child_entries(directory, start_pos)
 
     archive = open_directory(FIXTURES / "basic")
     view = CountingView(archive.index_bytes, blob_size=archive.data.size)
     fs = blob_fs(archive, tmp_path / "c", view=view, dir_time_ns=ARCHIVE_TIME_NS)
     a = run(fs.lookup, ROOT_INO, b"a", CTX)
-    first = len(calls)
-    assert first == sum(1 for c in view.children(b"a") if not c.is_dir)  # its files, nothing deeper
+    assert calls == [b"a"]  # one pass over its files, nothing deeper
     assert run(fs.getattr, a.st_ino, CTX).st_mtime_ns == a.st_mtime_ns
     assert run(fs.lookup, ROOT_INO, b"a", CTX).st_mtime_ns == a.st_mtime_ns
-    assert len(calls) == first  # kept with the directory's inode
+    assert calls == [b"a"]  # kept with the directory's inode
+
+
+@pytest.mark.parametrize(("fixture", "room"), [("basic", None), ("basic", 2), ("mixed", None)])
+def test_a_cold_walk_reads_each_entry_once(tmp_path: Path, fixture: str, room: int | None) -> None:
+    """readdirplus of a directory whose time pass ran when its parent was listed (a walk) reads no
+    file entry again: each entry's table is read and validated once (IndexView.child_entries
+    shares the view's entry cache), whether the listing takes one request or many."""
+    fast: list[int] = []
+
+    class CountingView(IndexView):
+        def _entry_fast(self, i: int, checked_path: bytes | None = None) -> Entry | None:
+            fast.append(i)
+            return super()._entry_fast(i, checked_path)
+
+    archive = open_directory(FIXTURES / fixture)
+    view = CountingView(archive.index_bytes, blob_size=archive.data.size)
+    fs = blob_fs(archive, tmp_path / "c", view=view, dir_time_ns=ARCHIVE_TIME_NS)
+    seen: dict[bytes, pyfuse3.EntryAttributes] = {}
+
+    def walk(ino: int, path: bytes) -> None:
+        for listed in run(list_dir, fs, ino, room):
+            name, attr = listed.name, listed.attr
+            if name in (b".", b".."):
+                continue
+            child = path + b"/" + name if path else name
+            seen[child] = attr
+            if stat.S_ISDIR(attr.st_mode):
+                walk(attr.st_ino, child)
+
+    walk(ROOT_INO, b"")
+    files = {e.path: e for e in view.entries()}
+    assert {p for p, a in seen.items() if stat.S_ISREG(a.st_mode)} == set(files)
+    for path, entry in files.items():  # the attributes are the entry's
+        attr = seen[path]
+        assert (attr.st_size, attr.st_mtime_ns, attr.st_mode & 0o777) == (
+            entry.original_size,
+            entry.mtime_ns,
+            entry.mode & 0o777,
+        ), path
+    counted_fast = [i for i in fast if i in {e.number for e in files.values()}]
+    assert sorted(counted_fast) == sorted(e.number for e in files.values())  # each validated once
 
 
 def test_directory_time_defaults_to_now_without_an_archive_time(tmp_path: Path) -> None:

@@ -334,3 +334,20 @@ def test_overlapping_and_shared_ranges_are_allowed_and_checked_per_entry() -> No
     assert [view.entry(i).data_offset for i in range(3)] == [0, 5, 0]
     with pytest.raises(InvalidArchive, match="runs past"):
         view.entry(3)
+
+
+def test_entry_layouts_kept_stay_bounded_whatever_the_vtables() -> None:
+    """The one-read entry layouts are kept per vtable position; an index whose every entry has a
+    vtable of its own (a builder shares them; a hostile one need not) must not grow that memory
+    with its entries: past the bound, layouts are worked out each time, answers unchanged."""
+    from blobmount.index import view as view_module
+
+    records = [
+        EntryRecord(f"d/f{i:05d}".encode(), 0, 0, 0, hashlib.sha256(b"").digest(), 0o644, 0, 0, i, 0) for i in range(64)
+    ]
+    view = IndexView(build_index(records, 0, hashlib.sha256(b"").digest()), blob_size=0)
+    bound = view_module._LAYOUTS_KEPT
+    for vt in range(bound * 3):  # every position of the buffer taken for a vtable: most are nonsense
+        view._layout_at(vt % max(len(view._buf) - 4, 1))
+    assert len(view._layouts) <= bound
+    assert all(view._entry_fast(i) == view._entry_checked(i) for i in range(len(view)))
