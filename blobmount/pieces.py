@@ -21,7 +21,11 @@ the whole. The chunk path never reads pieces: the pieces under a chunk fetched l
 the pruner (at most a chunk's worth of duplicates per chunk, and only where a reader jumped).
 
 Within one process a piece is fetched once at a time (one flight per piece); two processes on one
-cache directory may fetch the same piece (32 KiB; chunks carry the cross-process claims).
+cache directory may fetch the same piece (32 KiB; chunks carry the cross-process claims). A piece
+whose disk write has not landed is held apart from the memory tier (``UNSAVED_PIECES`` at most:
+a read that would pass them waits for the writes) until it has: evicted from the small memory tier
+before its write landed, it would be fetched a second time, and the integrity check below, finding
+it nowhere, would call a file that reads right a mismatch.
 
 Integrity: a random read of a lazily verified file is served before the file is verified, from a
 piece as from a chunk (README, Integrity). Verification hashes the chunks, so a piece is one more
@@ -58,6 +62,8 @@ PIECE_BYTES = 32 << 10  # a 4 KiB read fetches 8x its bytes, 9x on average: a fi
 # 4 KiB one does; through 10 ms of RTT both are one round trip.
 MAX_READ_BYTES = 4 * PIECE_BYTES  # longer reads go to chunks: they are likely a stream's first
 MEMORY_BYTES = 4 << 20  # hot pieces per mount (a reader re-reading what it just read)
+UNSAVED_PIECES = 256  # pieces fetched whose disk write has not landed (8 MiB): a stalled disk stops
+# random reads here, each within its --timeout, rather than filling memory
 
 
 class Pieces:
@@ -84,6 +90,9 @@ class Pieces:
         self._flights: Flights[int] = Flights()
         self._nursery: trio.Nursery | None = None
         self._served = bytearray((self.store.count + 7) // 8)  # a bit per piece served since the mount
+        self._unsaved: dict[int, bytes] = {}  # fetched, disk write under way (module docstring)
+        self._room = trio.Semaphore(UNSAVED_PIECES)  # a token per entry of _unsaved
+        self._unwanted: set[int] = set()  # purged while their write was under way: deleted once it lands
         self.requests = 0
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -133,6 +142,8 @@ class Pieces:
         """A piece from memory or disk; None when it is gone (pruned, or never written)."""
         data = self.store.memory_get(index)
         if data is None:
+            data = self._unsaved.get(index)
+        if data is None:
             data = await trio.to_thread.run_sync(self.store.load, index)
         return data
 
@@ -143,6 +154,8 @@ class Pieces:
         for index in range(start // ps, (end - 1) // ps + 1):
             self.store.forget(index)
             self._served[index >> 3] &= ~(1 << (index & 7)) & 0xFF
+            if self._unsaved.pop(index, None) is not None:
+                self._unwanted.add(index)  # its write is under way: undone once it lands (_persist)
 
     def purge_disk(self, start: int, end: int) -> None:
         """Worker thread: delete the pieces under [start, end) from disk. One listing of the
@@ -167,6 +180,8 @@ class Pieces:
     async def _piece(self, index: int, last: int) -> bytes:
         for _ in range(4):  # bounded: a flight that ended without bytes (cancelled) is led afresh
             data = self.store.memory_get(index)
+            if data is None:
+                data = self._unsaved.get(index)
             if data is not None:
                 return data
             if self._flights.busy(index):
@@ -188,6 +203,7 @@ class Pieces:
         while (
             end_index < last
             and self.store.memory_get(end_index + 1) is None
+            and end_index + 1 not in self._unsaved
             and not self._flights.busy(end_index + 1)
             and not self.store.on_disk(end_index + 1)
         ):
@@ -202,13 +218,30 @@ class Pieces:
                 if not self._retry.should_retry(attempt, exc):
                     raise
                 await self._retry.pause(attempt, exc, f"data blob bytes {start}-{end}: ")
-        for i in range(index, end_index + 1):
+        nursery = self._nursery if self.store.cache is not None else None
+        if nursery is not None:
+            await self._reserve(end_index - index + 1)
+        for i in range(index, end_index + 1):  # no await from here on: all of the run, or none
             lo, hi = self.store.span(i)
             data = body[lo - start : hi - start]
             self.store.memory_put(i, data)
-            if self._nursery is not None and self.store.cache is not None:
-                self._nursery.start_soon(self._persist, i, data)
+            if nursery is not None:
+                self._unwanted.discard(i)
+                self._unsaved[i] = data
+                nursery.start_soon(self._persist, i, data)
         return body[: self.store.length(index)]
+
+    async def _reserve(self, count: int) -> None:
+        """`count` places in the unsaved table, or none (cancelled: the read's --timeout)."""
+        got = 0
+        try:
+            while got < count:
+                await self._room.acquire()
+                got += 1
+        except BaseException:
+            for _ in range(got):
+                self._room.release()
+            raise
 
     async def _request(self, start: int, end: int) -> bytes:
         self.requests += 1
@@ -225,7 +258,17 @@ class Pieces:
         return body
 
     async def _persist(self, index: int, data: bytes) -> None:
+        """Write one piece (a worker thread), then let it go from the unsaved table. A write that
+        failed (a full disk) leaves it to the memory tier alone, as before the table: gone from
+        both, it cannot be compared, which the integrity rule takes for a mismatch."""
         try:
             await trio.to_thread.run_sync(self.store.store, index, data)
+            if index in self._unwanted:  # purged while it was being written: not to outlive that
+                self._unwanted.discard(index)
+                await trio.to_thread.run_sync(self.store.purge_disk, index, index)
         except Exception:  # the piece stays in memory; a bug here must not end the mount
             log.exception("chunk cache: storing piece %d failed unexpectedly", index)
+        finally:
+            if self._unsaved.get(index) is data:
+                del self._unsaved[index]
+            self._room.release()
