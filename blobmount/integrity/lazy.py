@@ -18,7 +18,7 @@ Concurrency: touched only from the trio thread, except the sha256 itself. The by
 queued in order (``Progress.pending``) and one task per file feeds them to the file's hasher on a
 worker thread (``_hash_pending``): sha256 costs ~0.5 ms per MiB here, which the trio thread, serving
 every request and landing every chunk, would otherwise spend in line with them; hashlib releases
-the GIL while it hashes. A hand-off costs tens of microseconds, so it waits for ``HAND_OFF_BYTES``
+the GIL while it hashes. A hand-off costs ~50 us here, so it waits for ``HAND_OFF_BYTES``
 to be queued; a reader waits while more than ``PENDING_BYTES`` are (bounded memory). ``hashed_upto``
 counts bytes queued, not yet hashed: whoever reads the digest first waits for the queue to drain
 (``_hashed``), inside the decision, so reads served meanwhile wait for the verdict as above.
@@ -50,7 +50,7 @@ KEPT_PROGRESS = 256  # lazily served files whose hash state outlives their last 
 COMPLETE_BYTES = 64 << 20  # a file served in part and closed is hashed to its end, from the cache,
 # when at most this much of it is left (bounded background work; never a fetch)
 COMPLETE_QUEUE = 16  # such completions waiting at most (one runs at a time); more are not started
-HAND_OFF_BYTES = 1 << 20  # queued bytes that start a worker-thread hash (module docstring)
+HAND_OFF_BYTES = 8 << 20  # queued bytes that start a worker-thread hash (module docstring)
 PENDING_BYTES = 32 << 20  # a reader waits for the worker while more than this is queued for a file
 
 

@@ -27,7 +27,8 @@ from tests.support.corpus import Spec, write_archive
 from tests.support.handlers import read_file, serving, verified_state
 
 KiB, MiB = 1 << 10, 1 << 20
-FILE_BYTES = 5 * MiB + 777  # lazy under --verify-threshold 256K: several hand-offs of HAND_OFF_BYTES
+FILE_BYTES = 2 * lazy.HAND_OFF_BYTES + 777  # lazy under --verify-threshold 256K; three hand-offs
+assert FILE_BYTES < lazy.PENDING_BYTES  # read whole while the worker is held (no back-pressure wait)
 CONFIG = ReaderConfig(verify_threshold=256 * KiB)
 GUARD_S = 60.0
 
