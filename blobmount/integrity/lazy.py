@@ -14,14 +14,7 @@ A mismatch is a distrust (integrity/__init__.py): the read that completes the fi
 awaits (it may hash the rest from the source); a read of the file served meanwhile, by any open,
 waits for the verdict and fails with it: unaccounted, it could end a whole read with wrong bytes.
 
-Concurrency: touched only from the trio thread, except the sha256 itself. The bytes to hash are
-queued in order (``Progress.pending``) and one task per file feeds them to the file's hasher on a
-worker thread (``_hash_pending``): sha256 costs ~0.5 ms per MiB here, which the trio thread, serving
-every request and landing every chunk, would otherwise spend in line with them; hashlib releases
-the GIL while it hashes. A hand-off costs ~50 us here, so it waits for ``HAND_OFF_BYTES``
-to be queued; a reader waits while more than ``PENDING_BYTES`` are (bounded memory). ``hashed_upto``
-counts bytes queued, not yet hashed: whoever reads the digest first waits for the queue to drain
-(``_hashed``), inside the decision, so reads served meanwhile wait for the verdict as above.
+Concurrency: touched only from the trio thread.
 """
 
 from __future__ import annotations
@@ -50,8 +43,6 @@ KEPT_PROGRESS = 256  # lazily served files whose hash state outlives their last 
 COMPLETE_BYTES = 64 << 20  # a file served in part and closed is hashed to its end, from the cache,
 # when at most this much of it is left (bounded background work; never a fetch)
 COMPLETE_QUEUE = 16  # such completions waiting at most (one runs at a time); more are not started
-HAND_OFF_BYTES = 8 << 20  # queued bytes that start a worker-thread hash (module docstring)
-PENDING_BYTES = 32 << 20  # a reader waits for the worker while more than this is queued for a file
 
 
 @dataclass(slots=True)
@@ -66,9 +57,6 @@ class Progress:
     users: int = 0
     finishing: bool = False  # one task owns the final catch-up; the hasher is frozen for others
     settled: trio.Event = field(default_factory=trio.Event)  # set when that task has decided
-    pending: list[bytes | memoryview] = field(default_factory=list)  # in order, counted in hashed_upto
-    pending_bytes: int = 0
-    hashing: trio.Event | None = None  # set when the task feeding `pending` to the hasher ends (None: idle)
 
 
 class LazyHashes:
@@ -135,8 +123,6 @@ class LazyHashes:
             progress.covered = _merge(progress.covered, (offset, offset + len(data)))
         progress.early.clear()
         progress.early_bytes = 0
-        if progress.pending and progress.hashing is None:
-            self._hand_off(progress)  # below HAND_OFF_BYTES: not held while nobody reads the file
         self._kept[entry.number] = entry
         rest = entry.original_size - progress.hashed_upto
         if rest <= COMPLETE_BYTES and not progress.finishing:
@@ -176,9 +162,9 @@ class LazyHashes:
             return
         end = offset + len(data)
         if offset <= progress.hashed_upto < end:
-            self._feed(progress, memoryview(data)[progress.hashed_upto - offset :])
+            progress.hasher.update(memoryview(data)[progress.hashed_upto - offset :])
             progress.hashed_upto = end
-            self._drain_early(progress)
+            _drain_early(progress)
         elif end > progress.hashed_upto:
             # Concurrent FUSE reads finish out of order by a few MiB: keep such reads (bounded)
             # until the gap before them is hashed, instead of reading them again at the end.
@@ -187,11 +173,7 @@ class LazyHashes:
                 progress.early_bytes += len(data)
             else:
                 progress.covered = _merge(progress.covered, (offset, end))
-        while progress.pending_bytes > PENDING_BYTES and progress.hashing is not None:
-            await progress.hashing.wait()  # the worker is behind: bounded memory (re-checked below)
         await self._catch_up(entry, progress)
-        if self._progress.get(entry.number) is not progress:
-            return  # distrusted (served sees it) or given up meanwhile: not this state's to decide
         if progress.finishing:  # another read or a close's completion took the decision meanwhile
             await progress.settled.wait()  # its verdict covers these bytes too (served checks it)
             return
@@ -219,9 +201,9 @@ class LazyHashes:
             block = await self.integrity.source.read_range(entry.data_offset + upto, entry.data_offset + end)
             if progress.hashed_upto != upto or progress.finishing or self._progress.get(entry.number) is not progress:
                 continue  # another read moved the hash on meanwhile (or the state was dropped)
-            self._feed(progress, block)
+            progress.hasher.update(block)
             progress.hashed_upto = end
-            self._drain_early(progress)
+            _drain_early(progress)
 
     async def _finish(self, entry: Entry, progress: Progress, outcome: str) -> None:
         """Every byte was served: hash what was not hashed in order (from the source) and decide.
@@ -235,20 +217,17 @@ class LazyHashes:
 
     async def _decide(self, entry: Entry, progress: Progress, outcome: str) -> None:
         integrity = self.integrity
-        try:
-            await self._hashed(progress)  # the bytes queued for the worker thread are in the hasher
-            if progress.hashed_upto < entry.original_size:
+        if progress.hashed_upto < entry.original_size:
+            try:
                 await hash_range(integrity.source, entry, progress.hashed_upto, progress.hasher)
-        except BaseException:
-            # the hasher may hold part of the catch-up: start over, hashing all at the end (a
-            # worker still hashing the old queue takes the new hasher's bytes from the new one)
-            progress.hasher, progress.hashed_upto = hashlib.sha256(), 0
-            progress.covered, progress.finishing = [(0, entry.original_size)], False
-            progress.early.clear()
-            progress.early_bytes = 0
-            progress.pending, progress.pending_bytes = [], 0
-            raise
-        progress.hashed_upto = entry.original_size
+            except BaseException:
+                # the hasher may hold part of the catch-up: start over, hashing all at the end
+                progress.hasher, progress.hashed_upto = hashlib.sha256(), 0
+                progress.covered, progress.finishing = [(0, entry.original_size)], False
+                progress.early.clear()
+                progress.early_bytes = 0
+                raise
+            progress.hashed_upto = entry.original_size
         digest = progress.hasher.digest()
         agree = digest == entry.hash and await integrity.pieces_agree(entry)
         if agree:
@@ -267,63 +246,19 @@ class LazyHashes:
         integrity.reverify(entry)
         raise IntegrityError(f"{show(entry.path)}: sha256 mismatch after reading it all; not served")
 
-    def _drain_early(self, progress: Progress) -> None:
-        """Hash the kept early reads that now continue the hashed prefix; drop the stale ones."""
-        while progress.early:
-            upto = progress.hashed_upto
-            nxt = min(progress.early)
-            if nxt > upto:
-                return
-            data = progress.early.pop(nxt)
-            progress.early_bytes -= len(data)
-            if nxt + len(data) > upto:
-                self._feed(progress, memoryview(data)[upto - nxt :])
-                progress.hashed_upto = nxt + len(data)
 
-    def _feed(self, progress: Progress, chunk: bytes | memoryview) -> None:
-        """The next bytes of the file, in order, for its hasher: queued, hashed on a worker thread
-        once ``HAND_OFF_BYTES`` are (module docstring). The caller moves ``hashed_upto`` on."""
-        progress.pending.append(chunk)
-        progress.pending_bytes += len(chunk)
-        if progress.hashing is None and progress.pending_bytes >= HAND_OFF_BYTES:
-            self._hand_off(progress)
-
-    def _hand_off(self, progress: Progress) -> None:
-        """Start the task that hashes the queue on a worker thread; with no nursery to run it in
-        (a reader without one), hash the queue here, at once."""
-        progress.hashing = trio.Event()
-        if not self.integrity.start(_hash_pending, progress):
-            chunks, progress.pending, progress.pending_bytes = progress.pending, [], 0
-            _update(progress.hasher, chunks)
-            progress.hashing.set()
-            progress.hashing = None
-
-    async def _hashed(self, progress: Progress) -> None:
-        """Until every byte queued for the file's hasher is in it (before its digest is read)."""
-        while progress.hashing is not None or progress.pending:
-            if progress.hashing is None:
-                self._hand_off(progress)
-            else:
-                await progress.hashing.wait()
-
-
-async def _hash_pending(progress: Progress) -> None:
-    """Feed the queued bytes to the file's hasher on a worker thread until none are left. The
-    hasher is looked up each round: a decision that stopped starts the file over with a new one."""
-    try:
-        while progress.pending:
-            chunks, progress.pending, progress.pending_bytes = progress.pending, [], 0
-            await trio.to_thread.run_sync(_update, progress.hasher, chunks)
-    finally:
-        done, progress.hashing = progress.hashing, None
-        if done is not None:
-            done.set()
-
-
-def _update(hasher: hashlib._Hash, chunks: list[bytes | memoryview]) -> None:
-    """On a worker thread: hashlib releases the GIL while it hashes more than 2 KiB."""
-    for chunk in chunks:
-        hasher.update(chunk)
+def _drain_early(progress: Progress) -> None:
+    """Hash the kept early reads that now continue the hashed prefix; drop the stale ones."""
+    while progress.early:
+        upto = progress.hashed_upto
+        nxt = min(progress.early)
+        if nxt > upto:
+            return
+        data = progress.early.pop(nxt)
+        progress.early_bytes -= len(data)
+        if nxt + len(data) > upto:
+            progress.hasher.update(memoryview(data)[upto - nxt :])
+            progress.hashed_upto = nxt + len(data)
 
 
 def _merge(ranges: list[tuple[int, int]], new: tuple[int, int]) -> list[tuple[int, int]]:
