@@ -217,19 +217,21 @@ class LazyHashes:
 
     async def _decide(self, entry: Entry, progress: Progress, outcome: str) -> None:
         integrity = self.integrity
-        if progress.hashed_upto < entry.original_size:
-            try:
+        try:
+            if progress.hashed_upto < entry.original_size:
                 await hash_range(integrity.source, entry, progress.hashed_upto, progress.hasher)
-            except BaseException:
-                # the hasher may hold part of the catch-up: start over, hashing all at the end
-                progress.hasher, progress.hashed_upto = hashlib.sha256(), 0
-                progress.covered, progress.finishing = [(0, entry.original_size)], False
-                progress.early.clear()
-                progress.early_bytes = 0
-                raise
-            progress.hashed_upto = entry.original_size
-        digest = progress.hasher.digest()
-        agree = digest == entry.hash and await integrity.pieces_agree(entry)
+                progress.hashed_upto = entry.original_size
+            digest = progress.hasher.digest()
+            agree = digest == entry.hash and await integrity.pieces_agree(entry)
+        except BaseException:
+            # No verdict (a source error, a cancelled read): the hasher may hold part of the
+            # catch-up, so start over, hashing all of it at the end; and the decision is no longer
+            # under way, or every later read of the file would wait for a verdict never given.
+            progress.hasher, progress.hashed_upto = hashlib.sha256(), 0
+            progress.covered, progress.finishing = [(0, entry.original_size)], False
+            progress.early.clear()
+            progress.early_bytes = 0
+            raise
         if agree:
             integrity.hashed_ok(entry)
             progress.settled.set()  # the reads that waited need not wait for the record's disk writes

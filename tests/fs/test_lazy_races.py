@@ -23,7 +23,7 @@ import trio.testing
 
 from blobmount.errors import SourceError
 from blobmount.index import Entry
-from blobmount.integrity import lazy
+from blobmount.integrity import Integrity, lazy
 from blobmount.integrity.whole import hash_range
 from blobmount.reader import ReaderConfig
 from blobmount.sources.base import RangeSource
@@ -97,5 +97,38 @@ def test_a_full_read_by_another_open_while_a_close_completes_the_hash(
                 else:
                     assert outcome == "right bytes"
                     assert await verified_state(s.fs, "big.bin") == b"verified"
+
+    run(body)
+
+
+@pytest.mark.expect_log(r"bytes were served|failed|went away")
+def test_a_decision_that_fails_after_the_hash_leaves_the_file_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision's last step (the pieces' comparison) fails once, after the hash is complete:
+    that read fails, and the next read of the whole file is hashed afresh and gets the right
+    bytes. Found by reading: the decision was left marked as under way, and every later read of
+    the file waited for a verdict that had already been given up (a busy loop until EIO)."""
+    data = _archive(tmp_path / "archive", flipped=False)
+    calls: list[str] = []
+    original = Integrity.pieces_agree
+
+    async def failing_once(self: Integrity, entry: Entry) -> bool:
+        calls.append(entry.path.decode())
+        if len(calls) == 1:
+            raise SourceError("the cache went away")
+        return await original(self, entry)
+
+    monkeypatch.setattr(Integrity, "pieces_agree", failing_once)
+
+    async def body() -> None:
+        async with serving(f"dir:{tmp_path / 'archive'}", tmp_path / "cache", CONFIG) as s:
+            with trio.fail_after(GUARD_S):
+                first = await read_file(s.fs, "big.bin")
+                assert first == errno.EIO, "the read whose decision failed"
+                assert await verified_state(s.fs, "big.bin") == b"unverified"
+                assert await read_file(s.fs, "big.bin") == data
+                assert await verified_state(s.fs, "big.bin") == b"verified"
+        assert calls == ["big.bin", "big.bin"]
 
     run(body)
