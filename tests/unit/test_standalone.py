@@ -263,10 +263,13 @@ def test_the_scan_finds_what_it_is_meant_to_find() -> None:
 
 # Imports blobmount, bench and tests first and checks they are the clone's, then runs pytest in the
 # same process, so the code under test is the code that was checked.
-_RUN_IN_CLONE = CHECK_IMPORTS + """
+_RUN_IN_CLONE = (
+    CHECK_IMPORTS
+    + """
 import pytest
 sys.exit(pytest.main(sys.argv[2:]))
 """
+)
 
 
 @pytest.mark.slow
