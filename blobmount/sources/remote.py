@@ -256,8 +256,11 @@ async def _resolve(
         return Digest.parse(known.digest), False
     try:
         # with a resolution to fall back on, a registry that does not answer costs one --timeout,
-        # not the whole open's budget
-        with trio.fail_after(timeout_s if known is not None and stale_ok else math.inf):
+        # not the whole open's budget; with one refused (--no-stale-tag), at most three of that
+        # budget's four, so the refusal below names the digest it refused instead of the open's
+        # timeout cutting the retries short (seen: the retries' backoff outlasted the open)
+        limit = math.inf if known is None else timeout_s if stale_ok else 3 * timeout_s
+        with trio.fail_after(limit):
             digest = await first_answer(endpoints, lambda c: c.resolve(), resolve=True)
     except (TransientError, trio.TooSlowError) as exc:
         if known is None:
